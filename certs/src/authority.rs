@@ -1,0 +1,561 @@
+//! The certificate authority itself: its files, and what it signs.
+
+use std::fs;
+use std::io::Write;
+use std::net::IpAddr;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateRevocationListParams,
+    CertificateSigningRequestParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevocationReason, RevokedCertParams,
+    SerialNumber,
+};
+use rustls_pki_types::CertificateDer;
+use ::time::{Duration, OffsetDateTime};
+use tms_model::DeviceSerial;
+use x509_parser::prelude::*;
+
+use crate::identity::{fingerprint_sha256, identity, serial_hex};
+use crate::pem::parse_certificates;
+use crate::CertError;
+
+const CA_VALIDITY: Duration = Duration::days(3650);
+const SERVER_VALIDITY: Duration = Duration::days(397);
+/// A server certificate this close to its end is reissued at start-up.
+const SERVER_RENEW_BEFORE: Duration = Duration::days(30);
+/// Devices with slightly wrong clocks still accept a certificate issued "just now".
+const DEVICE_BACKDATE: Duration = Duration::hours(1);
+
+/// The loaded CA: certificate, signing key and what `ca show` prints.
+pub struct Ca {
+    cert_pem: String,
+    cert_der: CertificateDer<'static>,
+    issuer: Issuer<'static, KeyPair>,
+    info: CaInfo,
+}
+
+/// Subject, fingerprint and validity of the CA certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaInfo {
+    pub subject: String,
+    pub sha256_fingerprint: String,
+    pub not_before: OffsetDateTime,
+    pub not_after: OffsetDateTime,
+}
+
+/// Where a device certificate's key comes from.
+pub enum DeviceKey {
+    /// The gateway generates the key pair and hands the private key out once.
+    Generate,
+    /// The device keeps its key; the PEM CSR carries the public key and CN = serial.
+    Csr(String),
+}
+
+/// A freshly issued device certificate. `private_key_pem` is present only when the gateway
+/// generated the key; nothing here keeps a copy of it.
+#[derive(Debug, Clone)]
+pub struct IssuedCert {
+    pub certificate_pem: String,
+    pub certificate_der: Vec<u8>,
+    pub private_key_pem: Option<String>,
+    pub serial_number: String,
+    pub sha256_fingerprint: String,
+    pub not_before: OffsetDateTime,
+    pub not_after: OffsetDateTime,
+}
+
+/// The broker's TLS certificate and key.
+#[derive(Debug, Clone)]
+pub struct ServerCert {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub not_after: OffsetDateTime,
+}
+
+/// One entry of the revocation list.
+#[derive(Debug, Clone)]
+pub struct Revoked {
+    /// Lower-case hex, as [`IssuedCert::serial_number`].
+    pub serial_number: String,
+    pub revoked_at: OffsetDateTime,
+}
+
+impl Ca {
+    /// Loads the CA from `ca_dir` (`ca.pem`, `ca.key`), creating it on first use. Returns the CA
+    /// and whether it was created now. The key file is kept at mode 0600.
+    pub fn load_or_create(ca_dir: &Path, now: OffsetDateTime) -> Result<(Ca, bool), CertError> {
+        let cert_path = ca_dir.join("ca.pem");
+        let key_path = ca_dir.join("ca.key");
+        if cert_path.exists() || key_path.exists() {
+            return Ok((Self::load(ca_dir)?, false));
+        }
+        create_private_dir(ca_dir)?;
+        let key = KeyPair::generate().map_err(|source| CertError::Generate {
+            what: "CA key pair",
+            source,
+        })?;
+        let mut params = CertificateParams::default();
+        let suffix = hex::encode(random_bytes::<4>());
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::OrganizationName, "tms-gateway");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("tms-gateway CA {suffix}"));
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        params.not_before = now - Duration::hours(1);
+        params.not_after = now + CA_VALIDITY;
+        params.serial_number = Some(random_serial());
+        params.key_identifier_method = KeyIdMethod::Sha256;
+        let cert = params.self_signed(&key).map_err(|source| CertError::Generate {
+            what: "CA certificate",
+            source,
+        })?;
+        // Key first: a crash in between leaves a key without a certificate, which `load`
+        // reports, rather than a certificate whose key is lost.
+        write_file(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
+        write_file(&cert_path, cert.pem().as_bytes(), 0o644)?;
+        Ok((Self::load(ca_dir)?, true))
+    }
+
+    /// Loads an existing CA; fails if either file is missing or unusable.
+    pub fn load(ca_dir: &Path) -> Result<Ca, CertError> {
+        let cert_path = ca_dir.join("ca.pem");
+        let key_path = ca_dir.join("ca.key");
+        let cert_pem = read_string(&cert_path)?;
+        let key_pem = read_string(&key_path)?;
+        // Tighten a key file that someone loosened; it must never be readable by others.
+        let mode = fs::metadata(&key_path)
+            .map_err(|source| CertError::Read {
+                path: key_path.clone(),
+                source,
+            })?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            fs::set_permissions(&key_path, fs::Permissions::from_mode(0o600)).map_err(|source| {
+                CertError::Write {
+                    path: key_path.clone(),
+                    source,
+                }
+            })?;
+        }
+        let key = KeyPair::from_pem(&key_pem).map_err(|_| CertError::BadFile {
+            path: key_path.clone(),
+            what: "private key",
+        })?;
+        let cert_der = parse_certificates(&cert_pem)
+            .map_err(|_| CertError::BadFile {
+                path: cert_path.clone(),
+                what: "certificate",
+            })?
+            .remove(0);
+        let issuer = Issuer::from_ca_cert_der(&cert_der, key).map_err(|_| CertError::BadFile {
+            path: cert_path.clone(),
+            what: "CA certificate",
+        })?;
+        let id = identity(&cert_der)?;
+        let (_, parsed) =
+            parse_x509_certificate(&cert_der).map_err(|e| CertError::Parse(e.to_string()))?;
+        let info = CaInfo {
+            subject: parsed.subject().to_string(),
+            sha256_fingerprint: id.sha256_fingerprint,
+            not_before: id.not_before,
+            not_after: id.not_after,
+        };
+        Ok(Ca {
+            cert_pem,
+            cert_der,
+            issuer,
+            info,
+        })
+    }
+
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    pub fn cert_der(&self) -> &CertificateDer<'static> {
+        &self.cert_der
+    }
+
+    pub fn info(&self) -> &CaInfo {
+        &self.info
+    }
+
+    /// Issues a device certificate: CN = serial, EKU clientAuth, valid from an hour before
+    /// `now` until `not_after` (capped at the CA's own end), random 127-bit serial number.
+    pub fn issue_device(
+        &self,
+        serial: &DeviceSerial,
+        key: DeviceKey,
+        now: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> Result<IssuedCert, CertError> {
+        let not_before = now - DEVICE_BACKDATE;
+        let not_after = not_after.min(self.info.not_after);
+        if not_after <= not_before {
+            return Err(CertError::EmptyValidity { not_after });
+        }
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, serial.as_str());
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.use_authority_key_identifier_extension = true;
+        params.not_before = not_before;
+        params.not_after = not_after;
+        let serial_number = random_serial();
+        params.serial_number = Some(serial_number.clone());
+
+        let (cert, private_key_pem) = match key {
+            DeviceKey::Generate => {
+                let key = KeyPair::generate().map_err(|source| CertError::Generate {
+                    what: "device key pair",
+                    source,
+                })?;
+                let cert = params
+                    .signed_by(&key, &self.issuer)
+                    .map_err(|source| CertError::Generate {
+                        what: "device certificate",
+                        source,
+                    })?;
+                (cert, Some(key.serialize_pem()))
+            }
+            DeviceKey::Csr(pem) => {
+                let csr = CertificateSigningRequestParams::from_pem(&pem).map_err(CertError::Csr)?;
+                let found = csr
+                    .params
+                    .distinguished_name
+                    .get(&DnType::CommonName)
+                    .map(dn_text)
+                    .unwrap_or_default();
+                if found != serial.as_str() {
+                    return Err(CertError::CsrSubject {
+                        expected: serial.to_string(),
+                        found,
+                    });
+                }
+                let cert = params
+                    .signed_by(&csr.public_key, &self.issuer)
+                    .map_err(|source| CertError::Generate {
+                        what: "device certificate",
+                        source,
+                    })?;
+                (cert, None)
+            }
+        };
+        let der = cert.der().to_vec();
+        Ok(IssuedCert {
+            certificate_pem: cert.pem(),
+            sha256_fingerprint: fingerprint_sha256(&der),
+            certificate_der: der,
+            private_key_pem,
+            serial_number: serial_hex(&serial_number.to_bytes()),
+            not_before,
+            not_after,
+        })
+    }
+
+    /// Issues the broker's server certificate for these DNS names and IP addresses.
+    pub fn issue_server(&self, hostnames: &[String], now: OffsetDateTime) -> Result<ServerCert, CertError> {
+        let mut params = CertificateParams::new(hostnames.to_vec()).map_err(|source| CertError::Generate {
+            what: "server certificate parameters",
+            source,
+        })?;
+        params.distinguished_name = DistinguishedName::new();
+        let cn = hostnames.first().map(String::as_str).unwrap_or("tms-gateway");
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.use_authority_key_identifier_extension = true;
+        params.not_before = now - Duration::hours(1);
+        params.not_after = (now + SERVER_VALIDITY).min(self.info.not_after);
+        params.serial_number = Some(random_serial());
+        let key = KeyPair::generate().map_err(|source| CertError::Generate {
+            what: "server key pair",
+            source,
+        })?;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(|source| CertError::Generate {
+                what: "server certificate",
+                source,
+            })?;
+        Ok(ServerCert {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            not_after: params.not_after,
+        })
+    }
+
+    /// Returns the server certificate in `server_dir`, reissuing it when it is missing, was
+    /// issued by another CA, names other hostnames, or ends within 30 days. The bool says
+    /// whether it was (re)issued.
+    pub fn ensure_server_cert(
+        &self,
+        server_dir: &Path,
+        hostnames: &[String],
+        now: OffsetDateTime,
+    ) -> Result<(ServerCert, bool), CertError> {
+        let cert_path = server_dir.join("server.pem");
+        let key_path = server_dir.join("server.key");
+        if let (Ok(cert_pem), Ok(key_pem)) = (fs::read_to_string(&cert_path), fs::read_to_string(&key_path))
+            && let Some(not_after) = self.server_cert_still_fits(&cert_pem, hostnames, now)
+        {
+            return Ok((
+                ServerCert {
+                    cert_pem,
+                    key_pem,
+                    not_after,
+                },
+                false,
+            ));
+        }
+        create_private_dir(server_dir)?;
+        let cert = self.issue_server(hostnames, now)?;
+        write_file(&key_path, cert.key_pem.as_bytes(), 0o600)?;
+        write_file(&cert_path, cert.cert_pem.as_bytes(), 0o644)?;
+        Ok((cert, true))
+    }
+
+    fn server_cert_still_fits(&self, pem: &str, hostnames: &[String], now: OffsetDateTime) -> Option<OffsetDateTime> {
+        let der = parse_certificates(pem).ok()?.remove(0);
+        let (_, cert) = parse_x509_certificate(&der).ok()?;
+        let (_, ca) = parse_x509_certificate(&self.cert_der).ok()?;
+        if cert.issuer() != ca.subject() || cert.verify_signature(Some(ca.public_key())).is_err() {
+            return None;
+        }
+        let not_after = cert.validity().not_after.to_datetime();
+        if not_after - now < SERVER_RENEW_BEFORE {
+            return None;
+        }
+        let mut have: Vec<String> = match cert.subject_alternative_name() {
+            Ok(Some(san)) => san
+                .value
+                .general_names
+                .iter()
+                .filter_map(|name| match name {
+                    GeneralName::DNSName(d) => Some((*d).to_owned()),
+                    GeneralName::IPAddress(b) => match b.len() {
+                        4 => Some(IpAddr::from(<[u8; 4]>::try_from(*b).ok()?).to_string()),
+                        16 => Some(IpAddr::from(<[u8; 16]>::try_from(*b).ok()?).to_string()),
+                        _ => None,
+                    },
+                    _ => None,
+                })
+                .collect(),
+            _ => return None,
+        };
+        let mut want: Vec<String> = hostnames
+            .iter()
+            .map(|h| h.parse::<IpAddr>().map(|ip| ip.to_string()).unwrap_or_else(|_| h.clone()))
+            .collect();
+        have.sort();
+        want.sort();
+        (have == want).then_some(not_after)
+    }
+
+    /// Signs a revocation list (PEM) valid from `now` for a day.
+    pub fn crl_pem(&self, revoked: &[Revoked], crl_number: u64, now: OffsetDateTime) -> Result<String, CertError> {
+        let revoked_certs = revoked
+            .iter()
+            .filter_map(|r| {
+                Some(RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(&hex::decode(&r.serial_number).ok()?),
+                    revocation_time: r.revoked_at,
+                    reason_code: Some(RevocationReason::Unspecified),
+                    invalidity_date: None,
+                })
+            })
+            .collect();
+        let params = CertificateRevocationListParams {
+            this_update: now - Duration::minutes(5),
+            next_update: now + Duration::days(1),
+            crl_number: SerialNumber::from(crl_number),
+            issuing_distribution_point: None,
+            revoked_certs,
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        let crl = params.signed_by(&self.issuer).map_err(|source| CertError::Generate {
+            what: "certificate revocation list",
+            source,
+        })?;
+        crl.pem().map_err(|source| CertError::Generate {
+            what: "certificate revocation list PEM",
+            source,
+        })
+    }
+}
+
+fn dn_text(value: &rcgen::DnValue) -> String {
+    match value {
+        rcgen::DnValue::PrintableString(s) => s.as_str().to_owned(),
+        rcgen::DnValue::Utf8String(s) => s.clone(),
+        rcgen::DnValue::Ia5String(s) => s.as_str().to_owned(),
+        rcgen::DnValue::TeletexString(s) => s.as_str().to_owned(),
+        other => format!("{other:?}"),
+    }
+}
+
+fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut bytes = [0u8; N];
+    rand::fill(&mut bytes);
+    bytes
+}
+
+/// 16 random octets, top bit clear (positive) and first octet non-zero (no shorter encoding):
+/// 127 bits of entropy, well above the 64 the CA/B baseline asks for.
+fn random_serial() -> SerialNumber {
+    let mut bytes = random_bytes::<16>();
+    bytes[0] = (bytes[0] & 0x7f) | 0x01;
+    SerialNumber::from_slice(&bytes)
+}
+
+fn read_string(path: &Path) -> Result<String, CertError> {
+    fs::read_to_string(path).map_err(|source| CertError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), CertError> {
+    fs::create_dir_all(dir).map_err(|source| CertError::Write {
+        path: dir.to_owned(),
+        source,
+    })
+}
+
+/// Writes through a temporary file created with `mode`, then renames: a reader never sees a
+/// half-written key, and a key file is never briefly world-readable.
+fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), CertError> {
+    let tmp: PathBuf = path.with_extension("tmp");
+    let err = |source| CertError::Write {
+        path: path.to_owned(),
+        source,
+    };
+    let _ = fs::remove_file(&tmp);
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(err)?;
+    file.write_all(contents).map_err(err)?;
+    file.sync_all().map_err(err)?;
+    fs::rename(&tmp, path).map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serial(s: &str) -> DeviceSerial {
+        DeviceSerial::parse(s).unwrap()
+    }
+
+    #[test]
+    fn ca_is_created_once_with_a_private_key_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = OffsetDateTime::now_utc();
+        let (ca, created) = Ca::load_or_create(&dir.path().join("ca"), now).unwrap();
+        assert!(created);
+        let mode = fs::metadata(dir.path().join("ca/ca.key")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let (again, created) = Ca::load_or_create(&dir.path().join("ca"), now).unwrap();
+        assert!(!created);
+        assert_eq!(ca.info().sha256_fingerprint, again.info().sha256_fingerprint);
+        assert!(ca.info().not_after - now > Duration::days(3649));
+    }
+
+    #[test]
+    fn device_certificate_names_the_serial_and_carries_a_long_random_serial_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = OffsetDateTime::now_utc();
+        let (ca, _) = Ca::load_or_create(dir.path(), now).unwrap();
+        let lease_end = now + Duration::days(365);
+        let a = ca.issue_device(&serial("RE4A000123"), DeviceKey::Generate, now, lease_end).unwrap();
+        let b = ca.issue_device(&serial("RE4A000123"), DeviceKey::Generate, now, lease_end).unwrap();
+        assert_ne!(a.serial_number, b.serial_number);
+        assert!(a.serial_number.len() >= 16, "{}", a.serial_number);
+        let id = identity(&a.certificate_der).unwrap();
+        assert_eq!(id.common_name.as_deref(), Some("RE4A000123"));
+        assert_eq!(id.serial_number, a.serial_number);
+        assert_eq!(id.not_before.unix_timestamp(), (now - DEVICE_BACKDATE).unix_timestamp());
+        assert_eq!(id.not_after.unix_timestamp(), lease_end.unix_timestamp());
+        assert!(a.private_key_pem.as_deref().unwrap().contains("PRIVATE KEY"));
+    }
+
+    #[test]
+    fn csr_keeps_the_device_key_and_must_name_the_serial() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = OffsetDateTime::now_utc();
+        let (ca, _) = Ca::load_or_create(dir.path(), now).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, "RE4A000123");
+        let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+        let issued = ca
+            .issue_device(&serial("RE4A000123"), DeviceKey::Csr(csr.clone()), now, now + Duration::days(30))
+            .unwrap();
+        assert!(issued.private_key_pem.is_none());
+        let (_, parsed) = parse_x509_certificate(&issued.certificate_der).unwrap();
+        assert_eq!(parsed.public_key().subject_public_key.data.as_ref(), key.public_key_raw());
+
+        let err = ca
+            .issue_device(&serial("OTHER1"), DeviceKey::Csr(csr), now, now + Duration::days(30))
+            .unwrap_err();
+        assert!(matches!(err, CertError::CsrSubject { .. }), "{err}");
+        let err = ca
+            .issue_device(&serial("OTHER1"), DeviceKey::Csr("garbage".into()), now, now + Duration::days(30))
+            .unwrap_err();
+        assert!(matches!(err, CertError::Csr(_)), "{err}");
+    }
+
+    #[test]
+    fn server_certificate_is_reissued_only_when_hostnames_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = OffsetDateTime::now_utc();
+        let (ca, _) = Ca::load_or_create(&dir.path().join("ca"), now).unwrap();
+        let hosts = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+        let (first, issued) = ca.ensure_server_cert(&dir.path().join("server"), &hosts, now).unwrap();
+        assert!(issued);
+        let (same, issued) = ca.ensure_server_cert(&dir.path().join("server"), &hosts, now).unwrap();
+        assert!(!issued);
+        assert_eq!(first.cert_pem, same.cert_pem);
+        let hosts = vec!["gw.example".to_owned()];
+        let (_, issued) = ca.ensure_server_cert(&dir.path().join("server"), &hosts, now).unwrap();
+        assert!(issued);
+        let (_, issued) = ca
+            .ensure_server_cert(&dir.path().join("server"), &hosts, now + Duration::days(380))
+            .unwrap();
+        assert!(issued, "a certificate near its end must be renewed");
+    }
+
+    #[test]
+    fn crl_lists_revoked_serials() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = OffsetDateTime::now_utc();
+        let (ca, _) = Ca::load_or_create(dir.path(), now).unwrap();
+        let cert = ca
+            .issue_device(&serial("RE4A1"), DeviceKey::Generate, now, now + Duration::days(30))
+            .unwrap();
+        let pem = ca
+            .crl_pem(&[Revoked { serial_number: cert.serial_number.clone(), revoked_at: now }], 7, now)
+            .unwrap();
+        let der = rustls_pki_types::CertificateRevocationListDer::from_pem_slice(pem.as_bytes()).unwrap();
+        let (_, crl) = parse_x509_crl(&der).unwrap();
+        let listed: Vec<String> = crl.iter_revoked_certificates().map(|r| serial_hex(r.raw_serial())).collect();
+        assert_eq!(listed, vec![cert.serial_number]);
+    }
+
+    use rustls_pki_types::pem::PemObject;
+}

@@ -1,0 +1,51 @@
+//! The gateway's built-in certificate authority.
+//!
+//! Creates and reloads the CA (ECDSA P-256), issues the broker's server certificate and device
+//! certificates (from a key pair it generates, or from a CSR), reads the identity out of a
+//! presented certificate, and signs revocation lists. Synchronous and free of MQTT and HTTP:
+//! callers run it on a blocking thread and keep the records.
+
+mod authority;
+mod identity;
+mod pem;
+
+pub use authority::{Ca, CaInfo, DeviceKey, IssuedCert, Revoked, ServerCert};
+pub use identity::{CertIdentity, fingerprint_sha256, identity};
+pub use pem::{parse_certificates, parse_private_key};
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in the CA; each variant names what was being done.
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    #[error("reading {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("writing {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} holds no usable {what}")]
+    BadFile { path: PathBuf, what: &'static str },
+    #[error("creating the {what}")]
+    Generate {
+        what: &'static str,
+        #[source]
+        source: rcgen::Error,
+    },
+    #[error("the certificate signing request is invalid")]
+    Csr(#[source] rcgen::Error),
+    #[error("the CSR names {found:?} as its subject CN, but the device serial is {expected:?}")]
+    CsrSubject { expected: String, found: String },
+    #[error("the certificate is not valid X.509: {0}")]
+    Parse(String),
+    #[error("PEM input holds no {0}")]
+    Pem(&'static str),
+    #[error("the validity would end before it starts (not after {not_after})")]
+    EmptyValidity { not_after: time::OffsetDateTime },
+}

@@ -1,0 +1,535 @@
+//! Configuration: a TOML file and `TMS_<SECTION>_<KEY>` environment variables become one typed,
+//! validated [`Config`].
+//!
+//! Every key is optional; the environment wins over the file. All problems are collected and
+//! reported together, each naming its key and value, before anything binds a port. The only
+//! I/O here is reading the file and the process environment ([`Config::load`]); tests build
+//! configuration from strings with [`Config::from_sources`].
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// One configuration problem, naming the key (as written in the file) and the offending value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyError {
+    pub key: String,
+    pub value: String,
+    pub problem: String,
+}
+
+impl fmt::Display for KeyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} = {:?}: {}", self.key, self.value, self.problem)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading configuration file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("configuration file {path} is not valid TOML: {message}")]
+    Syntax { path: String, message: String },
+    #[error("invalid configuration:\n  {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n  "))]
+    Invalid(Vec<KeyError>),
+}
+
+/// The validated configuration shared by every part of the gateway.
+#[derive(Clone, PartialEq)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    /// `sqlite://…` or `postgres://…`; may carry a password, so `Debug` redacts it.
+    pub database_url: String,
+    pub mqtt: Mqtt,
+    pub http: Http,
+    pub mail: Mail,
+    pub presence: Presence,
+    pub certs: Certs,
+    pub ingest: Ingest,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mqtt {
+    pub listen: SocketAddr,
+    /// DNS names and IP addresses that the broker's server certificate carries as SANs.
+    pub hostnames: Vec<String>,
+    pub max_connections: usize,
+    /// Bound on TLS handshake + CONNECT together.
+    pub handshake_timeout: Duration,
+    pub max_packet_bytes: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Http {
+    pub listen: SocketAddr,
+    /// Base of links in emails; `None` means "derived from the bound HTTP address".
+    pub public_url: Option<String>,
+}
+
+#[derive(Clone, PartialEq)]
+pub struct Mail {
+    pub outbox_dir: PathBuf,
+    pub smtp_url: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Presence {
+    /// Fixed offline deadline; `None` means 1.5 × the device's own MQTT keep-alive.
+    pub offline_after: Option<Duration>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Certs {
+    pub rotation_overlap: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ingest {
+    /// Messages waiting for the store; when full, publishers are pushed back (no PUBACK).
+    pub queue_capacity: usize,
+    pub batch_max_rows: usize,
+    pub flush_interval: Duration,
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("data_dir", &self.data_dir)
+            .field("database_url", &redact_url(&self.database_url))
+            .field("mqtt", &self.mqtt)
+            .field("http", &self.http)
+            .field("mail", &self.mail)
+            .field("presence", &self.presence)
+            .field("certs", &self.certs)
+            .field("ingest", &self.ingest)
+            .finish()
+    }
+}
+
+impl fmt::Debug for Mail {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Mail")
+            .field("outbox_dir", &self.outbox_dir)
+            .field("smtp_url", &self.smtp_url.as_deref().map(redact_url))
+            .finish()
+    }
+}
+
+/// `scheme://user:secret@host/…` -> `scheme://user:***@host/…`, so a URL can be logged.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    match (authority.rfind('@'), authority.find(':')) {
+        (Some(at), Some(colon)) if colon < at => format!(
+            "{}{}:***{}",
+            &url[..scheme_end + 3],
+            &authority[..colon],
+            &rest[at..]
+        ),
+        _ => url.to_owned(),
+    }
+}
+
+/// Every key, as `(section, key)`; `""` is the top level. The environment variable is
+/// `TMS_<SECTION>_<KEY>` in upper case (`TMS_DATA_DIR` for the top-level `data_dir`).
+const KEYS: &[(&str, &str)] = &[
+    ("", "data_dir"),
+    ("database", "url"),
+    ("mqtt", "listen"),
+    ("mqtt", "hostnames"),
+    ("mqtt", "max_connections"),
+    ("mqtt", "handshake_timeout_secs"),
+    ("mqtt", "max_packet_bytes"),
+    ("http", "listen"),
+    ("http", "public_url"),
+    ("mail", "outbox_dir"),
+    ("mail", "smtp_url"),
+    ("presence", "offline_after_secs"),
+    ("certs", "rotation_overlap_days"),
+    ("ingest", "queue_capacity"),
+    ("ingest", "batch_max_rows"),
+    ("ingest", "flush_interval_ms"),
+];
+
+fn dotted(section: &str, key: &str) -> String {
+    if section.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{section}.{key}")
+    }
+}
+
+/// The environment variable that sets `section.key`.
+pub fn env_var(section: &str, key: &str) -> String {
+    format!("TMS_{}", dotted(section, key).replace('.', "_").to_uppercase())
+}
+
+/// A raw value before typing: TOML gives typed values, the environment gives strings.
+#[derive(Debug, Clone)]
+enum Raw {
+    Toml(toml::Value),
+    Env(String),
+}
+
+impl Raw {
+    fn shown(&self) -> String {
+        match self {
+            Raw::Toml(toml::Value::String(s)) | Raw::Env(s) => s.clone(),
+            Raw::Toml(v) => v.to_string(),
+        }
+    }
+}
+
+struct Builder {
+    raw: BTreeMap<String, Raw>,
+    errors: Vec<KeyError>,
+}
+
+impl Builder {
+    fn fail(&mut self, key: &str, value: String, problem: impl Into<String>) {
+        self.errors.push(KeyError {
+            key: key.to_owned(),
+            value,
+            problem: problem.into(),
+        });
+    }
+
+    fn string(&mut self, key: &str) -> Option<String> {
+        let raw = self.raw.get(key)?.clone();
+        match raw {
+            Raw::Env(s) | Raw::Toml(toml::Value::String(s)) => Some(s),
+            other => {
+                self.fail(key, other.shown(), "expected a string");
+                None
+            }
+        }
+    }
+
+    fn parsed<T>(&mut self, key: &str, default: T, parse: impl FnOnce(&str) -> Result<T, String>) -> T {
+        let Some(raw) = self.raw.get(key).cloned() else {
+            return default;
+        };
+        let text = match &raw {
+            Raw::Toml(toml::Value::String(s)) | Raw::Env(s) => s.clone(),
+            Raw::Toml(toml::Value::Integer(i)) => i.to_string(),
+            Raw::Toml(toml::Value::Float(f)) => f.to_string(),
+            Raw::Toml(other) => {
+                self.fail(key, other.to_string(), "expected a string or a number");
+                return default;
+            }
+        };
+        match parse(text.trim()) {
+            Ok(v) => v,
+            Err(problem) => {
+                self.fail(key, raw.shown(), problem);
+                default
+            }
+        }
+    }
+
+    fn int(&mut self, key: &str, default: u64, min: u64, max: u64) -> u64 {
+        self.parsed(key, default, |s| {
+            let n: u64 = s.parse().map_err(|_| "expected a whole number".to_owned())?;
+            if n < min || n > max {
+                return Err(format!("must be between {min} and {max}"));
+            }
+            Ok(n)
+        })
+    }
+
+    fn addr(&mut self, key: &str, default: SocketAddr) -> SocketAddr {
+        self.parsed(key, default, |s| {
+            s.parse::<SocketAddr>()
+                .map_err(|_| "expected IP:PORT, e.g. 0.0.0.0:8883 (port 0 picks a free port)".to_owned())
+        })
+    }
+
+    fn list(&mut self, key: &str) -> Option<Vec<String>> {
+        let raw = self.raw.get(key)?.clone();
+        let items: Vec<String> = match &raw {
+            Raw::Env(s) | Raw::Toml(toml::Value::String(s)) => {
+                s.split(',').map(|h| h.trim().to_owned()).filter(|h| !h.is_empty()).collect()
+            }
+            Raw::Toml(toml::Value::Array(a)) => {
+                let mut out = Vec::new();
+                for v in a {
+                    match v {
+                        toml::Value::String(s) => out.push(s.trim().to_owned()),
+                        other => {
+                            self.fail(key, other.to_string(), "expected a list of strings");
+                            return None;
+                        }
+                    }
+                }
+                out
+            }
+            Raw::Toml(other) => {
+                self.fail(key, other.to_string(), "expected a list of strings");
+                return None;
+            }
+        };
+        Some(items)
+    }
+}
+
+fn valid_hostname(h: &str) -> bool {
+    if h.parse::<IpAddr>().is_ok() {
+        return true;
+    }
+    !h.is_empty()
+        && h.len() <= 253
+        && h.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'*')
+        })
+}
+
+impl Config {
+    /// Reads the optional file and the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let text = match file {
+            Some(path) => Some(std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            })?),
+            None => None,
+        };
+        let env: HashMap<String, String> = std::env::vars().collect();
+        let origin = file.map(|p| p.display().to_string()).unwrap_or_default();
+        Self::from_sources_named(&origin, text.as_deref(), &env)
+    }
+
+    /// Builds the configuration from a TOML text and an environment map (for tests and tools).
+    pub fn from_sources(toml_text: Option<&str>, env: &HashMap<String, String>) -> Result<Config, ConfigError> {
+        Self::from_sources_named("<string>", toml_text, env)
+    }
+
+    fn from_sources_named(
+        origin: &str,
+        toml_text: Option<&str>,
+        env: &HashMap<String, String>,
+    ) -> Result<Config, ConfigError> {
+        let mut b = Builder {
+            raw: BTreeMap::new(),
+            errors: Vec::new(),
+        };
+        if let Some(text) = toml_text {
+            let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Syntax {
+                path: origin.to_owned(),
+                message: e.to_string(),
+            })?;
+            flatten_file(table, &mut b);
+        }
+        for (section, key) in KEYS {
+            if let Some(v) = env.get(&env_var(section, key)) {
+                b.raw.insert(dotted(section, key), Raw::Env(v.clone()));
+            }
+        }
+        let cfg = build(&mut b);
+        if b.errors.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(ConfigError::Invalid(b.errors))
+        }
+    }
+
+    /// Where the broker's and the API's bound addresses are written for scripts and tests.
+    pub fn ports_file(&self) -> PathBuf {
+        self.data_dir.join("ports.json")
+    }
+}
+
+fn flatten_file(table: toml::Table, b: &mut Builder) {
+    for (name, value) in table {
+        match value {
+            toml::Value::Table(section) if KEYS.iter().any(|(s, _)| *s == name) => {
+                for (key, v) in section {
+                    if KEYS.contains(&(name.as_str(), key.as_str())) {
+                        b.raw.insert(dotted(&name, &key), Raw::Toml(v));
+                    } else {
+                        let shown = Raw::Toml(v).shown();
+                        b.fail(&dotted(&name, &key), shown, "unknown key");
+                    }
+                }
+            }
+            v if KEYS.contains(&("", name.as_str())) => {
+                b.raw.insert(name, Raw::Toml(v));
+            }
+            v => {
+                let shown = Raw::Toml(v).shown();
+                b.fail(&name, shown, "unknown key");
+            }
+        }
+    }
+}
+
+fn build(b: &mut Builder) -> Config {
+    let data_dir = PathBuf::from(b.string("data_dir").unwrap_or_else(|| "./tms-data".to_owned()));
+    let database_url = match b.string("database.url") {
+        Some(url) if url.starts_with("sqlite:") || url.starts_with("postgres://") || url.starts_with("postgresql://") => url,
+        Some(url) => {
+            b.fail("database.url", redact_url(&url), "expected sqlite://PATH or postgres://…");
+            String::new()
+        }
+        None => format!("sqlite://{}", data_dir.join("tms.db").display()),
+    };
+
+    let mqtt_listen = b.addr("mqtt.listen", SocketAddr::from(([0, 0, 0, 0], 8883)));
+    let hostnames = match b.list("mqtt.hostnames") {
+        Some(list) if list.is_empty() => {
+            b.fail("mqtt.hostnames", String::new(), "needs at least one DNS name or IP address");
+            vec![]
+        }
+        Some(list) => {
+            for h in list.iter().filter(|h| !valid_hostname(h)) {
+                b.fail("mqtt.hostnames", h.clone(), "not a DNS name or IP address");
+            }
+            list
+        }
+        None => vec!["localhost".to_owned()],
+    };
+    let mqtt = Mqtt {
+        listen: mqtt_listen,
+        hostnames,
+        max_connections: b.int("mqtt.max_connections", 50_000, 1, 10_000_000) as usize,
+        handshake_timeout: Duration::from_secs(b.int("mqtt.handshake_timeout_secs", 10, 1, 600)),
+        max_packet_bytes: b.int("mqtt.max_packet_bytes", 65_536, 128, 256 * 1024 * 1024) as usize,
+    };
+
+    let http_listen = b.addr("http.listen", SocketAddr::from(([127, 0, 0, 1], 8080)));
+    let public_url = b.string("http.public_url").and_then(|u| {
+        if u.starts_with("http://") || u.starts_with("https://") {
+            Some(u.trim_end_matches('/').to_owned())
+        } else {
+            b.fail("http.public_url", u, "expected an http:// or https:// URL");
+            None
+        }
+    });
+
+    let outbox_dir = b
+        .string("mail.outbox_dir")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| data_dir.join("outbox"));
+    let smtp_url = b.string("mail.smtp_url").and_then(|u| {
+        if u.starts_with("smtp://") || u.starts_with("smtps://") {
+            Some(u)
+        } else {
+            b.fail("mail.smtp_url", redact_url(&u), "expected smtp://HOST:PORT or smtps://…");
+            None
+        }
+    });
+
+    let offline_after = b.parsed("presence.offline_after_secs", None, |s| {
+        let secs: f64 = s.parse().map_err(|_| "expected a number of seconds".to_owned())?;
+        if !(0.1..=86_400.0).contains(&secs) {
+            return Err("must be between 0.1 and 86400 seconds".to_owned());
+        }
+        Ok(Some(Duration::from_secs_f64(secs)))
+    });
+
+    let overlap_days = b.int("certs.rotation_overlap_days", 7, 0, 365);
+
+    let ingest = Ingest {
+        queue_capacity: b.int("ingest.queue_capacity", 10_000, 1, 10_000_000) as usize,
+        batch_max_rows: b.int("ingest.batch_max_rows", 500, 1, 100_000) as usize,
+        flush_interval: Duration::from_millis(b.int("ingest.flush_interval_ms", 20, 1, 60_000)),
+    };
+
+    Config {
+        data_dir,
+        database_url,
+        mqtt,
+        http: Http {
+            listen: http_listen,
+            public_url,
+        },
+        mail: Mail { outbox_dir, smtp_url },
+        presence: Presence { offline_after },
+        certs: Certs {
+            rotation_overlap: Duration::from_secs(overlap_days * 86_400),
+        },
+        ingest,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let c = Config::from_sources(None, &HashMap::new()).unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("./tms-data"));
+        assert_eq!(c.database_url, "sqlite://./tms-data/tms.db");
+        assert_eq!(c.mqtt.listen, "0.0.0.0:8883".parse().unwrap());
+        assert_eq!(c.mqtt.hostnames, vec!["localhost"]);
+        assert_eq!(c.http.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(c.mail.outbox_dir, PathBuf::from("./tms-data/outbox"));
+        assert_eq!(c.mqtt.max_connections, 50_000);
+        assert_eq!(c.mqtt.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(c.mqtt.max_packet_bytes, 65_536);
+        assert_eq!(c.certs.rotation_overlap, Duration::from_secs(7 * 86_400));
+        assert_eq!(c.presence.offline_after, None);
+    }
+
+    #[test]
+    fn environment_wins_over_file() {
+        let file = "data_dir = \"/a\"\n[mqtt]\nlisten = \"127.0.0.1:1\"\nhostnames = [\"gw.example\", \"10.0.0.1\"]\n";
+        let c = Config::from_sources(
+            Some(file),
+            &env(&[("TMS_MQTT_LISTEN", "127.0.0.1:0"), ("TMS_DATA_DIR", "/b")]),
+        )
+        .unwrap();
+        assert_eq!(c.mqtt.listen, "127.0.0.1:0".parse().unwrap());
+        assert_eq!(c.data_dir, PathBuf::from("/b"));
+        assert_eq!(c.database_url, "sqlite:///b/tms.db");
+        assert_eq!(c.mqtt.hostnames, vec!["gw.example", "10.0.0.1"]);
+        let c = Config::from_sources(None, &env(&[("TMS_MQTT_HOSTNAMES", "a.example, 127.0.0.1")])).unwrap();
+        assert_eq!(c.mqtt.hostnames, vec!["a.example", "127.0.0.1"]);
+    }
+
+    #[test]
+    fn every_error_is_reported_with_its_key() {
+        let file = "bogus = 1\n[mqtt]\nlisten = \"nowhere\"\nmax_connections = 0\ncolour = \"red\"\n";
+        let err = Config::from_sources(
+            Some(file),
+            &env(&[("TMS_HTTP_LISTEN", "8080"), ("TMS_DATABASE_URL", "mysql://u:pw@h/db")]),
+        )
+        .unwrap_err();
+        let ConfigError::Invalid(errors) = err else {
+            panic!("expected Invalid, got {err:?}")
+        };
+        let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
+        for key in ["bogus", "mqtt.listen", "mqtt.max_connections", "mqtt.colour", "http.listen", "database.url"] {
+            assert!(keys.contains(&key), "{key} not reported in {keys:?}");
+        }
+        let shown = ConfigError::Invalid(errors).to_string();
+        assert!(shown.contains("mqtt.listen = \"nowhere\""), "{shown}");
+        assert!(!shown.contains("pw@"), "password leaked: {shown}");
+    }
+
+    #[test]
+    fn debug_redacts_database_password() {
+        let c = Config::from_sources(None, &env(&[("TMS_DATABASE_URL", "postgres://tms:s3cret@db:5432/tms")])).unwrap();
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("postgres://tms:***@db:5432/tms"), "{shown}");
+    }
+}

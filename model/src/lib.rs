@@ -1,0 +1,211 @@
+//! Domain types shared by every part of the gateway.
+//!
+//! Strings from the outside world (a certificate CN, an MQTT client id, a form field) become
+//! these types once, at the edge; inside, a `DeviceSerial` is proof that the value is safe to
+//! use as an MQTT topic level, a file name and a certificate CN. No I/O here.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Why a value could not be turned into a domain type; the message says what is allowed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    #[error("device serial {value:?} is invalid: use 1 to 64 characters of A-Z, a-z, 0-9, '-', '_' or '.'")]
+    Serial { value: String },
+    #[error("MAC address {value:?} is invalid: {why}")]
+    Mac { value: String, why: &'static str },
+}
+
+/// A device serial number (the RemotEye "Device S/N"): the certificate CN, the MQTT client id
+/// and the `<serial>` level of every device topic.
+///
+/// Only characters that are safe in a topic level, a file name and an X.509 CN are allowed, so
+/// that `tms/<serial>/…` can never be widened by `+`, `#` or `/` in a serial.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct DeviceSerial(String);
+
+impl DeviceSerial {
+    pub const MAX_LEN: usize = 64;
+
+    pub fn parse(value: &str) -> Result<Self, ParseError> {
+        let ok = !value.is_empty()
+            && value.len() <= Self::MAX_LEN
+            && value
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+            && value != "."
+            && value != "..";
+        if ok {
+            Ok(Self(value.to_owned()))
+        } else {
+            Err(ParseError::Serial {
+                value: value.to_owned(),
+            })
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for DeviceSerial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl FromStr for DeviceSerial {
+    type Err = ParseError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::parse(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for DeviceSerial {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Self::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// An EUI-48 MAC address, accepted as `00:1B:2C:3D:4E:5F`, `00-1B-2C-3D-4E-5F` or
+/// `001B2C3D4E5F` and always shown in the canonical upper-case, colon-separated form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Mac([u8; 6]);
+
+impl Mac {
+    pub fn parse(value: &str) -> Result<Self, ParseError> {
+        let err = |why| ParseError::Mac {
+            value: value.to_owned(),
+            why,
+        };
+        let hex: String = match value.len() {
+            12 => value.to_owned(),
+            17 => {
+                let sep = value.as_bytes()[2];
+                if sep != b':' && sep != b'-' {
+                    return Err(err("separate the six octets with ':' or '-'"));
+                }
+                let parts: Vec<&str> = value.split(sep as char).collect();
+                if parts.len() != 6 || parts.iter().any(|p| p.len() != 2) {
+                    return Err(err("expected six two-digit octets"));
+                }
+                parts.concat()
+            }
+            _ => return Err(err("expected 12 hex digits, optionally separated by ':' or '-'")),
+        };
+        let mut octets = [0u8; 6];
+        for (i, octet) in octets.iter_mut().enumerate() {
+            *octet = u8::from_str_radix(&hex[i * 2..i * 2 + 2], 16)
+                .map_err(|_| err("only hex digits 0-9 and A-F are allowed"))?;
+        }
+        if octets == [0; 6] {
+            return Err(err("the all-zero address is not a device address"));
+        }
+        if octets[0] & 1 == 1 {
+            return Err(err("a multicast or broadcast address is not a device address"));
+        }
+        Ok(Self(octets))
+    }
+
+    pub fn octets(&self) -> [u8; 6] {
+        self.0
+    }
+}
+
+impl fmt::Display for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let o = self.0;
+        write!(
+            f,
+            "{:02X}:{:02X}:{:02X}:{:02X}:{:02X}:{:02X}",
+            o[0], o[1], o[2], o[3], o[4], o[5]
+        )
+    }
+}
+
+impl FromStr for Mac {
+    type Err = ParseError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::parse(s)
+    }
+}
+
+impl Serialize for Mac {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Mac {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Self::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// The session axis of a device's connection status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConnState {
+    NeverConnected,
+    Online,
+    Offline,
+}
+
+impl ConnState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NeverConnected => "never_connected",
+            Self::Online => "online",
+            Self::Offline => "offline",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "never_connected" => Some(Self::NeverConnected),
+            "online" => Some(Self::Online),
+            "offline" => Some(Self::Offline),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for ConnState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serial_rejects_topic_metacharacters() {
+        for bad in ["", "a/b", "a+b", "a#", "a b", "..", &"x".repeat(65), "é"] {
+            assert!(DeviceSerial::parse(bad).is_err(), "{bad:?} accepted");
+        }
+        assert_eq!(DeviceSerial::parse("RE4A000123").unwrap().as_str(), "RE4A000123");
+    }
+
+    #[test]
+    fn mac_accepts_three_spellings_into_one_form() {
+        let canon = "00:1B:2C:3D:4E:5F";
+        for s in ["00:1B:2C:3D:4E:5F", "00-1b-2c-3d-4e-5f", "001B2C3D4E5F"] {
+            assert_eq!(Mac::parse(s).unwrap().to_string(), canon);
+        }
+    }
+
+    #[test]
+    fn mac_rejects_non_device_addresses() {
+        for bad in ["000000000000", "01:00:5E:00:00:01", "FF-FF-FF-FF-FF-FF", "00:1B:2C:3D:4E", "00:1B-2C:3D:4E:5F", "GG1B2C3D4E5F"] {
+            assert!(Mac::parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}
