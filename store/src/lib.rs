@@ -1,1 +1,175 @@
-//! placeholder
+//! The only place SQL lives.
+//!
+//! One `Store` over sqlx's `Any` driver serves SQLite (the default, in WAL mode) and
+//! PostgreSQL (several gateway nodes sharing one database) with the same queries: numbered
+//! `$N` parameters, `ON CONFLICT` upserts and times as Unix milliseconds work on both. Each
+//! backend has its own migrations under `migrations/`, embedded in the binary.
+//!
+//! Not here: deciding what to write (that is ingest's and the API's job) or how to show it.
+
+mod certificates;
+mod devices;
+mod ingest;
+mod users;
+
+pub use certificates::CertificateRecord;
+pub use devices::{DeviceFilter, DeviceRecord, DeviceStatus, DeviceView, NewDevice, Refusal, TelemetryRecord, LocationRecord};
+pub use ingest::{InfoRow, LocationRow, QuarantineRow, RefusalRow, StatusEvent, TelemetryRow, WriteBatch};
+pub use users::{NewUser, UserRecord};
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::{AnyPool, Executor};
+
+static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
+static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
+
+/// Which database the store talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+        }
+    }
+}
+
+/// Store failures; each names the operation that failed and keeps the cause.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{what} already exists")]
+    Conflict { what: &'static str },
+    #[error("{what} not found")]
+    NotFound { what: &'static str },
+    #[error("database URL is not usable")]
+    Url(#[source] sqlx::Error),
+    #[error("connecting to the database")]
+    Connect(#[source] sqlx::Error),
+    #[error("migrating the {backend} schema")]
+    Migrate {
+        backend: &'static str,
+        #[source]
+        source: sqlx::migrate::MigrateError,
+    },
+    #[error("database error while {op}")]
+    Query {
+        op: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+pub(crate) fn query_err(op: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
+    move |source| StoreError::Query { op, source }
+}
+
+/// Maps a unique-constraint violation to `Conflict`, anything else to `Query`.
+pub(crate) fn unique_err(op: &'static str, what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
+    move |source| match &source {
+        sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::Conflict { what },
+        _ => StoreError::Query { op, source },
+    }
+}
+
+/// A handle on the database; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    pool: AnyPool,
+    backend: Backend,
+    /// Deliberate slowness before each ingest batch, for tests of back-pressure. Zero in
+    /// production; there is no configuration key for it.
+    write_delay_ms: Arc<AtomicU64>,
+}
+
+impl Store {
+    /// Connects, creating the SQLite file if needed, and applies pending migrations.
+    pub async fn open(url: &str) -> Result<Store> {
+        sqlx::any::install_default_drivers();
+        let backend = if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else {
+            Backend::Postgres
+        };
+        let url = match backend {
+            Backend::Sqlite if !url.contains('?') => format!("{url}?mode=rwc"),
+            _ => url.to_owned(),
+        };
+        let options = AnyConnectOptions::from_str(&url).map_err(StoreError::Url)?;
+        let pool = AnyPoolOptions::new()
+            .max_connections(match backend {
+                Backend::Sqlite => 4,
+                Backend::Postgres => 10,
+            })
+            .acquire_timeout(Duration::from_secs(10))
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if backend == Backend::Sqlite {
+                        // WAL lets readers (API, CLI) run beside the ingest writer; NORMAL
+                        // sync is durable across process crashes, and busy_timeout queues
+                        // writers from other processes (the CLI) instead of failing them.
+                        conn.execute("PRAGMA journal_mode = WAL").await?;
+                        conn.execute("PRAGMA synchronous = NORMAL").await?;
+                        conn.execute("PRAGMA busy_timeout = 10000").await?;
+                        conn.execute("PRAGMA foreign_keys = ON").await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect_with(options)
+            .await
+            .map_err(StoreError::Connect)?;
+        let migrator = match backend {
+            Backend::Sqlite => &SQLITE_MIGRATIONS,
+            Backend::Postgres => &POSTGRES_MIGRATIONS,
+        };
+        migrator.run(&pool).await.map_err(|source| StoreError::Migrate {
+            backend: backend.as_str(),
+            source,
+        })?;
+        Ok(Store {
+            pool,
+            backend,
+            write_delay_ms: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// True when the database answers a trivial query.
+    pub async fn ping(&self) -> bool {
+        sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
+    }
+
+    /// Slows every ingest batch down by `delay` (tests of back-pressure only).
+    pub fn set_write_delay(&self, delay: Duration) {
+        self.write_delay_ms
+            .store(delay.as_millis().try_into().unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    pub(crate) fn write_delay(&self) -> Duration {
+        Duration::from_millis(self.write_delay_ms.load(Ordering::Relaxed))
+    }
+
+    pub(crate) fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// Waits for running queries and closes every connection.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}

@@ -1,0 +1,103 @@
+//! Records of issued certificates and their revocation. Private keys are never stored.
+
+use sqlx::Row;
+use sqlx::any::AnyRow;
+
+use crate::{Result, Store, query_err};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CertificateRecord {
+    /// Lower-case hex.
+    pub serial_number: String,
+    pub device_serial: String,
+    pub sha256_fingerprint: String,
+    pub not_before: i64,
+    pub not_after: i64,
+    pub issued_at: i64,
+    pub revoked_at: Option<i64>,
+    pub revocation_reason: Option<String>,
+}
+
+fn from_row(r: &AnyRow) -> Result<CertificateRecord, sqlx::Error> {
+    Ok(CertificateRecord {
+        serial_number: r.try_get("serial_number")?,
+        device_serial: r.try_get("device_serial")?,
+        sha256_fingerprint: r.try_get("sha256_fingerprint")?,
+        not_before: r.try_get("not_before")?,
+        not_after: r.try_get("not_after")?,
+        issued_at: r.try_get("issued_at")?,
+        revoked_at: r.try_get("revoked_at")?,
+        revocation_reason: r.try_get("revocation_reason")?,
+    })
+}
+
+const COLUMNS: &str = "serial_number, device_serial, sha256_fingerprint, not_before, not_after, \
+    issued_at, revoked_at, revocation_reason";
+
+impl Store {
+    pub async fn add_certificate(&self, c: &CertificateRecord) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO certificates (serial_number, device_serial, sha256_fingerprint, not_before, \
+             not_after, issued_at, revoked_at, revocation_reason) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(&c.serial_number)
+        .bind(&c.device_serial)
+        .bind(&c.sha256_fingerprint)
+        .bind(c.not_before)
+        .bind(c.not_after)
+        .bind(c.issued_at)
+        .bind(c.revoked_at)
+        .bind(c.revocation_reason.as_deref())
+        .execute(self.pool())
+        .await
+        .map_err(query_err("recording a certificate"))?;
+        Ok(())
+    }
+
+    /// Every certificate issued to a device, newest first.
+    pub async fn certificates_of(&self, device_serial: &str) -> Result<Vec<CertificateRecord>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM certificates WHERE device_serial = $1 ORDER BY issued_at DESC, serial_number"
+        ))
+        .bind(device_serial)
+        .fetch_all(self.pool())
+        .await
+        .map_err(query_err("listing certificates"))?;
+        rows.iter()
+            .map(from_row)
+            .collect::<Result<_, _>>()
+            .map_err(query_err("decoding certificates"))
+    }
+
+    /// Revokes every still-valid certificate of a device; returns their serial numbers.
+    pub async fn revoke_device_certificates(&self, device_serial: &str, reason: &str, now_ms: i64) -> Result<Vec<String>> {
+        let rows = sqlx::query(
+            "UPDATE certificates SET revoked_at = $1, revocation_reason = $2 \
+             WHERE device_serial = $3 AND revoked_at IS NULL RETURNING serial_number",
+        )
+        .bind(now_ms)
+        .bind(reason)
+        .bind(device_serial)
+        .fetch_all(self.pool())
+        .await
+        .map_err(query_err("revoking certificates"))?;
+        rows.iter()
+            .map(|r| r.try_get("serial_number"))
+            .collect::<Result<_, _>>()
+            .map_err(query_err("revoking certificates"))
+    }
+
+    /// All revoked certificates: `(serial_number, revoked_at)`, oldest revocation first.
+    pub async fn revoked_certificates(&self) -> Result<Vec<(String, i64)>> {
+        let rows = sqlx::query(
+            "SELECT serial_number, revoked_at FROM certificates WHERE revoked_at IS NOT NULL ORDER BY revoked_at, serial_number",
+        )
+        .fetch_all(self.pool())
+        .await
+        .map_err(query_err("listing revoked certificates"))?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("serial_number")?, r.try_get("revoked_at")?)))
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(query_err("listing revoked certificates"))
+    }
+}

@@ -1,0 +1,418 @@
+//! Devices, their companies, and what the fleet view reads: status, telemetry, location.
+
+use sqlx::any::AnyRow;
+use sqlx::{AnyConnection, Row};
+use tms_model::{ConnState, DeviceSerial, Mac};
+
+use crate::{Result, Store, StoreError, query_err, unique_err};
+
+/// A device to register. The company is found by name or created.
+#[derive(Debug, Clone)]
+pub struct NewDevice {
+    pub serial: DeviceSerial,
+    pub mac: Mac,
+    pub company: String,
+    pub device_type: String,
+    pub lease_months: i64,
+    /// ISO 8601 date, `YYYY-MM-DD`.
+    pub start_date: String,
+    pub ups_model: Option<String>,
+    pub ups_model_number: Option<String>,
+    pub ups_serial: Option<String>,
+    pub ups_ship_date: Option<String>,
+    pub sales_order: Option<String>,
+    pub service_contract_sales_order: Option<String>,
+    pub registered_by: Option<i64>,
+}
+
+/// A registered device as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceRecord {
+    pub serial: String,
+    pub mac: String,
+    pub company_id: i64,
+    pub company: String,
+    pub device_type: String,
+    pub lease_months: i64,
+    pub start_date: String,
+    pub ups_model: Option<String>,
+    pub ups_model_number: Option<String>,
+    pub ups_serial: Option<String>,
+    pub ups_ship_date: Option<String>,
+    pub sales_order: Option<String>,
+    pub service_contract_sales_order: Option<String>,
+    pub registered_by: Option<i64>,
+    pub created_at: i64,
+}
+
+/// The connection status of a device; all times are Unix milliseconds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceStatus {
+    pub state: ConnState,
+    pub since: Option<i64>,
+    pub last_seen: Option<i64>,
+    pub peer_addr: Option<String>,
+    pub session_id: Option<String>,
+    pub keep_alive_secs: Option<i64>,
+    pub cert_serial: Option<String>,
+    pub last_disconnect_reason: Option<String>,
+    pub last_connect_error: Option<String>,
+    pub last_connect_error_detail: Option<String>,
+    pub last_connect_error_at: Option<i64>,
+}
+
+impl DeviceStatus {
+    pub fn never_connected() -> Self {
+        DeviceStatus {
+            state: ConnState::NeverConnected,
+            since: None,
+            last_seen: None,
+            peer_addr: None,
+            session_id: None,
+            keep_alive_secs: None,
+            cert_serial: None,
+            last_disconnect_reason: None,
+            last_connect_error: None,
+            last_connect_error_detail: None,
+            last_connect_error_at: None,
+        }
+    }
+}
+
+/// A device with its status, as the fleet view shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceView {
+    pub device: DeviceRecord,
+    pub status: DeviceStatus,
+}
+
+/// Which devices to list. Every set field narrows the list.
+#[derive(Debug, Clone, Default)]
+pub struct DeviceFilter {
+    /// Substring of serial, company name, UPS model or UPS serial (case-insensitive).
+    pub q: Option<String>,
+    pub state: Option<ConnState>,
+    pub company_id: Option<i64>,
+    pub registered_by: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TelemetryRecord {
+    pub ts: i64,
+    pub received_at: i64,
+    pub payload: serde_json::Value,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocationRecord {
+    pub lat: f64,
+    pub lon: f64,
+    pub accuracy_m: Option<f64>,
+    pub source: String,
+    pub updated_at: i64,
+}
+
+/// Refused connection attempts of one device, coalesced by reason.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refusal {
+    pub reason: String,
+    pub detail: String,
+    pub peer_addr: Option<String>,
+    pub first_at: i64,
+    pub last_at: i64,
+    pub attempts: i64,
+}
+
+const DEVICE_COLUMNS: &str = "d.serial, d.mac, d.company_id, c.name AS company, d.device_type, \
+    d.lease_months, d.start_date, d.ups_model, d.ups_model_number, d.ups_serial, d.ups_ship_date, \
+    d.sales_order, d.service_contract_sales_order, d.registered_by, d.created_at";
+
+const STATUS_COLUMNS: &str = "s.state, s.since, s.last_seen, s.peer_addr, s.session_id, \
+    s.keep_alive_secs, s.cert_serial, s.last_disconnect_reason, s.last_connect_error, \
+    s.last_connect_error_detail, s.last_connect_error_at";
+
+fn device_from_row(row: &AnyRow) -> Result<DeviceRecord, sqlx::Error> {
+    Ok(DeviceRecord {
+        serial: row.try_get("serial")?,
+        mac: row.try_get("mac")?,
+        company_id: row.try_get("company_id")?,
+        company: row.try_get("company")?,
+        device_type: row.try_get("device_type")?,
+        lease_months: row.try_get("lease_months")?,
+        start_date: row.try_get("start_date")?,
+        ups_model: row.try_get("ups_model")?,
+        ups_model_number: row.try_get("ups_model_number")?,
+        ups_serial: row.try_get("ups_serial")?,
+        ups_ship_date: row.try_get("ups_ship_date")?,
+        sales_order: row.try_get("sales_order")?,
+        service_contract_sales_order: row.try_get("service_contract_sales_order")?,
+        registered_by: row.try_get("registered_by")?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+fn status_from_row(row: &AnyRow) -> Result<DeviceStatus, sqlx::Error> {
+    let state: Option<String> = row.try_get("state")?;
+    let Some(state) = state else {
+        return Ok(DeviceStatus::never_connected());
+    };
+    Ok(DeviceStatus {
+        state: ConnState::parse(&state).unwrap_or(ConnState::Offline),
+        since: row.try_get("since")?,
+        last_seen: row.try_get("last_seen")?,
+        peer_addr: row.try_get("peer_addr")?,
+        session_id: row.try_get("session_id")?,
+        keep_alive_secs: row.try_get("keep_alive_secs")?,
+        cert_serial: row.try_get("cert_serial")?,
+        last_disconnect_reason: row.try_get("last_disconnect_reason")?,
+        last_connect_error: row.try_get("last_connect_error")?,
+        last_connect_error_detail: row.try_get("last_connect_error_detail")?,
+        last_connect_error_at: row.try_get("last_connect_error_at")?,
+    })
+}
+
+/// Finds the company by name, creating it when `create` is set.
+pub(crate) async fn company_id(conn: &mut AnyConnection, name: &str, create: bool, now_ms: i64) -> Result<Option<i64>> {
+    if create {
+        sqlx::query("INSERT INTO companies (name, created_at) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING")
+            .bind(name)
+            .bind(now_ms)
+            .execute(&mut *conn)
+            .await
+            .map_err(query_err("creating a company"))?;
+    }
+    let row = sqlx::query("SELECT id FROM companies WHERE name = $1")
+        .bind(name)
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(query_err("finding a company"))?;
+    row.map(|r| r.try_get::<i64, _>("id"))
+        .transpose()
+        .map_err(query_err("reading a company"))
+}
+
+/// Inserts a device inside the caller's transaction; a taken serial or MAC is a `Conflict`.
+pub(crate) async fn insert_device(conn: &mut AnyConnection, d: &NewDevice, company_id: i64, now_ms: i64) -> Result<()> {
+    let taken = sqlx::query("SELECT serial, mac FROM devices WHERE serial = $1 OR mac = $2")
+        .bind(d.serial.as_str())
+        .bind(d.mac.to_string())
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(query_err("checking device serial and MAC"))?;
+    if let Some(row) = taken {
+        let serial: String = row.try_get("serial").map_err(query_err("checking device serial"))?;
+        return Err(StoreError::Conflict {
+            what: if serial == d.serial.as_str() {
+                "device serial"
+            } else {
+                "device MAC"
+            },
+        });
+    }
+    sqlx::query(
+        "INSERT INTO devices (serial, mac, company_id, device_type, lease_months, start_date, \
+         ups_model, ups_model_number, ups_serial, ups_ship_date, sales_order, \
+         service_contract_sales_order, registered_by, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+    )
+    .bind(d.serial.as_str())
+    .bind(d.mac.to_string())
+    .bind(company_id)
+    .bind(&d.device_type)
+    .bind(d.lease_months)
+    .bind(&d.start_date)
+    .bind(d.ups_model.as_deref())
+    .bind(d.ups_model_number.as_deref())
+    .bind(d.ups_serial.as_deref())
+    .bind(d.ups_ship_date.as_deref())
+    .bind(d.sales_order.as_deref())
+    .bind(d.service_contract_sales_order.as_deref())
+    .bind(d.registered_by)
+    .bind(now_ms)
+    .execute(&mut *conn)
+    .await
+    .map_err(unique_err("registering a device", "device serial or MAC"))?;
+    Ok(())
+}
+
+impl Store {
+    /// Registers a device (and its company, if new) in one transaction.
+    pub async fn add_device(&self, d: &NewDevice, now_ms: i64) -> Result<()> {
+        let mut tx = self.pool().begin().await.map_err(query_err("starting a transaction"))?;
+        let company = company_id(&mut tx, &d.company, true, now_ms)
+            .await?
+            .ok_or(StoreError::NotFound { what: "company" })?;
+        insert_device(&mut tx, d, company, now_ms).await?;
+        tx.commit().await.map_err(query_err("committing a device"))?;
+        Ok(())
+    }
+
+    pub async fn device(&self, serial: &str) -> Result<Option<DeviceView>> {
+        let sql = format!(
+            "SELECT {DEVICE_COLUMNS}, {STATUS_COLUMNS} FROM devices d \
+             JOIN companies c ON c.id = d.company_id \
+             LEFT JOIN device_status s ON s.serial = d.serial WHERE d.serial = $1"
+        );
+        let row = sqlx::query(&sql)
+            .bind(serial)
+            .fetch_optional(self.pool())
+            .await
+            .map_err(query_err("reading a device"))?;
+        row.map(|r| view_from_row(&r))
+            .transpose()
+            .map_err(query_err("decoding a device"))
+    }
+
+    pub async fn devices(&self, filter: &DeviceFilter) -> Result<Vec<DeviceView>> {
+        let mut sql = format!(
+            "SELECT {DEVICE_COLUMNS}, {STATUS_COLUMNS} FROM devices d \
+             JOIN companies c ON c.id = d.company_id \
+             LEFT JOIN device_status s ON s.serial = d.serial WHERE 1 = 1"
+        );
+        let mut n = 0;
+        let mut next = || {
+            n += 1;
+            n
+        };
+        if filter.q.is_some() {
+            let i = next();
+            sql.push_str(&format!(
+                " AND (LOWER(d.serial) LIKE ${i} OR LOWER(c.name) LIKE ${i} \
+                 OR LOWER(COALESCE(d.ups_model, '')) LIKE ${i} OR LOWER(COALESCE(d.ups_serial, '')) LIKE ${i})"
+            ));
+        }
+        match filter.state {
+            Some(ConnState::NeverConnected) => {
+                sql.push_str(" AND (s.state IS NULL OR s.state = 'never_connected')")
+            }
+            Some(state) => sql.push_str(&format!(" AND s.state = '{}'", state.as_str())),
+            None => {}
+        }
+        if filter.company_id.is_some() {
+            sql.push_str(&format!(" AND d.company_id = ${}", next()));
+        }
+        if filter.registered_by.is_some() {
+            sql.push_str(&format!(" AND d.registered_by = ${}", next()));
+        }
+        sql.push_str(" ORDER BY d.serial");
+        let mut query = sqlx::query(&sql);
+        if let Some(q) = &filter.q {
+            let escaped = q.to_lowercase().replace(['%', '_'], "");
+            query = query.bind(format!("%{escaped}%"));
+        }
+        if let Some(c) = filter.company_id {
+            query = query.bind(c);
+        }
+        if let Some(u) = filter.registered_by {
+            query = query.bind(u);
+        }
+        let rows = query
+            .fetch_all(self.pool())
+            .await
+            .map_err(query_err("listing devices"))?;
+        rows.iter()
+            .map(view_from_row)
+            .collect::<Result<_, _>>()
+            .map_err(query_err("decoding devices"))
+    }
+
+    /// Newest first, at most `limit` rows.
+    pub async fn telemetry(&self, serial: &str, limit: i64) -> Result<Vec<TelemetryRecord>> {
+        let rows = sqlx::query(
+            "SELECT ts, received_at, payload FROM telemetry WHERE serial = $1 ORDER BY ts DESC, id DESC LIMIT $2",
+        )
+        .bind(serial)
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await
+        .map_err(query_err("reading telemetry"))?;
+        rows.iter()
+            .map(|r| {
+                let payload: String = r.try_get("payload")?;
+                Ok(TelemetryRecord {
+                    ts: r.try_get("ts")?,
+                    received_at: r.try_get("received_at")?,
+                    payload: serde_json::from_str(&payload).unwrap_or(serde_json::Value::Null),
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(query_err("decoding telemetry"))
+    }
+
+    pub async fn telemetry_count(&self, serial: &str) -> Result<i64> {
+        let row = sqlx::query("SELECT COUNT(*) AS n FROM telemetry WHERE serial = $1")
+            .bind(serial)
+            .fetch_one(self.pool())
+            .await
+            .map_err(query_err("counting telemetry"))?;
+        row.try_get("n").map_err(query_err("counting telemetry"))
+    }
+
+    pub async fn location(&self, serial: &str) -> Result<Option<LocationRecord>> {
+        let row = sqlx::query("SELECT lat, lon, accuracy_m, source, updated_at FROM locations WHERE serial = $1")
+            .bind(serial)
+            .fetch_optional(self.pool())
+            .await
+            .map_err(query_err("reading a location"))?;
+        row.map(|r| -> Result<_, sqlx::Error> {
+            Ok(LocationRecord {
+                lat: r.try_get("lat")?,
+                lon: r.try_get("lon")?,
+                accuracy_m: r.try_get("accuracy_m")?,
+                source: r.try_get("source")?,
+                updated_at: r.try_get("updated_at")?,
+            })
+        })
+        .transpose()
+        .map_err(query_err("decoding a location"))
+    }
+
+    /// Quarantined (malformed) messages of a device, newest first: `(topic, error, payload)`.
+    pub async fn quarantined(&self, serial: &str, limit: i64) -> Result<Vec<(String, String, Vec<u8>)>> {
+        let rows = sqlx::query(
+            "SELECT topic, error, payload FROM quarantine WHERE serial = $1 ORDER BY received_at DESC, id DESC LIMIT $2",
+        )
+        .bind(serial)
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await
+        .map_err(query_err("reading quarantine"))?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("topic")?, r.try_get("error")?, r.try_get("payload")?)))
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(query_err("decoding quarantine"))
+    }
+
+    /// Recent refused connection attempts of a device, newest first.
+    pub async fn refusals(&self, serial: &str, limit: i64) -> Result<Vec<Refusal>> {
+        let rows = sqlx::query(
+            "SELECT reason, detail, peer_addr, first_at, last_at, attempts FROM connect_refusals \
+             WHERE serial = $1 ORDER BY last_at DESC, id DESC LIMIT $2",
+        )
+        .bind(serial)
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await
+        .map_err(query_err("reading refusals"))?;
+        rows.iter()
+            .map(|r| {
+                Ok(Refusal {
+                    reason: r.try_get("reason")?,
+                    detail: r.try_get("detail")?,
+                    peer_addr: r.try_get("peer_addr")?,
+                    first_at: r.try_get("first_at")?,
+                    last_at: r.try_get("last_at")?,
+                    attempts: r.try_get("attempts")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(query_err("decoding refusals"))
+    }
+}
+
+fn view_from_row(row: &AnyRow) -> Result<DeviceView, sqlx::Error> {
+    Ok(DeviceView {
+        device: device_from_row(row)?,
+        status: status_from_row(row)?,
+    })
+}

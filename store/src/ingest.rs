@@ -1,0 +1,320 @@
+//! The ingest write path: one transaction per batch of telemetry, locations, device info,
+//! quarantined payloads, status changes and refused connection attempts.
+
+use crate::{Result, Store, query_err};
+
+/// Everything ingest collected since its last flush, applied in one transaction.
+#[derive(Debug, Default, Clone)]
+pub struct WriteBatch {
+    pub telemetry: Vec<TelemetryRow>,
+    pub quarantine: Vec<QuarantineRow>,
+    pub locations: Vec<LocationRow>,
+    pub infos: Vec<InfoRow>,
+    /// Applied in order: a device's connect, last-seen and disconnect keep their sequence.
+    pub status: Vec<StatusEvent>,
+    pub refusals: Vec<RefusalRow>,
+}
+
+impl WriteBatch {
+    pub fn is_empty(&self) -> bool {
+        self.telemetry.is_empty()
+            && self.quarantine.is_empty()
+            && self.locations.is_empty()
+            && self.infos.is_empty()
+            && self.status.is_empty()
+            && self.refusals.is_empty()
+    }
+
+    /// Rows (or row updates) this batch writes.
+    pub fn len(&self) -> usize {
+        self.telemetry.len()
+            + self.quarantine.len()
+            + self.locations.len()
+            + self.infos.len()
+            + self.status.len()
+            + self.refusals.len()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct TelemetryRow {
+    pub serial: String,
+    /// Device time when the payload had one, else the receive time (Unix ms).
+    pub ts: i64,
+    pub received_at: i64,
+    pub mode: Option<String>,
+    pub load_pct: Option<f64>,
+    pub battery_charge_pct: Option<f64>,
+    /// The whole JSON object, unknown fields included.
+    pub payload: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct QuarantineRow {
+    pub serial: String,
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub error: String,
+    pub received_at: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct LocationRow {
+    pub serial: String,
+    pub lat: f64,
+    pub lon: f64,
+    pub accuracy_m: Option<f64>,
+    pub source: String,
+    pub at: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct InfoRow {
+    pub serial: String,
+    pub system_name: Option<String>,
+    pub firmware: Option<String>,
+    pub payload: String,
+    pub at: i64,
+}
+
+/// A change of a device's session state.
+#[derive(Debug, Clone)]
+pub enum StatusEvent {
+    Connected {
+        serial: String,
+        session_id: String,
+        at: i64,
+        peer_addr: String,
+        keep_alive_secs: i64,
+        cert_serial: String,
+        node_id: String,
+    },
+    /// Applies only while `session_id` is the device's current session, so a session that
+    /// was taken over cannot mark its successor offline.
+    Disconnected {
+        serial: String,
+        session_id: String,
+        at: i64,
+        reason: String,
+    },
+    Seen {
+        serial: String,
+        session_id: String,
+        at: i64,
+    },
+}
+
+/// Refused connection attempts of one device with one reason, already coalesced.
+#[derive(Debug, Clone)]
+pub struct RefusalRow {
+    pub serial: String,
+    pub reason: String,
+    pub detail: String,
+    pub peer_addr: Option<String>,
+    pub first_at: i64,
+    pub last_at: i64,
+    pub attempts: i64,
+}
+
+/// Rows per multi-row INSERT: far below SQLite's and PostgreSQL's parameter limits.
+const CHUNK: usize = 200;
+/// Refusals of the same reason this close together extend one record instead of adding one.
+const REFUSAL_COALESCE_MS: i64 = 60_000;
+
+impl Store {
+    /// Writes a batch in one transaction: all of it or none of it.
+    pub async fn write_batch(&self, batch: &WriteBatch) -> Result<()> {
+        let delay = self.write_delay();
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        let mut tx = self
+            .pool()
+            .begin()
+            .await
+            .map_err(query_err("starting an ingest transaction"))?;
+
+        for chunk in batch.telemetry.chunks(CHUNK) {
+            let mut sql = String::from(
+                "INSERT INTO telemetry (serial, ts, received_at, mode, load_pct, battery_charge_pct, payload) VALUES ",
+            );
+            for i in 0..chunk.len() {
+                let b = i * 7;
+                if i > 0 {
+                    sql.push(',');
+                }
+                sql.push_str(&format!(
+                    "(${}, ${}, ${}, ${}, ${}, ${}, ${})",
+                    b + 1,
+                    b + 2,
+                    b + 3,
+                    b + 4,
+                    b + 5,
+                    b + 6,
+                    b + 7
+                ));
+            }
+            let mut q = sqlx::query(&sql);
+            for t in chunk {
+                q = q
+                    .bind(&t.serial)
+                    .bind(t.ts)
+                    .bind(t.received_at)
+                    .bind(t.mode.as_deref())
+                    .bind(t.load_pct)
+                    .bind(t.battery_charge_pct)
+                    .bind(&t.payload);
+            }
+            q.execute(&mut *tx).await.map_err(query_err("storing telemetry"))?;
+        }
+
+        for row in &batch.quarantine {
+            sqlx::query(
+                "INSERT INTO quarantine (serial, topic, payload, error, received_at) VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(&row.serial)
+            .bind(&row.topic)
+            .bind(&row.payload)
+            .bind(&row.error)
+            .bind(row.received_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(query_err("quarantining a payload"))?;
+        }
+
+        for l in &batch.locations {
+            sqlx::query(
+                "INSERT INTO locations (serial, lat, lon, accuracy_m, source, updated_at) VALUES ($1, $2, $3, $4, $5, $6) \
+                 ON CONFLICT (serial) DO UPDATE SET lat = excluded.lat, lon = excluded.lon, \
+                 accuracy_m = excluded.accuracy_m, source = excluded.source, updated_at = excluded.updated_at",
+            )
+            .bind(&l.serial)
+            .bind(l.lat)
+            .bind(l.lon)
+            .bind(l.accuracy_m)
+            .bind(&l.source)
+            .bind(l.at)
+            .execute(&mut *tx)
+            .await
+            .map_err(query_err("storing a location"))?;
+        }
+
+        for i in &batch.infos {
+            sqlx::query(
+                "INSERT INTO device_info (serial, system_name, firmware, payload, updated_at) VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (serial) DO UPDATE SET system_name = excluded.system_name, \
+                 firmware = excluded.firmware, payload = excluded.payload, updated_at = excluded.updated_at",
+            )
+            .bind(&i.serial)
+            .bind(i.system_name.as_deref())
+            .bind(i.firmware.as_deref())
+            .bind(&i.payload)
+            .bind(i.at)
+            .execute(&mut *tx)
+            .await
+            .map_err(query_err("storing device info"))?;
+        }
+
+        for event in &batch.status {
+            let q = match event {
+                StatusEvent::Connected {
+                    serial,
+                    session_id,
+                    at,
+                    peer_addr,
+                    keep_alive_secs,
+                    cert_serial,
+                    node_id,
+                } => sqlx::query(
+                    "INSERT INTO device_status (serial, state, since, last_seen, peer_addr, session_id, \
+                     keep_alive_secs, cert_serial, node_id) VALUES ($1, 'online', $2, $2, $3, $4, $5, $6, $7) \
+                     ON CONFLICT (serial) DO UPDATE SET state = 'online', since = excluded.since, \
+                     last_seen = excluded.last_seen, peer_addr = excluded.peer_addr, \
+                     session_id = excluded.session_id, keep_alive_secs = excluded.keep_alive_secs, \
+                     cert_serial = excluded.cert_serial, node_id = excluded.node_id, \
+                     last_disconnect_reason = NULL",
+                )
+                .bind(serial)
+                .bind(*at)
+                .bind(peer_addr)
+                .bind(session_id)
+                .bind(*keep_alive_secs)
+                .bind(cert_serial)
+                .bind(node_id),
+                StatusEvent::Disconnected {
+                    serial,
+                    session_id,
+                    at,
+                    reason,
+                } => sqlx::query(
+                    "UPDATE device_status SET state = 'offline', since = $1, last_disconnect_reason = $2 \
+                     WHERE serial = $3 AND session_id = $4 AND state = 'online'",
+                )
+                .bind(*at)
+                .bind(reason)
+                .bind(serial)
+                .bind(session_id),
+                StatusEvent::Seen { serial, session_id, at } => sqlx::query(
+                    "UPDATE device_status SET last_seen = $1 WHERE serial = $2 AND session_id = $3 AND last_seen < $1",
+                )
+                .bind(*at)
+                .bind(serial)
+                .bind(session_id),
+            };
+            q.execute(&mut *tx).await.map_err(query_err("updating device status"))?;
+        }
+
+        for r in &batch.refusals {
+            // Only devices in the registry get records: a stranger presenting certificates
+            // with made-up names must not be able to grow the database.
+            sqlx::query(
+                "INSERT INTO device_status (serial, state, last_connect_error, last_connect_error_detail, \
+                 last_connect_error_at) SELECT $1, 'never_connected', $2, $3, $4 \
+                 WHERE EXISTS (SELECT 1 FROM devices WHERE serial = $1) \
+                 ON CONFLICT (serial) DO UPDATE SET last_connect_error = excluded.last_connect_error, \
+                 last_connect_error_detail = excluded.last_connect_error_detail, \
+                 last_connect_error_at = excluded.last_connect_error_at",
+            )
+            .bind(&r.serial)
+            .bind(&r.reason)
+            .bind(&r.detail)
+            .bind(r.last_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(query_err("recording a refused connection"))?;
+            let extended = sqlx::query(
+                "UPDATE connect_refusals SET last_at = $1, attempts = attempts + $2, detail = $3, peer_addr = $4 \
+                 WHERE id = (SELECT id FROM connect_refusals WHERE serial = $5 ORDER BY last_at DESC, id DESC LIMIT 1) \
+                 AND reason = $6 AND last_at >= $7",
+            )
+            .bind(r.last_at)
+            .bind(r.attempts)
+            .bind(&r.detail)
+            .bind(r.peer_addr.as_deref())
+            .bind(&r.serial)
+            .bind(&r.reason)
+            .bind(r.first_at - REFUSAL_COALESCE_MS)
+            .execute(&mut *tx)
+            .await
+            .map_err(query_err("recording a refused connection"))?;
+            if extended.rows_affected() == 0 {
+                sqlx::query(
+                    "INSERT INTO connect_refusals (serial, reason, detail, peer_addr, first_at, last_at, attempts) \
+                     SELECT $1, $2, $3, $4, $5, $6, $7 WHERE EXISTS (SELECT 1 FROM devices WHERE serial = $1)",
+                )
+                .bind(&r.serial)
+                .bind(&r.reason)
+                .bind(&r.detail)
+                .bind(r.peer_addr.as_deref())
+                .bind(r.first_at)
+                .bind(r.last_at)
+                .bind(r.attempts)
+                .execute(&mut *tx)
+                .await
+                .map_err(query_err("recording a refused connection"))?;
+            }
+        }
+
+        tx.commit().await.map_err(query_err("committing an ingest batch"))
+    }
+}
