@@ -1,1 +1,415 @@
-//! placeholder
+//! The device-facing MQTT broker: our own TCP + rustls listener in front of rumqttd's router.
+//!
+//! rumqttd's own listener cannot bind a client id to the certificate, check revocation or
+//! bound the handshake (see the router proof in `shared/reference`), so each connection runs
+//! in its own task here: TLS handshake and CONNECT under one deadline, identity (certificate
+//! CN = device serial = client id), topic ACL, keep-alive, and a rumqttd `LinkBuilder` link for
+//! subscriptions and downlink. Device publishes do not pass through the router: they are
+//! handed to ingest over a bounded queue and acknowledged only once queued, so a slow store
+//! pushes back on publishers instead of losing acknowledged messages.
+//!
+//! The broker reports what happens — connected, disconnected (with reason), refused (with
+//! reason and the device its certificate named), message — as [`BrokerEvent`]s. It never
+//! touches the database.
+
+mod acl;
+mod codec;
+mod session;
+mod tls;
+
+pub use acl::{TopicKind, may_subscribe, publish_kind};
+pub use tls::{RevokedSet, server_config};
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
+use rumqttd::{Notification, Router, RouterConfig};
+use rustls::ServerConfig;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tms_model::DeviceSerial;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("building the TLS configuration")]
+    Tls(#[source] rustls::Error),
+    #[error("building the client certificate verifier: {0}")]
+    Verifier(String),
+    #[error("creating the in-process router link")]
+    Link(#[source] LinkError),
+    #[error("accepting connections on {addr}")]
+    Accept {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Limits and identity of this broker.
+#[derive(Debug, Clone)]
+pub struct BrokerSettings {
+    pub max_connections: usize,
+    pub handshake_timeout: Duration,
+    pub max_packet_bytes: usize,
+    /// Fixed offline deadline; `None`: 1.5 × the device's keep-alive.
+    pub offline_after: Option<Duration>,
+    /// Names this gateway node in status records.
+    pub node_id: String,
+    /// Unique per process start; prefixes session ids.
+    pub boot_id: String,
+}
+
+/// Why a connection attempt was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RefusalReason {
+    NoClientCertificate,
+    UnknownCa,
+    Expired,
+    NotYetValid,
+    Revoked,
+    InvalidCertificate,
+    InvalidIdentity,
+    ClientIdMismatch,
+    AclDenied,
+    ProtocolError,
+    HandshakeTimeout,
+    TlsError,
+    ConnectionLimit,
+}
+
+impl RefusalReason {
+    pub const ALL: [RefusalReason; 13] = [
+        Self::NoClientCertificate,
+        Self::UnknownCa,
+        Self::Expired,
+        Self::NotYetValid,
+        Self::Revoked,
+        Self::InvalidCertificate,
+        Self::InvalidIdentity,
+        Self::ClientIdMismatch,
+        Self::AclDenied,
+        Self::ProtocolError,
+        Self::HandshakeTimeout,
+        Self::TlsError,
+        Self::ConnectionLimit,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NoClientCertificate => "no_client_certificate",
+            Self::UnknownCa => "unknown_ca",
+            Self::Expired => "expired",
+            Self::NotYetValid => "not_yet_valid",
+            Self::Revoked => "revoked",
+            Self::InvalidCertificate => "invalid_certificate",
+            Self::InvalidIdentity => "invalid_identity",
+            Self::ClientIdMismatch => "client_id_mismatch",
+            Self::AclDenied => "acl_denied",
+            Self::ProtocolError => "protocol_error",
+            Self::HandshakeTimeout => "handshake_timeout",
+            Self::TlsError => "tls_error",
+            Self::ConnectionLimit => "connection_limit",
+        }
+    }
+}
+
+/// Why an established session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DisconnectReason {
+    ClientDisconnect,
+    ConnectionLost,
+    KeepaliveTimeout,
+    TakenOver,
+    Revoked,
+    ServerShutdown,
+    ProtocolError,
+    IngestClosed,
+}
+
+impl DisconnectReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ClientDisconnect => "client_disconnect",
+            Self::ConnectionLost => "connection_lost",
+            Self::KeepaliveTimeout => "keepalive_timeout",
+            Self::TakenOver => "taken_over",
+            Self::Revoked => "revoked",
+            Self::ServerShutdown => "server_shutdown",
+            Self::ProtocolError => "protocol_error",
+            Self::IngestClosed => "ingest_closed",
+        }
+    }
+}
+
+/// What the broker reports to ingest, in the order it happened per connection.
+#[derive(Debug, Clone)]
+pub enum BrokerEvent {
+    Connected {
+        serial: DeviceSerial,
+        session_id: Arc<str>,
+        peer: SocketAddr,
+        cert_serial: String,
+        keep_alive_secs: u16,
+        at_ms: i64,
+    },
+    Disconnected {
+        serial: DeviceSerial,
+        session_id: Arc<str>,
+        reason: DisconnectReason,
+        at_ms: i64,
+    },
+    /// A refused handshake, CONNECT or packet. `common_name` is the CN of the certificate
+    /// the client presented, when it presented one.
+    Refused {
+        common_name: Option<String>,
+        peer: SocketAddr,
+        reason: RefusalReason,
+        detail: String,
+        at_ms: i64,
+    },
+    Message(DeviceMessage),
+}
+
+/// A message a device published to one of its own topics.
+#[derive(Debug, Clone)]
+pub struct DeviceMessage {
+    pub serial: DeviceSerial,
+    pub session_id: Arc<str>,
+    pub kind: TopicKind,
+    pub topic: Bytes,
+    pub payload: Bytes,
+    pub received_at_ms: i64,
+}
+
+/// How another part closes a live session (revocation, takeover).
+#[derive(Debug)]
+pub(crate) struct SessionControl {
+    pub session_id: Arc<str>,
+    pub cert_serial: String,
+    pub close: CancellationToken,
+    pub reason: Mutex<Option<DisconnectReason>>,
+}
+
+impl SessionControl {
+    pub(crate) fn close_with(&self, reason: DisconnectReason) {
+        if let Ok(mut r) = self.reason.lock() {
+            r.get_or_insert(reason);
+        }
+        self.close.cancel();
+    }
+}
+
+pub(crate) struct LinkRequest {
+    pub client_id: String,
+    pub clean_session: bool,
+}
+
+type MakeLink = Box<dyn Fn(LinkRequest) -> Result<(LinkTx, LinkRx, Notification), LinkError> + Send + Sync>;
+
+/// The broker. Build it with [`Broker::new`], then [`Broker::run`] it on a bound listener.
+pub struct Broker {
+    settings: BrokerSettings,
+    tls: ArcSwap<ServerConfig>,
+    events: mpsc::Sender<BrokerEvent>,
+    make_link: MakeLink,
+    /// Publishes downlink messages (commands) into the router.
+    internal: Mutex<LinkTx>,
+    _internal_rx: Mutex<LinkRx>,
+    sessions: Mutex<HashMap<DeviceSerial, Arc<SessionControl>>>,
+    next_session: AtomicU64,
+    permits: Arc<Semaphore>,
+}
+
+/// Client id of the broker's own router link; `$` cannot appear in a device serial.
+const INTERNAL_CLIENT_ID: &str = "$tms-internal";
+
+impl Broker {
+    /// Starts rumqttd's router thread and the broker's own link to it.
+    pub fn new(
+        settings: BrokerSettings,
+        tls: Arc<ServerConfig>,
+        events: mpsc::Sender<BrokerEvent>,
+    ) -> Result<Arc<Broker>, BrokerError> {
+        let router = Router::new(
+            0,
+            RouterConfig {
+                // Our own semaphore is the real limit; the router must never refuse first,
+                // because it refuses by not answering, which would hang `LinkBuilder::build`.
+                max_connections: settings.max_connections + 16,
+                max_outgoing_packet_count: 200,
+                max_segment_size: 256 * 1024,
+                max_segment_count: 4,
+                custom_segment: None,
+                initialized_filters: Some(vec!["tms/+/cmd/#".to_owned()]),
+                shared_subscriptions_strategy: Default::default(),
+            },
+        );
+        let router_tx = router.spawn();
+        let make_link: MakeLink = Box::new(move |req: LinkRequest| {
+            LinkBuilder::new(&req.client_id, router_tx.clone())
+                .clean_session(req.clean_session)
+                .dynamic_filters(req.client_id == INTERNAL_CLIENT_ID)
+                .build()
+        });
+        let (internal, internal_rx, _) = make_link(LinkRequest {
+            client_id: INTERNAL_CLIENT_ID.into(),
+            clean_session: true,
+        })
+        .map_err(BrokerError::Link)?;
+        let permits = Arc::new(Semaphore::new(settings.max_connections));
+        Ok(Arc::new(Broker {
+            settings,
+            tls: ArcSwap::new(tls),
+            events,
+            make_link,
+            internal: Mutex::new(internal),
+            _internal_rx: Mutex::new(internal_rx),
+            sessions: Mutex::new(HashMap::new()),
+            next_session: AtomicU64::new(1),
+            permits,
+        }))
+    }
+
+    /// Accepts connections until `shutdown`; then closes every session (reason
+    /// `server_shutdown`) and returns once all of them have reported their disconnect.
+    pub async fn run(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) -> Result<(), BrokerError> {
+        let addr = listener.local_addr().map_err(|source| BrokerError::Accept {
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            source,
+        })?;
+        let tracker = TaskTracker::new();
+        let result = loop {
+            let accepted = tokio::select! {
+                _ = shutdown.cancelled() => break Ok(()),
+                accepted = listener.accept() => accepted,
+            };
+            let (tcp, peer) = match accepted {
+                Ok(pair) => pair,
+                Err(e) if is_transient_accept_error(&e) => {
+                    tracing::warn!(error = %e, "accept failed; continuing");
+                    // Out of file descriptors: give the process a moment to release some.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+                Err(source) => break Err(BrokerError::Accept { addr, source }),
+            };
+            let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+                metrics::counter!("tms_broker_connects_refused_total", "reason" => RefusalReason::ConnectionLimit.as_str()).increment(1);
+                tracing::warn!(peer.addr = %peer, "connection limit reached; refusing");
+                drop(tcp);
+                continue;
+            };
+            // Without NODELAY the small post-handshake writes wait for delayed ACKs (~40 ms).
+            let _ = tcp.set_nodelay(true);
+            let broker = self.clone();
+            let shutdown = shutdown.clone();
+            tracker.spawn(async move {
+                session::run(broker, tcp, peer, shutdown).await;
+                drop(permit);
+            });
+        };
+        drop(listener);
+        tracker.close();
+        tracker.wait().await;
+        result
+    }
+
+    /// Replaces the TLS configuration used by new handshakes (server certificate renewal).
+    pub fn set_tls(&self, config: Arc<ServerConfig>) {
+        self.tls.store(config);
+    }
+
+    /// Closes live sessions whose certificate serial is in `serials`, with `reason`.
+    /// Returns how many were closed.
+    pub fn close_sessions_with_certs(&self, serials: &HashSet<String>, reason: DisconnectReason) -> usize {
+        let Ok(sessions) = self.sessions.lock() else {
+            return 0;
+        };
+        let mut closed = 0;
+        for control in sessions.values().filter(|c| serials.contains(&c.cert_serial)) {
+            control.close_with(reason);
+            closed += 1;
+        }
+        closed
+    }
+
+    /// Number of devices connected right now.
+    pub fn live_sessions(&self) -> usize {
+        self.sessions.lock().map(|s| s.len()).unwrap_or(0)
+    }
+
+    /// Publishes a downlink message (QoS 0) to subscribers such as `tms/<serial>/cmd/#`.
+    pub fn publish(&self, topic: String, payload: Bytes) -> bool {
+        match self.internal.lock() {
+            Ok(mut link) => link.try_publish(topic, payload).is_ok(),
+            Err(_) => false,
+        }
+    }
+
+    pub(crate) fn settings(&self) -> &BrokerSettings {
+        &self.settings
+    }
+
+    pub(crate) fn new_session_id(&self) -> Arc<str> {
+        let n = self.next_session.fetch_add(1, Ordering::Relaxed);
+        Arc::from(format!("{}-{n}", self.settings.boot_id))
+    }
+
+    /// Makes `control` the device's live session; an earlier one is closed as taken over.
+    pub(crate) fn register(&self, serial: &DeviceSerial, control: Arc<SessionControl>) {
+        let previous = match self.sessions.lock() {
+            Ok(mut s) => s.insert(serial.clone(), control),
+            Err(_) => None,
+        };
+        if let Some(previous) = previous {
+            previous.close_with(DisconnectReason::TakenOver);
+        }
+    }
+
+    pub(crate) fn deregister(&self, serial: &DeviceSerial, session_id: &Arc<str>) {
+        if let Ok(mut s) = self.sessions.lock()
+            && s.get(serial).is_some_and(|c| Arc::ptr_eq(&c.session_id, session_id))
+        {
+            s.remove(serial);
+        }
+    }
+
+    pub(crate) fn link(&self, req: LinkRequest) -> Result<(LinkTx, LinkRx, Notification), LinkError> {
+        (self.make_link)(req)
+    }
+
+    /// Reports an event; waits while ingest's queue is full (back-pressure).
+    pub(crate) async fn emit(&self, event: BrokerEvent) -> bool {
+        self.events.send(event).await.is_ok()
+    }
+
+    /// Reports a refusal without waiting: refusals must stay cheap under a retry storm.
+    pub(crate) fn emit_refusal(&self, common_name: Option<String>, peer: SocketAddr, reason: RefusalReason, detail: String) {
+        metrics::counter!("tms_broker_connects_refused_total", "reason" => reason.as_str()).increment(1);
+        tracing::info!(device.serial = common_name.as_deref().unwrap_or("-"), peer.addr = %peer, reason = reason.as_str(), detail = %detail, "connection refused");
+        let event = BrokerEvent::Refused {
+            common_name,
+            peer,
+            reason,
+            detail,
+            at_ms: tms_model::now_ms(),
+        };
+        if self.events.try_send(event).is_err() {
+            metrics::counter!("tms_broker_refusal_events_dropped_total").increment(1);
+        }
+    }
+}
+
+fn is_transient_accept_error(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(e.kind(), ConnectionAborted | ConnectionReset | Interrupted | WouldBlock)
+        || matches!(e.raw_os_error(), Some(23 | 24)) // ENFILE, EMFILE
+}

@@ -63,6 +63,8 @@ CREATE TABLE device_status (
     cert_serial             TEXT,
     node_id                 TEXT,
     last_disconnect_reason  TEXT,
+    reported_status         TEXT,
+    reported_status_at      INTEGER,
     last_connect_error      TEXT,
     last_connect_error_detail TEXT,
     last_connect_error_at   INTEGER

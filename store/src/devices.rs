@@ -56,6 +56,7 @@ pub struct DeviceStatus {
     pub keep_alive_secs: Option<i64>,
     pub cert_serial: Option<String>,
     pub last_disconnect_reason: Option<String>,
+    pub reported_status: Option<String>,
     pub last_connect_error: Option<String>,
     pub last_connect_error_detail: Option<String>,
     pub last_connect_error_at: Option<i64>,
@@ -72,6 +73,7 @@ impl DeviceStatus {
             keep_alive_secs: None,
             cert_serial: None,
             last_disconnect_reason: None,
+            reported_status: None,
             last_connect_error: None,
             last_connect_error_detail: None,
             last_connect_error_at: None,
@@ -128,7 +130,7 @@ const DEVICE_COLUMNS: &str = "d.serial, d.mac, d.company_id, c.name AS company, 
     d.sales_order, d.service_contract_sales_order, d.registered_by, d.created_at";
 
 const STATUS_COLUMNS: &str = "s.state, s.since, s.last_seen, s.peer_addr, s.session_id, \
-    s.keep_alive_secs, s.cert_serial, s.last_disconnect_reason, s.last_connect_error, \
+    s.keep_alive_secs, s.cert_serial, s.last_disconnect_reason, s.reported_status, s.last_connect_error, \
     s.last_connect_error_detail, s.last_connect_error_at";
 
 fn device_from_row(row: &AnyRow) -> Result<DeviceRecord, sqlx::Error> {
@@ -165,6 +167,7 @@ fn status_from_row(row: &AnyRow) -> Result<DeviceStatus, sqlx::Error> {
         keep_alive_secs: row.try_get("keep_alive_secs")?,
         cert_serial: row.try_get("cert_serial")?,
         last_disconnect_reason: row.try_get("last_disconnect_reason")?,
+        reported_status: row.try_get("reported_status")?,
         last_connect_error: row.try_get("last_connect_error")?,
         last_connect_error_detail: row.try_get("last_connect_error_detail")?,
         last_connect_error_at: row.try_get("last_connect_error_at")?,

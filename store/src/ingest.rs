@@ -102,6 +102,12 @@ pub enum StatusEvent {
         session_id: String,
         at: i64,
     },
+    /// What the device itself last said on `tms/<serial>/status` (birth or will message).
+    Reported {
+        serial: String,
+        text: String,
+        at: i64,
+    },
 }
 
 /// Refused connection attempts of one device with one reason, already coalesced.
@@ -260,6 +266,12 @@ impl Store {
                 .bind(*at)
                 .bind(serial)
                 .bind(session_id),
+                StatusEvent::Reported { serial, text, at } => sqlx::query(
+                    "UPDATE device_status SET reported_status = $1, reported_status_at = $2 WHERE serial = $3",
+                )
+                .bind(text)
+                .bind(*at)
+                .bind(serial),
             };
             q.execute(&mut *tx).await.map_err(query_err("updating device status"))?;
         }

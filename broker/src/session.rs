@@ -1,0 +1,502 @@
+//! One device connection, from TCP accept to disconnect.
+
+use std::cell::RefCell;
+use std::collections::HashSet;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::pin;
+use std::sync::{Arc, Mutex};
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use rumqttd::Notification;
+use rumqttd::local::{LinkRx, LinkTx};
+use rumqttd::protocol::{
+    ConnAck, ConnectReturnCode, Disconnect, DisconnectReasonCode, Error as ProtoError, Packet, PingResp,
+    PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason, SubAck, SubscribeReasonCode,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_util::sync::CancellationToken;
+use tms_model::{DeviceSerial, now_ms};
+
+use crate::codec::{Codec, connect_protocol_level, publish_qos_pkid};
+use crate::tls::{HandshakeNote, NOTE, classify};
+use crate::{
+    Broker, BrokerEvent, DeviceMessage, DisconnectReason, LinkRequest, RefusalReason, SessionControl, acl,
+};
+
+/// Keep-alive 0 ("never time out") would let a dead device look online forever.
+const KEEPALIVE_WHEN_ZERO: u16 = 300;
+const KEEPALIVE_MAX: u16 = 3600;
+
+type Stream = TlsStream<TcpStream>;
+
+/// Runs one connection to its end. Never panics the accept loop; every outcome is an event.
+pub(crate) async fn run(broker: Arc<Broker>, tcp: TcpStream, peer: SocketAddr, shutdown: CancellationToken) {
+    let started = Instant::now();
+    let deadline = tokio::time::Instant::now() + broker.settings().handshake_timeout;
+    let acceptor = TlsAcceptor::from(broker.tls.load_full());
+
+    let handshake = NOTE.scope(RefCell::new(HandshakeNote::default()), async {
+        let result = tokio::select! {
+            r = tokio::time::timeout_at(deadline, acceptor.accept(tcp)) => Some(r),
+            _ = shutdown.cancelled() => None,
+        };
+        (result, NOTE.with(|n| n.take()))
+    });
+    let (result, note) = handshake.await;
+    let cn = note.identity.as_ref().and_then(|id| id.common_name.clone());
+    let mut stream = match result {
+        None => return,
+        Some(Err(_elapsed)) => {
+            let detail = format!("no TLS handshake within {:?}", broker.settings().handshake_timeout);
+            return broker.emit_refusal(cn, peer, RefusalReason::HandshakeTimeout, detail);
+        }
+        Some(Ok(Err(io))) => {
+            let (reason, detail) = note.refusal.unwrap_or_else(|| {
+                match io.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
+                    Some(tls) => classify(tls, note.identity.as_ref()),
+                    None => (RefusalReason::TlsError, io.to_string()),
+                }
+            });
+            return broker.emit_refusal(cn, peer, reason, detail);
+        }
+        Some(Ok(Ok(stream))) => stream,
+    };
+    metrics::histogram!("tms_broker_handshake_duration_seconds").record(started.elapsed().as_secs_f64());
+    let Some(identity) = note.identity else {
+        return broker.emit_refusal(cn, peer, RefusalReason::InvalidCertificate, "unreadable client certificate".into());
+    };
+
+    // CONNECT, under the same deadline as the handshake.
+    let max = broker.settings().max_packet_bytes;
+    let mut rbuf = BytesMut::with_capacity(1024);
+    let connect = tokio::select! {
+        r = tokio::time::timeout_at(deadline, read_connect(&mut stream, &mut rbuf, max)) => r,
+        _ = shutdown.cancelled() => return,
+    };
+    let (codec, packet) = match connect {
+        Err(_) => {
+            let detail = "no CONNECT packet after the TLS handshake".to_owned();
+            return broker.emit_refusal(cn, peer, RefusalReason::HandshakeTimeout, detail);
+        }
+        Ok(Err(detail)) => return broker.emit_refusal(cn, peer, RefusalReason::ProtocolError, detail),
+        Ok(Ok(pair)) => pair,
+    };
+    let Packet::Connect(connect, _props, will, _will_props, _login) = packet else {
+        return broker.emit_refusal(cn, peer, RefusalReason::ProtocolError, "first packet is not CONNECT".into());
+    };
+
+    let mut wbuf = BytesMut::with_capacity(1024);
+    let refusal = match cn.as_deref().map(DeviceSerial::parse) {
+        None => Err((RefusalReason::InvalidIdentity, "the certificate has no subject CN".to_owned())),
+        Some(Err(e)) => Err((RefusalReason::InvalidIdentity, e.to_string())),
+        Some(Ok(serial)) if connect.client_id != serial.as_str() => Err((
+            RefusalReason::ClientIdMismatch,
+            format!("client id {:?} differs from the certificate CN {:?}", connect.client_id, serial.as_str()),
+        )),
+        Some(Ok(serial)) => match &will {
+            Some(w) if acl::publish_kind(&serial, &w.topic).is_none() => Err((
+                RefusalReason::AclDenied,
+                format!("will topic {:?} is outside tms/{serial}/", String::from_utf8_lossy(&w.topic)),
+            )),
+            _ => Ok(serial),
+        },
+    };
+    let serial = match refusal {
+        Ok(serial) => serial,
+        Err((reason, detail)) => {
+            let ack = ConnAck {
+                session_present: false,
+                code: ConnectReturnCode::NotAuthorized,
+            };
+            if codec.write(Packet::ConnAck(ack, None), &mut wbuf).is_ok() {
+                let _ = write_out(&mut stream, &mut wbuf).await;
+            }
+            let _ = stream.shutdown().await;
+            return broker.emit_refusal(cn, peer, reason, detail);
+        }
+    };
+
+    let session_id = broker.new_session_id();
+    let control = Arc::new(SessionControl {
+        session_id: session_id.clone(),
+        cert_serial: identity.serial_number.clone(),
+        close: CancellationToken::new(),
+        reason: Mutex::new(None),
+    });
+    // Registering first closes an older session of the same device as taken over.
+    broker.register(&serial, control.clone());
+
+    let request = LinkRequest {
+        client_id: serial.to_string(),
+        clean_session: connect.clean_session,
+    };
+    let link_broker = broker.clone();
+    // `LinkBuilder::build` blocks until the router thread answers.
+    let link = tokio::task::spawn_blocking(move || link_broker.link(request)).await;
+    let (link_tx, link_rx, connack) = match link {
+        Ok(Ok(link)) => link,
+        Ok(Err(e)) => {
+            broker.deregister(&serial, &session_id);
+            tracing::error!(device.serial = %serial, error = %e, "router refused the link");
+            return;
+        }
+        Err(e) => {
+            broker.deregister(&serial, &session_id);
+            tracing::error!(device.serial = %serial, error = %e, "router link task failed");
+            return;
+        }
+    };
+    if let Some(p) = Option::<Packet>::from(connack)
+        && codec.write(p, &mut wbuf).is_ok()
+        && write_out(&mut stream, &mut wbuf).await.is_err()
+    {
+        broker.deregister(&serial, &session_id);
+        return;
+    }
+
+    let keep_alive = match connect.keep_alive {
+        0 => KEEPALIVE_WHEN_ZERO,
+        k => k.min(KEEPALIVE_MAX),
+    };
+    let idle_limit = broker
+        .settings()
+        .offline_after
+        .unwrap_or_else(|| Duration::from_millis(u64::from(keep_alive) * 1500));
+    metrics::counter!("tms_broker_connects_accepted_total").increment(1);
+    metrics::gauge!("tms_broker_connections").increment(1.0);
+    tracing::info!(device.serial = %serial, peer.addr = %peer, session.id = %session_id, mqtt.v5 = codec.is_v5(), "device connected");
+    broker
+        .emit(BrokerEvent::Connected {
+            serial: serial.clone(),
+            session_id: session_id.clone(),
+            peer,
+            cert_serial: identity.serial_number.clone(),
+            keep_alive_secs: keep_alive,
+            at_ms: now_ms(),
+        })
+        .await;
+
+    let mut session = Session {
+        broker: &broker,
+        serial: &serial,
+        session_id: &session_id,
+        peer,
+        codec,
+        max,
+        rbuf,
+        wbuf,
+        qos2_pending: HashSet::new(),
+    };
+    let (reason, router_alive) = session
+        .pump(&mut stream, link_tx, link_rx, idle_limit, &control, &shutdown)
+        .await;
+
+    let reason = control.reason.lock().ok().and_then(|r| *r).unwrap_or(reason);
+    if reason != DisconnectReason::ClientDisconnect
+        && let Some(w) = will
+        && let Some(kind) = acl::publish_kind(&serial, &w.topic)
+    {
+        // The will: the device's own last word about itself, stored like any message.
+        broker
+            .emit(BrokerEvent::Message(DeviceMessage {
+                serial: serial.clone(),
+                session_id: session_id.clone(),
+                kind,
+                topic: w.topic,
+                payload: w.message,
+                received_at_ms: now_ms(),
+            }))
+            .await;
+    }
+    let _ = router_alive;
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
+    broker.deregister(&serial, &session_id);
+    metrics::gauge!("tms_broker_connections").decrement(1.0);
+    metrics::counter!("tms_broker_disconnects_total", "reason" => reason.as_str()).increment(1);
+    tracing::info!(device.serial = %serial, peer.addr = %peer, reason = reason.as_str(), "device disconnected");
+    broker
+        .emit(BrokerEvent::Disconnected {
+            serial,
+            session_id,
+            reason,
+            at_ms: now_ms(),
+        })
+        .await;
+}
+
+async fn read_connect(stream: &mut Stream, rbuf: &mut BytesMut, max: usize) -> Result<(Codec, Packet), String> {
+    loop {
+        if let Some(first) = rbuf.first()
+            && first >> 4 != 1
+        {
+            return Err(format!("expected CONNECT, got packet type {}", first >> 4));
+        }
+        if let Some(level) = connect_protocol_level(rbuf) {
+            let codec = if level == 5 { Codec::V5 } else { Codec::V4 };
+            match codec.read(rbuf, max) {
+                Ok(p) => return Ok((codec, p)),
+                Err(ProtoError::InsufficientBytes(_)) => {}
+                Err(e) => return Err(format!("malformed CONNECT: {e}")),
+            }
+        }
+        match stream.read_buf(rbuf).await {
+            Ok(0) => return Err("connection closed before CONNECT".into()),
+            Ok(_) => {}
+            Err(e) => return Err(format!("reading CONNECT: {e}")),
+        }
+    }
+}
+
+async fn write_out(stream: &mut Stream, wbuf: &mut BytesMut) -> std::io::Result<()> {
+    if wbuf.is_empty() {
+        return Ok(());
+    }
+    stream.write_all(wbuf).await?;
+    wbuf.clear();
+    stream.flush().await
+}
+
+/// Polls `f` once: its value if ready now, else `None` (and `f` is dropped).
+async fn ready_now<F: Future>(f: F) -> Option<F::Output> {
+    let mut f = pin!(f);
+    std::future::poll_fn(|cx| match f.as_mut().poll(cx) {
+        Poll::Ready(v) => Poll::Ready(Some(v)),
+        Poll::Pending => Poll::Ready(None),
+    })
+    .await
+}
+
+struct Session<'a> {
+    broker: &'a Arc<Broker>,
+    serial: &'a DeviceSerial,
+    session_id: &'a Arc<str>,
+    peer: SocketAddr,
+    codec: Codec,
+    max: usize,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    /// QoS 2 packet ids received (PUBREC sent) and not yet released.
+    qos2_pending: HashSet<u16>,
+}
+
+enum Step {
+    Continue,
+    End(DisconnectReason),
+}
+
+impl Session<'_> {
+    /// Moves packets between the device and ingest/router until the session ends. Returns the
+    /// reason and whether the router link is still ours to close.
+    async fn pump(
+        &mut self,
+        stream: &mut Stream,
+        mut link_tx: LinkTx,
+        mut link_rx: LinkRx,
+        idle_limit: Duration,
+        control: &SessionControl,
+        shutdown: &CancellationToken,
+    ) -> (DisconnectReason, bool) {
+        let mut to_router: Vec<Packet> = Vec::new();
+        let reason = loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break DisconnectReason::ServerShutdown,
+                _ = control.close.cancelled() => break DisconnectReason::Revoked,
+                read = tokio::time::timeout(idle_limit, stream.read_buf(&mut self.rbuf)) => {
+                    match read {
+                        Err(_) => break DisconnectReason::KeepaliveTimeout,
+                        Ok(Ok(0)) | Ok(Err(_)) => break DisconnectReason::ConnectionLost,
+                        Ok(Ok(n)) => metrics::counter!("tms_broker_bytes_received_total").increment(n as u64),
+                    }
+                    let step = self.read_packets(&mut to_router).await;
+                    if write_out(stream, &mut self.wbuf).await.is_err() {
+                        break DisconnectReason::ConnectionLost;
+                    }
+                    if !to_router.is_empty() {
+                        let last = to_router.pop();
+                        link_tx.buffer().extend(to_router.drain(..));
+                        if let Some(last) = last
+                            && link_tx.send(last).await.is_err()
+                        {
+                            return (DisconnectReason::ProtocolError, false);
+                        }
+                    }
+                    if let Step::End(reason) = step {
+                        break reason;
+                    }
+                }
+                notification = link_rx.next() => {
+                    match notification {
+                        Ok(Some(n)) => {
+                            let mut next = Some(n);
+                            // Everything the router has ready goes out in one TLS write.
+                            while let Some(n) = next.take() {
+                                match n {
+                                    Notification::Unschedule => {
+                                        let _ = link_rx.wake().await;
+                                    }
+                                    Notification::Disconnect(..) => {
+                                        return (DisconnectReason::ProtocolError, false);
+                                    }
+                                    n => {
+                                        if let Some(p) = Option::<Packet>::from(n) {
+                                            let _ = self.codec.write(p, &mut self.wbuf);
+                                        }
+                                    }
+                                }
+                                next = ready_now(link_rx.next()).await.and_then(Result::ok).flatten();
+                            }
+                            if write_out(stream, &mut self.wbuf).await.is_err() {
+                                break DisconnectReason::ConnectionLost;
+                            }
+                        }
+                        Ok(None) => {}
+                        // The router dropped the link: a newer session of this device took it.
+                        Err(_) => return (DisconnectReason::TakenOver, false),
+                    }
+                }
+            }
+        };
+        if reason != DisconnectReason::ClientDisconnect {
+            // Tell the router the link is gone so it frees it (and keeps a persistent session).
+            let d = Disconnect {
+                reason_code: DisconnectReasonCode::NormalDisconnection,
+            };
+            let _ = link_tx.send(Packet::Disconnect(d, None)).await;
+        }
+        (reason, true)
+    }
+
+    /// Decodes every complete packet in the read buffer and acts on it.
+    async fn read_packets(&mut self, to_router: &mut Vec<Packet>) -> Step {
+        loop {
+            let header = publish_qos_pkid(&self.rbuf);
+            let packet = match self.codec.read(&mut self.rbuf, self.max) {
+                Ok(p) => p,
+                Err(ProtoError::InsufficientBytes(_)) => return Step::Continue,
+                Err(e) => {
+                    self.refuse_in_session(RefusalReason::ProtocolError, format!("malformed packet: {e}"));
+                    return Step::End(DisconnectReason::ProtocolError);
+                }
+            };
+            match packet {
+                Packet::Publish(publish, _) => {
+                    let (qos, pkid) = header.unwrap_or((0, 0));
+                    match acl::publish_kind(self.serial, &publish.topic) {
+                        Some(kind) => {
+                            // A QoS 2 redelivery of a message not yet released was already queued.
+                            let fresh = qos != 2 || self.qos2_pending.insert(pkid);
+                            if fresh {
+                                metrics::counter!("tms_broker_messages_received_total", "kind" => kind.as_str()).increment(1);
+                                let message = DeviceMessage {
+                                    serial: self.serial.clone(),
+                                    session_id: self.session_id.clone(),
+                                    kind,
+                                    topic: publish.topic,
+                                    payload: publish.payload,
+                                    received_at_ms: now_ms(),
+                                };
+                                // Waits while ingest is full: the PUBACK below is only sent once
+                                // the message is queued, so a slow store slows publishers down.
+                                if !self.broker.emit(BrokerEvent::Message(message)).await {
+                                    return Step::End(DisconnectReason::IngestClosed);
+                                }
+                            }
+                            self.ack_publish(qos, pkid, PubAckReason::Success);
+                        }
+                        None => {
+                            metrics::counter!("tms_broker_acl_denied_total", "action" => "publish").increment(1);
+                            let topic = String::from_utf8_lossy(&publish.topic).into_owned();
+                            self.refuse_in_session(
+                                RefusalReason::AclDenied,
+                                format!("publish to {topic:?} denied: outside tms/{}/", self.serial),
+                            );
+                            if qos == 2 {
+                                self.qos2_pending.insert(pkid);
+                            }
+                            // MQTT 3.1.1 has no negative PUBACK: acknowledge and drop, so the
+                            // device does not retry the same forbidden message forever.
+                            self.ack_publish(qos, pkid, PubAckReason::NotAuthorized);
+                        }
+                    }
+                }
+                Packet::PubRel(rel, _) => {
+                    self.qos2_pending.remove(&rel.pkid);
+                    let comp = PubComp {
+                        pkid: rel.pkid,
+                        reason: PubCompReason::Success,
+                    };
+                    let _ = self.codec.write(Packet::PubComp(comp, None), &mut self.wbuf);
+                }
+                Packet::Subscribe(subscribe, props) => {
+                    if let Some(denied) = subscribe.filters.iter().find(|f| !acl::may_subscribe(self.serial, &f.path)) {
+                        metrics::counter!("tms_broker_acl_denied_total", "action" => "subscribe").increment(1);
+                        self.refuse_in_session(
+                            RefusalReason::AclDenied,
+                            format!("subscribe to {:?} denied: only tms/{}/cmd/# is allowed", denied.path, self.serial),
+                        );
+                        let ack = SubAck {
+                            pkid: subscribe.pkid,
+                            return_codes: vec![SubscribeReasonCode::Failure; subscribe.filters.len()],
+                        };
+                        let _ = self.codec.write(Packet::SubAck(ack, None), &mut self.wbuf);
+                    } else {
+                        to_router.push(Packet::Subscribe(subscribe, props));
+                    }
+                }
+                Packet::PingReq(_) => {
+                    let _ = self.codec.write(Packet::PingResp(PingResp), &mut self.wbuf);
+                }
+                Packet::Disconnect(..) => return Step::End(DisconnectReason::ClientDisconnect),
+                p @ (Packet::Unsubscribe(..) | Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubComp(..)) => {
+                    to_router.push(p)
+                }
+                other => {
+                    let name = match other {
+                        Packet::Connect(..) => "a second CONNECT",
+                        _ => "a server-only packet",
+                    };
+                    self.refuse_in_session(RefusalReason::ProtocolError, format!("client sent {name}"));
+                    return Step::End(DisconnectReason::ProtocolError);
+                }
+            }
+        }
+    }
+
+    fn ack_publish(&mut self, qos: u8, pkid: u16, reason: PubAckReason) {
+        let v5 = self.codec.is_v5();
+        let packet = match qos {
+            1 => Packet::PubAck(
+                PubAck {
+                    pkid,
+                    reason: if v5 { reason } else { PubAckReason::Success },
+                },
+                None,
+            ),
+            2 => Packet::PubRec(
+                PubRec {
+                    pkid,
+                    reason: if v5 && reason == PubAckReason::NotAuthorized {
+                        PubRecReason::NotAuthorized
+                    } else {
+                        PubRecReason::Success
+                    },
+                },
+                None,
+            ),
+            _ => return,
+        };
+        let _ = self.codec.write(packet, &mut self.wbuf);
+    }
+
+    fn refuse_in_session(&self, reason: RefusalReason, detail: String) {
+        self.broker
+            .emit_refusal(Some(self.serial.to_string()), self.peer, reason, detail);
+    }
+}

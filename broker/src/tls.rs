@@ -1,0 +1,172 @@
+//! TLS for the device listener: the server configuration, and a client-certificate verifier
+//! that checks chain, validity and revocation, and remembers *who* was refused and *why*.
+//!
+//! rustls tells the connection only "bad certificate"; to attribute a refused handshake to the
+//! device its certificate names, the verifier writes what it saw into a per-connection note
+//! (a tokio task-local set around the handshake future). Revocation is a set of serial numbers
+//! swapped atomically, so a revocation is seen by the very next handshake without re-verifying
+//! a CRL signature on every connection.
+
+use std::cell::RefCell;
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme};
+use tms_certs::CertIdentity;
+
+use crate::{BrokerError, RefusalReason};
+
+/// What the verifier learned during one handshake.
+#[derive(Debug, Default)]
+pub(crate) struct HandshakeNote {
+    pub identity: Option<CertIdentity>,
+    pub refusal: Option<(RefusalReason, String)>,
+}
+
+tokio::task_local! {
+    pub(crate) static NOTE: RefCell<HandshakeNote>;
+}
+
+fn note(f: impl FnOnce(&mut HandshakeNote)) {
+    // Outside a connection task (no note) there is nobody to tell.
+    let _ = NOTE.try_with(|n| f(&mut n.borrow_mut()));
+}
+
+/// Revoked certificate serial numbers (lower-case hex), shared with whoever loads them.
+pub type RevokedSet = Arc<ArcSwap<HashSet<String>>>;
+
+#[derive(Debug)]
+struct DeviceVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    revoked: RevokedSet,
+}
+
+impl ClientCertVerifier for DeviceVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let identity = tms_certs::identity(end_entity).ok();
+        let result = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)
+            .and_then(|ok| match &identity {
+                Some(id) if self.revoked.load().contains(&id.serial_number) => {
+                    Err(rustls::Error::InvalidCertificate(CertificateError::Revoked))
+                }
+                _ => Ok(ok),
+            });
+        note(|n| {
+            if let Err(e) = &result {
+                n.refusal = Some(classify(e, identity.as_ref()));
+            }
+            n.identity = identity;
+        });
+        result
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+fn secs_between(a: UnixTime, b: UnixTime) -> i64 {
+    a.as_secs() as i64 - b.as_secs() as i64
+}
+
+/// Turns a rustls failure into a reason a person can act on, with detail.
+pub(crate) fn classify(e: &rustls::Error, id: Option<&CertIdentity>) -> (RefusalReason, String) {
+    use CertificateError as C;
+    match e {
+        rustls::Error::NoCertificatesPresented => (
+            RefusalReason::NoClientCertificate,
+            "the client presented no certificate; set the device key and certificate".into(),
+        ),
+        rustls::Error::InvalidCertificate(c) => match c {
+            C::UnknownIssuer | C::BadSignature => (
+                RefusalReason::UnknownCa,
+                match id {
+                    Some(id) => format!("issued by {:?}, not by this gateway's CA", id.issuer),
+                    None => "not issued by this gateway's CA".into(),
+                },
+            ),
+            C::Expired => (RefusalReason::Expired, "the certificate has expired".into()),
+            C::ExpiredContext { time, not_after } => (
+                RefusalReason::Expired,
+                format!("the certificate expired {} s ago", secs_between(*time, *not_after)),
+            ),
+            C::NotValidYet => (RefusalReason::NotYetValid, "the certificate is not valid yet".into()),
+            C::NotValidYetContext { time, not_before } => (
+                RefusalReason::NotYetValid,
+                format!(
+                    "the certificate becomes valid in {} s; if it was just issued, the device clock is off",
+                    secs_between(*not_before, *time)
+                ),
+            ),
+            C::Revoked => (RefusalReason::Revoked, "the certificate was revoked".into()),
+            other => (RefusalReason::InvalidCertificate, format!("{other:?}")),
+        },
+        other => (RefusalReason::TlsError, other.to_string()),
+    }
+}
+
+/// Builds the listener's TLS configuration: TLS 1.2 and 1.3, client certificate required and
+/// issued by `ca`, not revoked.
+pub fn server_config(
+    ca: &CertificateDer<'static>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    revoked: RevokedSet,
+) -> Result<Arc<ServerConfig>, BrokerError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = RootCertStore::empty();
+    roots.add(ca.clone()).map_err(BrokerError::Tls)?;
+    let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| BrokerError::Verifier(e.to_string()))?;
+    let verifier = Arc::new(DeviceVerifier { inner, revoked });
+    let config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(BrokerError::Tls)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(BrokerError::Tls)?;
+    Ok(Arc::new(config))
+}

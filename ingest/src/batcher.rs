@@ -1,0 +1,261 @@
+//! Turns broker events into one [`WriteBatch`], coalescing what need not be written twice.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tms_broker::{BrokerEvent, DeviceMessage, TopicKind};
+use tms_store::{InfoRow, LocationRow, QuarantineRow, RefusalRow, StatusEvent, TelemetryRow, WriteBatch};
+
+use crate::payload::{parse_info, parse_location, parse_telemetry};
+
+/// Collects events until [`Batcher::take`]. Pure: no I/O, so it can be tested alone.
+pub struct Batcher {
+    node_id: String,
+    batch: WriteBatch,
+    events: usize,
+    /// Last message time per session: one last-seen update per batch, not per message.
+    seen: HashMap<(String, Arc<str>), i64>,
+    /// Refusals per (device, reason): a device retrying in a tight loop costs one row.
+    refusals: HashMap<(String, &'static str), usize>,
+}
+
+impl Batcher {
+    pub fn new(node_id: String) -> Self {
+        Batcher {
+            node_id,
+            batch: WriteBatch::default(),
+            events: 0,
+            seen: HashMap::new(),
+            refusals: HashMap::new(),
+        }
+    }
+
+    /// Events added since the last `take`.
+    pub fn len(&self) -> usize {
+        self.events
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.events == 0
+    }
+
+    pub fn add(&mut self, event: BrokerEvent) {
+        self.events += 1;
+        match event {
+            BrokerEvent::Connected {
+                serial,
+                session_id,
+                peer,
+                cert_serial,
+                keep_alive_secs,
+                at_ms,
+            } => self.batch.status.push(StatusEvent::Connected {
+                serial: serial.to_string(),
+                session_id: session_id.to_string(),
+                at: at_ms,
+                peer_addr: peer.to_string(),
+                keep_alive_secs: i64::from(keep_alive_secs),
+                cert_serial,
+                node_id: self.node_id.clone(),
+            }),
+            BrokerEvent::Disconnected {
+                serial,
+                session_id,
+                reason,
+                at_ms,
+            } => {
+                self.flush_seen_of(serial.as_str(), &session_id);
+                self.batch.status.push(StatusEvent::Disconnected {
+                    serial: serial.to_string(),
+                    session_id: session_id.to_string(),
+                    at: at_ms,
+                    reason: reason.as_str().to_owned(),
+                });
+            }
+            BrokerEvent::Refused {
+                common_name,
+                peer,
+                reason,
+                detail,
+                at_ms,
+            } => {
+                // Without a name there is no device to attribute it to; the broker counted it.
+                let Some(serial) = common_name else { return };
+                let key = (serial.clone(), reason.as_str());
+                match self.refusals.get(&key) {
+                    Some(&i) => {
+                        let row = &mut self.batch.refusals[i];
+                        row.attempts += 1;
+                        row.last_at = at_ms;
+                        row.detail = detail;
+                        row.peer_addr = Some(peer.to_string());
+                    }
+                    None => {
+                        self.refusals.insert(key, self.batch.refusals.len());
+                        self.batch.refusals.push(RefusalRow {
+                            serial,
+                            reason: reason.as_str().to_owned(),
+                            detail,
+                            peer_addr: Some(peer.to_string()),
+                            first_at: at_ms,
+                            last_at: at_ms,
+                            attempts: 1,
+                        });
+                    }
+                }
+            }
+            BrokerEvent::Message(m) => self.add_message(m),
+        }
+    }
+
+    fn add_message(&mut self, m: DeviceMessage) {
+        let serial = m.serial.to_string();
+        let at = m.received_at_ms;
+        self.seen.insert((serial.clone(), m.session_id.clone()), at);
+        let outcome = match m.kind {
+            TopicKind::Telemetry => parse_telemetry(&m.payload).map(|(summary, map)| {
+                self.batch.telemetry.push(TelemetryRow {
+                    serial: serial.clone(),
+                    ts: summary.ts.unwrap_or(at),
+                    received_at: at,
+                    mode: summary.mode,
+                    load_pct: summary.load_pct,
+                    battery_charge_pct: summary.battery_charge_pct,
+                    payload: serde_json::Value::Object(map).to_string(),
+                });
+            }),
+            TopicKind::Location => parse_location(&m.payload).map(|l| {
+                self.batch.locations.push(LocationRow {
+                    serial: serial.clone(),
+                    lat: l.lat,
+                    lon: l.lon,
+                    accuracy_m: l.accuracy_m,
+                    source: "device".into(),
+                    at,
+                });
+            }),
+            TopicKind::Info => parse_info(&m.payload).map(|(system_name, firmware)| {
+                self.batch.infos.push(InfoRow {
+                    serial: serial.clone(),
+                    system_name,
+                    firmware,
+                    payload: String::from_utf8_lossy(&m.payload).into_owned(),
+                    at,
+                });
+            }),
+            TopicKind::Status => match std::str::from_utf8(&m.payload) {
+                Ok(text) if text.len() <= 1024 => {
+                    self.batch.status.push(StatusEvent::Reported {
+                        serial: serial.clone(),
+                        text: text.trim().to_owned(),
+                        at,
+                    });
+                    Ok(())
+                }
+                Ok(_) => Err("status payload is longer than 1024 bytes".to_owned()),
+                Err(e) => Err(format!("status payload is not UTF-8: {e}")),
+            },
+        };
+        match outcome {
+            Ok(()) => {
+                metrics::counter!("tms_ingest_messages_total", "kind" => m.kind.as_str(), "outcome" => "stored").increment(1)
+            }
+            Err(error) => {
+                metrics::counter!("tms_ingest_messages_total", "kind" => m.kind.as_str(), "outcome" => "quarantined").increment(1);
+                tracing::warn!(device.serial = %serial, topic = m.kind.as_str(), %error, "malformed payload quarantined");
+                self.batch.quarantine.push(QuarantineRow {
+                    serial,
+                    topic: String::from_utf8_lossy(&m.topic).into_owned(),
+                    payload: m.payload.to_vec(),
+                    error,
+                    received_at: at,
+                });
+            }
+        }
+    }
+
+    /// Writes the pending last-seen of a session before its disconnect, keeping order.
+    fn flush_seen_of(&mut self, serial: &str, session_id: &Arc<str>) {
+        if let Some(at) = self.seen.remove(&(serial.to_owned(), session_id.clone())) {
+            self.batch.status.push(StatusEvent::Seen {
+                serial: serial.to_owned(),
+                session_id: session_id.to_string(),
+                at,
+            });
+        }
+    }
+
+    /// The batch so far; the batcher starts empty again.
+    pub fn take(&mut self) -> WriteBatch {
+        for ((serial, session_id), at) in self.seen.drain() {
+            self.batch.status.push(StatusEvent::Seen {
+                serial,
+                session_id: session_id.to_string(),
+                at,
+            });
+        }
+        self.refusals.clear();
+        self.events = 0;
+        std::mem::take(&mut self.batch)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use tms_broker::RefusalReason;
+    use tms_model::DeviceSerial;
+
+    fn msg(kind: TopicKind, payload: &'static str, at: i64) -> BrokerEvent {
+        BrokerEvent::Message(DeviceMessage {
+            serial: DeviceSerial::parse("RE4A1").unwrap(),
+            session_id: Arc::from("b-1"),
+            kind,
+            topic: Bytes::from_static(b"tms/RE4A1/x"),
+            payload: Bytes::from_static(payload.as_bytes()),
+            received_at_ms: at,
+        })
+    }
+
+    #[test]
+    fn malformed_payloads_are_quarantined_and_good_ones_stored() {
+        let mut b = Batcher::new("n1".into());
+        b.add(msg(TopicKind::Telemetry, "{broken", 1));
+        b.add(msg(TopicKind::Telemetry, r#"{"load_pct": 12}"#, 2));
+        b.add(msg(TopicKind::Location, r#"{"lat": 10, "lon": 20}"#, 3));
+        b.add(msg(TopicKind::Status, "offline", 4));
+        let batch = b.take();
+        assert_eq!(batch.quarantine.len(), 1);
+        assert_eq!(batch.telemetry.len(), 1);
+        assert_eq!(batch.telemetry[0].ts, 2, "no ts in the payload: receive time");
+        assert_eq!(batch.locations.len(), 1);
+        let seen: Vec<_> = batch.status.iter().filter(|s| matches!(s, StatusEvent::Seen { .. })).collect();
+        assert_eq!(seen.len(), 1, "one last-seen per session per batch");
+        assert!(b.take().is_empty());
+    }
+
+    #[test]
+    fn a_retry_storm_becomes_one_refusal_row() {
+        let mut b = Batcher::new("n1".into());
+        for i in 0..1000 {
+            b.add(BrokerEvent::Refused {
+                common_name: Some("RE4A1".into()),
+                peer: "10.0.0.1:1".parse().unwrap(),
+                reason: RefusalReason::Expired,
+                detail: "expired".into(),
+                at_ms: i,
+            });
+        }
+        b.add(BrokerEvent::Refused {
+            common_name: None,
+            peer: "10.0.0.1:1".parse().unwrap(),
+            reason: RefusalReason::NoClientCertificate,
+            detail: String::new(),
+            at_ms: 5,
+        });
+        let batch = b.take();
+        assert_eq!(batch.refusals.len(), 1);
+        assert_eq!((batch.refusals[0].attempts, batch.refusals[0].first_at, batch.refusals[0].last_at), (1000, 0, 999));
+    }
+}

@@ -1,0 +1,181 @@
+//! Payload validation (CONTRACT §4). Each error names the offending field.
+
+use serde_json::{Map, Value};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+/// The telemetry fields kept in their own columns; the whole object is kept beside them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TelemetrySummary {
+    /// Device time in Unix ms, when the payload carried `ts`.
+    pub ts: Option<i64>,
+    pub mode: Option<String>,
+    pub load_pct: Option<f64>,
+    pub battery_charge_pct: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocationPayload {
+    pub lat: f64,
+    pub lon: f64,
+    pub accuracy_m: Option<f64>,
+}
+
+pub(crate) fn object(payload: &[u8]) -> Result<Map<String, Value>, String> {
+    let text = std::str::from_utf8(payload).map_err(|e| format!("payload is not UTF-8: {e}"))?;
+    match serde_json::from_str::<Value>(text) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(other) => Err(format!("payload must be a JSON object, got {}", kind_of(&other))),
+        Err(e) => Err(format!("payload is not valid JSON: {e}")),
+    }
+}
+
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn number(map: &Map<String, Value>, path: &str, key: &str) -> Result<Option<f64>, String> {
+    match map.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => Ok(n.as_f64()),
+        Some(other) => Err(format!("{path}{key} must be a number, got {}", kind_of(other))),
+    }
+}
+
+fn string(map: &Map<String, Value>, key: &str) -> Result<Option<String>, String> {
+    match map.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(other) => Err(format!("{key} must be a string, got {}", kind_of(other))),
+    }
+}
+
+fn sub_object<'a>(map: &'a Map<String, Value>, key: &str) -> Result<Option<&'a Map<String, Value>>, String> {
+    match map.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Object(o)) => Ok(Some(o)),
+        Some(other) => Err(format!("{key} must be an object, got {}", kind_of(other))),
+    }
+}
+
+/// Validates a telemetry object: every field optional, known fields must have their types,
+/// unknown fields are kept.
+pub fn parse_telemetry(payload: &[u8]) -> Result<(TelemetrySummary, Map<String, Value>), String> {
+    let map = object(payload)?;
+    let ts = match map.get("ts") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) => Some(
+            n.as_i64()
+                .or_else(|| n.as_f64().map(|f| f as i64))
+                .ok_or("ts must be epoch milliseconds or an RFC 3339 string")?,
+        ),
+        Some(Value::String(s)) => {
+            let t = OffsetDateTime::parse(s, &Rfc3339).map_err(|e| format!("ts {s:?} is not RFC 3339: {e}"))?;
+            Some((t.unix_timestamp_nanos() / 1_000_000) as i64)
+        }
+        Some(other) => return Err(format!("ts must be epoch milliseconds or an RFC 3339 string, got {}", kind_of(other))),
+    };
+    let mode = string(&map, "mode")?;
+    let load_pct = number(&map, "", "load_pct")?;
+    let mut battery_charge_pct = None;
+    if let Some(battery) = sub_object(&map, "battery")? {
+        battery_charge_pct = number(battery, "battery.", "charge_pct")?;
+        for key in ["runtime_min", "voltage", "temperature_c"] {
+            number(battery, "battery.", key)?;
+        }
+    }
+    for section in ["input", "output"] {
+        if let Some(obj) = sub_object(&map, section)? {
+            for key in ["voltage", "frequency_hz", "current_a"] {
+                number(obj, &format!("{section}."), key)?;
+            }
+        }
+    }
+    match map.get("alarms") {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(items)) if items.iter().all(Value::is_string) => {}
+        Some(_) => return Err("alarms must be an array of strings".into()),
+    }
+    Ok((
+        TelemetrySummary {
+            ts,
+            mode,
+            load_pct,
+            battery_charge_pct,
+        },
+        map,
+    ))
+}
+
+/// Validates a location: `lat` in -90..90 and `lon` in -180..180 required, `accuracy_m` ≥ 0.
+pub fn parse_location(payload: &[u8]) -> Result<LocationPayload, String> {
+    let map = object(payload)?;
+    let lat = number(&map, "", "lat")?.ok_or("lat is required")?;
+    let lon = number(&map, "", "lon")?.ok_or("lon is required")?;
+    if !(-90.0..=90.0).contains(&lat) {
+        return Err(format!("lat {lat} is outside -90..90"));
+    }
+    if !(-180.0..=180.0).contains(&lon) {
+        return Err(format!("lon {lon} is outside -180..180"));
+    }
+    let accuracy_m = number(&map, "", "accuracy_m")?;
+    if accuracy_m.is_some_and(|a| a < 0.0) {
+        return Err("accuracy_m must not be negative".into());
+    }
+    Ok(LocationPayload { lat, lon, accuracy_m })
+}
+
+/// `system_name` and `firmware` of an info object.
+pub(crate) fn parse_info(payload: &[u8]) -> Result<(Option<String>, Option<String>), String> {
+    let map = object(payload)?;
+    Ok((string(&map, "system_name")?, string(&map, "firmware")?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn telemetry_keeps_unknown_fields_and_names_bad_ones() {
+        let (s, map) = parse_telemetry(
+            br#"{"ts":"2026-11-28T10:00:00Z","mode":"on_battery","load_pct":41.5,"battery":{"charge_pct":97},"vendor_x":1}"#,
+        )
+        .unwrap();
+        assert_eq!(s.ts, Some(1_795_860_000_000));
+        assert_eq!(s.mode.as_deref(), Some("on_battery"));
+        assert_eq!((s.load_pct, s.battery_charge_pct), (Some(41.5), Some(97.0)));
+        assert!(map.contains_key("vendor_x"));
+        assert_eq!(parse_telemetry(br#"{"ts":1700000000123}"#).unwrap().0.ts, Some(1_700_000_000_123));
+        assert!(parse_telemetry(b"{}").is_ok());
+
+        for (bad, field) in [
+            (&br#"{"load_pct":"high"}"#[..], "load_pct"),
+            (br#"{"battery":{"voltage":"x"}}"#, "battery.voltage"),
+            (br#"{"ts":"yesterday"}"#, "ts"),
+            (br#"{"alarms":[1]}"#, "alarms"),
+            (br#"[1,2]"#, "JSON object"),
+            (b"{not json", "not valid JSON"),
+        ] {
+            let err = parse_telemetry(bad).unwrap_err();
+            assert!(err.contains(field), "{err:?} should name {field}");
+        }
+    }
+
+    #[test]
+    fn location_ranges_are_checked() {
+        assert_eq!(
+            parse_location(br#"{"lat":29.76,"lon":-95.37}"#).unwrap(),
+            LocationPayload { lat: 29.76, lon: -95.37, accuracy_m: None }
+        );
+        assert!(parse_location(br#"{"lat":91,"lon":0}"#).unwrap_err().contains("lat"));
+        assert!(parse_location(br#"{"lat":0,"lon":-181}"#).unwrap_err().contains("lon"));
+        assert!(parse_location(br#"{"lat":0}"#).unwrap_err().contains("lon is required"));
+    }
+}
