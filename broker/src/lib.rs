@@ -228,8 +228,9 @@ pub struct Broker {
     permits: Arc<Semaphore>,
 }
 
-/// Client id of the broker's own router link; `$` cannot appear in a device serial.
-const INTERNAL_CLIENT_ID: &str = "$tms-internal";
+/// Client id of the broker's own router link; `:` cannot appear in a device serial (and
+/// rumqttd refuses `$`, `+`, `#` and `/`).
+const INTERNAL_CLIENT_ID: &str = "tms:internal";
 
 impl Broker {
     /// Starts rumqttd's router thread and the broker's own link to it.

@@ -1,1 +1,9 @@
-//! placeholder
+//! The `tms-gateway` program as a library: [`App`] builds every part from a [`Config`] and
+//! supervises them; the binary's `main` only parses the command line. Tests drive the same
+//! `App` in-process when they need to reach inside (e.g. to slow the store down).
+
+mod app;
+mod revocation;
+
+pub use app::{App, PortsFile, open_parts};
+pub use tms_config::Config;

@@ -100,4 +100,19 @@ impl Store {
             .collect::<Result<_, sqlx::Error>>()
             .map_err(query_err("listing revoked certificates"))
     }
+
+    /// A cheap fingerprint of the revocation list: `(count, newest revocation time)`. Pollers
+    /// reload the full list only when it changes.
+    pub async fn revocation_marker(&self) -> Result<(i64, i64)> {
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS n, COALESCE(MAX(revoked_at), 0) AS newest FROM certificates WHERE revoked_at IS NOT NULL",
+        )
+        .fetch_one(self.pool())
+        .await
+        .map_err(query_err("reading the revocation marker"))?;
+        Ok((
+            row.try_get("n").map_err(query_err("reading the revocation marker"))?,
+            row.try_get("newest").map_err(query_err("reading the revocation marker"))?,
+        ))
+    }
 }

@@ -319,6 +319,22 @@ impl Store {
             .map_err(query_err("decoding devices"))
     }
 
+    /// Marks every device this node still shows online as offline: on start-up, those
+    /// sessions belong to an earlier process that ended without saying so.
+    pub async fn end_stale_sessions(&self, node_id: &str, at: i64, reason: &str) -> Result<u64> {
+        let done = sqlx::query(
+            "UPDATE device_status SET state = 'offline', since = $1, last_disconnect_reason = $2 \
+             WHERE state = 'online' AND node_id = $3",
+        )
+        .bind(at)
+        .bind(reason)
+        .bind(node_id)
+        .execute(self.pool())
+        .await
+        .map_err(query_err("ending stale sessions"))?;
+        Ok(done.rows_affected())
+    }
+
     /// Newest first, at most `limit` rows.
     pub async fn telemetry(&self, serial: &str, limit: i64) -> Result<Vec<TelemetryRecord>> {
         let rows = sqlx::query(

@@ -1,0 +1,103 @@
+//! Certificate issuance for a registered device — the "Generate Certificate" workflow shared
+//! by the HTTP API and `tms-gateway device cert`.
+
+use std::sync::Arc;
+
+use time::{Date, Month, OffsetDateTime, Time};
+use tms_certs::{Ca, CertError, DeviceKey, IssuedCert};
+use tms_model::DeviceSerial;
+use tms_store::{CertificateRecord, DeviceRecord, Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProvisioningError {
+    #[error("device {0} is not registered")]
+    UnknownDevice(String),
+    #[error("device {serial} has an unreadable start date {start_date:?}")]
+    StartDate { serial: String, start_date: String },
+    #[error("the lease of device {serial} ended on {lease_end}; renew it before issuing a certificate")]
+    LeaseEnded { serial: String, lease_end: Date },
+    #[error(transparent)]
+    Cert(#[from] CertError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the signing task failed")]
+    Task(#[source] tokio::task::JoinError),
+}
+
+/// Parses `YYYY-MM-DD`.
+pub fn parse_date(s: &str) -> Option<Date> {
+    let format = time::macros::format_description!("[year]-[month]-[day]");
+    Date::parse(s, &format).ok()
+}
+
+/// The day the lease ends: start date plus `months`, clamped to the month's last day.
+pub fn lease_end(start: Date, months: i64) -> Date {
+    let total = i64::from(start.year()) * 12 + i64::from(u8::from(start.month()) - 1) + months;
+    let year = i32::try_from(total.div_euclid(12)).unwrap_or(9999).min(9999);
+    let month = Month::try_from(u8::try_from(total.rem_euclid(12) + 1).unwrap_or(1)).unwrap_or(Month::January);
+    let last_day = time::util::days_in_month(month, year);
+    Date::from_calendar_date(year, month, start.day().min(last_day)).unwrap_or(start)
+}
+
+/// When a certificate for this device must stop being valid: the end of its lease (UTC).
+pub fn lease_not_after(device: &DeviceRecord) -> Result<OffsetDateTime, ProvisioningError> {
+    let start = parse_date(&device.start_date).ok_or_else(|| ProvisioningError::StartDate {
+        serial: device.serial.clone(),
+        start_date: device.start_date.clone(),
+    })?;
+    Ok(lease_end(start, device.lease_months).with_time(Time::MIDNIGHT).assume_utc())
+}
+
+/// Issues a certificate for a registered device and records it (never its private key).
+pub async fn issue_device_certificate(
+    store: &Store,
+    ca: Arc<Ca>,
+    serial: &DeviceSerial,
+    key: DeviceKey,
+    now: OffsetDateTime,
+) -> Result<IssuedCert, ProvisioningError> {
+    let device = store
+        .device(serial.as_str())
+        .await?
+        .ok_or_else(|| ProvisioningError::UnknownDevice(serial.to_string()))?
+        .device;
+    let not_after = lease_not_after(&device)?;
+    if not_after <= now {
+        return Err(ProvisioningError::LeaseEnded {
+            serial: serial.to_string(),
+            lease_end: not_after.date(),
+        });
+    }
+    let owned_serial = serial.clone();
+    let issued = tokio::task::spawn_blocking(move || ca.issue_device(&owned_serial, key, now, not_after))
+        .await
+        .map_err(ProvisioningError::Task)??;
+    store
+        .add_certificate(&CertificateRecord {
+            serial_number: issued.serial_number.clone(),
+            device_serial: serial.to_string(),
+            sha256_fingerprint: issued.sha256_fingerprint.clone(),
+            not_before: issued.not_before.unix_timestamp() * 1000,
+            not_after: issued.not_after.unix_timestamp() * 1000,
+            issued_at: now.unix_timestamp() * 1000,
+            revoked_at: None,
+            revocation_reason: None,
+        })
+        .await?;
+    metrics::counter!("tms_certs_issued_total").increment(1);
+    Ok(issued)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::date;
+
+    #[test]
+    fn lease_end_adds_calendar_months() {
+        assert_eq!(lease_end(date!(2026 - 12 - 01), 12), date!(2027 - 12 - 01));
+        assert_eq!(lease_end(date!(2026 - 01 - 31), 1), date!(2026 - 02 - 28));
+        assert_eq!(lease_end(date!(2026 - 11 - 15), 14), date!(2028 - 01 - 15));
+        assert_eq!(parse_date("2026-02-30"), None);
+    }
+}

@@ -1,0 +1,254 @@
+//! Builds the parts from the configuration, runs them, and stops them in order:
+//! listeners stop -> sessions report their disconnects -> ingest drains -> store closes.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{Context, Result, anyhow};
+use arc_swap::ArcSwap;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tms_broker::{Broker, BrokerSettings, RevokedSet};
+use tms_certs::Ca;
+use tms_config::Config;
+use tms_ingest::{Ingest, IngestSettings};
+use tms_store::Store;
+
+use crate::revocation;
+
+/// `<data_dir>/ports.json`: where the listeners actually are (port 0 picks one).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PortsFile {
+    pub mqtt: SocketAddr,
+    pub http: SocketAddr,
+}
+
+/// A fully built gateway, listening but not yet serving.
+pub struct App {
+    config: Config,
+    store: Store,
+    ca: Arc<Ca>,
+    broker: Arc<Broker>,
+    revoked: RevokedSet,
+    ingest: Ingest,
+    mqtt: TcpListener,
+    http: TcpListener,
+    ports: PortsFile,
+}
+
+/// Opens the store and loads (or creates) the CA: what every command needs.
+pub async fn open_parts(config: &Config) -> Result<(Store, Arc<Ca>)> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+    let store = Store::open(&config.database_url)
+        .await
+        .with_context(|| format!("opening the store at {}", tms_config::redact_url(&config.database_url)))?;
+    let ca_dir = config.data_dir.join("ca");
+    let (ca, created) = tokio::task::spawn_blocking(move || Ca::load_or_create(&ca_dir, OffsetDateTime::now_utc()))
+        .await
+        .context("CA task")?
+        .context("loading the CA")?;
+    if created {
+        tracing::info!(fingerprint = %ca.info().sha256_fingerprint, "created a new CA");
+    }
+    Ok((store, Arc::new(ca)))
+}
+
+fn node_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "gateway".into())
+}
+
+impl App {
+    pub async fn build(config: Config) -> Result<App> {
+        let (store, ca) = open_parts(&config).await?;
+        let now = OffsetDateTime::now_utc();
+        let (server, reissued) = ca
+            .ensure_server_cert(&config.data_dir.join("server"), &config.mqtt.hostnames, now)
+            .context("preparing the broker's server certificate")?;
+        if reissued {
+            tracing::info!(hostnames = ?config.mqtt.hostnames, "issued the broker's server certificate");
+        }
+        let chain = tms_certs::parse_certificates(&server.cert_pem).context("reading server.pem")?;
+        let key = tms_certs::parse_private_key(&server.key_pem).context("reading server.key")?;
+
+        let revoked: RevokedSet = Arc::new(ArcSwap::from_pointee(Default::default()));
+        revocation::reload(&store, &revoked).await.context("loading revocations")?;
+        let tls = tms_broker::server_config(ca.cert_der(), chain, key, revoked.clone())
+            .context("building the TLS configuration")?;
+
+        let node_id = node_id();
+        let mut boot = [0u8; 4];
+        rand::fill(&mut boot);
+        let boot_id = hex::encode(boot);
+        // Before anyone can connect: sessions an earlier process left "online" are over.
+        let ended = store
+            .end_stale_sessions(&node_id, tms_model::now_ms(), "gateway_restart")
+            .await
+            .context("ending sessions of an earlier run")?;
+        if ended > 0 {
+            tracing::info!(devices = ended, "marked devices of an earlier run offline (gateway_restart)");
+        }
+
+        let (events_tx, events_rx) = mpsc::channel(config.ingest.queue_capacity);
+        let broker = Broker::new(
+            BrokerSettings {
+                max_connections: config.mqtt.max_connections,
+                handshake_timeout: config.mqtt.handshake_timeout,
+                max_packet_bytes: config.mqtt.max_packet_bytes,
+                offline_after: config.presence.offline_after,
+                node_id: node_id.clone(),
+                boot_id,
+            },
+            tls,
+            events_tx,
+        )
+        .context("starting the broker")?;
+        let ingest = Ingest::new(
+            store.clone(),
+            events_rx,
+            IngestSettings {
+                batch_max_rows: config.ingest.batch_max_rows,
+                flush_interval: config.ingest.flush_interval,
+                node_id,
+            },
+        );
+
+        let mqtt = TcpListener::bind(config.mqtt.listen)
+            .await
+            .with_context(|| format!("binding mqtt.listen {}", config.mqtt.listen))?;
+        let http = TcpListener::bind(config.http.listen)
+            .await
+            .with_context(|| format!("binding http.listen {}", config.http.listen))?;
+        let ports = PortsFile {
+            mqtt: mqtt.local_addr().context("mqtt address")?,
+            http: http.local_addr().context("http address")?,
+        };
+        write_ports(&config.ports_file(), &ports)?;
+        tracing::info!(mqtt = %ports.mqtt, http = %ports.http, data_dir = %config.data_dir.display(), "listening");
+        Ok(App {
+            config,
+            store,
+            ca,
+            broker,
+            revoked,
+            ingest,
+            mqtt,
+            http,
+            ports,
+        })
+    }
+
+    pub fn ports(&self) -> &PortsFile {
+        &self.ports
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Serves until `shutdown` is cancelled or a part fails, then stops everything in order.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
+        let App {
+            store,
+            ca,
+            broker,
+            revoked,
+            ingest,
+            mqtt,
+            http,
+            ..
+        } = self;
+        let stop = shutdown.child_token();
+        let drain = CancellationToken::new();
+        let listening = Arc::new(AtomicBool::new(true));
+
+        let mut broker_task = tokio::spawn(broker.clone().run(mqtt, stop.clone()));
+        let mut ingest_task = tokio::spawn(ingest.run(drain.clone()));
+        let api = tms_api::router(tms_api::ApiState {
+            store: store.clone(),
+            ca,
+            broker_listening: listening.clone(),
+        });
+        let http_stop = stop.clone();
+        let mut http_task: JoinHandle<std::io::Result<()>> = tokio::spawn(async move {
+            axum::serve(http, api)
+                .with_graceful_shutdown(http_stop.cancelled_owned())
+                .await
+        });
+        let mut revocation_task = tokio::spawn(revocation::watch(store.clone(), revoked, broker.clone(), stop.clone()));
+
+        // The first part to end (other than by shutdown) stops the others and is reported.
+        let mut failure: Option<anyhow::Error> = None;
+        let mut broker_done = None;
+        let mut http_done = None;
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            r = &mut broker_task => {
+                failure = Some(part_failed("broker", r.map(|r| r.map_err(anyhow::Error::from))));
+                broker_done = Some(());
+            }
+            r = &mut http_task => {
+                failure = Some(part_failed("http", r.map(|r| r.map_err(anyhow::Error::from))));
+                http_done = Some(());
+            }
+            r = &mut ingest_task => failure = Some(part_failed("ingest", r.map(|()| Ok(())))),
+            r = &mut revocation_task => failure = Some(part_failed("revocation", r.map(|()| Ok(())))),
+        }
+        stop.cancel();
+        listening.store(false, Ordering::Relaxed);
+        if broker_done.is_none()
+            && let Ok(Err(e)) = broker_task.await
+        {
+            tracing::error!(error = %e, "broker stopped with an error");
+        }
+        if http_done.is_none()
+            && let Ok(Err(e)) = http_task.await
+        {
+            tracing::error!(error = %e, "http stopped with an error");
+        }
+        revocation_task.abort();
+        drop(broker);
+        // Every session has reported its disconnect; now write everything that is queued.
+        drain.cancel();
+        if !ingest_task.is_finished() || failure.is_none() {
+            let _ = ingest_task.await;
+        }
+        store.close().await;
+        tracing::info!("stopped");
+        match failure {
+            Some(e) if !shutdown.is_cancelled() => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn part_failed(name: &str, r: Result<Result<()>, tokio::task::JoinError>) -> anyhow::Error {
+    let e = match r {
+        Ok(Ok(())) => anyhow!("{name} stopped unexpectedly"),
+        Ok(Err(e)) => e.context(format!("{name} failed")),
+        Err(join) => anyhow!(join).context(format!("{name} panicked")),
+    };
+    tracing::error!(part = name, error = format!("{e:#}"), "a part of the gateway stopped; shutting down");
+    e
+}
+
+fn write_ports(path: &Path, ports: &PortsFile) -> Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    let text = serde_json::to_string(ports).context("encoding ports.json")?;
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+}

@@ -1,0 +1,433 @@
+//! The command line (CONTRACT §1).
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+use tms_api::{auth, provisioning, views};
+use tms_certs::DeviceKey;
+use tms_config::Config;
+use tms_gateway::{App, open_parts};
+use tms_model::{ConnState, DeviceSerial, Mac};
+use tms_store::{DeviceFilter, NewDevice, NewUser};
+
+#[derive(Debug, Parser)]
+#[command(name = "tms-gateway", version, about = "Secure MQTT gateway and device registry for Toshiba RemotEye 4 UPS cards")]
+pub struct Args {
+    /// TOML configuration file; TMS_* environment variables override it.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the broker (8883, mutual TLS), ingest and the HTTP API in one process.
+    Serve,
+    /// Staff accounts.
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
+    },
+    /// Devices: provisioning, fleet view, certificates.
+    Device {
+        #[command(subcommand)]
+        command: DeviceCommand,
+    },
+    /// The built-in certificate authority.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    /// Create an active staff account; prints a generated password unless --password-stdin.
+    Add {
+        #[arg(long)]
+        email: String,
+        #[arg(long, value_enum)]
+        role: StaffRole,
+        /// Read the password from the first line of standard input.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum StaffRole {
+    Admin,
+    Provider,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeviceCommand {
+    /// Register a device for a company (created if new), without a customer account.
+    Add {
+        #[arg(long)]
+        serial: String,
+        #[arg(long)]
+        mac: String,
+        #[arg(long)]
+        company: String,
+        #[arg(long, default_value_t = 12)]
+        lease_months: i64,
+        /// Lease start, YYYY-MM-DD; today when omitted.
+        #[arg(long)]
+        start_date: Option<String>,
+        #[arg(long, default_value = "RemotEye 4")]
+        device_type: String,
+        #[arg(long)]
+        ups_model: Option<String>,
+        #[arg(long)]
+        ups_model_number: Option<String>,
+        #[arg(long)]
+        ups_serial: Option<String>,
+    },
+    /// The fleet with connection status.
+    List {
+        #[arg(long)]
+        json: bool,
+        /// Only devices in this state.
+        #[arg(long, value_parser = ["online", "offline", "never_connected"])]
+        state: Option<String>,
+        /// Search serial, company, UPS model and UPS serial.
+        #[arg(long)]
+        q: Option<String>,
+    },
+    /// One device: registration, status, location, certificates, refused attempts.
+    Show {
+        serial: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Issue a certificate: writes <SERIAL>.key (not with --csr), <SERIAL>.pem and ca.pem.
+    Cert {
+        serial: String,
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Sign this PEM certificate signing request instead of generating a key.
+        #[arg(long, value_name = "FILE")]
+        csr: Option<PathBuf>,
+    },
+    /// Revoke every valid certificate of the device; a running gateway closes its session.
+    Revoke { serial: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Subject, SHA-256 fingerprint and validity of the CA certificate.
+    Show,
+}
+
+/// Bad input on the command line: exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+fn usage(msg: impl Into<String>) -> anyhow::Error {
+    UsageError(msg.into()).into()
+}
+
+pub fn init_logging(command: &Command) {
+    let default = match command {
+        // rumqttd opens an error-level span per publish: off unless asked for.
+        Command::Serve => "info,rumqttd=off,rustls=error",
+        _ => "warn,rumqttd=off,rustls=error",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+pub async fn run(command: Command, config: Config) -> Result<()> {
+    match command {
+        Command::Serve => serve(config).await,
+        Command::User { command: UserCommand::Add { email, role, password_stdin } } => {
+            user_add(config, email, role, password_stdin).await
+        }
+        Command::Device { command } => device(config, command).await,
+        Command::Ca { command: CaCommand::Show } => {
+            let (_, ca) = open_parts(&config).await?;
+            let info = ca.info();
+            println!("subject:      {}", info.subject);
+            println!("sha256:       {}", colon_hex(&info.sha256_fingerprint));
+            println!("not before:   {}", views::time(Some(info.not_before.unix_timestamp() * 1000)).as_str().unwrap_or("?"));
+            println!("not after:    {}", views::time(Some(info.not_after.unix_timestamp() * 1000)).as_str().unwrap_or("?"));
+            println!("certificate:  {}", config.data_dir.join("ca/ca.pem").display());
+            Ok(())
+        }
+    }
+}
+
+fn colon_hex(hex: &str) -> String {
+    hex.as_bytes()
+        .chunks(2)
+        .map(|c| String::from_utf8_lossy(c).to_uppercase())
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+async fn serve(config: Config) -> Result<()> {
+    let app = App::build(config).await?;
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        signal.cancel();
+    });
+    app.run(shutdown).await
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the gateway");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn user_add(config: Config, email: String, role: StaffRole, password_stdin: bool) -> Result<()> {
+    if !email.contains('@') || email.starts_with('@') || email.ends_with('@') {
+        return Err(usage(format!("--email {email:?} is not an email address")));
+    }
+    let (password, generated) = if password_stdin {
+        let mut line = String::new();
+        std::io::stdin().lock().read_line(&mut line).context("reading the password from stdin")?;
+        let password = line.trim_end_matches(['\r', '\n']).to_owned();
+        if password.chars().count() < 10 {
+            return Err(usage("the password must have at least 10 characters"));
+        }
+        (password, false)
+    } else {
+        (auth::generate_password(), true)
+    };
+    let (store, _) = open_parts(&config).await?;
+    let hash = tokio::task::spawn_blocking(move || auth::hash_password(&password).map(|h| (h, password)))
+        .await
+        .context("hashing task")??;
+    let role_name = match role {
+        StaffRole::Admin => "admin",
+        StaffRole::Provider => "provider",
+    };
+    let id = store
+        .add_user(
+            &NewUser {
+                email: email.clone(),
+                role: role_name.into(),
+                password_hash: hash.0,
+                first_name: None,
+                last_name: None,
+                phone: None,
+                company_id: None,
+                active: true,
+                must_change_password: false,
+            },
+            tms_model::now_ms(),
+        )
+        .await
+        .with_context(|| format!("creating account {email}"))?;
+    println!("created {role_name} account {email} (id {id})");
+    if generated {
+        println!("password: {}", hash.1);
+        println!("(shown once; it is stored only as an argon2id hash)");
+    }
+    store.close().await;
+    Ok(())
+}
+
+fn serial_arg(s: &str) -> Result<DeviceSerial> {
+    DeviceSerial::parse(s).map_err(|e| usage(e.to_string()))
+}
+
+async fn device(config: Config, command: DeviceCommand) -> Result<()> {
+    match command {
+        DeviceCommand::Add {
+            serial,
+            mac,
+            company,
+            lease_months,
+            start_date,
+            device_type,
+            ups_model,
+            ups_model_number,
+            ups_serial,
+        } => {
+            let serial = serial_arg(&serial)?;
+            let mac = Mac::parse(&mac).map_err(|e| usage(e.to_string()))?;
+            if company.trim().is_empty() {
+                return Err(usage("--company must not be empty"));
+            }
+            if !(1..=120).contains(&lease_months) {
+                return Err(usage(format!("--lease-months {lease_months} must be between 1 and 120")));
+            }
+            let start_date = match start_date {
+                Some(d) => {
+                    provisioning::parse_date(&d).ok_or_else(|| usage(format!("--start-date {d:?} is not a date (YYYY-MM-DD)")))?;
+                    d
+                }
+                None => OffsetDateTime::now_utc().date().to_string(),
+            };
+            let (store, _) = open_parts(&config).await?;
+            store
+                .add_device(
+                    &NewDevice {
+                        serial: serial.clone(),
+                        mac,
+                        company: company.trim().to_owned(),
+                        device_type,
+                        lease_months,
+                        start_date,
+                        ups_model,
+                        ups_model_number,
+                        ups_serial,
+                        ups_ship_date: None,
+                        sales_order: None,
+                        service_contract_sales_order: None,
+                        registered_by: None,
+                    },
+                    tms_model::now_ms(),
+                )
+                .await
+                .with_context(|| format!("registering device {serial}"))?;
+            println!("registered device {serial} ({mac}) for {company}");
+            store.close().await;
+            Ok(())
+        }
+        DeviceCommand::List { json, state, q } => {
+            let (store, _) = open_parts(&config).await?;
+            let filter = DeviceFilter {
+                q,
+                state: state.as_deref().and_then(ConnState::parse),
+                ..Default::default()
+            };
+            let devices = store.devices(&filter).await.context("listing devices")?;
+            if json {
+                let list: Vec<_> = devices.iter().map(views::device).collect();
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                println!("{:<20} {:<16} {:<26} {:<24} {:<12} {}", "SERIAL", "STATE", "SINCE", "COMPANY", "UPS MODEL", "LAST ERROR");
+                for d in &devices {
+                    let since = views::time(d.status.since);
+                    println!(
+                        "{:<20} {:<16} {:<26} {:<24} {:<12} {}",
+                        d.device.serial,
+                        d.status.state.as_str(),
+                        since.as_str().unwrap_or("-"),
+                        d.device.company,
+                        d.device.ups_model.as_deref().unwrap_or("-"),
+                        d.status.last_connect_error.as_deref().unwrap_or("-"),
+                    );
+                }
+                println!("{} device(s)", devices.len());
+            }
+            store.close().await;
+            Ok(())
+        }
+        DeviceCommand::Show { serial, json } => {
+            let serial = serial_arg(&serial)?;
+            let (store, _) = open_parts(&config).await?;
+            let Some(view) = store.device(serial.as_str()).await? else {
+                bail!("device {serial} is not registered");
+            };
+            let location = store.location(serial.as_str()).await?;
+            let certificates = store.certificates_of(serial.as_str()).await?;
+            let refusals = store.refusals(serial.as_str(), 10).await?;
+            let detail = views::device_detail(&view, location.as_ref(), &certificates, &refusals);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&detail)?);
+            } else {
+                print_tree(&detail, "");
+            }
+            store.close().await;
+            Ok(())
+        }
+        DeviceCommand::Cert { serial, out, csr } => {
+            let serial = serial_arg(&serial)?;
+            let key = match &csr {
+                Some(path) => DeviceKey::Csr(
+                    std::fs::read_to_string(path).with_context(|| format!("reading CSR {}", path.display()))?,
+                ),
+                None => DeviceKey::Generate,
+            };
+            let (store, ca) = open_parts(&config).await?;
+            let issued = provisioning::issue_device_certificate(&store, ca.clone(), &serial, key, OffsetDateTime::now_utc())
+                .await
+                .with_context(|| format!("issuing a certificate for {serial}"))?;
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            if let Some(key_pem) = &issued.private_key_pem {
+                write_private(&out.join(format!("{serial}.key")), key_pem)?;
+            }
+            let chain = format!("{}{}", issued.certificate_pem, ca.cert_pem());
+            std::fs::write(out.join(format!("{serial}.pem")), chain).context("writing the certificate")?;
+            std::fs::write(out.join("ca.pem"), ca.cert_pem()).context("writing ca.pem")?;
+            println!("issued certificate {} for {serial}", issued.serial_number);
+            println!("valid until {}", views::time(Some(issued.not_after.unix_timestamp() * 1000)).as_str().unwrap_or("?"));
+            println!("files in {}: {}{}.pem, ca.pem", out.display(), if issued.private_key_pem.is_some() { format!("{serial}.key, ") } else { String::new() }, serial);
+            store.close().await;
+            Ok(())
+        }
+        DeviceCommand::Revoke { serial } => {
+            let serial = serial_arg(&serial)?;
+            let (store, _) = open_parts(&config).await?;
+            if store.device(serial.as_str()).await?.is_none() {
+                bail!("device {serial} is not registered");
+            }
+            let revoked = store
+                .revoke_device_certificates(serial.as_str(), "operator", tms_model::now_ms())
+                .await?;
+            println!("revoked {} certificate(s) of {serial}", revoked.len());
+            store.close().await;
+            Ok(())
+        }
+    }
+}
+
+/// Writes a private key readable by its owner only.
+fn write_private(path: &Path, contents: &str) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(contents.as_bytes()).with_context(|| format!("writing {}", path.display()))
+}
+
+fn print_tree(v: &serde_json::Value, indent: &str) {
+    if let serde_json::Value::Object(map) = v {
+        for (k, v) in map {
+            match v {
+                serde_json::Value::Object(_) => {
+                    println!("{indent}{k}:");
+                    print_tree(v, &format!("{indent}  "));
+                }
+                serde_json::Value::Array(items) => {
+                    println!("{indent}{k}: ({})", items.len());
+                    for item in items {
+                        print_tree(item, &format!("{indent}  - "));
+                    }
+                }
+                serde_json::Value::Null => println!("{indent}{k}: -"),
+                serde_json::Value::String(s) => println!("{indent}{k}: {s}"),
+                other => println!("{indent}{k}: {other}"),
+            }
+        }
+    }
+}
