@@ -1,7 +1,9 @@
 //! Passwords: argon2id hashes (PHC strings), generated temporary passwords.
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString, rand_core::OsRng};
 use argon2::Argon2;
+use argon2::password_hash::{
+    PasswordHash, PasswordHasher, PasswordVerifier, SaltString, rand_core::OsRng,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
@@ -24,7 +26,9 @@ pub fn hash_password(password: &str) -> Result<String, AuthError> {
 /// Checks a password against a stored PHC hash in constant time.
 pub fn verify_password(password: &str, stored: &str) -> Result<bool, AuthError> {
     let parsed = PasswordHash::new(stored).map_err(AuthError::StoredHash)?;
-    Ok(Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok())
+    Ok(Argon2::default()
+        .verify_password(password.as_bytes(), &parsed)
+        .is_ok())
 }
 
 /// A random password of 20 characters from an alphabet without look-alikes (0/O, 1/l/I).

@@ -74,7 +74,11 @@ async fn readyz(State(s): State<ApiState>) -> Response {
 }
 
 async fn ca_pem(State(s): State<ApiState>) -> Response {
-    ([(header::CONTENT_TYPE, "application/x-pem-file")], s.ca.cert_pem().to_owned()).into_response()
+    (
+        [(header::CONTENT_TYPE, "application/x-pem-file")],
+        s.ca.cert_pem().to_owned(),
+    )
+        .into_response()
 }
 
 async fn crl_pem(State(s): State<ApiState>) -> Result<Response, ApiError> {
@@ -87,7 +91,8 @@ async fn crl_pem(State(s): State<ApiState>) -> Result<Response, ApiError> {
         .into_iter()
         .map(|(serial_number, at)| Revoked {
             serial_number,
-            revoked_at: OffsetDateTime::from_unix_timestamp(at / 1000).unwrap_or(OffsetDateTime::UNIX_EPOCH),
+            revoked_at: OffsetDateTime::from_unix_timestamp(at / 1000)
+                .unwrap_or(OffsetDateTime::UNIX_EPOCH),
         })
         .collect();
     let now = OffsetDateTime::now_utc();

@@ -14,7 +14,9 @@ pub enum ProvisioningError {
     UnknownDevice(String),
     #[error("device {serial} has an unreadable start date {start_date:?}")]
     StartDate { serial: String, start_date: String },
-    #[error("the lease of device {serial} ended on {lease_end}; renew it before issuing a certificate")]
+    #[error(
+        "the lease of device {serial} ended on {lease_end}; renew it before issuing a certificate"
+    )]
     LeaseEnded { serial: String, lease_end: Date },
     #[error(transparent)]
     Cert(#[from] CertError),
@@ -33,8 +35,11 @@ pub fn parse_date(s: &str) -> Option<Date> {
 /// The day the lease ends: start date plus `months`, clamped to the month's last day.
 pub fn lease_end(start: Date, months: i64) -> Date {
     let total = i64::from(start.year()) * 12 + i64::from(u8::from(start.month()) - 1) + months;
-    let year = i32::try_from(total.div_euclid(12)).unwrap_or(9999).min(9999);
-    let month = Month::try_from(u8::try_from(total.rem_euclid(12) + 1).unwrap_or(1)).unwrap_or(Month::January);
+    let year = i32::try_from(total.div_euclid(12))
+        .unwrap_or(9999)
+        .min(9999);
+    let month = Month::try_from(u8::try_from(total.rem_euclid(12) + 1).unwrap_or(1))
+        .unwrap_or(Month::January);
     let last_day = time::util::days_in_month(month, year);
     Date::from_calendar_date(year, month, start.day().min(last_day)).unwrap_or(start)
 }
@@ -45,7 +50,9 @@ pub fn lease_not_after(device: &DeviceRecord) -> Result<OffsetDateTime, Provisio
         serial: device.serial.clone(),
         start_date: device.start_date.clone(),
     })?;
-    Ok(lease_end(start, device.lease_months).with_time(Time::MIDNIGHT).assume_utc())
+    Ok(lease_end(start, device.lease_months)
+        .with_time(Time::MIDNIGHT)
+        .assume_utc())
 }
 
 /// Issues a certificate for a registered device and records it (never its private key).
@@ -69,9 +76,10 @@ pub async fn issue_device_certificate(
         });
     }
     let owned_serial = serial.clone();
-    let issued = tokio::task::spawn_blocking(move || ca.issue_device(&owned_serial, key, now, not_after))
-        .await
-        .map_err(ProvisioningError::Task)??;
+    let issued =
+        tokio::task::spawn_blocking(move || ca.issue_device(&owned_serial, key, now, not_after))
+            .await
+            .map_err(ProvisioningError::Task)??;
     store
         .add_certificate(&CertificateRecord {
             serial_number: issued.serial_number.clone(),

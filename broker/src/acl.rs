@@ -53,15 +53,40 @@ mod tests {
     #[test]
     fn a_device_stays_inside_its_own_topics() {
         let s = DeviceSerial::parse("RE4A1").unwrap();
-        assert_eq!(publish_kind(&s, b"tms/RE4A1/telemetry"), Some(TopicKind::Telemetry));
-        assert_eq!(publish_kind(&s, b"tms/RE4A1/status"), Some(TopicKind::Status));
-        for bad in [&b"tms/RE4A2/telemetry"[..], b"tms/RE4A1/telemetry/x", b"tms/RE4A1/cmd/x", b"tms/RE4A1", b"tms/RE4A12/info", b"x/tms/RE4A1/info"] {
-            assert_eq!(publish_kind(&s, bad), None, "{}", String::from_utf8_lossy(bad));
+        assert_eq!(
+            publish_kind(&s, b"tms/RE4A1/telemetry"),
+            Some(TopicKind::Telemetry)
+        );
+        assert_eq!(
+            publish_kind(&s, b"tms/RE4A1/status"),
+            Some(TopicKind::Status)
+        );
+        for bad in [
+            &b"tms/RE4A2/telemetry"[..],
+            b"tms/RE4A1/telemetry/x",
+            b"tms/RE4A1/cmd/x",
+            b"tms/RE4A1",
+            b"tms/RE4A12/info",
+            b"x/tms/RE4A1/info",
+        ] {
+            assert_eq!(
+                publish_kind(&s, bad),
+                None,
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
         assert!(may_subscribe(&s, "tms/RE4A1/cmd/#"));
         assert!(may_subscribe(&s, "tms/RE4A1/cmd/reboot"));
         assert!(may_subscribe(&s, "tms/RE4A1/cmd"));
-        for bad in ["tms/#", "tms/+/cmd/#", "tms/RE4A1/#", "tms/RE4A1/cmdx", "tms/RE4A2/cmd/#", "#"] {
+        for bad in [
+            "tms/#",
+            "tms/+/cmd/#",
+            "tms/RE4A1/#",
+            "tms/RE4A1/cmdx",
+            "tms/RE4A2/cmd/#",
+            "#",
+        ] {
             assert!(!may_subscribe(&s, bad), "{bad}");
         }
     }

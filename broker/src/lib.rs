@@ -31,11 +31,11 @@ use bytes::Bytes;
 use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
 use rumqttd::{Notification, Router, RouterConfig};
 use rustls::ServerConfig;
+use tms_model::DeviceSerial;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tms_model::DeviceSerial;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -44,7 +44,7 @@ pub enum BrokerError {
     #[error("building the client certificate verifier: {0}")]
     Verifier(String),
     #[error("creating the in-process router link")]
-    Link(#[source] LinkError),
+    Link(#[source] Box<LinkError>),
     #[error("accepting connections on {addr}")]
     Accept {
         addr: SocketAddr,
@@ -212,7 +212,10 @@ pub(crate) struct LinkRequest {
     pub clean_session: bool,
 }
 
-type MakeLink = Box<dyn Fn(LinkRequest) -> Result<(LinkTx, LinkRx, Notification), LinkError> + Send + Sync>;
+/// rumqttd's `LinkError` is over 800 bytes (it embeds a router event): boxed to keep
+/// `Result`s small.
+type LinkResult = Result<(LinkTx, LinkRx, Notification), Box<LinkError>>;
+type MakeLink = Box<dyn Fn(LinkRequest) -> LinkResult + Send + Sync>;
 
 /// The broker. Build it with [`Broker::new`], then [`Broker::run`] it on a bound listener.
 pub struct Broker {
@@ -259,6 +262,7 @@ impl Broker {
                 .clean_session(req.clean_session)
                 .dynamic_filters(req.client_id == INTERNAL_CLIENT_ID)
                 .build()
+                .map_err(Box::new)
         });
         let (internal, internal_rx, _) = make_link(LinkRequest {
             client_id: INTERNAL_CLIENT_ID.into(),
@@ -281,11 +285,17 @@ impl Broker {
 
     /// Accepts connections until `shutdown`; then closes every session (reason
     /// `server_shutdown`) and returns once all of them have reported their disconnect.
-    pub async fn run(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) -> Result<(), BrokerError> {
-        let addr = listener.local_addr().map_err(|source| BrokerError::Accept {
-            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-            source,
-        })?;
+    pub async fn run(
+        self: Arc<Self>,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), BrokerError> {
+        let addr = listener
+            .local_addr()
+            .map_err(|source| BrokerError::Accept {
+                addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+                source,
+            })?;
         let tracker = TaskTracker::new();
         let result = loop {
             let accepted = tokio::select! {
@@ -330,12 +340,19 @@ impl Broker {
 
     /// Closes live sessions whose certificate serial is in `serials`, with `reason`.
     /// Returns how many were closed.
-    pub fn close_sessions_with_certs(&self, serials: &HashSet<String>, reason: DisconnectReason) -> usize {
+    pub fn close_sessions_with_certs(
+        &self,
+        serials: &HashSet<String>,
+        reason: DisconnectReason,
+    ) -> usize {
         let Ok(sessions) = self.sessions.lock() else {
             return 0;
         };
         let mut closed = 0;
-        for control in sessions.values().filter(|c| serials.contains(&c.cert_serial)) {
+        for control in sessions
+            .values()
+            .filter(|c| serials.contains(&c.cert_serial))
+        {
             control.close_with(reason);
             closed += 1;
         }
@@ -377,13 +394,14 @@ impl Broker {
 
     pub(crate) fn deregister(&self, serial: &DeviceSerial, session_id: &Arc<str>) {
         if let Ok(mut s) = self.sessions.lock()
-            && s.get(serial).is_some_and(|c| Arc::ptr_eq(&c.session_id, session_id))
+            && s.get(serial)
+                .is_some_and(|c| Arc::ptr_eq(&c.session_id, session_id))
         {
             s.remove(serial);
         }
     }
 
-    pub(crate) fn link(&self, req: LinkRequest) -> Result<(LinkTx, LinkRx, Notification), LinkError> {
+    pub(crate) fn link(&self, req: LinkRequest) -> LinkResult {
         (self.make_link)(req)
     }
 
@@ -393,8 +411,15 @@ impl Broker {
     }
 
     /// Reports a refusal without waiting: refusals must stay cheap under a retry storm.
-    pub(crate) fn emit_refusal(&self, common_name: Option<String>, peer: SocketAddr, reason: RefusalReason, detail: String) {
-        metrics::counter!("tms_broker_connects_refused_total", "reason" => reason.as_str()).increment(1);
+    pub(crate) fn emit_refusal(
+        &self,
+        common_name: Option<String>,
+        peer: SocketAddr,
+        reason: RefusalReason,
+        detail: String,
+    ) {
+        metrics::counter!("tms_broker_connects_refused_total", "reason" => reason.as_str())
+            .increment(1);
         tracing::info!(device.serial = common_name.as_deref().unwrap_or("-"), peer.addr = %peer, reason = reason.as_str(), detail = %detail, "connection refused");
         let event = BrokerEvent::Refused {
             common_name,
@@ -411,6 +436,8 @@ impl Broker {
 
 fn is_transient_accept_error(e: &std::io::Error) -> bool {
     use std::io::ErrorKind::*;
-    matches!(e.kind(), ConnectionAborted | ConnectionReset | Interrupted | WouldBlock)
-        || matches!(e.raw_os_error(), Some(23 | 24)) // ENFILE, EMFILE
+    matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionReset | Interrupted | WouldBlock
+    ) || matches!(e.raw_os_error(), Some(23 | 24)) // ENFILE, EMFILE
 }

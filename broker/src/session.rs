@@ -13,20 +13,22 @@ use bytes::BytesMut;
 use rumqttd::Notification;
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{
-    ConnAck, ConnectReturnCode, Disconnect, DisconnectReasonCode, Error as ProtoError, Packet, PingResp,
-    PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason, SubAck, SubscribeReasonCode,
+    ConnAck, ConnectReturnCode, Disconnect, DisconnectReasonCode, Error as ProtoError, Packet,
+    PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason, SubAck,
+    SubscribeReasonCode,
 };
+use tms_model::{DeviceSerial, now_ms};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
-use tms_model::{DeviceSerial, now_ms};
 
 use crate::codec::{Codec, connect_protocol_level, publish_qos_pkid};
 use crate::tls::{HandshakeNote, NOTE, classify};
 use crate::{
-    Broker, BrokerEvent, DeviceMessage, DisconnectReason, LinkRequest, RefusalReason, SessionControl, acl,
+    Broker, BrokerEvent, DeviceMessage, DisconnectReason, LinkRequest, RefusalReason,
+    SessionControl, acl,
 };
 
 /// Keep-alive 0 ("never time out") would let a dead device look online forever.
@@ -36,7 +38,12 @@ const KEEPALIVE_MAX: u16 = 3600;
 type Stream = TlsStream<TcpStream>;
 
 /// Runs one connection to its end. Never panics the accept loop; every outcome is an event.
-pub(crate) async fn run(broker: Arc<Broker>, tcp: TcpStream, peer: SocketAddr, shutdown: CancellationToken) {
+pub(crate) async fn run(
+    broker: Arc<Broker>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    shutdown: CancellationToken,
+) {
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + broker.settings().handshake_timeout;
     let acceptor = TlsAcceptor::from(broker.tls.load_full());
@@ -53,7 +60,10 @@ pub(crate) async fn run(broker: Arc<Broker>, tcp: TcpStream, peer: SocketAddr, s
     let mut stream = match result {
         None => return,
         Some(Err(_elapsed)) => {
-            let detail = format!("no TLS handshake within {:?}", broker.settings().handshake_timeout);
+            let detail = format!(
+                "no TLS handshake within {:?}",
+                broker.settings().handshake_timeout
+            );
             return broker.emit_refusal(cn, peer, RefusalReason::HandshakeTimeout, detail);
         }
         Some(Ok(Err(io))) => {
@@ -67,9 +77,15 @@ pub(crate) async fn run(broker: Arc<Broker>, tcp: TcpStream, peer: SocketAddr, s
         }
         Some(Ok(Ok(stream))) => stream,
     };
-    metrics::histogram!("tms_broker_handshake_duration_seconds").record(started.elapsed().as_secs_f64());
+    metrics::histogram!("tms_broker_handshake_duration_seconds")
+        .record(started.elapsed().as_secs_f64());
     let Some(identity) = note.identity else {
-        return broker.emit_refusal(cn, peer, RefusalReason::InvalidCertificate, "unreadable client certificate".into());
+        return broker.emit_refusal(
+            cn,
+            peer,
+            RefusalReason::InvalidCertificate,
+            "unreadable client certificate".into(),
+        );
     };
 
     // CONNECT, under the same deadline as the handshake.
@@ -84,25 +100,42 @@ pub(crate) async fn run(broker: Arc<Broker>, tcp: TcpStream, peer: SocketAddr, s
             let detail = "no CONNECT packet after the TLS handshake".to_owned();
             return broker.emit_refusal(cn, peer, RefusalReason::HandshakeTimeout, detail);
         }
-        Ok(Err(detail)) => return broker.emit_refusal(cn, peer, RefusalReason::ProtocolError, detail),
+        Ok(Err(detail)) => {
+            return broker.emit_refusal(cn, peer, RefusalReason::ProtocolError, detail);
+        }
         Ok(Ok(pair)) => pair,
     };
     let Packet::Connect(connect, _props, will, _will_props, _login) = packet else {
-        return broker.emit_refusal(cn, peer, RefusalReason::ProtocolError, "first packet is not CONNECT".into());
+        return broker.emit_refusal(
+            cn,
+            peer,
+            RefusalReason::ProtocolError,
+            "first packet is not CONNECT".into(),
+        );
     };
 
     let mut wbuf = BytesMut::with_capacity(1024);
     let refusal = match cn.as_deref().map(DeviceSerial::parse) {
-        None => Err((RefusalReason::InvalidIdentity, "the certificate has no subject CN".to_owned())),
+        None => Err((
+            RefusalReason::InvalidIdentity,
+            "the certificate has no subject CN".to_owned(),
+        )),
         Some(Err(e)) => Err((RefusalReason::InvalidIdentity, e.to_string())),
         Some(Ok(serial)) if connect.client_id != serial.as_str() => Err((
             RefusalReason::ClientIdMismatch,
-            format!("client id {:?} differs from the certificate CN {:?}", connect.client_id, serial.as_str()),
+            format!(
+                "client id {:?} differs from the certificate CN {:?}",
+                connect.client_id,
+                serial.as_str()
+            ),
         )),
         Some(Ok(serial)) => match &will {
             Some(w) if acl::publish_kind(&serial, &w.topic).is_none() => Err((
                 RefusalReason::AclDenied,
-                format!("will topic {:?} is outside tms/{serial}/", String::from_utf8_lossy(&w.topic)),
+                format!(
+                    "will topic {:?} is outside tms/{serial}/",
+                    String::from_utf8_lossy(&w.topic)
+                ),
             )),
             _ => Ok(serial),
         },
@@ -193,11 +226,23 @@ pub(crate) async fn run(broker: Arc<Broker>, tcp: TcpStream, peer: SocketAddr, s
         wbuf,
         qos2_pending: HashSet::new(),
     };
-    let (reason, router_alive) = session
-        .pump(&mut stream, link_tx, link_rx, idle_limit, &control, &shutdown)
+    let reason = session
+        .pump(
+            &mut stream,
+            link_tx,
+            link_rx,
+            idle_limit,
+            &control,
+            &shutdown,
+        )
         .await;
 
-    let reason = control.reason.lock().ok().and_then(|r| *r).unwrap_or(reason);
+    let reason = control
+        .reason
+        .lock()
+        .ok()
+        .and_then(|r| *r)
+        .unwrap_or(reason);
     if reason != DisconnectReason::ClientDisconnect
         && let Some(w) = will
         && let Some(kind) = acl::publish_kind(&serial, &w.topic)
@@ -214,7 +259,6 @@ pub(crate) async fn run(broker: Arc<Broker>, tcp: TcpStream, peer: SocketAddr, s
             }))
             .await;
     }
-    let _ = router_alive;
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
     broker.deregister(&serial, &session_id);
     metrics::gauge!("tms_broker_connections").decrement(1.0);
@@ -230,7 +274,11 @@ pub(crate) async fn run(broker: Arc<Broker>, tcp: TcpStream, peer: SocketAddr, s
         .await;
 }
 
-async fn read_connect(stream: &mut Stream, rbuf: &mut BytesMut, max: usize) -> Result<(Codec, Packet), String> {
+async fn read_connect(
+    stream: &mut Stream,
+    rbuf: &mut BytesMut,
+    max: usize,
+) -> Result<(Codec, Packet), String> {
     loop {
         if let Some(first) = rbuf.first()
             && first >> 4 != 1
@@ -291,8 +339,7 @@ enum Step {
 }
 
 impl Session<'_> {
-    /// Moves packets between the device and ingest/router until the session ends. Returns the
-    /// reason and whether the router link is still ours to close.
+    /// Moves packets between the device and ingest/router until the session ends; returns why.
     async fn pump(
         &mut self,
         stream: &mut Stream,
@@ -301,7 +348,7 @@ impl Session<'_> {
         idle_limit: Duration,
         control: &SessionControl,
         shutdown: &CancellationToken,
-    ) -> (DisconnectReason, bool) {
+    ) -> DisconnectReason {
         let mut to_router: Vec<Packet> = Vec::new();
         let reason = loop {
             tokio::select! {
@@ -324,7 +371,7 @@ impl Session<'_> {
                         if let Some(last) = last
                             && link_tx.send(last).await.is_err()
                         {
-                            return (DisconnectReason::ProtocolError, false);
+                            return DisconnectReason::ProtocolError;
                         }
                     }
                     if let Step::End(reason) = step {
@@ -342,7 +389,7 @@ impl Session<'_> {
                                         let _ = link_rx.wake().await;
                                     }
                                     Notification::Disconnect(..) => {
-                                        return (DisconnectReason::ProtocolError, false);
+                                        return DisconnectReason::ProtocolError;
                                     }
                                     n => {
                                         if let Some(p) = Option::<Packet>::from(n) {
@@ -358,7 +405,7 @@ impl Session<'_> {
                         }
                         Ok(None) => {}
                         // The router dropped the link: a newer session of this device took it.
-                        Err(_) => return (DisconnectReason::TakenOver, false),
+                        Err(_) => return DisconnectReason::TakenOver,
                     }
                 }
             }
@@ -370,7 +417,7 @@ impl Session<'_> {
             };
             let _ = link_tx.send(Packet::Disconnect(d, None)).await;
         }
-        (reason, true)
+        reason
     }
 
     /// Decodes every complete packet in the read buffer and acts on it.
@@ -381,7 +428,10 @@ impl Session<'_> {
                 Ok(p) => p,
                 Err(ProtoError::InsufficientBytes(_)) => return Step::Continue,
                 Err(e) => {
-                    self.refuse_in_session(RefusalReason::ProtocolError, format!("malformed packet: {e}"));
+                    self.refuse_in_session(
+                        RefusalReason::ProtocolError,
+                        format!("malformed packet: {e}"),
+                    );
                     return Step::End(DisconnectReason::ProtocolError);
                 }
             };
@@ -411,11 +461,15 @@ impl Session<'_> {
                             self.ack_publish(qos, pkid, PubAckReason::Success);
                         }
                         None => {
-                            metrics::counter!("tms_broker_acl_denied_total", "action" => "publish").increment(1);
+                            metrics::counter!("tms_broker_acl_denied_total", "action" => "publish")
+                                .increment(1);
                             let topic = String::from_utf8_lossy(&publish.topic).into_owned();
                             self.refuse_in_session(
                                 RefusalReason::AclDenied,
-                                format!("publish to {topic:?} denied: outside tms/{}/", self.serial),
+                                format!(
+                                    "publish to {topic:?} denied: outside tms/{}/",
+                                    self.serial
+                                ),
                             );
                             if qos == 2 {
                                 self.qos2_pending.insert(pkid);
@@ -432,18 +486,31 @@ impl Session<'_> {
                         pkid: rel.pkid,
                         reason: PubCompReason::Success,
                     };
-                    let _ = self.codec.write(Packet::PubComp(comp, None), &mut self.wbuf);
+                    let _ = self
+                        .codec
+                        .write(Packet::PubComp(comp, None), &mut self.wbuf);
                 }
                 Packet::Subscribe(subscribe, props) => {
-                    if let Some(denied) = subscribe.filters.iter().find(|f| !acl::may_subscribe(self.serial, &f.path)) {
-                        metrics::counter!("tms_broker_acl_denied_total", "action" => "subscribe").increment(1);
+                    if let Some(denied) = subscribe
+                        .filters
+                        .iter()
+                        .find(|f| !acl::may_subscribe(self.serial, &f.path))
+                    {
+                        metrics::counter!("tms_broker_acl_denied_total", "action" => "subscribe")
+                            .increment(1);
                         self.refuse_in_session(
                             RefusalReason::AclDenied,
-                            format!("subscribe to {:?} denied: only tms/{}/cmd/# is allowed", denied.path, self.serial),
+                            format!(
+                                "subscribe to {:?} denied: only tms/{}/cmd/# is allowed",
+                                denied.path, self.serial
+                            ),
                         );
                         let ack = SubAck {
                             pkid: subscribe.pkid,
-                            return_codes: vec![SubscribeReasonCode::Failure; subscribe.filters.len()],
+                            return_codes: vec![
+                                SubscribeReasonCode::Failure;
+                                subscribe.filters.len()
+                            ],
                         };
                         let _ = self.codec.write(Packet::SubAck(ack, None), &mut self.wbuf);
                     } else {
@@ -454,15 +521,19 @@ impl Session<'_> {
                     let _ = self.codec.write(Packet::PingResp(PingResp), &mut self.wbuf);
                 }
                 Packet::Disconnect(..) => return Step::End(DisconnectReason::ClientDisconnect),
-                p @ (Packet::Unsubscribe(..) | Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubComp(..)) => {
-                    to_router.push(p)
-                }
+                p @ (Packet::Unsubscribe(..)
+                | Packet::PubAck(..)
+                | Packet::PubRec(..)
+                | Packet::PubComp(..)) => to_router.push(p),
                 other => {
                     let name = match other {
                         Packet::Connect(..) => "a second CONNECT",
                         _ => "a server-only packet",
                     };
-                    self.refuse_in_session(RefusalReason::ProtocolError, format!("client sent {name}"));
+                    self.refuse_in_session(
+                        RefusalReason::ProtocolError,
+                        format!("client sent {name}"),
+                    );
                     return Step::End(DisconnectReason::ProtocolError);
                 }
             }

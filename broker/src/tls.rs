@@ -14,9 +14,12 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig,
+    SignatureScheme,
+};
 use tms_certs::CertIdentity;
 
 use crate::{BrokerError, RefusalReason};
@@ -130,9 +133,15 @@ pub(crate) fn classify(e: &rustls::Error, id: Option<&CertIdentity>) -> (Refusal
             C::Expired => (RefusalReason::Expired, "the certificate has expired".into()),
             C::ExpiredContext { time, not_after } => (
                 RefusalReason::Expired,
-                format!("the certificate expired {} s ago", secs_between(*time, *not_after)),
+                format!(
+                    "the certificate expired {} s ago",
+                    secs_between(*time, *not_after)
+                ),
             ),
-            C::NotValidYet => (RefusalReason::NotYetValid, "the certificate is not valid yet".into()),
+            C::NotValidYet => (
+                RefusalReason::NotYetValid,
+                "the certificate is not valid yet".into(),
+            ),
             C::NotValidYetContext { time, not_before } => (
                 RefusalReason::NotYetValid,
                 format!(

@@ -6,6 +6,7 @@ use std::net::IpAddr;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use ::time::{Duration, OffsetDateTime};
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateRevocationListParams,
     CertificateSigningRequestParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -13,13 +14,12 @@ use rcgen::{
     SerialNumber,
 };
 use rustls_pki_types::CertificateDer;
-use ::time::{Duration, OffsetDateTime};
 use tms_model::DeviceSerial;
 use x509_parser::prelude::*;
 
+use crate::CertError;
 use crate::identity::{fingerprint_sha256, identity, serial_hex};
 use crate::pem::parse_certificates;
-use crate::CertError;
 
 const CA_VALIDITY: Duration = Duration::days(3650);
 const SERVER_VALIDITY: Duration = Duration::days(397);
@@ -99,7 +99,9 @@ impl Ca {
         let mut params = CertificateParams::default();
         let suffix = hex::encode(random_bytes::<4>());
         params.distinguished_name = DistinguishedName::new();
-        params.distinguished_name.push(DnType::OrganizationName, "tms-gateway");
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "tms-gateway");
         params
             .distinguished_name
             .push(DnType::CommonName, format!("tms-gateway CA {suffix}"));
@@ -113,10 +115,12 @@ impl Ca {
         params.not_after = now + CA_VALIDITY;
         params.serial_number = Some(random_serial());
         params.key_identifier_method = KeyIdMethod::Sha256;
-        let cert = params.self_signed(&key).map_err(|source| CertError::Generate {
-            what: "CA certificate",
-            source,
-        })?;
+        let cert = params
+            .self_signed(&key)
+            .map_err(|source| CertError::Generate {
+                what: "CA certificate",
+                source,
+            })?;
         // Key first: a crash in between leaves a key without a certificate, which `load`
         // reports, rather than a certificate whose key is lost.
         write_file(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
@@ -139,12 +143,12 @@ impl Ca {
             .permissions()
             .mode();
         if mode & 0o077 != 0 {
-            fs::set_permissions(&key_path, fs::Permissions::from_mode(0o600)).map_err(|source| {
-                CertError::Write {
+            fs::set_permissions(&key_path, fs::Permissions::from_mode(0o600)).map_err(
+                |source| CertError::Write {
                     path: key_path.clone(),
                     source,
-                }
-            })?;
+                },
+            )?;
         }
         let key = KeyPair::from_pem(&key_pem).map_err(|_| CertError::BadFile {
             path: key_path.clone(),
@@ -222,16 +226,18 @@ impl Ca {
                     what: "device key pair",
                     source,
                 })?;
-                let cert = params
-                    .signed_by(&key, &self.issuer)
-                    .map_err(|source| CertError::Generate {
-                        what: "device certificate",
-                        source,
-                    })?;
+                let cert =
+                    params
+                        .signed_by(&key, &self.issuer)
+                        .map_err(|source| CertError::Generate {
+                            what: "device certificate",
+                            source,
+                        })?;
                 (cert, Some(key.serialize_pem()))
             }
             DeviceKey::Csr(pem) => {
-                let csr = CertificateSigningRequestParams::from_pem(&pem).map_err(CertError::Csr)?;
+                let csr =
+                    CertificateSigningRequestParams::from_pem(&pem).map_err(CertError::Csr)?;
                 let found = csr
                     .params
                     .distinguished_name
@@ -266,13 +272,21 @@ impl Ca {
     }
 
     /// Issues the broker's server certificate for these DNS names and IP addresses.
-    pub fn issue_server(&self, hostnames: &[String], now: OffsetDateTime) -> Result<ServerCert, CertError> {
-        let mut params = CertificateParams::new(hostnames.to_vec()).map_err(|source| CertError::Generate {
-            what: "server certificate parameters",
-            source,
-        })?;
+    pub fn issue_server(
+        &self,
+        hostnames: &[String],
+        now: OffsetDateTime,
+    ) -> Result<ServerCert, CertError> {
+        let mut params =
+            CertificateParams::new(hostnames.to_vec()).map_err(|source| CertError::Generate {
+                what: "server certificate parameters",
+                source,
+            })?;
         params.distinguished_name = DistinguishedName::new();
-        let cn = hostnames.first().map(String::as_str).unwrap_or("tms-gateway");
+        let cn = hostnames
+            .first()
+            .map(String::as_str)
+            .unwrap_or("tms-gateway");
         params.distinguished_name.push(DnType::CommonName, cn);
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -308,8 +322,10 @@ impl Ca {
     ) -> Result<(ServerCert, bool), CertError> {
         let cert_path = server_dir.join("server.pem");
         let key_path = server_dir.join("server.key");
-        if let (Ok(cert_pem), Ok(key_pem)) = (fs::read_to_string(&cert_path), fs::read_to_string(&key_path))
-            && let Some(not_after) = self.server_cert_still_fits(&cert_pem, hostnames, now)
+        if let (Ok(cert_pem), Ok(key_pem)) = (
+            fs::read_to_string(&cert_path),
+            fs::read_to_string(&key_path),
+        ) && let Some(not_after) = self.server_cert_still_fits(&cert_pem, hostnames, now)
         {
             return Ok((
                 ServerCert {
@@ -327,7 +343,12 @@ impl Ca {
         Ok((cert, true))
     }
 
-    fn server_cert_still_fits(&self, pem: &str, hostnames: &[String], now: OffsetDateTime) -> Option<OffsetDateTime> {
+    fn server_cert_still_fits(
+        &self,
+        pem: &str,
+        hostnames: &[String],
+        now: OffsetDateTime,
+    ) -> Option<OffsetDateTime> {
         let der = parse_certificates(pem).ok()?.remove(0);
         let (_, cert) = parse_x509_certificate(&der).ok()?;
         let (_, ca) = parse_x509_certificate(&self.cert_der).ok()?;
@@ -357,7 +378,11 @@ impl Ca {
         };
         let mut want: Vec<String> = hostnames
             .iter()
-            .map(|h| h.parse::<IpAddr>().map(|ip| ip.to_string()).unwrap_or_else(|_| h.clone()))
+            .map(|h| {
+                h.parse::<IpAddr>()
+                    .map(|ip| ip.to_string())
+                    .unwrap_or_else(|_| h.clone())
+            })
             .collect();
         have.sort();
         want.sort();
@@ -365,7 +390,12 @@ impl Ca {
     }
 
     /// Signs a revocation list (PEM) valid from `now` for a day.
-    pub fn crl_pem(&self, revoked: &[Revoked], crl_number: u64, now: OffsetDateTime) -> Result<String, CertError> {
+    pub fn crl_pem(
+        &self,
+        revoked: &[Revoked],
+        crl_number: u64,
+        now: OffsetDateTime,
+    ) -> Result<String, CertError> {
         let revoked_certs = revoked
             .iter()
             .filter_map(|r| {
@@ -385,10 +415,12 @@ impl Ca {
             revoked_certs,
             key_identifier_method: KeyIdMethod::Sha256,
         };
-        let crl = params.signed_by(&self.issuer).map_err(|source| CertError::Generate {
-            what: "certificate revocation list",
-            source,
-        })?;
+        let crl = params
+            .signed_by(&self.issuer)
+            .map_err(|source| CertError::Generate {
+                what: "certificate revocation list",
+                source,
+            })?;
         crl.pem().map_err(|source| CertError::Generate {
             what: "certificate revocation list PEM",
             source,
@@ -468,11 +500,17 @@ mod tests {
         let now = OffsetDateTime::now_utc();
         let (ca, created) = Ca::load_or_create(&dir.path().join("ca"), now).unwrap();
         assert!(created);
-        let mode = fs::metadata(dir.path().join("ca/ca.key")).unwrap().permissions().mode();
+        let mode = fs::metadata(dir.path().join("ca/ca.key"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         let (again, created) = Ca::load_or_create(&dir.path().join("ca"), now).unwrap();
         assert!(!created);
-        assert_eq!(ca.info().sha256_fingerprint, again.info().sha256_fingerprint);
+        assert_eq!(
+            ca.info().sha256_fingerprint,
+            again.info().sha256_fingerprint
+        );
         assert!(ca.info().not_after - now > Duration::days(3649));
     }
 
@@ -482,16 +520,28 @@ mod tests {
         let now = OffsetDateTime::now_utc();
         let (ca, _) = Ca::load_or_create(dir.path(), now).unwrap();
         let lease_end = now + Duration::days(365);
-        let a = ca.issue_device(&serial("RE4A000123"), DeviceKey::Generate, now, lease_end).unwrap();
-        let b = ca.issue_device(&serial("RE4A000123"), DeviceKey::Generate, now, lease_end).unwrap();
+        let a = ca
+            .issue_device(&serial("RE4A000123"), DeviceKey::Generate, now, lease_end)
+            .unwrap();
+        let b = ca
+            .issue_device(&serial("RE4A000123"), DeviceKey::Generate, now, lease_end)
+            .unwrap();
         assert_ne!(a.serial_number, b.serial_number);
         assert!(a.serial_number.len() >= 16, "{}", a.serial_number);
         let id = identity(&a.certificate_der).unwrap();
         assert_eq!(id.common_name.as_deref(), Some("RE4A000123"));
         assert_eq!(id.serial_number, a.serial_number);
-        assert_eq!(id.not_before.unix_timestamp(), (now - DEVICE_BACKDATE).unix_timestamp());
+        assert_eq!(
+            id.not_before.unix_timestamp(),
+            (now - DEVICE_BACKDATE).unix_timestamp()
+        );
         assert_eq!(id.not_after.unix_timestamp(), lease_end.unix_timestamp());
-        assert!(a.private_key_pem.as_deref().unwrap().contains("PRIVATE KEY"));
+        assert!(
+            a.private_key_pem
+                .as_deref()
+                .unwrap()
+                .contains("PRIVATE KEY")
+        );
     }
 
     #[test]
@@ -501,21 +551,41 @@ mod tests {
         let (ca, _) = Ca::load_or_create(dir.path(), now).unwrap();
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::default();
-        params.distinguished_name.push(DnType::CommonName, "RE4A000123");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "RE4A000123");
         let csr = params.serialize_request(&key).unwrap().pem().unwrap();
         let issued = ca
-            .issue_device(&serial("RE4A000123"), DeviceKey::Csr(csr.clone()), now, now + Duration::days(30))
+            .issue_device(
+                &serial("RE4A000123"),
+                DeviceKey::Csr(csr.clone()),
+                now,
+                now + Duration::days(30),
+            )
             .unwrap();
         assert!(issued.private_key_pem.is_none());
         let (_, parsed) = parse_x509_certificate(&issued.certificate_der).unwrap();
-        assert_eq!(parsed.public_key().subject_public_key.data.as_ref(), key.public_key_raw());
+        assert_eq!(
+            parsed.public_key().subject_public_key.data.as_ref(),
+            key.public_key_raw()
+        );
 
         let err = ca
-            .issue_device(&serial("OTHER1"), DeviceKey::Csr(csr), now, now + Duration::days(30))
+            .issue_device(
+                &serial("OTHER1"),
+                DeviceKey::Csr(csr),
+                now,
+                now + Duration::days(30),
+            )
             .unwrap_err();
         assert!(matches!(err, CertError::CsrSubject { .. }), "{err}");
         let err = ca
-            .issue_device(&serial("OTHER1"), DeviceKey::Csr("garbage".into()), now, now + Duration::days(30))
+            .issue_device(
+                &serial("OTHER1"),
+                DeviceKey::Csr("garbage".into()),
+                now,
+                now + Duration::days(30),
+            )
             .unwrap_err();
         assert!(matches!(err, CertError::Csr(_)), "{err}");
     }
@@ -526,16 +596,26 @@ mod tests {
         let now = OffsetDateTime::now_utc();
         let (ca, _) = Ca::load_or_create(&dir.path().join("ca"), now).unwrap();
         let hosts = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
-        let (first, issued) = ca.ensure_server_cert(&dir.path().join("server"), &hosts, now).unwrap();
+        let (first, issued) = ca
+            .ensure_server_cert(&dir.path().join("server"), &hosts, now)
+            .unwrap();
         assert!(issued);
-        let (same, issued) = ca.ensure_server_cert(&dir.path().join("server"), &hosts, now).unwrap();
+        let (same, issued) = ca
+            .ensure_server_cert(&dir.path().join("server"), &hosts, now)
+            .unwrap();
         assert!(!issued);
         assert_eq!(first.cert_pem, same.cert_pem);
         let hosts = vec!["gw.example".to_owned()];
-        let (_, issued) = ca.ensure_server_cert(&dir.path().join("server"), &hosts, now).unwrap();
+        let (_, issued) = ca
+            .ensure_server_cert(&dir.path().join("server"), &hosts, now)
+            .unwrap();
         assert!(issued);
         let (_, issued) = ca
-            .ensure_server_cert(&dir.path().join("server"), &hosts, now + Duration::days(380))
+            .ensure_server_cert(
+                &dir.path().join("server"),
+                &hosts,
+                now + Duration::days(380),
+            )
             .unwrap();
         assert!(issued, "a certificate near its end must be renewed");
     }
@@ -546,14 +626,30 @@ mod tests {
         let now = OffsetDateTime::now_utc();
         let (ca, _) = Ca::load_or_create(dir.path(), now).unwrap();
         let cert = ca
-            .issue_device(&serial("RE4A1"), DeviceKey::Generate, now, now + Duration::days(30))
+            .issue_device(
+                &serial("RE4A1"),
+                DeviceKey::Generate,
+                now,
+                now + Duration::days(30),
+            )
             .unwrap();
         let pem = ca
-            .crl_pem(&[Revoked { serial_number: cert.serial_number.clone(), revoked_at: now }], 7, now)
+            .crl_pem(
+                &[Revoked {
+                    serial_number: cert.serial_number.clone(),
+                    revoked_at: now,
+                }],
+                7,
+                now,
+            )
             .unwrap();
-        let der = rustls_pki_types::CertificateRevocationListDer::from_pem_slice(pem.as_bytes()).unwrap();
+        let der =
+            rustls_pki_types::CertificateRevocationListDer::from_pem_slice(pem.as_bytes()).unwrap();
         let (_, crl) = parse_x509_crl(&der).unwrap();
-        let listed: Vec<String> = crl.iter_revoked_certificates().map(|r| serial_hex(r.raw_serial())).collect();
+        let listed: Vec<String> = crl
+            .iter_revoked_certificates()
+            .map(|r| serial_hex(r.raw_serial()))
+            .collect();
         assert_eq!(listed, vec![cert.serial_number]);
     }
 

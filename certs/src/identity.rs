@@ -1,7 +1,7 @@
 //! What a presented certificate says about its holder: CN, serial number, validity.
 
-use sha2::{Digest, Sha256};
 use ::time::OffsetDateTime;
+use sha2::{Digest, Sha256};
 use x509_parser::prelude::*;
 
 use crate::CertError;
@@ -47,6 +47,9 @@ pub fn fingerprint_sha256(der: &[u8]) -> String {
 /// Serial number octets as lower-case hex without leading zero octets, so the same number
 /// always has the same spelling whichever encoder produced it.
 pub(crate) fn serial_hex(raw: &[u8]) -> String {
-    let first = raw.iter().position(|b| *b != 0).unwrap_or(raw.len().saturating_sub(1));
+    let first = raw
+        .iter()
+        .position(|b| *b != 0)
+        .unwrap_or(raw.len().saturating_sub(1));
     hex::encode(&raw[first..])
 }

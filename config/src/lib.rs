@@ -171,7 +171,10 @@ fn dotted(section: &str, key: &str) -> String {
 
 /// The environment variable that sets `section.key`.
 pub fn env_var(section: &str, key: &str) -> String {
-    format!("TMS_{}", dotted(section, key).replace('.', "_").to_uppercase())
+    format!(
+        "TMS_{}",
+        dotted(section, key).replace('.', "_").to_uppercase()
+    )
 }
 
 /// A raw value before typing: TOML gives typed values, the environment gives strings.
@@ -215,7 +218,12 @@ impl Builder {
         }
     }
 
-    fn parsed<T>(&mut self, key: &str, default: T, parse: impl FnOnce(&str) -> Result<T, String>) -> T {
+    fn parsed<T>(
+        &mut self,
+        key: &str,
+        default: T,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> T {
         let Some(raw) = self.raw.get(key).cloned() else {
             return default;
         };
@@ -239,7 +247,9 @@ impl Builder {
 
     fn int(&mut self, key: &str, default: u64, min: u64, max: u64) -> u64 {
         self.parsed(key, default, |s| {
-            let n: u64 = s.parse().map_err(|_| "expected a whole number".to_owned())?;
+            let n: u64 = s
+                .parse()
+                .map_err(|_| "expected a whole number".to_owned())?;
             if n < min || n > max {
                 return Err(format!("must be between {min} and {max}"));
             }
@@ -249,17 +259,20 @@ impl Builder {
 
     fn addr(&mut self, key: &str, default: SocketAddr) -> SocketAddr {
         self.parsed(key, default, |s| {
-            s.parse::<SocketAddr>()
-                .map_err(|_| "expected IP:PORT, e.g. 0.0.0.0:8883 (port 0 picks a free port)".to_owned())
+            s.parse::<SocketAddr>().map_err(|_| {
+                "expected IP:PORT, e.g. 0.0.0.0:8883 (port 0 picks a free port)".to_owned()
+            })
         })
     }
 
     fn list(&mut self, key: &str) -> Option<Vec<String>> {
         let raw = self.raw.get(key)?.clone();
         let items: Vec<String> = match &raw {
-            Raw::Env(s) | Raw::Toml(toml::Value::String(s)) => {
-                s.split(',').map(|h| h.trim().to_owned()).filter(|h| !h.is_empty()).collect()
-            }
+            Raw::Env(s) | Raw::Toml(toml::Value::String(s)) => s
+                .split(',')
+                .map(|h| h.trim().to_owned())
+                .filter(|h| !h.is_empty())
+                .collect(),
             Raw::Toml(toml::Value::Array(a)) => {
                 let mut out = Vec::new();
                 for v in a {
@@ -293,7 +306,9 @@ fn valid_hostname(h: &str) -> bool {
                 && label.len() <= 63
                 && !label.starts_with('-')
                 && !label.ends_with('-')
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'*')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'*')
         })
 }
 
@@ -301,10 +316,14 @@ impl Config {
     /// Reads the optional file and the process environment.
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
         let text = match file {
-            Some(path) => Some(std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                path: path.to_owned(),
-                source,
-            })?),
+            Some(path) => {
+                Some(
+                    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                        path: path.to_owned(),
+                        source,
+                    })?,
+                )
+            }
             None => None,
         };
         let env: HashMap<String, String> = std::env::vars().collect();
@@ -313,7 +332,10 @@ impl Config {
     }
 
     /// Builds the configuration from a TOML text and an environment map (for tests and tools).
-    pub fn from_sources(toml_text: Option<&str>, env: &HashMap<String, String>) -> Result<Config, ConfigError> {
+    pub fn from_sources(
+        toml_text: Option<&str>,
+        env: &HashMap<String, String>,
+    ) -> Result<Config, ConfigError> {
         Self::from_sources_named("<string>", toml_text, env)
     }
 
@@ -327,10 +349,12 @@ impl Config {
             errors: Vec::new(),
         };
         if let Some(text) = toml_text {
-            let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Syntax {
-                path: origin.to_owned(),
-                message: e.to_string(),
-            })?;
+            let table: toml::Table =
+                text.parse()
+                    .map_err(|e: toml::de::Error| ConfigError::Syntax {
+                        path: origin.to_owned(),
+                        message: e.to_string(),
+                    })?;
             flatten_file(table, &mut b);
         }
         for (section, key) in KEYS {
@@ -377,11 +401,24 @@ fn flatten_file(table: toml::Table, b: &mut Builder) {
 }
 
 fn build(b: &mut Builder) -> Config {
-    let data_dir = PathBuf::from(b.string("data_dir").unwrap_or_else(|| "./tms-data".to_owned()));
+    let data_dir = PathBuf::from(
+        b.string("data_dir")
+            .unwrap_or_else(|| "./tms-data".to_owned()),
+    );
     let database_url = match b.string("database.url") {
-        Some(url) if url.starts_with("sqlite:") || url.starts_with("postgres://") || url.starts_with("postgresql://") => url,
+        Some(url)
+            if url.starts_with("sqlite:")
+                || url.starts_with("postgres://")
+                || url.starts_with("postgresql://") =>
+        {
+            url
+        }
         Some(url) => {
-            b.fail("database.url", redact_url(&url), "expected sqlite://PATH or postgres://…");
+            b.fail(
+                "database.url",
+                redact_url(&url),
+                "expected sqlite://PATH or postgres://…",
+            );
             String::new()
         }
         None => format!("sqlite://{}", data_dir.join("tms.db").display()),
@@ -390,7 +427,11 @@ fn build(b: &mut Builder) -> Config {
     let mqtt_listen = b.addr("mqtt.listen", SocketAddr::from(([0, 0, 0, 0], 8883)));
     let hostnames = match b.list("mqtt.hostnames") {
         Some(list) if list.is_empty() => {
-            b.fail("mqtt.hostnames", String::new(), "needs at least one DNS name or IP address");
+            b.fail(
+                "mqtt.hostnames",
+                String::new(),
+                "needs at least one DNS name or IP address",
+            );
             vec![]
         }
         Some(list) => {
@@ -427,13 +468,19 @@ fn build(b: &mut Builder) -> Config {
         if u.starts_with("smtp://") || u.starts_with("smtps://") {
             Some(u)
         } else {
-            b.fail("mail.smtp_url", redact_url(&u), "expected smtp://HOST:PORT or smtps://…");
+            b.fail(
+                "mail.smtp_url",
+                redact_url(&u),
+                "expected smtp://HOST:PORT or smtps://…",
+            );
             None
         }
     });
 
     let offline_after = b.parsed("presence.offline_after_secs", None, |s| {
-        let secs: f64 = s.parse().map_err(|_| "expected a number of seconds".to_owned())?;
+        let secs: f64 = s
+            .parse()
+            .map_err(|_| "expected a number of seconds".to_owned())?;
         if !(0.1..=86_400.0).contains(&secs) {
             return Err("must be between 0.1 and 86400 seconds".to_owned());
         }
@@ -456,7 +503,10 @@ fn build(b: &mut Builder) -> Config {
             listen: http_listen,
             public_url,
         },
-        mail: Mail { outbox_dir, smtp_url },
+        mail: Mail {
+            outbox_dir,
+            smtp_url,
+        },
         presence: Presence { offline_after },
         certs: Certs {
             rotation_overlap: Duration::from_secs(overlap_days * 86_400),
@@ -470,7 +520,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -501,23 +554,38 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from("/b"));
         assert_eq!(c.database_url, "sqlite:///b/tms.db");
         assert_eq!(c.mqtt.hostnames, vec!["gw.example", "10.0.0.1"]);
-        let c = Config::from_sources(None, &env(&[("TMS_MQTT_HOSTNAMES", "a.example, 127.0.0.1")])).unwrap();
+        let c = Config::from_sources(
+            None,
+            &env(&[("TMS_MQTT_HOSTNAMES", "a.example, 127.0.0.1")]),
+        )
+        .unwrap();
         assert_eq!(c.mqtt.hostnames, vec!["a.example", "127.0.0.1"]);
     }
 
     #[test]
     fn every_error_is_reported_with_its_key() {
-        let file = "bogus = 1\n[mqtt]\nlisten = \"nowhere\"\nmax_connections = 0\ncolour = \"red\"\n";
+        let file =
+            "bogus = 1\n[mqtt]\nlisten = \"nowhere\"\nmax_connections = 0\ncolour = \"red\"\n";
         let err = Config::from_sources(
             Some(file),
-            &env(&[("TMS_HTTP_LISTEN", "8080"), ("TMS_DATABASE_URL", "mysql://u:pw@h/db")]),
+            &env(&[
+                ("TMS_HTTP_LISTEN", "8080"),
+                ("TMS_DATABASE_URL", "mysql://u:pw@h/db"),
+            ]),
         )
         .unwrap_err();
         let ConfigError::Invalid(errors) = err else {
             panic!("expected Invalid, got {err:?}")
         };
         let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
-        for key in ["bogus", "mqtt.listen", "mqtt.max_connections", "mqtt.colour", "http.listen", "database.url"] {
+        for key in [
+            "bogus",
+            "mqtt.listen",
+            "mqtt.max_connections",
+            "mqtt.colour",
+            "http.listen",
+            "database.url",
+        ] {
             assert!(keys.contains(&key), "{key} not reported in {keys:?}");
         }
         let shown = ConfigError::Invalid(errors).to_string();
@@ -527,7 +595,11 @@ mod tests {
 
     #[test]
     fn debug_redacts_database_password() {
-        let c = Config::from_sources(None, &env(&[("TMS_DATABASE_URL", "postgres://tms:s3cret@db:5432/tms")])).unwrap();
+        let c = Config::from_sources(
+            None,
+            &env(&[("TMS_DATABASE_URL", "postgres://tms:s3cret@db:5432/tms")]),
+        )
+        .unwrap();
         let shown = format!("{c:?}");
         assert!(!shown.contains("s3cret"), "{shown}");
         assert!(shown.contains("postgres://tms:***@db:5432/tms"), "{shown}");

@@ -10,15 +10,15 @@ use anyhow::{Context, Result, anyhow};
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
-use tokio::net::TcpListener;
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 use tms_broker::{Broker, BrokerSettings, RevokedSet};
 use tms_certs::Ca;
 use tms_config::Config;
 use tms_ingest::{Ingest, IngestSettings};
 use tms_store::Store;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use crate::revocation;
 
@@ -46,14 +46,18 @@ pub struct App {
 pub async fn open_parts(config: &Config) -> Result<(Store, Arc<Ca>)> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
-    let store = Store::open(&config.database_url)
-        .await
-        .with_context(|| format!("opening the store at {}", tms_config::redact_url(&config.database_url)))?;
+    let store = Store::open(&config.database_url).await.with_context(|| {
+        format!(
+            "opening the store at {}",
+            tms_config::redact_url(&config.database_url)
+        )
+    })?;
     let ca_dir = config.data_dir.join("ca");
-    let (ca, created) = tokio::task::spawn_blocking(move || Ca::load_or_create(&ca_dir, OffsetDateTime::now_utc()))
-        .await
-        .context("CA task")?
-        .context("loading the CA")?;
+    let (ca, created) =
+        tokio::task::spawn_blocking(move || Ca::load_or_create(&ca_dir, OffsetDateTime::now_utc()))
+            .await
+            .context("CA task")?
+            .context("loading the CA")?;
     if created {
         tracing::info!(fingerprint = %ca.info().sha256_fingerprint, "created a new CA");
     }
@@ -78,11 +82,14 @@ impl App {
         if reissued {
             tracing::info!(hostnames = ?config.mqtt.hostnames, "issued the broker's server certificate");
         }
-        let chain = tms_certs::parse_certificates(&server.cert_pem).context("reading server.pem")?;
+        let chain =
+            tms_certs::parse_certificates(&server.cert_pem).context("reading server.pem")?;
         let key = tms_certs::parse_private_key(&server.key_pem).context("reading server.key")?;
 
         let revoked: RevokedSet = Arc::new(ArcSwap::from_pointee(Default::default()));
-        revocation::reload(&store, &revoked).await.context("loading revocations")?;
+        revocation::reload(&store, &revoked)
+            .await
+            .context("loading revocations")?;
         let tls = tms_broker::server_config(ca.cert_der(), chain, key, revoked.clone())
             .context("building the TLS configuration")?;
 
@@ -96,7 +103,10 @@ impl App {
             .await
             .context("ending sessions of an earlier run")?;
         if ended > 0 {
-            tracing::info!(devices = ended, "marked devices of an earlier run offline (gateway_restart)");
+            tracing::info!(
+                devices = ended,
+                "marked devices of an earlier run offline (gateway_restart)"
+            );
         }
 
         let (events_tx, events_rx) = mpsc::channel(config.ingest.queue_capacity);
@@ -189,7 +199,12 @@ impl App {
                 .with_graceful_shutdown(http_stop.cancelled_owned())
                 .await
         });
-        let mut revocation_task = tokio::spawn(revocation::watch(store.clone(), revoked, broker.clone(), stop.clone()));
+        let mut revocation_task = tokio::spawn(revocation::watch(
+            store.clone(),
+            revoked,
+            broker.clone(),
+            stop.clone(),
+        ));
 
         // The first part to end (other than by shutdown) stops the others and is reported.
         let mut failure: Option<anyhow::Error> = None;
@@ -242,7 +257,11 @@ fn part_failed(name: &str, r: Result<Result<()>, tokio::task::JoinError>) -> any
         Ok(Err(e)) => e.context(format!("{name} failed")),
         Err(join) => anyhow!(join).context(format!("{name} panicked")),
     };
-    tracing::error!(part = name, error = format!("{e:#}"), "a part of the gateway stopped; shutting down");
+    tracing::error!(
+        part = name,
+        error = format!("{e:#}"),
+        "a part of the gateway stopped; shutting down"
+    );
     e
 }
 

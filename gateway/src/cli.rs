@@ -6,16 +6,20 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use time::OffsetDateTime;
-use tokio_util::sync::CancellationToken;
 use tms_api::{auth, provisioning, views};
 use tms_certs::DeviceKey;
 use tms_config::Config;
 use tms_gateway::{App, open_parts};
 use tms_model::{ConnState, DeviceSerial, Mac};
 use tms_store::{DeviceFilter, NewDevice, NewUser};
+use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
-#[command(name = "tms-gateway", version, about = "Secure MQTT gateway and device registry for Toshiba RemotEye 4 UPS cards")]
+#[command(
+    name = "tms-gateway",
+    version,
+    about = "Secure MQTT gateway and device registry for Toshiba RemotEye 4 UPS cards"
+)]
 pub struct Args {
     /// TOML configuration file; TMS_* environment variables override it.
     #[arg(long, global = true, value_name = "FILE")]
@@ -142,24 +146,47 @@ pub fn init_logging(command: &Command) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 pub async fn run(command: Command, config: Config) -> Result<()> {
     match command {
         Command::Serve => serve(config).await,
-        Command::User { command: UserCommand::Add { email, role, password_stdin } } => {
-            user_add(config, email, role, password_stdin).await
-        }
+        Command::User {
+            command:
+                UserCommand::Add {
+                    email,
+                    role,
+                    password_stdin,
+                },
+        } => user_add(config, email, role, password_stdin).await,
         Command::Device { command } => device(config, command).await,
-        Command::Ca { command: CaCommand::Show } => {
+        Command::Ca {
+            command: CaCommand::Show,
+        } => {
             let (_, ca) = open_parts(&config).await?;
             let info = ca.info();
             println!("subject:      {}", info.subject);
             println!("sha256:       {}", colon_hex(&info.sha256_fingerprint));
-            println!("not before:   {}", views::time(Some(info.not_before.unix_timestamp() * 1000)).as_str().unwrap_or("?"));
-            println!("not after:    {}", views::time(Some(info.not_after.unix_timestamp() * 1000)).as_str().unwrap_or("?"));
-            println!("certificate:  {}", config.data_dir.join("ca/ca.pem").display());
+            println!(
+                "not before:   {}",
+                views::time(Some(info.not_before.unix_timestamp() * 1000))
+                    .as_str()
+                    .unwrap_or("?")
+            );
+            println!(
+                "not after:    {}",
+                views::time(Some(info.not_after.unix_timestamp() * 1000))
+                    .as_str()
+                    .unwrap_or("?")
+            );
+            println!(
+                "certificate:  {}",
+                config.data_dir.join("ca/ca.pem").display()
+            );
             Ok(())
         }
     }
@@ -201,13 +228,21 @@ async fn wait_for_signal() {
     }
 }
 
-async fn user_add(config: Config, email: String, role: StaffRole, password_stdin: bool) -> Result<()> {
+async fn user_add(
+    config: Config,
+    email: String,
+    role: StaffRole,
+    password_stdin: bool,
+) -> Result<()> {
     if !email.contains('@') || email.starts_with('@') || email.ends_with('@') {
         return Err(usage(format!("--email {email:?} is not an email address")));
     }
     let (password, generated) = if password_stdin {
         let mut line = String::new();
-        std::io::stdin().lock().read_line(&mut line).context("reading the password from stdin")?;
+        std::io::stdin()
+            .lock()
+            .read_line(&mut line)
+            .context("reading the password from stdin")?;
         let password = line.trim_end_matches(['\r', '\n']).to_owned();
         if password.chars().count() < 10 {
             return Err(usage("the password must have at least 10 characters"));
@@ -217,9 +252,10 @@ async fn user_add(config: Config, email: String, role: StaffRole, password_stdin
         (auth::generate_password(), true)
     };
     let (store, _) = open_parts(&config).await?;
-    let hash = tokio::task::spawn_blocking(move || auth::hash_password(&password).map(|h| (h, password)))
-        .await
-        .context("hashing task")??;
+    let hash =
+        tokio::task::spawn_blocking(move || auth::hash_password(&password).map(|h| (h, password)))
+            .await
+            .context("hashing task")??;
     let role_name = match role {
         StaffRole::Admin => "admin",
         StaffRole::Provider => "provider",
@@ -273,11 +309,15 @@ async fn device(config: Config, command: DeviceCommand) -> Result<()> {
                 return Err(usage("--company must not be empty"));
             }
             if !(1..=120).contains(&lease_months) {
-                return Err(usage(format!("--lease-months {lease_months} must be between 1 and 120")));
+                return Err(usage(format!(
+                    "--lease-months {lease_months} must be between 1 and 120"
+                )));
             }
             let start_date = match start_date {
                 Some(d) => {
-                    provisioning::parse_date(&d).ok_or_else(|| usage(format!("--start-date {d:?} is not a date (YYYY-MM-DD)")))?;
+                    provisioning::parse_date(&d).ok_or_else(|| {
+                        usage(format!("--start-date {d:?} is not a date (YYYY-MM-DD)"))
+                    })?;
                     d
                 }
                 None => OffsetDateTime::now_utc().date().to_string(),
@@ -320,7 +360,10 @@ async fn device(config: Config, command: DeviceCommand) -> Result<()> {
                 let list: Vec<_> = devices.iter().map(views::device).collect();
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
-                println!("{:<20} {:<16} {:<26} {:<24} {:<12} {}", "SERIAL", "STATE", "SINCE", "COMPANY", "UPS MODEL", "LAST ERROR");
+                println!(
+                    "{:<20} {:<16} {:<26} {:<24} {:<12} LAST ERROR",
+                    "SERIAL", "STATE", "SINCE", "COMPANY", "UPS MODEL"
+                );
                 for d in &devices {
                     let since = views::time(d.status.since);
                     println!(
@@ -360,24 +403,46 @@ async fn device(config: Config, command: DeviceCommand) -> Result<()> {
             let serial = serial_arg(&serial)?;
             let key = match &csr {
                 Some(path) => DeviceKey::Csr(
-                    std::fs::read_to_string(path).with_context(|| format!("reading CSR {}", path.display()))?,
+                    std::fs::read_to_string(path)
+                        .with_context(|| format!("reading CSR {}", path.display()))?,
                 ),
                 None => DeviceKey::Generate,
             };
             let (store, ca) = open_parts(&config).await?;
-            let issued = provisioning::issue_device_certificate(&store, ca.clone(), &serial, key, OffsetDateTime::now_utc())
-                .await
-                .with_context(|| format!("issuing a certificate for {serial}"))?;
+            let issued = provisioning::issue_device_certificate(
+                &store,
+                ca.clone(),
+                &serial,
+                key,
+                OffsetDateTime::now_utc(),
+            )
+            .await
+            .with_context(|| format!("issuing a certificate for {serial}"))?;
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
             if let Some(key_pem) = &issued.private_key_pem {
                 write_private(&out.join(format!("{serial}.key")), key_pem)?;
             }
             let chain = format!("{}{}", issued.certificate_pem, ca.cert_pem());
-            std::fs::write(out.join(format!("{serial}.pem")), chain).context("writing the certificate")?;
+            std::fs::write(out.join(format!("{serial}.pem")), chain)
+                .context("writing the certificate")?;
             std::fs::write(out.join("ca.pem"), ca.cert_pem()).context("writing ca.pem")?;
             println!("issued certificate {} for {serial}", issued.serial_number);
-            println!("valid until {}", views::time(Some(issued.not_after.unix_timestamp() * 1000)).as_str().unwrap_or("?"));
-            println!("files in {}: {}{}.pem, ca.pem", out.display(), if issued.private_key_pem.is_some() { format!("{serial}.key, ") } else { String::new() }, serial);
+            println!(
+                "valid until {}",
+                views::time(Some(issued.not_after.unix_timestamp() * 1000))
+                    .as_str()
+                    .unwrap_or("?")
+            );
+            println!(
+                "files in {}: {}{}.pem, ca.pem",
+                out.display(),
+                if issued.private_key_pem.is_some() {
+                    format!("{serial}.key, ")
+                } else {
+                    String::new()
+                },
+                serial
+            );
             store.close().await;
             Ok(())
         }
@@ -407,7 +472,8 @@ fn write_private(path: &Path, contents: &str) -> Result<()> {
         .mode(0o600)
         .open(path)
         .with_context(|| format!("writing {}", path.display()))?;
-    f.write_all(contents.as_bytes()).with_context(|| format!("writing {}", path.display()))
+    f.write_all(contents.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 fn print_tree(v: &serde_json::Value, indent: &str) {

@@ -13,7 +13,12 @@ fn main() -> ExitCode {
     let config = match Config::load(args.config.as_deref()) {
         Ok(c) => c,
         Err(e @ ConfigError::Read { .. }) => {
-            eprintln!("error: {e}: {}", std::error::Error::source(&e).map(ToString::to_string).unwrap_or_default());
+            eprintln!(
+                "error: {e}: {}",
+                std::error::Error::source(&e)
+                    .map(ToString::to_string)
+                    .unwrap_or_default()
+            );
             return ExitCode::from(2);
         }
         Err(e) => {
@@ -22,7 +27,10 @@ fn main() -> ExitCode {
         }
     };
     cli::init_logging(&args.command);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: starting the async runtime: {e}");

@@ -6,22 +6,35 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_util::sync::CancellationToken;
 use tms_broker::{Broker, DisconnectReason, RevokedSet};
 use tms_store::Store;
+use tokio_util::sync::CancellationToken;
 
 pub(crate) const POLL: Duration = Duration::from_millis(200);
 
 /// Loads the full revoked set into `revoked`; returns the serials that were not in it before.
-pub(crate) async fn reload(store: &Store, revoked: &RevokedSet) -> Result<HashSet<String>, tms_store::StoreError> {
-    let all: HashSet<String> = store.revoked_certificates().await?.into_iter().map(|(s, _)| s).collect();
+pub(crate) async fn reload(
+    store: &Store,
+    revoked: &RevokedSet,
+) -> Result<HashSet<String>, tms_store::StoreError> {
+    let all: HashSet<String> = store
+        .revoked_certificates()
+        .await?
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
     let before = revoked.load();
     let added = all.difference(&before).cloned().collect();
     revoked.store(Arc::new(all));
     Ok(added)
 }
 
-pub(crate) async fn watch(store: Store, revoked: RevokedSet, broker: Arc<Broker>, stop: CancellationToken) {
+pub(crate) async fn watch(
+    store: Store,
+    revoked: RevokedSet,
+    broker: Arc<Broker>,
+    stop: CancellationToken,
+) {
     let mut marker = None;
     loop {
         tokio::select! {
@@ -42,11 +55,18 @@ pub(crate) async fn watch(store: Store, revoked: RevokedSet, broker: Arc<Broker>
             Ok(added) => {
                 marker = Some(current);
                 if !added.is_empty() {
-                    let closed = broker.close_sessions_with_certs(&added, DisconnectReason::Revoked);
-                    tracing::info!(revoked = added.len(), sessions_closed = closed, "revocations applied");
+                    let closed =
+                        broker.close_sessions_with_certs(&added, DisconnectReason::Revoked);
+                    tracing::info!(
+                        revoked = added.len(),
+                        sessions_closed = closed,
+                        "revocations applied"
+                    );
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "cannot reload revocations; keeping the current set"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot reload revocations; keeping the current set")
+            }
         }
     }
 }

@@ -4,7 +4,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use tms_broker::{BrokerEvent, DeviceMessage, TopicKind};
-use tms_store::{InfoRow, LocationRow, QuarantineRow, RefusalRow, StatusEvent, TelemetryRow, WriteBatch};
+use tms_store::{
+    InfoRow, LocationRow, QuarantineRow, RefusalRow, StatusEvent, TelemetryRow, WriteBatch,
+};
 
 use crate::payload::{parse_info, parse_location, parse_telemetry};
 
@@ -228,9 +230,16 @@ mod tests {
         let batch = b.take();
         assert_eq!(batch.quarantine.len(), 1);
         assert_eq!(batch.telemetry.len(), 1);
-        assert_eq!(batch.telemetry[0].ts, 2, "no ts in the payload: receive time");
+        assert_eq!(
+            batch.telemetry[0].ts, 2,
+            "no ts in the payload: receive time"
+        );
         assert_eq!(batch.locations.len(), 1);
-        let seen: Vec<_> = batch.status.iter().filter(|s| matches!(s, StatusEvent::Seen { .. })).collect();
+        let seen: Vec<_> = batch
+            .status
+            .iter()
+            .filter(|s| matches!(s, StatusEvent::Seen { .. }))
+            .collect();
         assert_eq!(seen.len(), 1, "one last-seen per session per batch");
         assert!(b.take().is_empty());
     }
@@ -256,6 +265,13 @@ mod tests {
         });
         let batch = b.take();
         assert_eq!(batch.refusals.len(), 1);
-        assert_eq!((batch.refusals[0].attempts, batch.refusals[0].first_at, batch.refusals[0].last_at), (1000, 0, 999));
+        assert_eq!(
+            (
+                batch.refusals[0].attempts,
+                batch.refusals[0].first_at,
+                batch.refusals[0].last_at
+            ),
+            (1000, 0, 999)
+        );
     }
 }

@@ -14,10 +14,10 @@ pub use payload::{LocationPayload, TelemetrySummary, parse_location, parse_telem
 
 use std::time::Duration;
 
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 use tms_broker::BrokerEvent;
 use tms_store::{Store, WriteBatch};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Clone)]
 pub struct IngestSettings {
@@ -38,7 +38,11 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 impl Ingest {
     pub fn new(store: Store, rx: mpsc::Receiver<BrokerEvent>, settings: IngestSettings) -> Self {
-        Ingest { store, rx, settings }
+        Ingest {
+            store,
+            rx,
+            settings,
+        }
     }
 
     /// Runs until `drain` is cancelled (after the broker has stopped) and every queued event
@@ -95,7 +99,8 @@ impl Ingest {
             let started = std::time::Instant::now();
             match self.store.write_batch(&batch).await {
                 Ok(()) => {
-                    metrics::histogram!("tms_ingest_commit_duration_seconds").record(started.elapsed().as_secs_f64());
+                    metrics::histogram!("tms_ingest_commit_duration_seconds")
+                        .record(started.elapsed().as_secs_f64());
                     metrics::histogram!("tms_ingest_batch_rows").record(rows as f64);
                     metrics::counter!("tms_ingest_rows_written_total").increment(rows as u64);
                     return;

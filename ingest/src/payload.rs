@@ -25,7 +25,10 @@ pub(crate) fn object(payload: &[u8]) -> Result<Map<String, Value>, String> {
     let text = std::str::from_utf8(payload).map_err(|e| format!("payload is not UTF-8: {e}"))?;
     match serde_json::from_str::<Value>(text) {
         Ok(Value::Object(map)) => Ok(map),
-        Ok(other) => Err(format!("payload must be a JSON object, got {}", kind_of(&other))),
+        Ok(other) => Err(format!(
+            "payload must be a JSON object, got {}",
+            kind_of(&other)
+        )),
         Err(e) => Err(format!("payload is not valid JSON: {e}")),
     }
 }
@@ -45,7 +48,10 @@ fn number(map: &Map<String, Value>, path: &str, key: &str) -> Result<Option<f64>
     match map.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) => Ok(n.as_f64()),
-        Some(other) => Err(format!("{path}{key} must be a number, got {}", kind_of(other))),
+        Some(other) => Err(format!(
+            "{path}{key} must be a number, got {}",
+            kind_of(other)
+        )),
     }
 }
 
@@ -57,7 +63,10 @@ fn string(map: &Map<String, Value>, key: &str) -> Result<Option<String>, String>
     }
 }
 
-fn sub_object<'a>(map: &'a Map<String, Value>, key: &str) -> Result<Option<&'a Map<String, Value>>, String> {
+fn sub_object<'a>(
+    map: &'a Map<String, Value>,
+    key: &str,
+) -> Result<Option<&'a Map<String, Value>>, String> {
     match map.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Object(o)) => Ok(Some(o)),
@@ -77,10 +86,16 @@ pub fn parse_telemetry(payload: &[u8]) -> Result<(TelemetrySummary, Map<String, 
                 .ok_or("ts must be epoch milliseconds or an RFC 3339 string")?,
         ),
         Some(Value::String(s)) => {
-            let t = OffsetDateTime::parse(s, &Rfc3339).map_err(|e| format!("ts {s:?} is not RFC 3339: {e}"))?;
+            let t = OffsetDateTime::parse(s, &Rfc3339)
+                .map_err(|e| format!("ts {s:?} is not RFC 3339: {e}"))?;
             Some((t.unix_timestamp_nanos() / 1_000_000) as i64)
         }
-        Some(other) => return Err(format!("ts must be epoch milliseconds or an RFC 3339 string, got {}", kind_of(other))),
+        Some(other) => {
+            return Err(format!(
+                "ts must be epoch milliseconds or an RFC 3339 string, got {}",
+                kind_of(other)
+            ));
+        }
     };
     let mode = string(&map, "mode")?;
     let load_pct = number(&map, "", "load_pct")?;
@@ -129,7 +144,11 @@ pub fn parse_location(payload: &[u8]) -> Result<LocationPayload, String> {
     if accuracy_m.is_some_and(|a| a < 0.0) {
         return Err("accuracy_m must not be negative".into());
     }
-    Ok(LocationPayload { lat, lon, accuracy_m })
+    Ok(LocationPayload {
+        lat,
+        lon,
+        accuracy_m,
+    })
 }
 
 /// `system_name` and `firmware` of an info object.
@@ -152,7 +171,10 @@ mod tests {
         assert_eq!(s.mode.as_deref(), Some("on_battery"));
         assert_eq!((s.load_pct, s.battery_charge_pct), (Some(41.5), Some(97.0)));
         assert!(map.contains_key("vendor_x"));
-        assert_eq!(parse_telemetry(br#"{"ts":1700000000123}"#).unwrap().0.ts, Some(1_700_000_000_123));
+        assert_eq!(
+            parse_telemetry(br#"{"ts":1700000000123}"#).unwrap().0.ts,
+            Some(1_700_000_000_123)
+        );
         assert!(parse_telemetry(b"{}").is_ok());
 
         for (bad, field) in [
@@ -172,10 +194,26 @@ mod tests {
     fn location_ranges_are_checked() {
         assert_eq!(
             parse_location(br#"{"lat":29.76,"lon":-95.37}"#).unwrap(),
-            LocationPayload { lat: 29.76, lon: -95.37, accuracy_m: None }
+            LocationPayload {
+                lat: 29.76,
+                lon: -95.37,
+                accuracy_m: None
+            }
         );
-        assert!(parse_location(br#"{"lat":91,"lon":0}"#).unwrap_err().contains("lat"));
-        assert!(parse_location(br#"{"lat":0,"lon":-181}"#).unwrap_err().contains("lon"));
-        assert!(parse_location(br#"{"lat":0}"#).unwrap_err().contains("lon is required"));
+        assert!(
+            parse_location(br#"{"lat":91,"lon":0}"#)
+                .unwrap_err()
+                .contains("lat")
+        );
+        assert!(
+            parse_location(br#"{"lat":0,"lon":-181}"#)
+                .unwrap_err()
+                .contains("lon")
+        );
+        assert!(
+            parse_location(br#"{"lat":0}"#)
+                .unwrap_err()
+                .contains("lon is required")
+        );
     }
 }

@@ -13,7 +13,9 @@ use serde::{Deserialize, Serialize};
 /// Why a value could not be turned into a domain type; the message says what is allowed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ParseError {
-    #[error("device serial {value:?} is invalid: use 1 to 64 characters of A-Z, a-z, 0-9, '-', '_' or '.'")]
+    #[error(
+        "device serial {value:?} is invalid: use 1 to 64 characters of A-Z, a-z, 0-9, '-', '_' or '.'"
+    )]
     Serial { value: String },
     #[error("MAC address {value:?} is invalid: {why}")]
     Mac { value: String, why: &'static str },
@@ -97,7 +99,11 @@ impl Mac {
                 }
                 parts.concat()
             }
-            _ => return Err(err("expected 12 hex digits, optionally separated by ':' or '-'")),
+            _ => {
+                return Err(err(
+                    "expected 12 hex digits, optionally separated by ':' or '-'",
+                ));
+            }
         };
         let mut octets = [0u8; 6];
         for (i, octet) in octets.iter_mut().enumerate() {
@@ -108,7 +114,9 @@ impl Mac {
             return Err(err("the all-zero address is not a device address"));
         }
         if octets[0] & 1 == 1 {
-            return Err(err("a multicast or broadcast address is not a device address"));
+            return Err(err(
+                "a multicast or broadcast address is not a device address",
+            ));
         }
         Ok(Self(octets))
     }
@@ -205,7 +213,10 @@ mod tests {
         for bad in ["", "a/b", "a+b", "a#", "a b", "..", &"x".repeat(65), "é"] {
             assert!(DeviceSerial::parse(bad).is_err(), "{bad:?} accepted");
         }
-        assert_eq!(DeviceSerial::parse("RE4A000123").unwrap().as_str(), "RE4A000123");
+        assert_eq!(
+            DeviceSerial::parse("RE4A000123").unwrap().as_str(),
+            "RE4A000123"
+        );
     }
 
     #[test]
@@ -218,7 +229,14 @@ mod tests {
 
     #[test]
     fn mac_rejects_non_device_addresses() {
-        for bad in ["000000000000", "01:00:5E:00:00:01", "FF-FF-FF-FF-FF-FF", "00:1B:2C:3D:4E", "00:1B-2C:3D:4E:5F", "GG1B2C3D4E5F"] {
+        for bad in [
+            "000000000000",
+            "01:00:5E:00:00:01",
+            "FF-FF-FF-FF-FF-FF",
+            "00:1B:2C:3D:4E",
+            "00:1B-2C:3D:4E:5F",
+            "GG1B2C3D4E5F",
+        ] {
             assert!(Mac::parse(bad).is_err(), "{bad:?} accepted");
         }
     }

@@ -70,7 +70,12 @@ impl Store {
     }
 
     /// Revokes every still-valid certificate of a device; returns their serial numbers.
-    pub async fn revoke_device_certificates(&self, device_serial: &str, reason: &str, now_ms: i64) -> Result<Vec<String>> {
+    pub async fn revoke_device_certificates(
+        &self,
+        device_serial: &str,
+        reason: &str,
+        now_ms: i64,
+    ) -> Result<Vec<String>> {
         let rows = sqlx::query(
             "UPDATE certificates SET revoked_at = $1, revocation_reason = $2 \
              WHERE device_serial = $3 AND revoked_at IS NULL RETURNING serial_number",
@@ -111,8 +116,10 @@ impl Store {
         .await
         .map_err(query_err("reading the revocation marker"))?;
         Ok((
-            row.try_get("n").map_err(query_err("reading the revocation marker"))?,
-            row.try_get("newest").map_err(query_err("reading the revocation marker"))?,
+            row.try_get("n")
+                .map_err(query_err("reading the revocation marker"))?,
+            row.try_get("newest")
+                .map_err(query_err("reading the revocation marker"))?,
         ))
     }
 }

@@ -175,7 +175,12 @@ fn status_from_row(row: &AnyRow) -> Result<DeviceStatus, sqlx::Error> {
 }
 
 /// Finds the company by name, creating it when `create` is set.
-pub(crate) async fn company_id(conn: &mut AnyConnection, name: &str, create: bool, now_ms: i64) -> Result<Option<i64>> {
+pub(crate) async fn company_id(
+    conn: &mut AnyConnection,
+    name: &str,
+    create: bool,
+    now_ms: i64,
+) -> Result<Option<i64>> {
     if create {
         sqlx::query("INSERT INTO companies (name, created_at) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING")
             .bind(name)
@@ -195,7 +200,12 @@ pub(crate) async fn company_id(conn: &mut AnyConnection, name: &str, create: boo
 }
 
 /// Inserts a device inside the caller's transaction; a taken serial or MAC is a `Conflict`.
-pub(crate) async fn insert_device(conn: &mut AnyConnection, d: &NewDevice, company_id: i64, now_ms: i64) -> Result<()> {
+pub(crate) async fn insert_device(
+    conn: &mut AnyConnection,
+    d: &NewDevice,
+    company_id: i64,
+    now_ms: i64,
+) -> Result<()> {
     let taken = sqlx::query("SELECT serial, mac FROM devices WHERE serial = $1 OR mac = $2")
         .bind(d.serial.as_str())
         .bind(d.mac.to_string())
@@ -203,7 +213,9 @@ pub(crate) async fn insert_device(conn: &mut AnyConnection, d: &NewDevice, compa
         .await
         .map_err(query_err("checking device serial and MAC"))?;
     if let Some(row) = taken {
-        let serial: String = row.try_get("serial").map_err(query_err("checking device serial"))?;
+        let serial: String = row
+            .try_get("serial")
+            .map_err(query_err("checking device serial"))?;
         return Err(StoreError::Conflict {
             what: if serial == d.serial.as_str() {
                 "device serial"
@@ -241,12 +253,18 @@ pub(crate) async fn insert_device(conn: &mut AnyConnection, d: &NewDevice, compa
 impl Store {
     /// Registers a device (and its company, if new) in one transaction.
     pub async fn add_device(&self, d: &NewDevice, now_ms: i64) -> Result<()> {
-        let mut tx = self.pool().begin().await.map_err(query_err("starting a transaction"))?;
+        let mut tx = self
+            .pool()
+            .begin()
+            .await
+            .map_err(query_err("starting a transaction"))?;
         let company = company_id(&mut tx, &d.company, true, now_ms)
             .await?
             .ok_or(StoreError::NotFound { what: "company" })?;
         insert_device(&mut tx, d, company, now_ms).await?;
-        tx.commit().await.map_err(query_err("committing a device"))?;
+        tx.commit()
+            .await
+            .map_err(query_err("committing a device"))?;
         Ok(())
     }
 
@@ -368,11 +386,13 @@ impl Store {
     }
 
     pub async fn location(&self, serial: &str) -> Result<Option<LocationRecord>> {
-        let row = sqlx::query("SELECT lat, lon, accuracy_m, source, updated_at FROM locations WHERE serial = $1")
-            .bind(serial)
-            .fetch_optional(self.pool())
-            .await
-            .map_err(query_err("reading a location"))?;
+        let row = sqlx::query(
+            "SELECT lat, lon, accuracy_m, source, updated_at FROM locations WHERE serial = $1",
+        )
+        .bind(serial)
+        .fetch_optional(self.pool())
+        .await
+        .map_err(query_err("reading a location"))?;
         row.map(|r| -> Result<_, sqlx::Error> {
             Ok(LocationRecord {
                 lat: r.try_get("lat")?,
@@ -387,7 +407,11 @@ impl Store {
     }
 
     /// Quarantined (malformed) messages of a device, newest first: `(topic, error, payload)`.
-    pub async fn quarantined(&self, serial: &str, limit: i64) -> Result<Vec<(String, String, Vec<u8>)>> {
+    pub async fn quarantined(
+        &self,
+        serial: &str,
+        limit: i64,
+    ) -> Result<Vec<(String, String, Vec<u8>)>> {
         let rows = sqlx::query(
             "SELECT topic, error, payload FROM quarantine WHERE serial = $1 ORDER BY received_at DESC, id DESC LIMIT $2",
         )
@@ -397,7 +421,13 @@ impl Store {
         .await
         .map_err(query_err("reading quarantine"))?;
         rows.iter()
-            .map(|r| Ok((r.try_get("topic")?, r.try_get("error")?, r.try_get("payload")?)))
+            .map(|r| {
+                Ok((
+                    r.try_get("topic")?,
+                    r.try_get("error")?,
+                    r.try_get("payload")?,
+                ))
+            })
             .collect::<Result<_, sqlx::Error>>()
             .map_err(query_err("decoding quarantine"))
     }

@@ -171,7 +171,9 @@ impl Store {
                     .bind(t.battery_charge_pct)
                     .bind(&t.payload);
             }
-            q.execute(&mut *tx).await.map_err(query_err("storing telemetry"))?;
+            q.execute(&mut *tx)
+                .await
+                .map_err(query_err("storing telemetry"))?;
         }
 
         for row in &batch.quarantine {
@@ -273,7 +275,9 @@ impl Store {
                 .bind(*at)
                 .bind(serial),
             };
-            q.execute(&mut *tx).await.map_err(query_err("updating device status"))?;
+            q.execute(&mut *tx)
+                .await
+                .map_err(query_err("updating device status"))?;
         }
 
         for r in &batch.refusals {
@@ -327,6 +331,8 @@ impl Store {
             }
         }
 
-        tx.commit().await.map_err(query_err("committing an ingest batch"))
+        tx.commit()
+            .await
+            .map_err(query_err("committing an ingest batch"))
     }
 }

@@ -13,8 +13,13 @@ mod ingest;
 mod users;
 
 pub use certificates::CertificateRecord;
-pub use devices::{DeviceFilter, DeviceRecord, DeviceStatus, DeviceView, NewDevice, Refusal, TelemetryRecord, LocationRecord};
-pub use ingest::{InfoRow, LocationRow, QuarantineRow, RefusalRow, StatusEvent, TelemetryRow, WriteBatch};
+pub use devices::{
+    DeviceFilter, DeviceRecord, DeviceStatus, DeviceView, LocationRecord, NewDevice, Refusal,
+    TelemetryRecord,
+};
+pub use ingest::{
+    InfoRow, LocationRow, QuarantineRow, RefusalRow, StatusEvent, TelemetryRow, WriteBatch,
+};
 pub use users::{NewUser, UserRecord};
 
 use std::str::FromStr;
@@ -76,7 +81,10 @@ pub(crate) fn query_err(op: &'static str) -> impl FnOnce(sqlx::Error) -> StoreEr
 }
 
 /// Maps a unique-constraint violation to `Conflict`, anything else to `Query`.
-pub(crate) fn unique_err(op: &'static str, what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
+pub(crate) fn unique_err(
+    op: &'static str,
+    what: &'static str,
+) -> impl FnOnce(sqlx::Error) -> StoreError {
     move |source| match &source {
         sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::Conflict { what },
         _ => StoreError::Query { op, source },
@@ -134,10 +142,13 @@ impl Store {
             Backend::Sqlite => &SQLITE_MIGRATIONS,
             Backend::Postgres => &POSTGRES_MIGRATIONS,
         };
-        migrator.run(&pool).await.map_err(|source| StoreError::Migrate {
-            backend: backend.as_str(),
-            source,
-        })?;
+        migrator
+            .run(&pool)
+            .await
+            .map_err(|source| StoreError::Migrate {
+                backend: backend.as_str(),
+                source,
+            })?;
         Ok(Store {
             pool,
             backend,
@@ -156,8 +167,10 @@ impl Store {
 
     /// Slows every ingest batch down by `delay` (tests of back-pressure only).
     pub fn set_write_delay(&self, delay: Duration) {
-        self.write_delay_ms
-            .store(delay.as_millis().try_into().unwrap_or(u64::MAX), Ordering::Relaxed);
+        self.write_delay_ms.store(
+            delay.as_millis().try_into().unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
     }
 
     pub(crate) fn write_delay(&self) -> Duration {

@@ -1,6 +1,8 @@
 //! One store suite, run against SQLite always and against PostgreSQL when
 //! `TMS_TEST_DATABASE_URL` is set (each test in a fresh schema).
 
+#![expect(clippy::unwrap_used, reason = "test helpers fail the test loudly")]
+
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use sqlx::{Connection, Executor};
@@ -18,10 +20,15 @@ async fn backends() -> Backends {
     let mut stores = vec![Store::open(&url).await.unwrap()];
     if let Ok(base) = std::env::var("TMS_TEST_DATABASE_URL") {
         sqlx::any::install_default_drivers();
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
         let schema = format!("t_{}_{}", std::process::id(), nanos);
         let mut conn = sqlx::AnyConnection::connect(&base).await.unwrap();
-        conn.execute(format!("CREATE SCHEMA {schema}").as_str()).await.unwrap();
+        conn.execute(format!("CREATE SCHEMA {schema}").as_str())
+            .await
+            .unwrap();
         let sep = if base.contains('?') { '&' } else { '?' };
         let url = format!("{base}{sep}options=-c%20search_path%3D{schema}");
         let store = Store::open(&url).await.unwrap();
@@ -52,20 +59,54 @@ fn device(serial: &str, mac: &str, company: &str) -> NewDevice {
 #[tokio::test]
 async fn devices_are_unique_by_serial_and_mac_in_any_spelling() {
     for store in backends().await.stores {
-        store.add_device(&device("RE4A1", "00:1B:2C:3D:4E:5F", "Acme"), 1).await.unwrap();
-        let err = store.add_device(&device("RE4A1", "00:1B:2C:3D:4E:60", "Acme"), 2).await.unwrap_err();
-        assert!(matches!(err, StoreError::Conflict { what: "device serial" }), "{err}");
-        let err = store.add_device(&device("RE4A2", "001b2c3d4e5f", "Other"), 2).await.unwrap_err();
-        assert!(matches!(err, StoreError::Conflict { what: "device MAC" }), "{err}");
-        store.add_device(&device("RE4A2", "00-1B-2C-3D-4E-61", "Acme"), 3).await.unwrap();
+        store
+            .add_device(&device("RE4A1", "00:1B:2C:3D:4E:5F", "Acme"), 1)
+            .await
+            .unwrap();
+        let err = store
+            .add_device(&device("RE4A1", "00:1B:2C:3D:4E:60", "Acme"), 2)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StoreError::Conflict {
+                    what: "device serial"
+                }
+            ),
+            "{err}"
+        );
+        let err = store
+            .add_device(&device("RE4A2", "001b2c3d4e5f", "Other"), 2)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, StoreError::Conflict { what: "device MAC" }),
+            "{err}"
+        );
+        store
+            .add_device(&device("RE4A2", "00-1B-2C-3D-4E-61", "Acme"), 3)
+            .await
+            .unwrap();
 
         let all = store.devices(&DeviceFilter::default()).await.unwrap();
-        assert_eq!(all.len(), 2, "{:?}: the failed inserts left nothing behind", store.backend());
-        assert_eq!(all[0].device.company_id, all[1].device.company_id, "one company, found by name");
+        assert_eq!(
+            all.len(),
+            2,
+            "{:?}: the failed inserts left nothing behind",
+            store.backend()
+        );
+        assert_eq!(
+            all[0].device.company_id, all[1].device.company_id,
+            "one company, found by name"
+        );
         assert_eq!(all[1].device.mac, "00:1B:2C:3D:4E:61");
         assert_eq!(all[0].status.state, ConnState::NeverConnected);
         let found = store
-            .devices(&DeviceFilter { q: Some("re4a2".into()), ..Default::default() })
+            .devices(&DeviceFilter {
+                q: Some("re4a2".into()),
+                ..Default::default()
+            })
             .await
             .unwrap();
         assert_eq!(found.len(), 1);
@@ -75,7 +116,10 @@ async fn devices_are_unique_by_serial_and_mac_in_any_spelling() {
 #[tokio::test]
 async fn status_follows_sessions_and_a_taken_over_session_cannot_mark_offline() {
     for store in backends().await.stores {
-        store.add_device(&device("RE4A1", "00:1B:2C:3D:4E:5F", "Acme"), 1).await.unwrap();
+        store
+            .add_device(&device("RE4A1", "00:1B:2C:3D:4E:5F", "Acme"), 1)
+            .await
+            .unwrap();
         let connected = |sid: &str, at| StatusEvent::Connected {
             serial: "RE4A1".into(),
             session_id: sid.into(),
@@ -92,7 +136,11 @@ async fn status_follows_sessions_and_a_taken_over_session_cannot_mark_offline() 
             reason: reason.into(),
         };
         let batch = WriteBatch {
-            status: vec![connected("s1", 10), connected("s2", 20), disconnected("s1", 21, "taken_over")],
+            status: vec![
+                connected("s1", 10),
+                connected("s2", 20),
+                disconnected("s1", 21, "taken_over"),
+            ],
             ..Default::default()
         };
         store.write_batch(&batch).await.unwrap();
@@ -103,7 +151,11 @@ async fn status_follows_sessions_and_a_taken_over_session_cannot_mark_offline() 
 
         let batch = WriteBatch {
             status: vec![
-                StatusEvent::Seen { serial: "RE4A1".into(), session_id: "s2".into(), at: 25 },
+                StatusEvent::Seen {
+                    serial: "RE4A1".into(),
+                    session_id: "s2".into(),
+                    at: 25,
+                },
                 disconnected("s2", 30, "client_disconnect"),
             ],
             ..Default::default()
@@ -113,9 +165,15 @@ async fn status_follows_sessions_and_a_taken_over_session_cannot_mark_offline() 
         assert_eq!(status.state, ConnState::Offline);
         assert_eq!(status.since, Some(30));
         assert_eq!(status.last_seen, Some(25));
-        assert_eq!(status.last_disconnect_reason.as_deref(), Some("client_disconnect"));
+        assert_eq!(
+            status.last_disconnect_reason.as_deref(),
+            Some("client_disconnect")
+        );
         let offline = store
-            .devices(&DeviceFilter { state: Some(ConnState::Offline), ..Default::default() })
+            .devices(&DeviceFilter {
+                state: Some(ConnState::Offline),
+                ..Default::default()
+            })
             .await
             .unwrap();
         assert_eq!(offline.len(), 1);
@@ -125,7 +183,10 @@ async fn status_follows_sessions_and_a_taken_over_session_cannot_mark_offline() 
 #[tokio::test]
 async fn telemetry_quarantine_and_location_are_stored_in_one_batch() {
     for store in backends().await.stores {
-        store.add_device(&device("RE4A1", "00:1B:2C:3D:4E:5F", "Acme"), 1).await.unwrap();
+        store
+            .add_device(&device("RE4A1", "00:1B:2C:3D:4E:5F", "Acme"), 1)
+            .await
+            .unwrap();
         let telemetry = (0..450)
             .map(|i| TelemetryRow {
                 serial: "RE4A1".into(),
@@ -165,14 +226,20 @@ async fn telemetry_quarantine_and_location_are_stored_in_one_batch() {
         let q = store.quarantined("RE4A1", 10).await.unwrap();
         assert_eq!(q[0].2, b"{not json".to_vec());
         let loc = store.location("RE4A1").await.unwrap().unwrap();
-        assert_eq!((loc.lat, loc.lon, loc.source.as_str()), (29.76, -95.37, "device"));
+        assert_eq!(
+            (loc.lat, loc.lon, loc.source.as_str()),
+            (29.76, -95.37, "device")
+        );
     }
 }
 
 #[tokio::test]
 async fn refusals_are_recorded_for_registered_devices_only_and_coalesced() {
     for store in backends().await.stores {
-        store.add_device(&device("RE4A1", "00:1B:2C:3D:4E:5F", "Acme"), 1).await.unwrap();
+        store
+            .add_device(&device("RE4A1", "00:1B:2C:3D:4E:5F", "Acme"), 1)
+            .await
+            .unwrap();
         let refusal = |serial: &str, reason: &str, at| RefusalRow {
             serial: serial.into(),
             reason: reason.into(),
@@ -183,15 +250,28 @@ async fn refusals_are_recorded_for_registered_devices_only_and_coalesced() {
             attempts: 3,
         };
         let batch = WriteBatch {
-            refusals: vec![refusal("RE4A1", "expired", 100), refusal("STRANGER", "unknown_ca", 100)],
+            refusals: vec![
+                refusal("RE4A1", "expired", 100),
+                refusal("STRANGER", "unknown_ca", 100),
+            ],
             ..Default::default()
         };
         store.write_batch(&batch).await.unwrap();
-        let batch = WriteBatch { refusals: vec![refusal("RE4A1", "expired", 200)], ..Default::default() };
+        let batch = WriteBatch {
+            refusals: vec![refusal("RE4A1", "expired", 200)],
+            ..Default::default()
+        };
         store.write_batch(&batch).await.unwrap();
         let refusals = store.refusals("RE4A1", 10).await.unwrap();
         assert_eq!(refusals.len(), 1, "{refusals:?}");
-        assert_eq!((refusals[0].attempts, refusals[0].first_at, refusals[0].last_at), (6, 100, 200));
+        assert_eq!(
+            (
+                refusals[0].attempts,
+                refusals[0].first_at,
+                refusals[0].last_at
+            ),
+            (6, 100, 200)
+        );
         assert!(store.refusals("STRANGER", 10).await.unwrap().is_empty());
         let status = store.device("RE4A1").await.unwrap().unwrap().status;
         assert_eq!(status.state, ConnState::NeverConnected);
@@ -203,7 +283,10 @@ async fn refusals_are_recorded_for_registered_devices_only_and_coalesced() {
 #[tokio::test]
 async fn certificates_and_accounts() {
     for store in backends().await.stores {
-        store.add_device(&device("RE4A1", "00:1B:2C:3D:4E:5F", "Acme"), 1).await.unwrap();
+        store
+            .add_device(&device("RE4A1", "00:1B:2C:3D:4E:5F", "Acme"), 1)
+            .await
+            .unwrap();
         for (sn, at) in [("0a01", 10), ("0a02", 20)] {
             store
                 .add_certificate(&CertificateRecord {
@@ -219,11 +302,23 @@ async fn certificates_and_accounts() {
                 .await
                 .unwrap();
         }
-        assert_eq!(store.certificates_of("RE4A1").await.unwrap()[0].serial_number, "0a02");
-        let mut revoked = store.revoke_device_certificates("RE4A1", "operator", 50).await.unwrap();
+        assert_eq!(
+            store.certificates_of("RE4A1").await.unwrap()[0].serial_number,
+            "0a02"
+        );
+        let mut revoked = store
+            .revoke_device_certificates("RE4A1", "operator", 50)
+            .await
+            .unwrap();
         revoked.sort();
         assert_eq!(revoked, vec!["0a01", "0a02"]);
-        assert!(store.revoke_device_certificates("RE4A1", "operator", 60).await.unwrap().is_empty());
+        assert!(
+            store
+                .revoke_device_certificates("RE4A1", "operator", 60)
+                .await
+                .unwrap()
+                .is_empty()
+        );
         assert_eq!(store.revoked_certificates().await.unwrap().len(), 2);
 
         let user = NewUser {
@@ -238,9 +333,33 @@ async fn certificates_and_accounts() {
             must_change_password: false,
         };
         let id = store.add_user(&user, 1).await.unwrap();
-        let err = store.add_user(&NewUser { email: "ops@example.COM".into(), ..user.clone() }, 2).await.unwrap_err();
-        assert!(matches!(err, StoreError::Conflict { what: "account email" }), "{err}");
-        let found = store.user_by_email("OPS@example.com").await.unwrap().unwrap();
-        assert_eq!((found.id, found.active, found.role.as_str()), (id, true, "admin"));
+        let err = store
+            .add_user(
+                &NewUser {
+                    email: "ops@example.COM".into(),
+                    ..user.clone()
+                },
+                2,
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StoreError::Conflict {
+                    what: "account email"
+                }
+            ),
+            "{err}"
+        );
+        let found = store
+            .user_by_email("OPS@example.com")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (found.id, found.active, found.role.as_str()),
+            (id, true, "admin")
+        );
     }
 }

@@ -1,0 +1,569 @@
+//! End-to-end tests of the gateway core through the real binary (and, where a test must
+//! reach inside, the same `App` in-process): real TLS, rumqttc and mosquitto_pub clients.
+
+#![expect(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test helpers fail the test loudly"
+)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use rumqttc::{ConnectReturnCode, Event, Packet, QoS, SubscribeReasonCode};
+use support::*;
+use time::OffsetDateTime;
+use tms_certs::{Ca, DeviceKey};
+use tms_model::{ConnState, DeviceSerial};
+use tms_store::{DeviceStatus, Store};
+
+async fn status(store: &Store, serial: &str) -> DeviceStatus {
+    store
+        .device(serial)
+        .await
+        .unwrap()
+        .expect("device registered")
+        .status
+}
+
+async fn wait_state(
+    store: &Store,
+    serial: &str,
+    state: ConnState,
+    within: Duration,
+) -> DeviceStatus {
+    wait_for(&format!("{serial} {state}"), within, || async {
+        let s = status(store, serial).await;
+        (s.state == state).then_some(s)
+    })
+    .await
+}
+
+async fn wait_refusal(store: &Store, serial: &str, reason: &str) -> DeviceStatus {
+    wait_for(
+        &format!("{serial} refused with {reason}"),
+        Duration::from_secs(5),
+        || async {
+            let s = status(store, serial).await;
+            (s.last_connect_error.as_deref() == Some(reason)).then_some(s)
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_connects_publishes_and_is_online_within_a_second() {
+    let gw = TestGateway::start().await;
+    let files = gw.provision("RE4A000123", "00:1B:2C:3D:4E:5F");
+    let store = gw.store().await;
+    assert_eq!(
+        status(&store, "RE4A000123").await.state,
+        ConnState::NeverConnected
+    );
+
+    let (client, mut eventloop) = device_client(&gw, &files);
+    assert_eq!(
+        connack(&mut eventloop).await,
+        Ok(ConnectReturnCode::Success)
+    );
+    let connected = Instant::now();
+    let _driver = drive(eventloop);
+    publish(&client, "RE4A000123", "telemetry", TELEMETRY).await;
+
+    let online = wait_state(
+        &store,
+        "RE4A000123",
+        ConnState::Online,
+        Duration::from_secs(1),
+    )
+    .await;
+    assert!(
+        connected.elapsed() < Duration::from_secs(1),
+        "online after {:?}",
+        connected.elapsed()
+    );
+    assert!(
+        online
+            .peer_addr
+            .as_deref()
+            .unwrap()
+            .starts_with("127.0.0.1:")
+    );
+    let rows = wait_for("telemetry row", Duration::from_secs(2), || async {
+        let rows = store.telemetry("RE4A000123", 10).await.unwrap();
+        (!rows.is_empty()).then_some(rows)
+    })
+    .await;
+    assert_eq!(rows[0].payload["load_pct"], 42);
+    assert_eq!(
+        rows[0].payload["battery"]["runtime_min"], 31,
+        "unknown-to-us nesting kept whole"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_pub_connects_by_name_and_by_ip_literal() {
+    let gw = TestGateway::start().await;
+    let files = gw.provision("RE4A000200", "00:1B:2C:3D:4E:60");
+    for host in ["localhost", "127.0.0.1"] {
+        let out = gw.mosquitto_pub(
+            host,
+            &files,
+            "RE4A000200",
+            "tms/RE4A000200/telemetry",
+            TELEMETRY,
+        );
+        assert!(
+            out.status.success(),
+            "-h {host}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let store = gw.store().await;
+    wait_for("two telemetry rows", Duration::from_secs(2), || async {
+        (store.telemetry_count("RE4A000200").await.unwrap() == 2).then_some(())
+    })
+    .await;
+    // mosquitto_pub disconnects cleanly after publishing.
+    let s = wait_state(
+        &store,
+        "RE4A000200",
+        ConnState::Offline,
+        Duration::from_secs(1),
+    )
+    .await;
+    assert_eq!(
+        s.last_disconnect_reason.as_deref(),
+        Some("client_disconnect")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_connections_are_recorded_against_the_device_with_their_reason() {
+    let gw = TestGateway::start().await;
+    let files = gw.provision("RE4A000300", "00:1B:2C:3D:4E:61");
+    let store = gw.store().await;
+    let serial = DeviceSerial::parse("RE4A000300").unwrap();
+    let now = OffsetDateTime::now_utc();
+
+    // No client certificate: refused in the handshake (nothing names a device).
+    let (_c, mut el) = mqtt_client(&gw, "RE4A000300", client_tls(&files.ca, None));
+    assert!(
+        connack(&mut el).await.is_err(),
+        "connected without a client certificate"
+    );
+
+    // A certificate for this very serial from a foreign CA.
+    let foreign_dir = tempfile::tempdir().unwrap();
+    let (foreign, _) = Ca::load_or_create(foreign_dir.path(), now).unwrap();
+    let forged = foreign
+        .issue_device(
+            &serial,
+            DeviceKey::Generate,
+            now,
+            now + time::Duration::days(30),
+        )
+        .unwrap();
+    let (pem, key) = (
+        foreign_dir.path().join("d.pem"),
+        foreign_dir.path().join("d.key"),
+    );
+    std::fs::write(&pem, &forged.certificate_pem).unwrap();
+    std::fs::write(&key, forged.private_key_pem.as_deref().unwrap()).unwrap();
+    let (_c, mut el) = mqtt_client(&gw, "RE4A000300", client_tls(&files.ca, Some((&pem, &key))));
+    assert!(connack(&mut el).await.is_err());
+    let s = wait_refusal(&store, "RE4A000300", "unknown_ca").await;
+    assert!(
+        s.last_connect_error_detail
+            .unwrap()
+            .contains("not by this gateway's CA")
+    );
+
+    // Expired: signed by our own CA, but its validity ended yesterday.
+    let ca = Ca::load(&gw.data_dir().join("ca")).unwrap();
+    let expired = ca
+        .issue_device(
+            &serial,
+            DeviceKey::Generate,
+            now - time::Duration::days(3),
+            now - time::Duration::days(1),
+        )
+        .unwrap();
+    std::fs::write(&pem, &expired.certificate_pem).unwrap();
+    std::fs::write(&key, expired.private_key_pem.as_deref().unwrap()).unwrap();
+    let (_c, mut el) = mqtt_client(&gw, "RE4A000300", client_tls(&files.ca, Some((&pem, &key))));
+    assert!(connack(&mut el).await.is_err());
+    let s = wait_refusal(&store, "RE4A000300", "expired").await;
+    assert!(s.last_connect_error_detail.unwrap().contains("expired"));
+
+    // Client id differs from the certificate CN: CONNACK "not authorized".
+    let tls = client_tls(&files.ca, Some((&files.pem, &files.key)));
+    let (_c, mut el) = mqtt_client(&gw, "SOMEONE-ELSE", tls);
+    let code = connack(&mut el).await;
+    assert!(
+        matches!(code, Ok(ConnectReturnCode::NotAuthorized))
+            || code.as_ref().is_err_and(|e| e.contains("NotAuthorized")),
+        "{code:?}"
+    );
+    wait_refusal(&store, "RE4A000300", "client_id_mismatch").await;
+
+    // Connected, then outside its own topics: publish dropped, subscribe refused.
+    let (client, mut el) = device_client(&gw, &files);
+    assert_eq!(connack(&mut el).await, Ok(ConnectReturnCode::Success));
+    publish(&client, "RE4A000999", "telemetry", TELEMETRY).await;
+    client.subscribe("tms/#", QoS::AtLeastOnce).await.unwrap();
+    let suback = loop {
+        match tokio::time::timeout(Duration::from_secs(5), el.poll())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            Event::Incoming(Packet::SubAck(ack)) => break ack,
+            _ => continue,
+        }
+    };
+    assert_eq!(suback.return_codes, vec![SubscribeReasonCode::Failure]);
+    client
+        .subscribe("tms/RE4A000300/cmd/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let suback = loop {
+        match tokio::time::timeout(Duration::from_secs(5), el.poll())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            Event::Incoming(Packet::SubAck(ack)) => break ack,
+            _ => continue,
+        }
+    };
+    assert_eq!(
+        suback.return_codes,
+        vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]
+    );
+    wait_refusal(&store, "RE4A000300", "acl_denied").await;
+    let _driver = drive(el);
+    // The session survived the denied packets and still delivers.
+    publish(&client, "RE4A000300", "telemetry", TELEMETRY).await;
+    wait_for(
+        "telemetry after ACL denial",
+        Duration::from_secs(2),
+        || async { (store.telemetry_count("RE4A000300").await.unwrap() == 1).then_some(()) },
+    )
+    .await;
+    assert_eq!(store.telemetry_count("RE4A000999").await.unwrap(), 0);
+
+    let reasons: Vec<String> = store
+        .refusals("RE4A000300", 20)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.reason)
+        .collect();
+    for reason in ["unknown_ca", "expired", "client_id_mismatch", "acl_denied"] {
+        assert!(
+            reasons.iter().any(|r| r == reason),
+            "{reason} missing from {reasons:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_tcp_connection_does_not_delay_a_device() {
+    let gw = TestGateway::start_with(&[("TMS_MQTT_HANDSHAKE_TIMEOUT_SECS", "20")]).await;
+    let files = gw.provision("RE4A000400", "00:1B:2C:3D:4E:62");
+    let _silent: Vec<_> = futures_connect(&gw, 3).await;
+    let started = Instant::now();
+    let (_client, mut el) = device_client(&gw, &files);
+    assert_eq!(connack(&mut el).await, Ok(ConnectReturnCode::Success));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "connect took {:?} behind silent sockets",
+        started.elapsed()
+    );
+}
+
+async fn futures_connect(gw: &TestGateway, n: usize) -> Vec<tokio::net::TcpStream> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(tokio::net::TcpStream::connect(gw.ports.mqtt).await.unwrap());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_within_a_second_of_disconnect_and_of_a_dropped_connection() {
+    let gw = TestGateway::start().await;
+    let files = gw.provision("RE4A000500", "00:1B:2C:3D:4E:63");
+    let store = gw.store().await;
+
+    let (client, mut el) = device_client(&gw, &files);
+    assert_eq!(connack(&mut el).await, Ok(ConnectReturnCode::Success));
+    wait_state(
+        &store,
+        "RE4A000500",
+        ConnState::Online,
+        Duration::from_secs(1),
+    )
+    .await;
+    client.disconnect().await.unwrap();
+    while el.poll().await.is_ok() {}
+    let at = Instant::now();
+    let s = wait_state(
+        &store,
+        "RE4A000500",
+        ConnState::Offline,
+        Duration::from_secs(1),
+    )
+    .await;
+    assert!(at.elapsed() < Duration::from_secs(1));
+    assert_eq!(
+        s.last_disconnect_reason.as_deref(),
+        Some("client_disconnect")
+    );
+
+    let (_client, mut el) = device_client(&gw, &files);
+    assert_eq!(connack(&mut el).await, Ok(ConnectReturnCode::Success));
+    wait_state(
+        &store,
+        "RE4A000500",
+        ConnState::Online,
+        Duration::from_secs(1),
+    )
+    .await;
+    drop(el); // the TCP connection closes without DISCONNECT
+    let s = wait_state(
+        &store,
+        "RE4A000500",
+        ConnState::Offline,
+        Duration::from_secs(1),
+    )
+    .await;
+    assert_eq!(s.last_disconnect_reason.as_deref(), Some("connection_lost"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_payload_is_quarantined_and_the_next_message_stored() {
+    let gw = TestGateway::start().await;
+    let files = gw.provision("RE4A000600", "00:1B:2C:3D:4E:64");
+    let store = gw.store().await;
+    let (client, mut el) = device_client(&gw, &files);
+    assert_eq!(connack(&mut el).await, Ok(ConnectReturnCode::Success));
+    let _driver = drive(el);
+    publish(
+        &client,
+        "RE4A000600",
+        "telemetry",
+        "{\"load_pct\": \"very high\"",
+    )
+    .await;
+    publish(
+        &client,
+        "RE4A000600",
+        "telemetry",
+        r#"{"load_pct": "very high"}"#,
+    )
+    .await;
+    publish(
+        &client,
+        "RE4A000600",
+        "location",
+        r#"{"lat": 29.76, "lon": -95.37, "accuracy_m": 12}"#,
+    )
+    .await;
+    publish(&client, "RE4A000600", "telemetry", TELEMETRY).await;
+    wait_for(
+        "good telemetry after bad",
+        Duration::from_secs(2),
+        || async { (store.telemetry_count("RE4A000600").await.unwrap() == 1).then_some(()) },
+    )
+    .await;
+    let quarantined = store.quarantined("RE4A000600", 10).await.unwrap();
+    assert_eq!(quarantined.len(), 2, "{quarantined:?}");
+    assert!(
+        quarantined
+            .iter()
+            .any(|(_, err, _)| err.contains("load_pct must be a number"))
+    );
+    assert!(
+        quarantined
+            .iter()
+            .any(|(_, _, payload)| payload == b"{\"load_pct\": \"very high\"")
+    );
+    let location = store.location("RE4A000600").await.unwrap().unwrap();
+    assert_eq!(
+        (location.lat, location.lon, location.source.as_str()),
+        (29.76, -95.37, "device")
+    );
+    assert_eq!(
+        status(&store, "RE4A000600").await.state,
+        ConnState::Online,
+        "bad payloads never drop the connection"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_keeps_the_ca_and_issued_certificates_still_connect() {
+    let mut gw = TestGateway::start().await;
+    let files = gw.provision("RE4A000700", "00:1B:2C:3D:4E:65");
+    let before = gw.cli(&["ca", "show"]);
+    let ca_pem = std::fs::read_to_string(gw.data_dir().join("ca/ca.pem")).unwrap();
+    assert_eq!(gw.stop(), Some(0), "graceful stop exits 0: {}", gw.log());
+    gw.restart().await;
+    assert_eq!(gw.cli(&["ca", "show"]), before);
+    assert_eq!(
+        std::fs::read_to_string(gw.data_dir().join("ca/ca.pem")).unwrap(),
+        ca_pem
+    );
+    let (_client, mut el) = device_client(&gw, &files);
+    assert_eq!(connack(&mut el).await, Ok(ConnectReturnCode::Success));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_and_crash_leave_no_device_shown_online() {
+    let mut gw = TestGateway::start().await;
+    let files = gw.provision("RE4A000800", "00:1B:2C:3D:4E:66");
+    let store = gw.store().await;
+    let (_client, mut el) = device_client(&gw, &files);
+    assert_eq!(connack(&mut el).await, Ok(ConnectReturnCode::Success));
+    wait_state(
+        &store,
+        "RE4A000800",
+        ConnState::Online,
+        Duration::from_secs(1),
+    )
+    .await;
+    assert_eq!(gw.stop(), Some(0));
+    let s = status(&store, "RE4A000800").await;
+    assert_eq!(
+        (s.state, s.last_disconnect_reason.as_deref()),
+        (ConnState::Offline, Some("server_shutdown"))
+    );
+
+    gw.restart().await;
+    let (_client, mut el) = device_client(&gw, &files);
+    assert_eq!(connack(&mut el).await, Ok(ConnectReturnCode::Success));
+    wait_state(
+        &store,
+        "RE4A000800",
+        ConnState::Online,
+        Duration::from_secs(1),
+    )
+    .await;
+    gw.kill();
+    gw.restart().await;
+    let s = status(&store, "RE4A000800").await;
+    assert_eq!(
+        (s.state, s.last_disconnect_reason.as_deref()),
+        (ConnState::Offline, Some("gateway_restart"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_store_pushes_back_and_every_acknowledged_message_is_stored() {
+    const DEVICES: usize = 4;
+    const MESSAGES: usize = 300;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut devices = Vec::new();
+    for i in 0..DEVICES {
+        let serial = format!("RE4B{i:06}");
+        cli_in(
+            &data,
+            &[
+                "device",
+                "add",
+                "--serial",
+                &serial,
+                "--mac",
+                &format!("02:00:00:00:01:{i:02X}"),
+                "--company",
+                "Acme",
+            ],
+        );
+        let out = dir.path().join(&serial);
+        cli_in(
+            &data,
+            &["device", "cert", &serial, "--out", out.to_str().unwrap()],
+        );
+        devices.push(DeviceFiles {
+            key: out.join(format!("{serial}.key")),
+            pem: out.join(format!("{serial}.pem")),
+            ca: out.join("ca.pem"),
+            serial,
+        });
+    }
+    let env: std::collections::HashMap<String, String> = [
+        ("TMS_DATA_DIR", data.to_str().unwrap()),
+        ("TMS_MQTT_LISTEN", "127.0.0.1:0"),
+        ("TMS_HTTP_LISTEN", "127.0.0.1:0"),
+        // A queue far smaller than the burst, and a store that takes 100 ms per batch.
+        ("TMS_INGEST_QUEUE_CAPACITY", "16"),
+        ("TMS_INGEST_BATCH_MAX_ROWS", "50"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    let config = tms_gateway::Config::from_sources(None, &env).unwrap();
+    let app = tms_gateway::App::build(config).await.unwrap();
+    app.store().set_write_delay(Duration::from_millis(100));
+    let port = app.ports().mqtt.port();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(app.run(shutdown.clone()));
+
+    let mut publishers = Vec::new();
+    for files in devices.clone() {
+        publishers.push(tokio::spawn(async move {
+            let mut opts = rumqttc::MqttOptions::new(&files.serial, "localhost", port);
+            opts.set_transport(rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Rustls(
+                client_tls(&files.ca, Some((&files.pem, &files.key))),
+            )));
+            let (client, mut el) = rumqttc::AsyncClient::new(opts, 10);
+            let serial = files.serial.clone();
+            tokio::spawn(async move {
+                for n in 0..MESSAGES {
+                    let payload = format!(r#"{{"load_pct":{n}}}"#);
+                    client
+                        .publish(
+                            format!("tms/{serial}/telemetry"),
+                            QoS::AtLeastOnce,
+                            false,
+                            payload,
+                        )
+                        .await
+                        .unwrap();
+                }
+            });
+            let mut acked = 0;
+            while acked < MESSAGES {
+                match tokio::time::timeout(Duration::from_secs(60), el.poll()).await {
+                    Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acked += 1,
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => panic!("{e}"),
+                    Err(_) => panic!("no progress for 60 s after {acked} acks"),
+                }
+            }
+            acked
+        }));
+    }
+    let mut acked = 0;
+    for p in publishers {
+        acked += p.await.unwrap();
+    }
+    assert_eq!(acked, DEVICES * MESSAGES);
+    // Stop right away: whatever was acknowledged but still queued must be written on drain.
+    shutdown.cancel();
+    running.await.unwrap().unwrap();
+    let store = Store::open(&format!("sqlite://{}", data.join("tms.db").display()))
+        .await
+        .unwrap();
+    for files in &devices {
+        assert_eq!(
+            store.telemetry_count(&files.serial).await.unwrap(),
+            MESSAGES as i64,
+            "{}",
+            files.serial
+        );
+    }
+}

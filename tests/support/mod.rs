@@ -1,0 +1,338 @@
+//! TestGateway: the real `tms-gateway` binary on port 0 in a temporary data directory, with
+//! helpers to provision devices through its CLI and to connect real MQTT clients over mTLS.
+
+#![expect(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test helpers fail the test loudly"
+)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rumqttc::{
+    AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
+};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tms_gateway::PortsFile;
+use tms_store::Store;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_tms-gateway");
+
+/// Waits until `check` returns `Some`, polling every 20 ms, or panics after `deadline`.
+pub async fn wait_for<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            start.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Files `device cert` wrote for one device.
+#[derive(Debug, Clone)]
+pub struct DeviceFiles {
+    pub serial: String,
+    pub key: PathBuf,
+    pub pem: PathBuf,
+    pub ca: PathBuf,
+}
+
+pub struct TestGateway {
+    pub dir: tempfile::TempDir,
+    pub ports: PortsFile,
+    child: Option<Child>,
+    env: Vec<(String, String)>,
+}
+
+impl TestGateway {
+    pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// Starts `serve` with extra `TMS_*` variables.
+    pub async fn start_with(extra: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut env: Vec<(String, String)> = vec![
+            (
+                "TMS_DATA_DIR".into(),
+                dir.path().join("data").display().to_string(),
+            ),
+            ("TMS_MQTT_LISTEN".into(), "127.0.0.1:0".into()),
+            ("TMS_HTTP_LISTEN".into(), "127.0.0.1:0".into()),
+            ("TMS_MQTT_HOSTNAMES".into(), "localhost,127.0.0.1".into()),
+        ];
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let mut gw = TestGateway {
+            dir,
+            ports: PortsFile {
+                mqtt: "0.0.0.0:0".parse().unwrap(),
+                http: "0.0.0.0:0".parse().unwrap(),
+            },
+            child: None,
+            env,
+        };
+        gw.spawn().await;
+        gw
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(BIN);
+        cmd.env_clear();
+        for key in ["PATH", "HOME"] {
+            if let Ok(v) = std::env::var(key) {
+                cmd.env(key, v);
+            }
+        }
+        cmd.env("RUST_LOG", "info,rumqttd=off,rustls=error");
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+
+    async fn spawn(&mut self) {
+        let ports_file = self.data_dir().join("ports.json");
+        let _ = std::fs::remove_file(&ports_file);
+        let log = std::fs::File::create(self.dir.path().join("serve.log")).unwrap();
+        let child = self
+            .command()
+            .arg("serve")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        self.ports = wait_for("ports.json", Duration::from_secs(30), || {
+            let text = std::fs::read_to_string(&ports_file).ok();
+            async move { text.and_then(|t| serde_json::from_str(&t).ok()) }
+        })
+        .await;
+    }
+
+    /// Restarts `serve` on the same data directory.
+    pub async fn restart(&mut self) {
+        self.stop();
+        self.spawn().await;
+    }
+
+    /// SIGTERM and wait: the graceful path. Returns the exit status code.
+    pub fn stop(&mut self) -> Option<i32> {
+        let mut child = self.child.take()?;
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status()
+            .unwrap();
+        let status = child.wait().unwrap();
+        status.code()
+    }
+
+    /// SIGKILL: the crash path.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("serve.log")).unwrap_or_default()
+    }
+
+    /// Runs a CLI command against this gateway's data directory; panics on failure.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = self.cli_output(args);
+        assert!(
+            out.status.success(),
+            "tms-gateway {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    pub fn cli_output(&self, args: &[&str]) -> Output {
+        self.command().args(args).output().unwrap()
+    }
+
+    /// Registers a device and issues its certificate files through the CLI.
+    pub fn provision(&self, serial: &str, mac: &str) -> DeviceFiles {
+        self.cli(&[
+            "device",
+            "add",
+            "--serial",
+            serial,
+            "--mac",
+            mac,
+            "--company",
+            "Acme Hospital",
+            "--ups-model",
+            "1600XP",
+            "--ups-serial",
+            "160300007",
+        ]);
+        self.issue(serial)
+    }
+
+    /// Issues (another) certificate for a registered device into its own folder.
+    pub fn issue(&self, serial: &str) -> DeviceFiles {
+        let n = std::fs::read_dir(self.dir.path()).unwrap().count();
+        let out = self.dir.path().join(format!("files-{serial}-{n}"));
+        self.cli(&["device", "cert", serial, "--out", out.to_str().unwrap()]);
+        DeviceFiles {
+            serial: serial.into(),
+            key: out.join(format!("{serial}.key")),
+            pem: out.join(format!("{serial}.pem")),
+            ca: out.join("ca.pem"),
+        }
+    }
+
+    pub async fn store(&self) -> Store {
+        Store::open(&format!(
+            "sqlite://{}",
+            self.data_dir().join("tms.db").display()
+        ))
+        .await
+        .unwrap()
+    }
+
+    pub fn mqtt_port(&self) -> u16 {
+        self.ports.mqtt.port()
+    }
+
+    /// `mosquitto_pub` with the device's files; returns the process output.
+    pub fn mosquitto_pub(
+        &self,
+        host: &str,
+        files: &DeviceFiles,
+        client_id: &str,
+        topic: &str,
+        message: &str,
+    ) -> Output {
+        Command::new("mosquitto_pub")
+            .args(["-h", host, "-p", &self.mqtt_port().to_string(), "--cafile"])
+            .arg(&files.ca)
+            .arg("--cert")
+            .arg(&files.pem)
+            .arg("--key")
+            .arg(&files.key)
+            .args(["-i", client_id, "-t", topic, "-m", message, "-q", "1"])
+            .output()
+            .expect("mosquitto_pub (Debian package mosquitto-clients) must be installed")
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A rustls client configuration trusting `ca` and presenting `cert`/`key` (PEM files).
+pub fn client_tls(ca: &Path, cert: Option<(&Path, &Path)>) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots);
+    let config = match cert {
+        Some((pem, key)) => {
+            let chain: Vec<_> = CertificateDer::pem_file_iter(pem)
+                .unwrap()
+                .map(|c| c.unwrap())
+                .collect();
+            let key = PrivateKeyDer::from_pem_file(key).unwrap();
+            builder.with_client_auth_cert(chain, key).unwrap()
+        }
+        None => builder.with_no_client_auth(),
+    };
+    Arc::new(config)
+}
+
+/// A rumqttc client connecting to the gateway as `client_id` with the given TLS identity.
+pub fn mqtt_client(
+    gw: &TestGateway,
+    client_id: &str,
+    tls: Arc<rustls::ClientConfig>,
+) -> (AsyncClient, EventLoop) {
+    let mut opts = MqttOptions::new(client_id, "localhost", gw.mqtt_port());
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_transport(Transport::Tls(TlsConfiguration::Rustls(tls)));
+    AsyncClient::new(opts, 100)
+}
+
+pub fn device_client(gw: &TestGateway, files: &DeviceFiles) -> (AsyncClient, EventLoop) {
+    mqtt_client(
+        gw,
+        &files.serial,
+        client_tls(&files.ca, Some((&files.pem, &files.key))),
+    )
+}
+
+/// Polls the event loop until CONNACK; returns its return code or the connection error.
+pub async fn connack(eventloop: &mut EventLoop) -> Result<rumqttc::ConnectReturnCode, String> {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(15), eventloop.poll()).await {
+            Err(_) => return Err("no CONNACK within 15 s".into()),
+            Ok(Ok(Event::Incoming(Packet::ConnAck(ack)))) => return Ok(ack.code),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e.to_string()),
+        }
+    }
+}
+
+/// Drives the event loop in the background; returns the task.
+pub fn drive(mut eventloop: EventLoop) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move { while eventloop.poll().await.is_ok() {} })
+}
+
+pub const TELEMETRY: &str = r#"{"mode":"online","load_pct":42,"battery":{"charge_pct":99,"runtime_min":31},"input":{"voltage":230.1,"frequency_hz":50},"alarms":[]}"#;
+
+pub async fn publish(client: &AsyncClient, serial: &str, kind: &str, payload: &str) {
+    client
+        .publish(
+            format!("tms/{serial}/{kind}"),
+            QoS::AtLeastOnce,
+            false,
+            payload.as_bytes().to_vec(),
+        )
+        .await
+        .unwrap();
+}
+
+/// Runs a CLI command on a data directory with no gateway running.
+pub fn cli_in(data_dir: &Path, args: &[&str]) -> String {
+    let out = Command::new(BIN)
+        .env("TMS_DATA_DIR", data_dir)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "tms-gateway {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
