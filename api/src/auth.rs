@@ -42,6 +42,21 @@ pub fn generate_password() -> String {
         .collect()
 }
 
+/// A fresh secret token (256 random bits, hex) and the SHA-256 hash that is stored instead.
+pub fn new_token() -> (String, String) {
+    let mut bytes = [0u8; 32];
+    rand::fill(&mut bytes);
+    let token = hex::encode(bytes);
+    let hash = token_hash(&token);
+    (token, hash)
+}
+
+/// What the store keeps of a token: its SHA-256, so a database leak yields no usable token.
+pub fn token_hash(token: &str) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,6 +5,7 @@
 //! which certificates were revoked.
 
 pub mod auth;
+pub mod mail;
 pub mod provisioning;
 pub mod views;
 

@@ -76,6 +76,10 @@ pub struct Http {
 pub struct Mail {
     pub outbox_dir: PathBuf,
     pub smtp_url: Option<String>,
+    /// Sender of every email, `Name <address>` or a bare address.
+    pub from: String,
+    /// First retry of a failed delivery after this long, doubling up to an hour.
+    pub retry_base: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -117,6 +121,8 @@ impl fmt::Debug for Mail {
         f.debug_struct("Mail")
             .field("outbox_dir", &self.outbox_dir)
             .field("smtp_url", &self.smtp_url.as_deref().map(redact_url))
+            .field("from", &self.from)
+            .field("retry_base", &self.retry_base)
             .finish()
     }
 }
@@ -154,6 +160,8 @@ const KEYS: &[(&str, &str)] = &[
     ("http", "public_url"),
     ("mail", "outbox_dir"),
     ("mail", "smtp_url"),
+    ("mail", "from"),
+    ("mail", "retry_base_secs"),
     ("presence", "offline_after_secs"),
     ("certs", "rotation_overlap_days"),
     ("ingest", "queue_capacity"),
@@ -477,6 +485,21 @@ fn build(b: &mut Builder) -> Config {
         }
     });
 
+    let from = match b.string("mail.from") {
+        Some(f) if f.contains('@') => f,
+        Some(f) => {
+            b.fail(
+                "mail.from",
+                f,
+                "expected an email address, e.g. TMS <noreply@example.com>",
+            );
+            String::new()
+        }
+        None => "tms-gateway <noreply@localhost>".to_owned(),
+    };
+
+    let retry_base = b.int("mail.retry_base_secs", 10, 1, 3600);
+
     let offline_after = b.parsed("presence.offline_after_secs", None, |s| {
         let secs: f64 = s
             .parse()
@@ -506,6 +529,8 @@ fn build(b: &mut Builder) -> Config {
         mail: Mail {
             outbox_dir,
             smtp_url,
+            from,
+            retry_base: Duration::from_secs(retry_base),
         },
         presence: Presence { offline_after },
         certs: Certs {

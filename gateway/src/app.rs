@@ -10,17 +10,22 @@ use anyhow::{Context, Result, anyhow};
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
+use tms_api::mail::{Composer, Mailer};
 use tms_broker::{Broker, BrokerSettings, RevokedSet};
 use tms_certs::Ca;
 use tms_config::Config;
 use tms_ingest::{Ingest, IngestSettings};
 use tms_store::Store;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::revocation;
+
+/// Login tokens live this long; activation links this long.
+const TOKEN_TTL: std::time::Duration = std::time::Duration::from_secs(12 * 3600);
+const ACTIVATION_TTL: std::time::Duration = std::time::Duration::from_secs(48 * 3600);
 
 /// `<data_dir>/ports.json`: where the listeners actually are (port 0 picks one).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -173,6 +178,8 @@ impl App {
     /// Serves until `shutdown` is cancelled or a part fails, then stops everything in order.
     pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
         let App {
+            config,
+            ports,
             store,
             ca,
             broker,
@@ -180,7 +187,6 @@ impl App {
             ingest,
             mqtt,
             http,
-            ..
         } = self;
         let stop = shutdown.child_token();
         let drain = CancellationToken::new();
@@ -188,10 +194,35 @@ impl App {
 
         let mut broker_task = tokio::spawn(broker.clone().run(mqtt, stop.clone()));
         let mut ingest_task = tokio::spawn(ingest.run(drain.clone()));
+        let mail_queued = Arc::new(Notify::new());
+        let revocations_changed = Arc::new(Notify::new());
+        let public_url = config
+            .http
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", ports.http));
+        let mailer = Mailer::new(
+            store.clone(),
+            config.mail.outbox_dir.clone(),
+            config.mail.smtp_url.as_deref(),
+            config.mail.from.clone(),
+            config.mail.retry_base,
+            mail_queued.clone(),
+        )
+        .context("setting up mail delivery")?;
+        let mut mailer_task = tokio::spawn(mailer.run(stop.clone()));
         let api = tms_api::router(tms_api::ApiState {
             store: store.clone(),
             ca,
             broker_listening: listening.clone(),
+            mail: Composer {
+                from: config.mail.from.clone(),
+                public_url,
+            },
+            mail_queued,
+            revocations_changed: revocations_changed.clone(),
+            token_ttl: TOKEN_TTL,
+            activation_ttl: ACTIVATION_TTL,
         });
         let http_stop = stop.clone();
         let mut http_task: JoinHandle<std::io::Result<()>> = tokio::spawn(async move {
@@ -203,6 +234,7 @@ impl App {
             store.clone(),
             revoked,
             broker.clone(),
+            revocations_changed,
             stop.clone(),
         ));
 
@@ -222,6 +254,7 @@ impl App {
             }
             r = &mut ingest_task => failure = Some(part_failed("ingest", r.map(|()| Ok(())))),
             r = &mut revocation_task => failure = Some(part_failed("revocation", r.map(|()| Ok(())))),
+            r = &mut mailer_task => failure = Some(part_failed("mailer", r.map(|()| Ok(())))),
         }
         stop.cancel();
         listening.store(false, Ordering::Relaxed);
@@ -236,6 +269,7 @@ impl App {
             tracing::error!(error = %e, "http stopped with an error");
         }
         revocation_task.abort();
+        mailer_task.abort();
         drop(broker);
         // Every session has reported its disconnect; now write everything that is queued.
         drain.cancel();

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use tms_broker::{Broker, DisconnectReason, RevokedSet};
 use tms_store::Store;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 pub(crate) const POLL: Duration = Duration::from_millis(200);
@@ -33,6 +34,7 @@ pub(crate) async fn watch(
     store: Store,
     revoked: RevokedSet,
     broker: Arc<Broker>,
+    changed: Arc<Notify>,
     stop: CancellationToken,
 ) {
     let mut marker = None;
@@ -40,6 +42,8 @@ pub(crate) async fn watch(
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(POLL) => {}
+            // A revocation made in this process: apply it now, not at the next poll.
+            _ = changed.notified() => {}
         }
         let current = match store.revocation_marker().await {
             Ok(m) => m,

@@ -7,11 +7,15 @@
 //!
 //! Not here: deciding what to write (that is ingest's and the API's job) or how to show it.
 
+mod accounts;
 mod certificates;
 mod devices;
 mod ingest;
 mod users;
 
+pub use accounts::{
+    OutgoingMail, QueuedMail, Registration, RegistrationCompany, RegistrationIds, RegistrationUser,
+};
 pub use certificates::CertificateRecord;
 pub use devices::{
     DeviceFilter, DeviceRecord, DeviceStatus, DeviceView, LocationRecord, NewDevice, Refusal,

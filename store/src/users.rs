@@ -31,9 +31,10 @@ pub struct UserRecord {
     pub active: bool,
     pub must_change_password: bool,
     pub created_at: i64,
+    pub locked_until: Option<i64>,
 }
 
-fn from_row(r: &AnyRow) -> Result<UserRecord, sqlx::Error> {
+pub(crate) fn user_from_row(r: &AnyRow) -> Result<UserRecord, sqlx::Error> {
     Ok(UserRecord {
         id: r.try_get("id")?,
         email: r.try_get("email")?,
@@ -46,6 +47,7 @@ fn from_row(r: &AnyRow) -> Result<UserRecord, sqlx::Error> {
         active: r.try_get::<i64, _>("active")? != 0,
         must_change_password: r.try_get::<i64, _>("must_change_password")? != 0,
         created_at: r.try_get("created_at")?,
+        locked_until: r.try_get("locked_until")?,
     })
 }
 
@@ -78,7 +80,7 @@ impl Store {
             .fetch_optional(self.pool())
             .await
             .map_err(query_err("finding an account"))?;
-        row.map(|r| from_row(&r))
+        row.map(|r| user_from_row(&r))
             .transpose()
             .map_err(query_err("decoding an account"))
     }

@@ -6,6 +6,10 @@
     clippy::expect_used,
     reason = "test helpers fail the test loudly"
 )]
+#![expect(
+    dead_code,
+    reason = "each test binary uses a different part of the helpers"
+)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -335,4 +339,51 @@ pub fn cli_in(data_dir: &Path, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
+}
+
+impl TestGateway {
+    /// Base URL of the HTTP API.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.ports.http)
+    }
+
+    /// Runs a CLI command with `input` on standard input; panics on failure.
+    pub fn cli_stdin(&self, args: &[&str], input: &str) -> String {
+        use std::io::Write;
+        let mut child = self
+            .command()
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "tms-gateway {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// The `.eml` files in the outbox, oldest first.
+    pub fn outbox(&self) -> Vec<String> {
+        let dir = self.data_dir().join("outbox");
+        let mut names: Vec<_> = std::fs::read_dir(&dir)
+            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+            .unwrap_or_default();
+        names.retain(|p: &PathBuf| p.extension().is_some_and(|e| e == "eml"));
+        names.sort();
+        names
+            .iter()
+            .map(|p| std::fs::read_to_string(p).unwrap())
+            .collect()
+    }
 }

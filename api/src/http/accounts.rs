@@ -1,0 +1,327 @@
+//! Login, logout, activation, the caller's own account, password change — and the `Caller`
+//! extractor every authenticated route uses.
+
+use std::sync::OnceLock;
+
+use axum::extract::{FromRequestParts, State};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tms_model::now_ms;
+use tms_store::UserRecord;
+
+use super::{ApiError, ApiState};
+use crate::auth::{hash_password, new_token, token_hash, verify_password};
+
+/// Failed logins before an account is locked, and for how long.
+const LOCK_AFTER_FAILURES: i64 = 5;
+const LOCK_MS: i64 = 15 * 60 * 1000;
+pub(crate) const MIN_PASSWORD_CHARS: usize = 10;
+
+/// An authenticated caller whose password is not temporary.
+pub(crate) struct Caller {
+    pub user: UserRecord,
+}
+
+/// An authenticated caller who may still hold a temporary password (only `/me` routes).
+pub(crate) struct AnyCaller {
+    pub user: UserRecord,
+    pub token_hash: String,
+}
+
+fn bearer(parts: &Parts) -> Option<&str> {
+    parts
+        .headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+}
+
+impl FromRequestParts<ApiState> for AnyCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &ApiState,
+    ) -> Result<Self, Self::Rejection> {
+        let token = bearer(parts).ok_or_else(ApiError::unauthorized)?;
+        let hash = token_hash(token);
+        let user = state
+            .store
+            .user_by_token(&hash, now_ms())
+            .await?
+            .filter(|u| u.active)
+            .ok_or_else(ApiError::unauthorized)?;
+        Ok(AnyCaller {
+            user,
+            token_hash: hash,
+        })
+    }
+}
+
+impl FromRequestParts<ApiState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &ApiState,
+    ) -> Result<Self, Self::Rejection> {
+        let AnyCaller { user, .. } = AnyCaller::from_request_parts(parts, state).await?;
+        if user.must_change_password {
+            return Err(ApiError::forbidden(
+                "password_change_required",
+                "change the temporary password first: POST /api/v1/me/password",
+            ));
+        }
+        Ok(Caller { user })
+    }
+}
+
+impl Caller {
+    pub(crate) fn is_staff(&self) -> bool {
+        matches!(self.user.role.as_str(), "admin" | "provider")
+    }
+}
+
+/// Parses a JSON body into `T`, answering 422 that names the problem.
+pub(crate) fn body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        let mut fields = std::collections::BTreeMap::new();
+        fields.insert("body".to_owned(), e.to_string());
+        ApiError::validation(fields)
+    })
+}
+
+/// A hash to verify against when the account does not exist, so that the answer takes as
+/// long as for a wrong password and does not reveal which emails have accounts.
+fn dummy_hash() -> &'static str {
+    static HASH: OnceLock<String> = OnceLock::new();
+    HASH.get_or_init(|| hash_password("not a real password").unwrap_or_default())
+}
+
+async fn verify(password: String, hash: String) -> Result<bool, ApiError> {
+    tokio::task::spawn_blocking(move || verify_password(&password, &hash))
+        .await
+        .map_err(|e| ApiError::internal("password check task", &e))?
+        .map_err(|e| ApiError::internal("password check", &e))
+}
+
+#[derive(Deserialize)]
+pub(super) struct Login {
+    email: String,
+    password: String,
+}
+
+pub(super) async fn login(
+    State(s): State<ApiState>,
+    bytes: bytes::Bytes,
+) -> Result<Response, ApiError> {
+    let Login { email, password } = body(&bytes)?;
+    let now = now_ms();
+    let bad = || {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_credentials",
+            "wrong email or password",
+        )
+    };
+    let Some(user) = s.store.user_by_email(email.trim()).await? else {
+        verify(password, dummy_hash().to_owned()).await?;
+        return Err(bad());
+    };
+    if user.locked_until.is_some_and(|t| t > now) {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_attempts",
+            "too many failed logins; try again in 15 minutes",
+        ));
+    }
+    if !verify(password, user.password_hash.clone()).await? {
+        s.store
+            .record_login_failure(user.id, LOCK_AFTER_FAILURES, now + LOCK_MS)
+            .await?;
+        return Err(bad());
+    }
+    if !user.active {
+        return Err(ApiError::forbidden(
+            "account_inactive",
+            "the account is not activated yet: use the link in the activation email",
+        ));
+    }
+    s.store.reset_login_failures(user.id).await?;
+    let (token, hash) = new_token();
+    let expires_at = now + s.token_ttl.as_millis() as i64;
+    s.store
+        .add_auth_token(&hash, user.id, now, expires_at)
+        .await?;
+    Ok(axum::Json(json!({
+        "token": token,
+        "must_change_password": user.must_change_password,
+        "expires_at": crate::views::time(Some(expires_at)),
+    }))
+    .into_response())
+}
+
+pub(super) async fn logout(
+    State(s): State<ApiState>,
+    caller: AnyCaller,
+) -> Result<StatusCode, ApiError> {
+    s.store
+        .revoke_auth_token(&caller.token_hash, now_ms())
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+pub(super) struct Activate {
+    token: String,
+}
+
+pub(super) async fn activate(
+    State(s): State<ApiState>,
+    bytes: bytes::Bytes,
+) -> Result<Response, ApiError> {
+    let Activate { token } = body(&bytes)?;
+    match s
+        .store
+        .activate(&token_hash(token.trim()), now_ms())
+        .await?
+    {
+        Some(_) => Ok(axum::Json(json!({"activated": true})).into_response()),
+        None => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_token",
+            "the activation token is unknown, already used or expired; ask your service provider to resend it",
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+pub(super) struct Resend {
+    email: String,
+}
+
+/// A provider or admin sends a fresh activation email to a customer not yet activated.
+pub(super) async fn resend_activation(
+    State(s): State<ApiState>,
+    caller: Caller,
+    bytes: bytes::Bytes,
+) -> Result<Response, ApiError> {
+    if !caller.is_staff() {
+        return Err(ApiError::forbidden(
+            "forbidden",
+            "only providers and admins can resend activation emails",
+        ));
+    }
+    let Resend { email } = body(&bytes)?;
+    let user = s
+        .store
+        .user_by_email(email.trim())
+        .await?
+        .filter(|u| u.role == "customer")
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no customer account {email:?}"),
+            )
+        })?;
+    if user.active {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "already_active",
+            "the account is already active",
+        ));
+    }
+    let now = now_ms();
+    let (token, hash) = new_token();
+    let expires_at = now + s.activation_ttl.as_millis() as i64;
+    let message = s
+        .mail
+        .activation(&user.email, &token, s.activation_ttl.as_secs() / 3600)
+        .map_err(|e| ApiError::internal("building the activation email", &e))?;
+    s.store
+        .add_activation(user.id, &hash, expires_at, &message, now)
+        .await?;
+    s.mail_queued.notify_one();
+    Ok((
+        StatusCode::ACCEPTED,
+        axum::Json(json!({"queued": "activation"})),
+    )
+        .into_response())
+}
+
+pub(crate) fn account_json(u: &UserRecord) -> Value {
+    json!({
+        "id": u.id,
+        "email": u.email,
+        "role": u.role,
+        "first_name": u.first_name,
+        "last_name": u.last_name,
+        "phone": u.phone,
+        "company_id": u.company_id,
+        "active": u.active,
+        "must_change_password": u.must_change_password,
+        "created_at": crate::views::time(Some(u.created_at)),
+    })
+}
+
+pub(super) async fn me(caller: AnyCaller) -> Response {
+    axum::Json(account_json(&caller.user)).into_response()
+}
+
+#[derive(Deserialize)]
+pub(super) struct ChangePassword {
+    current_password: String,
+    new_password: String,
+}
+
+pub(super) async fn change_password(
+    State(s): State<ApiState>,
+    caller: AnyCaller,
+    bytes: bytes::Bytes,
+) -> Result<StatusCode, ApiError> {
+    let ChangePassword {
+        current_password,
+        new_password,
+    } = body(&bytes)?;
+    let mut fields = std::collections::BTreeMap::new();
+    if new_password.chars().count() < MIN_PASSWORD_CHARS {
+        fields.insert(
+            "new_password".to_owned(),
+            format!("must have at least {MIN_PASSWORD_CHARS} characters"),
+        );
+    } else if new_password == current_password {
+        fields.insert(
+            "new_password".to_owned(),
+            "must differ from the current password".to_owned(),
+        );
+    }
+    if !fields.is_empty() {
+        return Err(ApiError::validation(fields));
+    }
+    if !verify(current_password, caller.user.password_hash.clone()).await? {
+        return Err(ApiError::forbidden(
+            "invalid_credentials",
+            "the current password is wrong",
+        ));
+    }
+    let hash = tokio::task::spawn_blocking(move || hash_password(&new_password))
+        .await
+        .map_err(|e| ApiError::internal("password hashing task", &e))?
+        .map_err(|e| ApiError::internal("password hashing", &e))?;
+    s.store
+        .set_password(
+            caller.user.id,
+            &hash,
+            false,
+            Some(&caller.token_hash),
+            now_ms(),
+        )
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}

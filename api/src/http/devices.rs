@@ -1,0 +1,340 @@
+//! The fleet: list, detail, status, telemetry, location, and Generate Certificate.
+//!
+//! Every route goes through [`visible_device`]: a device the caller may not see answers 404
+//! exactly like one that does not exist. Customers see their company's devices, providers
+//! the devices they registered, admins all.
+
+use std::io::Write;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+use tms_certs::DeviceKey;
+use tms_model::{ConnState, DeviceSerial, now_ms};
+use tms_store::{DeviceFilter, DeviceView};
+
+use super::accounts::{Caller, body};
+use super::{ApiError, ApiState};
+use crate::provisioning::{ProvisioningError, issue_device_certificate};
+use crate::views;
+
+/// The devices a caller may see.
+pub(crate) fn scope(caller: &Caller) -> DeviceFilter {
+    match caller.user.role.as_str() {
+        "admin" => DeviceFilter::default(),
+        "provider" => DeviceFilter {
+            registered_by: Some(caller.user.id),
+            ..Default::default()
+        },
+        // A customer without a company sees nothing (id -1 matches no company).
+        _ => DeviceFilter {
+            company_id: Some(caller.user.company_id.unwrap_or(-1)),
+            ..Default::default()
+        },
+    }
+}
+
+fn may_see(caller: &Caller, view: &DeviceView) -> bool {
+    let scope = scope(caller);
+    scope.company_id.is_none_or(|c| c == view.device.company_id)
+        && scope
+            .registered_by
+            .is_none_or(|u| Some(u) == view.device.registered_by)
+}
+
+/// The device if it exists and the caller may see it; 404 otherwise, either way.
+pub(crate) async fn visible_device(
+    s: &ApiState,
+    caller: &Caller,
+    serial: &str,
+) -> Result<(DeviceSerial, DeviceView), ApiError> {
+    let parsed = DeviceSerial::parse(serial).map_err(|_| ApiError::device_not_found(serial))?;
+    match s.store.device(parsed.as_str()).await? {
+        Some(view) if may_see(caller, &view) => Ok((parsed, view)),
+        _ => Err(ApiError::device_not_found(serial)),
+    }
+}
+
+#[derive(Deserialize)]
+pub(super) struct ListQuery {
+    q: Option<String>,
+    state: Option<String>,
+}
+
+pub(super) async fn list(
+    State(s): State<ApiState>,
+    caller: Caller,
+    Query(query): Query<ListQuery>,
+) -> Result<Response, ApiError> {
+    let mut filter = scope(&caller);
+    filter.q = query.q.filter(|q| !q.trim().is_empty());
+    if let Some(state) = query.state.as_deref() {
+        filter.state = Some(ConnState::parse(state).ok_or_else(|| {
+            ApiError::validation(
+                [(
+                    "state".to_owned(),
+                    format!("{state:?} is not one of online, offline, never_connected"),
+                )]
+                .into(),
+            )
+        })?);
+    }
+    let devices = s.store.devices(&filter).await?;
+    Ok(axum::Json(devices.iter().map(views::device).collect::<Vec<_>>()).into_response())
+}
+
+pub(super) async fn detail(
+    State(s): State<ApiState>,
+    caller: Caller,
+    Path(serial): Path<String>,
+) -> Result<Response, ApiError> {
+    let (serial, view) = visible_device(&s, &caller, &serial).await?;
+    let location = s.store.location(serial.as_str()).await?;
+    let certificates = s.store.certificates_of(serial.as_str()).await?;
+    let refusals = s.store.refusals(serial.as_str(), 10).await?;
+    Ok(axum::Json(views::device_detail(
+        &view,
+        location.as_ref(),
+        &certificates,
+        &refusals,
+    ))
+    .into_response())
+}
+
+pub(super) async fn status(
+    State(s): State<ApiState>,
+    caller: Caller,
+    Path(serial): Path<String>,
+) -> Result<Response, ApiError> {
+    let (_, view) = visible_device(&s, &caller, &serial).await?;
+    Ok(axum::Json(views::status(&view.status)).into_response())
+}
+
+#[derive(Deserialize)]
+pub(super) struct TelemetryQuery {
+    limit: Option<String>,
+}
+
+const TELEMETRY_MAX: i64 = 1000;
+
+pub(super) async fn telemetry(
+    State(s): State<ApiState>,
+    caller: Caller,
+    Path(serial): Path<String>,
+    Query(query): Query<TelemetryQuery>,
+) -> Result<Response, ApiError> {
+    let (serial, _) = visible_device(&s, &caller, &serial).await?;
+    let limit = match query.limit.as_deref() {
+        None => 100,
+        Some(l) => match l.parse::<i64>() {
+            Ok(n) if (1..=TELEMETRY_MAX).contains(&n) => n,
+            _ => {
+                return Err(ApiError::validation(
+                    [(
+                        "limit".to_owned(),
+                        format!("must be a whole number from 1 to {TELEMETRY_MAX}"),
+                    )]
+                    .into(),
+                ));
+            }
+        },
+    };
+    let rows = s.store.telemetry(serial.as_str(), limit).await?;
+    let out: Vec<Value> = rows
+        .iter()
+        .map(|r| json!({"ts": views::time(Some(r.ts)), "received_at": views::time(Some(r.received_at)), "payload": r.payload}))
+        .collect();
+    Ok(axum::Json(out).into_response())
+}
+
+#[derive(Deserialize)]
+pub(super) struct LocationBody {
+    lat: f64,
+    lon: f64,
+}
+
+pub(super) async fn set_location(
+    State(s): State<ApiState>,
+    caller: Caller,
+    Path(serial): Path<String>,
+    bytes: bytes::Bytes,
+) -> Result<Response, ApiError> {
+    let (serial, _) = visible_device(&s, &caller, &serial).await?;
+    let LocationBody { lat, lon } = body(&bytes)?;
+    let mut fields = std::collections::BTreeMap::new();
+    if !(-90.0..=90.0).contains(&lat) {
+        fields.insert("lat".to_owned(), format!("{lat} is outside -90..90"));
+    }
+    if !(-180.0..=180.0).contains(&lon) {
+        fields.insert("lon".to_owned(), format!("{lon} is outside -180..180"));
+    }
+    if !fields.is_empty() {
+        return Err(ApiError::validation(fields));
+    }
+    s.store
+        .set_location(serial.as_str(), lat, lon, "operator", now_ms())
+        .await?;
+    let location = s.store.location(serial.as_str()).await?;
+    Ok(axum::Json(location.as_ref().map_or(Value::Null, views::location)).into_response())
+}
+
+/// GeoJSON of the caller's devices that have a location.
+pub(super) async fn locations(
+    State(s): State<ApiState>,
+    caller: Caller,
+) -> Result<Response, ApiError> {
+    let devices = s.store.devices(&scope(&caller)).await?;
+    let locations = s.store.all_locations().await?;
+    let features: Vec<Value> = devices
+        .iter()
+        .filter_map(|d| {
+            let l = locations.get(&d.device.serial)?;
+            Some(json!({
+                "type": "Feature",
+                "geometry": {"type": "Point", "coordinates": [l.lon, l.lat]},
+                "properties": {
+                    "serial": d.device.serial,
+                    "state": d.status.state.as_str(),
+                    "ups_model": d.device.ups_model,
+                    "company": d.device.company,
+                    "source": l.source,
+                    "updated_at": views::time(Some(l.updated_at)),
+                },
+            }))
+        })
+        .collect();
+    Ok(axum::Json(json!({"type": "FeatureCollection", "features": features})).into_response())
+}
+
+#[derive(Deserialize)]
+struct CsrBody {
+    csr_pem: String,
+}
+
+fn wants_zip(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("application/zip"))
+}
+
+/// Generate Certificate: a key pair made here (handed out once, never kept) or a CSR.
+pub(super) async fn generate_certificate(
+    State(s): State<ApiState>,
+    caller: Caller,
+    Path(serial): Path<String>,
+    headers: HeaderMap,
+    bytes: bytes::Bytes,
+) -> Result<Response, ApiError> {
+    let (serial, _) = visible_device(&s, &caller, &serial).await?;
+    let key = if bytes.iter().all(u8::is_ascii_whitespace) {
+        DeviceKey::Generate
+    } else {
+        let CsrBody { csr_pem } = body(&bytes)?;
+        DeviceKey::Csr(csr_pem)
+    };
+    let issued = match issue_device_certificate(
+        &s.store,
+        s.ca.clone(),
+        &serial,
+        key,
+        OffsetDateTime::now_utc(),
+    )
+    .await
+    {
+        Ok(issued) => issued,
+        Err(ProvisioningError::Cert(
+            e @ (tms_certs::CertError::Csr(_) | tms_certs::CertError::CsrSubject { .. }),
+        )) => {
+            return Err(ApiError::validation(
+                [("csr_pem".to_owned(), e.to_string())].into(),
+            ));
+        }
+        Err(e @ ProvisioningError::LeaseEnded { .. }) => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "lease_ended",
+                e.to_string(),
+            ));
+        }
+        Err(ProvisioningError::Store(e)) => return Err(e.into()),
+        Err(e) => return Err(ApiError::internal("issuing a certificate", &e)),
+    };
+    tracing::info!(device.serial = %serial, cert.serial = %issued.serial_number, by = caller.user.id, "certificate issued");
+    let ca_pem = s.ca.cert_pem();
+    // The private key exists only in this response: never cache it anywhere.
+    let no_store = [(header::CACHE_CONTROL, "no-store")];
+    if wants_zip(&headers) {
+        let zip = zip_files(
+            &serial,
+            issued.private_key_pem.as_deref(),
+            &format!("{}{ca_pem}", issued.certificate_pem),
+            ca_pem,
+        )
+        .map_err(|e| ApiError::internal("building the zip", &e))?;
+        let disposition = format!("attachment; filename=\"{serial}.zip\"");
+        return Ok((
+            no_store,
+            [
+                (header::CONTENT_TYPE, "application/zip".to_owned()),
+                (header::CONTENT_DISPOSITION, disposition),
+            ],
+            zip,
+        )
+            .into_response());
+    }
+    Ok((
+        StatusCode::CREATED,
+        no_store,
+        axum::Json(json!({
+            "private_key_pem": issued.private_key_pem,
+            "certificate_pem": issued.certificate_pem,
+            "ca_pem": ca_pem,
+            "serial_number": issued.serial_number,
+            "not_before": views::time(Some(issued.not_before.unix_timestamp() * 1000)),
+            "not_after": views::time(Some(issued.not_after.unix_timestamp() * 1000)),
+            "sha256_fingerprint": issued.sha256_fingerprint,
+        })),
+    )
+        .into_response())
+}
+
+fn zip_files(
+    serial: &DeviceSerial,
+    key: Option<&str>,
+    chain: &str,
+    ca: &str,
+) -> Result<Vec<u8>, zip::result::ZipError> {
+    let mut out = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let private = zip::write::SimpleFileOptions::default().unix_permissions(0o600);
+    let public = zip::write::SimpleFileOptions::default().unix_permissions(0o644);
+    if let Some(key) = key {
+        out.start_file(format!("{serial}.key"), private)?;
+        out.write_all(key.as_bytes())?;
+    }
+    out.start_file(format!("{serial}.pem"), public)?;
+    out.write_all(chain.as_bytes())?;
+    out.start_file("ca.pem", public)?;
+    out.write_all(ca.as_bytes())?;
+    Ok(out.finish()?.into_inner())
+}
+
+/// Revokes every valid certificate of the device; the broker closes its session at once.
+pub(super) async fn revoke_certificates(
+    State(s): State<ApiState>,
+    caller: Caller,
+    Path(serial): Path<String>,
+) -> Result<Response, ApiError> {
+    let (serial, _) = visible_device(&s, &caller, &serial).await?;
+    let revoked = s
+        .store
+        .revoke_device_certificates(serial.as_str(), "revoked by operator", now_ms())
+        .await?;
+    s.revocations_changed.notify_one();
+    metrics::counter!("tms_certs_revoked_total").increment(revoked.len() as u64);
+    tracing::info!(device.serial = %serial, count = revoked.len(), by = caller.user.id, "certificates revoked");
+    Ok(axum::Json(json!({"revoked": revoked})).into_response())
+}

@@ -1,0 +1,66 @@
+//! Routes anyone may call: health, readiness, the CA certificate and the CRL.
+
+use std::sync::atomic::Ordering;
+
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+use time::OffsetDateTime;
+use tms_certs::Revoked;
+
+use super::{ApiError, ApiState};
+
+pub(super) async fn healthz() -> impl IntoResponse {
+    axum::Json(json!({"status": "ok"}))
+}
+
+pub(super) async fn readyz(State(s): State<ApiState>) -> Response {
+    let store = s.store.ping().await;
+    let broker = s.broker_listening.load(Ordering::Relaxed);
+    let status = if store && broker {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        axum::Json(json!({"store": store, "broker": broker})),
+    )
+        .into_response()
+}
+
+pub(super) async fn ca_pem(State(s): State<ApiState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/x-pem-file")],
+        s.ca.cert_pem().to_owned(),
+    )
+        .into_response()
+}
+
+pub(super) async fn crl_pem(State(s): State<ApiState>) -> Result<Response, ApiError> {
+    let revoked: Vec<Revoked> = s
+        .store
+        .revoked_certificates()
+        .await?
+        .into_iter()
+        .map(|(serial_number, at)| Revoked {
+            serial_number,
+            revoked_at: OffsetDateTime::from_unix_timestamp(at / 1000)
+                .unwrap_or(OffsetDateTime::UNIX_EPOCH),
+        })
+        .collect();
+    let now = OffsetDateTime::now_utc();
+    // The CRL number must grow with each new list: seconds since the epoch do.
+    let number = u64::try_from(now.unix_timestamp()).unwrap_or(0);
+    let ca = s.ca.clone();
+    let pem = tokio::task::spawn_blocking(move || ca.crl_pem(&revoked, number, now))
+        .await
+        .map_err(|e| ApiError::internal("signing the CRL", &e))?
+        .map_err(|e| ApiError::internal("signing the CRL", &e))?;
+    Ok(([(header::CONTENT_TYPE, "application/x-pem-file")], pem).into_response())
+}
+
+pub(super) async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+}

@@ -1,0 +1,243 @@
+//! Emails: the activation and password messages (CONTRACT §3), queued in the store with the
+//! registration, and the mailer that delivers the queue — to `.eml` files in the outbox, or
+//! over SMTP when `mail.smtp_url` is set. A failed delivery stays queued and is retried with
+//! backoff; nothing is dropped.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lettre::address::Envelope;
+use lettre::message::header::{ContentTransferEncoding, ContentType};
+use lettre::message::{Body, Mailbox, Message};
+use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
+use tms_model::now_ms;
+use tms_store::{OutgoingMail, QueuedMail, Store};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MailError {
+    #[error("email address {0:?} is not usable")]
+    Address(String),
+    #[error("building the message")]
+    Build(#[source] lettre::error::Error),
+    #[error("mail.smtp_url is not usable")]
+    SmtpUrl(#[source] lettre::transport::smtp::Error),
+}
+
+/// Who mails come from and where their links point.
+#[derive(Debug, Clone)]
+pub struct Composer {
+    pub from: String,
+    /// Base of links, without a trailing slash.
+    pub public_url: String,
+}
+
+impl Composer {
+    fn message(
+        &self,
+        kind: &str,
+        to: &str,
+        subject: &str,
+        text: String,
+    ) -> Result<OutgoingMail, MailError> {
+        let from: Mailbox = self
+            .from
+            .parse()
+            .map_err(|_| MailError::Address(self.from.clone()))?;
+        let to_box: Mailbox = to.parse().map_err(|_| MailError::Address(to.to_owned()))?;
+        let builder = Message::builder()
+            .from(from)
+            .to(to_box)
+            .subject(subject)
+            .header(ContentType::TEXT_PLAIN);
+        // Plain 7-bit text whenever possible, so the link and the password stand in the
+        // message exactly as written (a long link would otherwise be quoted-printable
+        // encoded, and `=` in it become `=3D`). Our texts are ASCII with short lines.
+        let message = if text.is_ascii() && text.lines().all(|l| l.len() < 990) {
+            builder.body(Body::dangerous_pre_encoded(
+                text.into_bytes(),
+                ContentTransferEncoding::SevenBit,
+            ))
+        } else {
+            builder.body(text)
+        }
+        .map_err(MailError::Build)?;
+        Ok(OutgoingMail {
+            kind: kind.to_owned(),
+            recipient: to.to_owned(),
+            message: String::from_utf8_lossy(&message.formatted()).into_owned(),
+        })
+    }
+
+    /// The activation email: a single-use link `<public_url>/activate?token=TOKEN`.
+    pub fn activation(
+        &self,
+        to: &str,
+        token: &str,
+        valid_hours: u64,
+    ) -> Result<OutgoingMail, MailError> {
+        let link = format!("{}/activate?token={token}", self.public_url);
+        let text = format!(
+            "Welcome to the Toshiba UPS monitoring service.\r\n\r\n\
+             Activate your account with this link (valid for {valid_hours} hours, usable once):\r\n\r\n\
+             {link}\r\n\r\n\
+             Your temporary password comes in a separate email. After activating, log in and \
+             change it (My Profile > Actions).\r\n"
+        );
+        self.message(
+            "activation",
+            to,
+            "Activate your UPS monitoring account",
+            text,
+        )
+    }
+
+    /// The password email: the initial, temporary password on a line of its own.
+    pub fn temporary_password(&self, to: &str, password: &str) -> Result<OutgoingMail, MailError> {
+        let text = format!(
+            "Your account for the Toshiba UPS monitoring service has been created.\r\n\r\n\
+             Temporary password: {password}\r\n\r\n\
+             Log in at {}/ after activating the account; you will be asked to choose a new \
+             password before anything else.\r\n",
+            self.public_url
+        );
+        self.message("password", to, "Your temporary password", text)
+    }
+}
+
+/// Delivers the mail queue.
+pub struct Mailer {
+    store: Store,
+    outbox_dir: PathBuf,
+    smtp: Option<AsyncSmtpTransport<Tokio1Executor>>,
+    from: String,
+    wake: Arc<Notify>,
+    retry_base: Duration,
+}
+
+/// Longest wait between retries of one mail.
+const MAX_RETRY: Duration = Duration::from_secs(3600);
+/// How often the queue is looked at even when nobody wakes the mailer.
+const POLL: Duration = Duration::from_secs(5);
+
+impl Mailer {
+    pub fn new(
+        store: Store,
+        outbox_dir: PathBuf,
+        smtp_url: Option<&str>,
+        from: String,
+        retry_base: Duration,
+        wake: Arc<Notify>,
+    ) -> Result<Self, MailError> {
+        let smtp = match smtp_url {
+            Some(url) => Some(
+                AsyncSmtpTransport::<Tokio1Executor>::from_url(url)
+                    .map_err(MailError::SmtpUrl)?
+                    .timeout(Some(Duration::from_secs(20)))
+                    .build(),
+            ),
+            None => None,
+        };
+        Ok(Mailer {
+            store,
+            outbox_dir,
+            smtp,
+            from,
+            wake,
+            retry_base,
+        })
+    }
+
+    pub async fn run(self, stop: CancellationToken) {
+        loop {
+            self.deliver_due().await;
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(POLL.min(self.retry_base)) => {}
+            }
+        }
+    }
+
+    /// Tries every mail that is due; returns how many were delivered. A failed mail waits
+    /// `retry_base` × 2^attempts (at most an hour) before its next try.
+    pub async fn deliver_due(&self) -> usize {
+        let due = match self.store.due_mails(now_ms(), 100).await {
+            Ok(due) => due,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the mail queue");
+                return 0;
+            }
+        };
+        let mut delivered = 0;
+        for mail in due {
+            let result = match &self.smtp {
+                Some(smtp) => self.send_smtp(smtp, &mail).await,
+                None => self.write_outbox(&mail).await,
+            };
+            let recorded = match result {
+                Ok(()) => {
+                    delivered += 1;
+                    metrics::counter!("tms_mail_sent_total").increment(1);
+                    self.store.mail_sent(mail.id, now_ms()).await
+                }
+                Err(error) => {
+                    metrics::counter!("tms_mail_failed_total").increment(1);
+                    let wait = self
+                        .retry_base
+                        .saturating_mul(1 << mail.attempts.clamp(0, 16) as u32)
+                        .min(MAX_RETRY);
+                    tracing::warn!(mail.id = mail.id, mail.kind = %mail.kind, %error, retry_in = ?wait, "mail not delivered; kept for retry");
+                    self.store
+                        .mail_failed(mail.id, &error, now_ms() + wait.as_millis() as i64)
+                        .await
+                }
+            };
+            if let Err(e) = recorded {
+                tracing::warn!(error = %e, mail.id = mail.id, "cannot record the mail outcome");
+            }
+        }
+        if let Ok((queued, _)) = self.store.mail_counts().await {
+            metrics::gauge!("tms_mail_queued").set(queued as f64);
+        }
+        delivered
+    }
+
+    async fn write_outbox(&self, mail: &QueuedMail) -> Result<(), String> {
+        tokio::fs::create_dir_all(&self.outbox_dir)
+            .await
+            .map_err(|e| format!("creating {}: {e}", self.outbox_dir.display()))?;
+        let name = format!("{:08}-{}.eml", mail.id, mail.kind);
+        let tmp = self.outbox_dir.join(format!(".{name}.tmp"));
+        tokio::fs::write(&tmp, mail.message.as_bytes())
+            .await
+            .map_err(|e| format!("writing {}: {e}", tmp.display()))?;
+        tokio::fs::rename(&tmp, self.outbox_dir.join(&name))
+            .await
+            .map_err(|e| format!("writing {name}: {e}"))
+    }
+
+    async fn send_smtp(
+        &self,
+        smtp: &AsyncSmtpTransport<Tokio1Executor>,
+        mail: &QueuedMail,
+    ) -> Result<(), String> {
+        let from = self
+            .from
+            .parse::<Mailbox>()
+            .map_err(|e| e.to_string())?
+            .email;
+        let to = mail
+            .recipient
+            .parse::<Mailbox>()
+            .map_err(|e| e.to_string())?
+            .email;
+        let envelope = Envelope::new(Some(from), vec![to]).map_err(|e| e.to_string())?;
+        smtp.send_raw(&envelope, mail.message.as_bytes())
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+}

@@ -1,0 +1,475 @@
+//! Registration (customer + company + device in one transaction), login tokens, activation
+//! tokens, failed-login throttling and the mail queue. Tokens arrive here already hashed.
+
+use sqlx::{AnyConnection, Row};
+
+use crate::devices::{company_id, insert_device};
+use crate::users::user_from_row;
+use crate::{NewDevice, NewUser, Result, Store, StoreError, UserRecord, query_err, unique_err};
+
+/// Who the device is registered for.
+#[derive(Debug, Clone)]
+pub enum RegistrationUser {
+    /// A new customer account (inactive until activated, with a temporary password).
+    New(NewUser),
+    Existing {
+        email: String,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub enum RegistrationCompany {
+    New { name: String },
+    Existing { name: String },
+}
+
+/// An email to queue together with the registration.
+#[derive(Debug, Clone)]
+pub struct OutgoingMail {
+    pub kind: String,
+    pub recipient: String,
+    /// The whole RFC 5322 message.
+    pub message: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Registration {
+    pub user: RegistrationUser,
+    pub company: RegistrationCompany,
+    /// `company` inside is ignored: the registration's company is used.
+    pub device: NewDevice,
+    /// Hash and expiry of the activation token, for a new user.
+    pub activation: Option<(String, i64)>,
+    pub mails: Vec<OutgoingMail>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RegistrationIds {
+    pub user_id: i64,
+    pub company_id: i64,
+    pub device_serial: String,
+    pub user_created: bool,
+    pub company_created: bool,
+}
+
+/// A queued email.
+#[derive(Debug, Clone)]
+pub struct QueuedMail {
+    pub id: i64,
+    pub kind: String,
+    pub recipient: String,
+    pub message: String,
+    pub attempts: i64,
+}
+
+async fn queue_mail(conn: &mut AnyConnection, mail: &OutgoingMail, now_ms: i64) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO mail_queue (kind, recipient, message, created_at, next_attempt_at) VALUES ($1, $2, $3, $4, $4)",
+    )
+    .bind(&mail.kind)
+    .bind(&mail.recipient)
+    .bind(&mail.message)
+    .bind(now_ms)
+    .execute(&mut *conn)
+    .await
+    .map_err(query_err("queueing an email"))?;
+    Ok(())
+}
+
+impl Store {
+    /// Registers customer, company and device in one transaction, with the activation token
+    /// and the emails: all of it or nothing.
+    pub async fn register(&self, reg: &Registration, now_ms: i64) -> Result<RegistrationIds> {
+        let mut tx = self
+            .pool()
+            .begin()
+            .await
+            .map_err(query_err("starting a registration"))?;
+        let (company_id, company_created) = match &reg.company {
+            RegistrationCompany::New { name } => {
+                if company_id(&mut tx, name, false, now_ms).await?.is_some() {
+                    return Err(StoreError::Conflict {
+                        what: "company name",
+                    });
+                }
+                let id = company_id(&mut tx, name, true, now_ms)
+                    .await?
+                    .ok_or(StoreError::NotFound { what: "company" })?;
+                (id, true)
+            }
+            RegistrationCompany::Existing { name } => (
+                company_id(&mut tx, name, false, now_ms)
+                    .await?
+                    .ok_or(StoreError::NotFound { what: "company" })?,
+                false,
+            ),
+        };
+        let (user_id, user_created) = match &reg.user {
+            RegistrationUser::New(user) => {
+                let row = sqlx::query(
+                    "INSERT INTO users (email, role, password_hash, first_name, last_name, phone, company_id, \
+                     active, must_change_password, created_at) VALUES ($1, 'customer', $2, $3, $4, $5, $6, 0, 1, $7) RETURNING id",
+                )
+                .bind(user.email.to_lowercase())
+                .bind(&user.password_hash)
+                .bind(user.first_name.as_deref())
+                .bind(user.last_name.as_deref())
+                .bind(user.phone.as_deref())
+                .bind(company_id)
+                .bind(now_ms)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(unique_err("creating the customer account", "account email"))?;
+                (
+                    row.try_get::<i64, _>("id")
+                        .map_err(query_err("creating the customer account"))?,
+                    true,
+                )
+            }
+            RegistrationUser::Existing { email } => {
+                let row = sqlx::query("SELECT id, role, company_id FROM users WHERE email = $1")
+                    .bind(email.to_lowercase())
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(query_err("finding the customer account"))?
+                    .ok_or(StoreError::NotFound { what: "user" })?;
+                let role: String = row
+                    .try_get("role")
+                    .map_err(query_err("reading an account"))?;
+                let user_company: Option<i64> = row
+                    .try_get("company_id")
+                    .map_err(query_err("reading an account"))?;
+                if role != "customer" {
+                    return Err(StoreError::NotFound { what: "user" });
+                }
+                if user_company != Some(company_id) {
+                    return Err(StoreError::Conflict {
+                        what: "user of another company",
+                    });
+                }
+                (
+                    row.try_get::<i64, _>("id")
+                        .map_err(query_err("reading an account"))?,
+                    false,
+                )
+            }
+        };
+        insert_device(&mut tx, &reg.device, company_id, now_ms).await?;
+        if let Some((hash, expires_at)) = &reg.activation {
+            sqlx::query("INSERT INTO activation_tokens (token_hash, user_id, created_at, expires_at) VALUES ($1, $2, $3, $4)")
+                .bind(hash)
+                .bind(user_id)
+                .bind(now_ms)
+                .bind(*expires_at)
+                .execute(&mut *tx)
+                .await
+                .map_err(query_err("storing the activation token"))?;
+        }
+        for mail in &reg.mails {
+            queue_mail(&mut tx, mail, now_ms).await?;
+        }
+        tx.commit()
+            .await
+            .map_err(query_err("committing a registration"))?;
+        Ok(RegistrationIds {
+            user_id,
+            company_id,
+            device_serial: reg.device.serial.to_string(),
+            user_created,
+            company_created,
+        })
+    }
+
+    /// A new activation token for an account that is not active yet, with its email.
+    pub async fn add_activation(
+        &self,
+        user_id: i64,
+        hash: &str,
+        expires_at: i64,
+        mail: &OutgoingMail,
+        now_ms: i64,
+    ) -> Result<()> {
+        let mut tx = self
+            .pool()
+            .begin()
+            .await
+            .map_err(query_err("starting a transaction"))?;
+        sqlx::query("INSERT INTO activation_tokens (token_hash, user_id, created_at, expires_at) VALUES ($1, $2, $3, $4)")
+            .bind(hash)
+            .bind(user_id)
+            .bind(now_ms)
+            .bind(expires_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(query_err("storing an activation token"))?;
+        queue_mail(&mut tx, mail, now_ms).await?;
+        tx.commit()
+            .await
+            .map_err(query_err("committing an activation token"))
+    }
+
+    /// Uses an activation token: valid, unused and unexpired tokens activate their account
+    /// once. Returns the account id, or `None` for any unusable token.
+    pub async fn activate(&self, hash: &str, now_ms: i64) -> Result<Option<i64>> {
+        let mut tx = self
+            .pool()
+            .begin()
+            .await
+            .map_err(query_err("starting an activation"))?;
+        let row = sqlx::query(
+            "UPDATE activation_tokens SET used_at = $1 WHERE token_hash = $2 AND used_at IS NULL AND expires_at > $1 RETURNING user_id",
+        )
+        .bind(now_ms)
+        .bind(hash)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(query_err("using an activation token"))?;
+        let Some(row) = row else { return Ok(None) };
+        let user_id: i64 = row
+            .try_get("user_id")
+            .map_err(query_err("using an activation token"))?;
+        sqlx::query("UPDATE users SET active = 1 WHERE id = $1")
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(query_err("activating an account"))?;
+        tx.commit()
+            .await
+            .map_err(query_err("committing an activation"))?;
+        Ok(Some(user_id))
+    }
+
+    pub async fn add_auth_token(
+        &self,
+        hash: &str,
+        user_id: i64,
+        now_ms: i64,
+        expires_at: i64,
+    ) -> Result<()> {
+        sqlx::query("INSERT INTO auth_tokens (token_hash, user_id, created_at, expires_at) VALUES ($1, $2, $3, $4)")
+            .bind(hash)
+            .bind(user_id)
+            .bind(now_ms)
+            .bind(expires_at)
+            .execute(self.pool())
+            .await
+            .map_err(query_err("storing a login token"))?;
+        Ok(())
+    }
+
+    /// The account behind a live (unexpired, unrevoked) login token.
+    pub async fn user_by_token(&self, hash: &str, now_ms: i64) -> Result<Option<UserRecord>> {
+        let row = sqlx::query(
+            "SELECT u.* FROM auth_tokens t JOIN users u ON u.id = t.user_id \
+             WHERE t.token_hash = $1 AND t.revoked_at IS NULL AND t.expires_at > $2",
+        )
+        .bind(hash)
+        .bind(now_ms)
+        .fetch_optional(self.pool())
+        .await
+        .map_err(query_err("checking a login token"))?;
+        row.map(|r| user_from_row(&r))
+            .transpose()
+            .map_err(query_err("decoding an account"))
+    }
+
+    pub async fn revoke_auth_token(&self, hash: &str, now_ms: i64) -> Result<()> {
+        sqlx::query(
+            "UPDATE auth_tokens SET revoked_at = $1 WHERE token_hash = $2 AND revoked_at IS NULL",
+        )
+        .bind(now_ms)
+        .bind(hash)
+        .execute(self.pool())
+        .await
+        .map_err(query_err("revoking a login token"))?;
+        Ok(())
+    }
+
+    /// Counts a failed login; after `limit` failures the account is locked until `lock_until`.
+    pub async fn record_login_failure(
+        &self,
+        user_id: i64,
+        limit: i64,
+        lock_until: i64,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE users SET failed_logins = failed_logins + 1, \
+             locked_until = CASE WHEN failed_logins + 1 >= $1 THEN $2 ELSE locked_until END WHERE id = $3",
+        )
+        .bind(limit)
+        .bind(lock_until)
+        .bind(user_id)
+        .execute(self.pool())
+        .await
+        .map_err(query_err("counting a failed login"))?;
+        Ok(())
+    }
+
+    pub async fn reset_login_failures(&self, user_id: i64) -> Result<()> {
+        sqlx::query("UPDATE users SET failed_logins = 0, locked_until = NULL WHERE id = $1")
+            .bind(user_id)
+            .execute(self.pool())
+            .await
+            .map_err(query_err("resetting failed logins"))?;
+        Ok(())
+    }
+
+    /// Sets a new password hash; `must_change` marks it temporary. Other login tokens of the
+    /// account, except `keep_token`, are revoked.
+    pub async fn set_password(
+        &self,
+        user_id: i64,
+        hash: &str,
+        must_change: bool,
+        keep_token: Option<&str>,
+        now_ms: i64,
+    ) -> Result<()> {
+        let mut tx = self
+            .pool()
+            .begin()
+            .await
+            .map_err(query_err("starting a password change"))?;
+        sqlx::query("UPDATE users SET password_hash = $1, must_change_password = $2 WHERE id = $3")
+            .bind(hash)
+            .bind(i64::from(must_change))
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(query_err("changing a password"))?;
+        sqlx::query(
+            "UPDATE auth_tokens SET revoked_at = $1 WHERE user_id = $2 AND revoked_at IS NULL AND token_hash <> $3",
+        )
+        .bind(now_ms)
+        .bind(user_id)
+        .bind(keep_token.unwrap_or(""))
+        .execute(&mut *tx)
+        .await
+        .map_err(query_err("revoking other logins"))?;
+        tx.commit()
+            .await
+            .map_err(query_err("committing a password change"))
+    }
+
+    /// Mails due for a (re)try, oldest first.
+    pub async fn due_mails(&self, now_ms: i64, limit: i64) -> Result<Vec<QueuedMail>> {
+        let rows = sqlx::query(
+            "SELECT id, kind, recipient, message, attempts FROM mail_queue \
+             WHERE sent_at IS NULL AND next_attempt_at <= $1 ORDER BY id LIMIT $2",
+        )
+        .bind(now_ms)
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await
+        .map_err(query_err("reading the mail queue"))?;
+        rows.iter()
+            .map(|r| {
+                Ok(QueuedMail {
+                    id: r.try_get("id")?,
+                    kind: r.try_get("kind")?,
+                    recipient: r.try_get("recipient")?,
+                    message: r.try_get("message")?,
+                    attempts: r.try_get("attempts")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(query_err("reading the mail queue"))
+    }
+
+    pub async fn mail_sent(&self, id: i64, now_ms: i64) -> Result<()> {
+        sqlx::query("UPDATE mail_queue SET sent_at = $1, attempts = attempts + 1, last_error = NULL WHERE id = $2")
+            .bind(now_ms)
+            .bind(id)
+            .execute(self.pool())
+            .await
+            .map_err(query_err("marking a mail sent"))?;
+        Ok(())
+    }
+
+    pub async fn mail_failed(&self, id: i64, error: &str, next_attempt_at: i64) -> Result<()> {
+        sqlx::query("UPDATE mail_queue SET attempts = attempts + 1, last_error = $1, next_attempt_at = $2 WHERE id = $3")
+            .bind(error)
+            .bind(next_attempt_at)
+            .bind(id)
+            .execute(self.pool())
+            .await
+            .map_err(query_err("recording a mail failure"))?;
+        Ok(())
+    }
+
+    /// `(queued, sent)` counts of the mail queue.
+    pub async fn mail_counts(&self) -> Result<(i64, i64)> {
+        let row = sqlx::query(
+            "SELECT COALESCE(SUM(CASE WHEN sent_at IS NULL THEN 1 ELSE 0 END), 0) AS queued, \
+             COALESCE(SUM(CASE WHEN sent_at IS NULL THEN 0 ELSE 1 END), 0) AS sent FROM mail_queue",
+        )
+        .fetch_one(self.pool())
+        .await
+        .map_err(query_err("counting mails"))?;
+        Ok((
+            row.try_get("queued").map_err(query_err("counting mails"))?,
+            row.try_get("sent").map_err(query_err("counting mails"))?,
+        ))
+    }
+
+    pub async fn user_by_id(&self, id: i64) -> Result<Option<UserRecord>> {
+        let row = sqlx::query("SELECT * FROM users WHERE id = $1")
+            .bind(id)
+            .fetch_optional(self.pool())
+            .await
+            .map_err(query_err("finding an account"))?;
+        row.map(|r| user_from_row(&r))
+            .transpose()
+            .map_err(query_err("decoding an account"))
+    }
+
+    /// Sets a device's location by hand (source `operator`) or from registration.
+    pub async fn set_location(
+        &self,
+        serial: &str,
+        lat: f64,
+        lon: f64,
+        source: &str,
+        now_ms: i64,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO locations (serial, lat, lon, accuracy_m, source, updated_at) VALUES ($1, $2, $3, NULL, $4, $5) \
+             ON CONFLICT (serial) DO UPDATE SET lat = excluded.lat, lon = excluded.lon, accuracy_m = NULL, \
+             source = excluded.source, updated_at = excluded.updated_at",
+        )
+        .bind(serial)
+        .bind(lat)
+        .bind(lon)
+        .bind(source)
+        .bind(now_ms)
+        .execute(self.pool())
+        .await
+        .map_err(query_err("setting a location"))?;
+        Ok(())
+    }
+
+    /// Every known location, by device serial.
+    pub async fn all_locations(
+        &self,
+    ) -> Result<std::collections::HashMap<String, crate::LocationRecord>> {
+        let rows =
+            sqlx::query("SELECT serial, lat, lon, accuracy_m, source, updated_at FROM locations")
+                .fetch_all(self.pool())
+                .await
+                .map_err(query_err("reading locations"))?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get("serial")?,
+                    crate::LocationRecord {
+                        lat: r.try_get("lat")?,
+                        lon: r.try_get("lon")?,
+                        accuracy_m: r.try_get("accuracy_m")?,
+                        source: r.try_get("source")?,
+                        updated_at: r.try_get("updated_at")?,
+                    },
+                ))
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(query_err("reading locations"))
+    }
+}

@@ -1,0 +1,807 @@
+//! The registration, account and Generate Certificate workflow over HTTP, end to end through
+//! the real binary, the outbox, a real SMTP server, openssl and mosquitto_pub.
+
+#![expect(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test helpers fail the test loudly"
+)]
+
+mod support;
+
+use std::process::Command;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use rumqttc::ConnectReturnCode;
+use serde_json::{Value, json};
+use support::*;
+
+const PROVIDER: &str = "provider@example.com";
+const PROVIDER_PASSWORD: &str = "provider-password-1";
+
+fn registration(serial: &str, mac: &str, email: &str, company: &str) -> Value {
+    json!({
+        "user": {"new": {"first_name": "Ana", "last_name": "Ruiz", "email": email, "phone": "+1 713 555 0100"}},
+        "company": {"new": {"name": company}},
+        "sales_order": "SO-1234",
+        "device": {"type": "RemotEye 4", "serial": serial, "mac": mac, "lease_months": 12},
+        "ups": {"model": "1600XP", "model_number": "1600XP-18K", "serial": "160300007", "ship_date": "2025-01-15"},
+        "start_date": "2026-11-01",
+        "service_contract_sales_order": "SC-77"
+    })
+}
+
+struct Api {
+    http: reqwest::Client,
+}
+
+impl Api {
+    fn new() -> Self {
+        Api {
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap(),
+        }
+    }
+
+    async fn call(
+        &self,
+        method: &str,
+        url: String,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut req = self.http.request(method.parse().unwrap(), url);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    async fn login(&self, gw: &TestGateway, email: &str, password: &str) -> (StatusCode, Value) {
+        self.call(
+            "POST",
+            gw.url("/api/v1/auth/login"),
+            None,
+            Some(json!({"email": email, "password": password})),
+        )
+        .await
+    }
+
+    async fn token(&self, gw: &TestGateway, email: &str, password: &str) -> String {
+        let (status, body) = self.login(gw, email, password).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body["token"].as_str().unwrap().to_owned()
+    }
+}
+
+fn provider(gw: &TestGateway) {
+    gw.cli_stdin(
+        &[
+            "user",
+            "add",
+            "--email",
+            PROVIDER,
+            "--role",
+            "provider",
+            "--password-stdin",
+        ],
+        &format!("{PROVIDER_PASSWORD}\n"),
+    );
+}
+
+/// The two emails of a registration: (activation token, temporary password).
+async fn emails_for(gw: &TestGateway, email: &str) -> (String, String) {
+    let mails: Vec<String> = wait_for(
+        "activation and password emails",
+        Duration::from_secs(10),
+        || {
+            let mails: Vec<String> = gw
+                .outbox()
+                .into_iter()
+                .filter(|m| m.contains(&format!("To: {email}")))
+                .collect();
+            async move { (mails.len() == 2).then_some(mails) }
+        },
+    )
+    .await;
+    let link_prefix = format!("http://{}/activate?token=", gw.ports.http);
+    let token = mails
+        .iter()
+        .flat_map(|m| m.lines())
+        .find_map(|l| l.trim().strip_prefix(&link_prefix))
+        .expect("activation link")
+        .to_owned();
+    let password = mails
+        .iter()
+        .flat_map(|m| m.lines())
+        .find_map(|l| l.trim().strip_prefix("Temporary password: "))
+        .expect("temporary password line")
+        .to_owned();
+    (token, password)
+}
+
+/// Registers a customer with one device and takes the account through activation and the
+/// password change; returns the customer's token.
+async fn onboard(
+    api: &Api,
+    gw: &TestGateway,
+    provider_token: &str,
+    serial: &str,
+    mac: &str,
+    email: &str,
+    company: &str,
+) -> String {
+    let (status, body) = api
+        .call(
+            "POST",
+            gw.url("/api/v1/registrations"),
+            Some(provider_token),
+            Some(registration(serial, mac, email, company)),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (activation, temporary) = emails_for(gw, email).await;
+    let (status, _) = api
+        .call(
+            "POST",
+            gw.url("/api/v1/auth/activate"),
+            None,
+            Some(json!({"token": activation})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let token = api.token(gw, email, &temporary).await;
+    let (status, _) = api
+        .call(
+            "POST",
+            gw.url("/api/v1/me/password"),
+            Some(&token),
+            Some(json!({"current_password": temporary, "new_password": "a-new-password-1"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    token
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_workflow_from_registration_to_a_device_on_the_map() {
+    let gw = TestGateway::start().await;
+    let api = Api::new();
+    provider(&gw);
+    let provider_token = api.token(&gw, PROVIDER, PROVIDER_PASSWORD).await;
+
+    // Step 4: the provider registers customer + company + device.
+    let (status, body) = api
+        .call(
+            "POST",
+            gw.url("/api/v1/registrations"),
+            Some(&provider_token),
+            Some(registration(
+                "RE4A000123",
+                "00-1b-2c-3d-4e-5f",
+                "ana@example.com",
+                "Acme Hospital",
+            )),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["device_serial"], "RE4A000123");
+    assert_eq!(body["emails"], json!(["activation", "password"]));
+
+    // Step 5: two emails.
+    let (activation, temporary) = emails_for(&gw, "ana@example.com").await;
+
+    // Not before activation.
+    let (status, body) = api.login(&gw, "ana@example.com", &temporary).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(body["error"]["code"], "account_inactive");
+
+    // Step 6: activate, once.
+    let (status, _) = api
+        .call(
+            "POST",
+            gw.url("/api/v1/auth/activate"),
+            None,
+            Some(json!({"token": activation})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, body) = api
+        .call(
+            "POST",
+            gw.url("/api/v1/auth/activate"),
+            None,
+            Some(json!({"token": activation})),
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::BAD_REQUEST,
+        "tokens are single-use: {body}"
+    );
+
+    // Step 7: log in with the temporary password; nothing but /me until it is changed.
+    let (status, body) = api.login(&gw, "ana@example.com", &temporary).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["must_change_password"], true);
+    let token = body["token"].as_str().unwrap().to_owned();
+    let (status, body) = api
+        .call("GET", gw.url("/api/v1/devices"), Some(&token), None)
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(body["error"]["code"], "password_change_required");
+    let (status, me) = api
+        .call("GET", gw.url("/api/v1/me"), Some(&token), None)
+        .await;
+    assert_eq!(
+        (status, me["role"].as_str()),
+        (StatusCode::OK, Some("customer"))
+    );
+    let (status, _) = api
+        .call(
+            "POST",
+            gw.url("/api/v1/me/password"),
+            Some(&token),
+            Some(json!({"current_password": temporary, "new_password": "correct horse battery"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _) = api.login(&gw, "ana@example.com", &temporary).await;
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "the temporary password is gone"
+    );
+
+    // Step 8: find the device by serial.
+    let (status, list) = api
+        .call(
+            "GET",
+            gw.url("/api/v1/devices?q=re4a0001"),
+            Some(&token),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert_eq!(list[0]["mac"], "00:1B:2C:3D:4E:5F");
+    assert_eq!(list[0]["status"]["state"], "never_connected");
+
+    // Step 9: Generate Certificate, as a zip.
+    let resp = api
+        .http
+        .post(gw.url("/api/v1/devices/RE4A000123/certificate"))
+        .bearer_auth(&token)
+        .header("Accept", "application/zip")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["cache-control"], "no-store");
+    let bytes = resp.bytes().await.unwrap();
+    let files_dir = gw.dir.path().join("download");
+    std::fs::create_dir_all(&files_dir).unwrap();
+    let mut archive = zip::ZipArchive::new(std::io::Cursor::new(bytes.to_vec())).unwrap();
+    let mut names = Vec::new();
+    for i in 0..archive.len() {
+        let mut f = archive.by_index(i).unwrap();
+        names.push(f.name().to_owned());
+        let mut out = std::fs::File::create(files_dir.join(f.name())).unwrap();
+        std::io::copy(&mut f, &mut out).unwrap();
+    }
+    names.sort();
+    assert_eq!(names, ["RE4A000123.key", "RE4A000123.pem", "ca.pem"]);
+    let verify = Command::new("openssl")
+        .args(["verify", "-CAfile"])
+        .arg(files_dir.join("ca.pem"))
+        .arg(files_dir.join("RE4A000123.pem"))
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "openssl verify: {}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+
+    // Steps 10–11: the device connects with the downloaded files and publishes.
+    let files = DeviceFiles {
+        serial: "RE4A000123".into(),
+        key: files_dir.join("RE4A000123.key"),
+        pem: files_dir.join("RE4A000123.pem"),
+        ca: files_dir.join("ca.pem"),
+    };
+    let out = gw.mosquitto_pub(
+        "localhost",
+        &files,
+        "RE4A000123",
+        "tms/RE4A000123/telemetry",
+        TELEMETRY,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (client, mut el) = device_client(&gw, &files);
+    assert_eq!(connack(&mut el).await, Ok(ConnectReturnCode::Success));
+    let _driver = drive(el);
+    let status_url = gw.url("/api/v1/devices/RE4A000123/status");
+    wait_for(
+        "status online over HTTP",
+        Duration::from_secs(2),
+        || async {
+            let (_, s) = api
+                .call("GET", status_url.clone(), Some(&token), None)
+                .await;
+            (s["state"] == "online").then_some(())
+        },
+    )
+    .await;
+    let (_, telemetry) = api
+        .call(
+            "GET",
+            gw.url("/api/v1/devices/RE4A000123/telemetry?limit=5"),
+            Some(&token),
+            None,
+        )
+        .await;
+    assert_eq!(telemetry[0]["payload"]["load_pct"], 42);
+
+    // Step 12: on the map the moment it reports a location.
+    publish(
+        &client,
+        "RE4A000123",
+        "location",
+        r#"{"lat": 29.7604, "lon": -95.3698}"#,
+    )
+    .await;
+    let map = wait_for("device on the map", Duration::from_secs(2), || async {
+        let (_, map) = api
+            .call("GET", gw.url("/api/v1/locations"), Some(&token), None)
+            .await;
+        (map["features"].as_array().is_some_and(|f| !f.is_empty())).then_some(map)
+    })
+    .await;
+    let feature = &map["features"][0];
+    assert_eq!(
+        feature["geometry"]["coordinates"],
+        json!([-95.3698, 29.7604])
+    );
+    assert_eq!(feature["properties"]["serial"], "RE4A000123");
+    assert_eq!(feature["properties"]["state"], "online");
+    assert_eq!(feature["properties"]["ups_model"], "1600XP");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn customers_see_only_their_own_devices() {
+    let gw = TestGateway::start().await;
+    let api = Api::new();
+    provider(&gw);
+    let provider_token = api.token(&gw, PROVIDER, PROVIDER_PASSWORD).await;
+    let ana = onboard(
+        &api,
+        &gw,
+        &provider_token,
+        "RE4A000001",
+        "00:1B:2C:3D:4E:01",
+        "ana@example.com",
+        "Acme Hospital",
+    )
+    .await;
+    let bob = onboard(
+        &api,
+        &gw,
+        &provider_token,
+        "RE4A000002",
+        "00:1B:2C:3D:4E:02",
+        "bob@example.com",
+        "Globex",
+    )
+    .await;
+
+    let device_routes = [
+        ("GET", "/api/v1/devices/RE4A000001", None),
+        ("GET", "/api/v1/devices/RE4A000001/status", None),
+        ("GET", "/api/v1/devices/RE4A000001/telemetry", None),
+        (
+            "PUT",
+            "/api/v1/devices/RE4A000001/location",
+            Some(json!({"lat": 1.0, "lon": 2.0})),
+        ),
+        ("POST", "/api/v1/devices/RE4A000001/certificate", None),
+        ("DELETE", "/api/v1/devices/RE4A000001/certificate", None),
+    ];
+    for (method, path, body) in &device_routes {
+        let (status, other) = api
+            .call(method, gw.url(path), Some(&bob), body.clone())
+            .await;
+        let (missing_status, missing) = api
+            .call(
+                method,
+                gw.url(&path.replace("RE4A000001", "RE4A999999")),
+                Some(&bob),
+                body.clone(),
+            )
+            .await;
+        assert_eq!(
+            status,
+            StatusCode::NOT_FOUND,
+            "{method} {path} as another customer: {other}"
+        );
+        assert_eq!(missing_status, StatusCode::NOT_FOUND);
+        assert_eq!(
+            other["error"]["message"]
+                .as_str()
+                .unwrap()
+                .replace("RE4A000001", "X"),
+            missing["error"]["message"]
+                .as_str()
+                .unwrap()
+                .replace("RE4A999999", "X"),
+            "no existence oracle"
+        );
+        let (status, _) = api.call(method, gw.url(path), None, body.clone()).await;
+        assert_eq!(
+            status,
+            StatusCode::UNAUTHORIZED,
+            "{method} {path} without a token"
+        );
+        let (status, _) = api
+            .call(method, gw.url(path), Some(&ana), body.clone())
+            .await;
+        assert!(
+            status.is_success(),
+            "{method} {path} as the owner: {status}"
+        );
+    }
+    let (_, list) = api
+        .call("GET", gw.url("/api/v1/devices"), Some(&bob), None)
+        .await;
+    let serials: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["serial"].as_str().unwrap())
+        .collect();
+    assert_eq!(serials, ["RE4A000002"]);
+    let (_, map) = api
+        .call("GET", gw.url("/api/v1/locations"), Some(&bob), None)
+        .await;
+    assert_eq!(
+        map["features"].as_array().unwrap().len(),
+        0,
+        "ana's manual location is not bob's"
+    );
+
+    let (status, _) = api
+        .call(
+            "POST",
+            gw.url("/api/v1/registrations"),
+            Some(&ana),
+            Some(registration(
+                "RE4A000003",
+                "00:1B:2C:3D:4E:03",
+                "eve@example.com",
+                "Evil",
+            )),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "a customer cannot register");
+    let (status, _) = api.call("GET", gw.url("/api/v1/devices"), None, None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _) = api
+        .call("GET", gw.url("/api/v1/devices"), Some("not-a-token"), None)
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registration_names_every_bad_field_and_refuses_duplicates() {
+    let gw = TestGateway::start().await;
+    let api = Api::new();
+    provider(&gw);
+    let token = api.token(&gw, PROVIDER, PROVIDER_PASSWORD).await;
+    let url = gw.url("/api/v1/registrations");
+
+    let cases: Vec<(&str, Value, &str)> = vec![
+        ("user.new.email", json!("ana.example.com"), "user.new.email"),
+        ("user.new.phone", json!("call me maybe"), "user.new.phone"),
+        ("device.mac", json!("01:00:5E:00:00:01"), "device.mac"),
+        ("device.mac", json!("00:00:00:00:00:00"), "device.mac"),
+        ("device.mac", json!("00:1B:2C:3D:4E"), "device.mac"),
+        ("device.serial", json!("RE4/../x"), "device.serial"),
+        ("device.serial", json!("x".repeat(65)), "device.serial"),
+        ("device.lease_months", json!(0), "device.lease_months"),
+        ("device.lease_months", json!(121), "device.lease_months"),
+        ("start_date", json!("2026-13-01"), "start_date"),
+        ("ups.ship_date", json!("15/01/2025"), "ups.ship_date"),
+        ("ups.model", Value::Null, "ups.model"),
+    ];
+    for (path, value, field) in cases {
+        let mut body = registration("RE4A000010", "00:1B:2C:3D:4E:10", "ana@example.com", "Acme");
+        let mut target = &mut body;
+        let parts: Vec<&str> = path.split('.').collect();
+        for p in &parts[..parts.len() - 1] {
+            target = &mut target[*p];
+        }
+        target[parts[parts.len() - 1]] = value.clone();
+        let (status, resp) = api
+            .call("POST", url.clone(), Some(&token), Some(body))
+            .await;
+        assert_eq!(
+            status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{path} = {value}: {resp}"
+        );
+        assert!(
+            resp["error"]["fields"][field].is_string(),
+            "{field} not named for {value}: {resp}"
+        );
+        assert!(resp["error"]["message"].as_str().unwrap().contains(field));
+    }
+    // Several bad fields: all named at once.
+    let mut body = registration("bad serial!", "zz", "nope", "Acme");
+    body["device"]["lease_months"] = json!(500);
+    let (status, resp) = api
+        .call("POST", url.clone(), Some(&token), Some(body))
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    for field in [
+        "device.serial",
+        "device.mac",
+        "user.new.email",
+        "device.lease_months",
+    ] {
+        assert!(
+            resp["error"]["fields"][field].is_string(),
+            "{field} missing: {resp}"
+        );
+    }
+    // Nothing was created by the failed attempts.
+    let (_, list) = api
+        .call("GET", gw.url("/api/v1/devices"), Some(&token), None)
+        .await;
+    assert_eq!(list.as_array().unwrap().len(), 0);
+
+    let ok = registration("RE4A000010", "00:1B:2C:3D:4E:10", "ana@example.com", "Acme");
+    let (status, body) = api.call("POST", url.clone(), Some(&token), Some(ok)).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    // lease_months defaults to 12.
+    let (_, device) = api
+        .call(
+            "GET",
+            gw.url("/api/v1/devices/RE4A000010"),
+            Some(&token),
+            None,
+        )
+        .await;
+    assert_eq!(device["lease_months"], 12);
+    assert_eq!(device["lease_end"], "2027-11-01");
+
+    let mut dup_serial = registration(
+        "RE4A000010",
+        "00:1B:2C:3D:4E:11",
+        "other@example.com",
+        "Other",
+    );
+    dup_serial["company"] = json!({"new": {"name": "Other"}});
+    let (status, body) = api
+        .call("POST", url.clone(), Some(&token), Some(dup_serial))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    let dup_mac = registration("RE4A000011", "001b2c3d4e10", "other@example.com", "Other");
+    let (status, body) = api
+        .call("POST", url.clone(), Some(&token), Some(dup_mac))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("MAC"));
+    // The failed duplicates created no account: that email is still free.
+    let ok = registration(
+        "RE4A000011",
+        "00:1B:2C:3D:4E:11",
+        "other@example.com",
+        "Other",
+    );
+    let (status, body) = api.call("POST", url, Some(&token), Some(ok)).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_csr_keeps_the_device_key_and_the_crl_is_served() {
+    let gw = TestGateway::start().await;
+    let api = Api::new();
+    provider(&gw);
+    let provider_token = api.token(&gw, PROVIDER, PROVIDER_PASSWORD).await;
+    let token = onboard(
+        &api,
+        &gw,
+        &provider_token,
+        "RE4A000050",
+        "00:1B:2C:3D:4E:50",
+        "ana@example.com",
+        "Acme",
+    )
+    .await;
+
+    let dir = gw.dir.path();
+    let key = dir.join("device.key");
+    let csr = dir.join("device.csr");
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-subj",
+            "/CN=RE4A000050",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&csr)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let csr_pem = std::fs::read_to_string(&csr).unwrap();
+    let (status, body) = api
+        .call(
+            "POST",
+            gw.url("/api/v1/devices/RE4A000050/certificate"),
+            Some(&token),
+            Some(json!({"csr_pem": csr_pem})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert!(
+        body["private_key_pem"].is_null(),
+        "no key is made for a CSR"
+    );
+    let cert = dir.join("device.pem");
+    std::fs::write(&cert, body["certificate_pem"].as_str().unwrap()).unwrap();
+    let pubkey = |args: &[&str], file: &std::path::Path| {
+        let out = Command::new("openssl")
+            .args(args)
+            .arg(file)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!(
+        pubkey(&["x509", "-noout", "-pubkey", "-in"], &cert),
+        pubkey(&["pkey", "-pubout", "-in"], &key)
+    );
+
+    // A CSR for another serial is refused, naming the field.
+    let (status, body) = api
+        .call("POST", gw.url("/api/v1/devices/RE4A000050/certificate"), Some(&token), Some(json!({"csr_pem": "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"})))
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert!(body["error"]["fields"]["csr_pem"].is_string());
+
+    // Revoke, then the CRL lists it for openssl.
+    let (status, body) = api
+        .call(
+            "DELETE",
+            gw.url("/api/v1/devices/RE4A000050/certificate"),
+            Some(&token),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["revoked"].as_array().unwrap().len(), 1);
+    let crl = reqwest::get(gw.url("/crl.pem"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let ca = reqwest::get(gw.url("/ca.pem"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    std::fs::write(dir.join("crl.pem"), crl).unwrap();
+    std::fs::write(dir.join("ca.pem"), ca).unwrap();
+    let out = Command::new("openssl")
+        .args(["verify", "-crl_check", "-CAfile"])
+        .arg(dir.join("ca.pem"))
+        .arg("-CRLfile")
+        .arg(dir.join("crl.pem"))
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("revoked")
+            || String::from_utf8_lossy(&out.stderr).contains("revoked")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn emails_go_over_smtp_and_a_failed_delivery_is_retried() {
+    // An SMTP port with nobody listening yet: the registration must still succeed.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let smtp_url = format!("smtp://127.0.0.1:{port}");
+    let gw = TestGateway::start_with(&[
+        ("TMS_MAIL_SMTP_URL", &smtp_url),
+        ("TMS_MAIL_RETRY_BASE_SECS", "1"),
+    ])
+    .await;
+    let api = Api::new();
+    provider(&gw);
+    let token = api.token(&gw, PROVIDER, PROVIDER_PASSWORD).await;
+    let (status, body) = api
+        .call(
+            "POST",
+            gw.url("/api/v1/registrations"),
+            Some(&token),
+            Some(registration(
+                "RE4A000060",
+                "00:1B:2C:3D:4E:60",
+                "ana@example.com",
+                "Acme",
+            )),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+
+    let maildir = gw.dir.path().join("maildir");
+    let mut server = Command::new("python3")
+        .args([
+            "-m",
+            "aiosmtpd",
+            "-n",
+            "-l",
+            &format!("127.0.0.1:{port}"),
+            "-c",
+            "aiosmtpd.handlers.Mailbox",
+        ])
+        .arg(&maildir)
+        .spawn()
+        .expect("python3 with aiosmtpd (scripts/test installs it)");
+    let received = wait_for("two emails over SMTP", Duration::from_secs(30), || {
+        let files: Vec<String> = std::fs::read_dir(maildir.join("new"))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+                    .collect()
+            })
+            .unwrap_or_default();
+        async move { (files.len() == 2).then_some(files) }
+    })
+    .await;
+    server.kill().unwrap();
+    server.wait().unwrap();
+    assert!(received.iter().any(|m| m.contains("/activate?token=")));
+    assert!(received.iter().any(|m| m.contains("Temporary password: ")));
+    assert!(received.iter().all(|m| m.contains("ana@example.com")));
+    assert!(
+        gw.outbox().is_empty(),
+        "with SMTP configured nothing goes to the outbox"
+    );
+}
