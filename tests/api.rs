@@ -805,3 +805,62 @@ async fn emails_go_over_smtp_and_a_failed_delivery_is_retried() {
         "with SMTP configured nothing goes to the outbox"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_failed_logins_lock_the_account_and_tokens_end_with_logout() {
+    let gw = TestGateway::start().await;
+    let api = Api::new();
+    provider(&gw);
+    for _ in 0..5 {
+        let (status, _) = api.login(&gw, PROVIDER, "wrong password").await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+    let (status, body) = api.login(&gw, PROVIDER, PROVIDER_PASSWORD).await;
+    assert_eq!(
+        status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "locked even with the right password: {body}"
+    );
+    // An unknown account answers exactly like a wrong password.
+    let (status, body) = api.login(&gw, "nobody@example.com", "whatever").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(body["error"]["code"], "invalid_credentials");
+
+    let admin = "admin@example.com";
+    gw.cli_stdin(
+        &[
+            "user",
+            "add",
+            "--email",
+            admin,
+            "--role",
+            "admin",
+            "--password-stdin",
+        ],
+        "admin-password-1\n",
+    );
+    let token = api.token(&gw, admin, "admin-password-1").await;
+    let (status, _) = api
+        .call("GET", gw.url("/api/v1/me"), Some(&token), None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = api
+        .call("POST", gw.url("/api/v1/auth/logout"), Some(&token), None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _) = api
+        .call("GET", gw.url("/api/v1/me"), Some(&token), None)
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "a logged-out token is dead"
+    );
+
+    let (status, doc) = api
+        .call("GET", gw.url("/api/v1/openapi.json"), None, None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(doc["openapi"], "3.1.0");
+    assert!(doc["paths"]["/api/v1/registrations"]["post"].is_object());
+}

@@ -4,6 +4,7 @@
 mod accounts;
 mod devices;
 mod error;
+mod openapi;
 mod public;
 mod registration;
 
@@ -14,7 +15,8 @@ use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use axum::Router;
-use axum::routing::{get, post};
+use axum::handler::Handler;
+use axum::routing::{MethodFilter, MethodRouter, get, on};
 use tms_certs::Ca;
 use tms_store::Store;
 use tokio::sync::Notify;
@@ -36,38 +38,211 @@ pub struct ApiState {
     pub activation_ttl: Duration,
 }
 
-pub fn router(state: ApiState) -> Router {
-    Router::new()
-        .route("/healthz", get(public::healthz))
-        .route("/readyz", get(public::readyz))
-        .route("/ca.pem", get(public::ca_pem))
-        .route("/crl.pem", get(public::crl_pem))
-        .route("/api/v1/auth/login", post(accounts::login))
-        .route("/api/v1/auth/logout", post(accounts::logout))
-        .route("/api/v1/auth/activate", post(accounts::activate))
-        .route(
+/// Who may call a route (documented in the OpenAPI document; enforced by the extractors).
+#[derive(Clone, Copy)]
+enum Access {
+    Anyone,
+    LoggedIn,
+}
+
+/// One route: what the OpenAPI document says about it, and its handler, built together so
+/// the document cannot drift from what is served.
+struct Route {
+    method: &'static str,
+    path: &'static str,
+    summary: &'static str,
+    access: Access,
+    /// Name of the request body schema in `openapi::SCHEMAS`.
+    body: Option<&'static str>,
+    handler: MethodRouter<ApiState>,
+}
+
+fn route<H, T>(
+    method: &'static str,
+    path: &'static str,
+    access: Access,
+    summary: &'static str,
+    body: Option<&'static str>,
+    handler: H,
+) -> Route
+where
+    H: Handler<T, ApiState>,
+    T: 'static,
+{
+    let filter = match method {
+        "GET" => MethodFilter::GET,
+        "POST" => MethodFilter::POST,
+        "PUT" => MethodFilter::PUT,
+        _ => MethodFilter::DELETE,
+    };
+    Route {
+        method,
+        path,
+        summary,
+        access,
+        body,
+        handler: on(filter, handler),
+    }
+}
+
+fn routes() -> Vec<Route> {
+    use Access::*;
+    vec![
+        route("GET", "/healthz", Anyone, "Liveness", None, public::healthz),
+        route(
+            "GET",
+            "/readyz",
+            Anyone,
+            "Readiness: store reachable and broker listening",
+            None,
+            public::readyz,
+        ),
+        route(
+            "GET",
+            "/ca.pem",
+            Anyone,
+            "The CA certificate (PEM)",
+            None,
+            public::ca_pem,
+        ),
+        route(
+            "GET",
+            "/crl.pem",
+            Anyone,
+            "The current certificate revocation list (PEM)",
+            None,
+            public::crl_pem,
+        ),
+        route(
+            "POST",
+            "/api/v1/auth/login",
+            Anyone,
+            "Log in; answers a bearer token",
+            Some("Login"),
+            accounts::login,
+        ),
+        route(
+            "POST",
+            "/api/v1/auth/logout",
+            LoggedIn,
+            "Revoke the caller's token",
+            None,
+            accounts::logout,
+        ),
+        route(
+            "POST",
+            "/api/v1/auth/activate",
+            Anyone,
+            "Activate an account with the emailed token (single use)",
+            Some("Activate"),
+            accounts::activate,
+        ),
+        route(
+            "POST",
             "/api/v1/accounts/activation",
-            post(accounts::resend_activation),
-        )
-        .route("/api/v1/me", get(accounts::me))
-        .route("/api/v1/me/password", post(accounts::change_password))
-        .route("/api/v1/registrations", post(registration::register))
-        .route("/api/v1/devices", get(devices::list))
-        .route("/api/v1/devices/{serial}", get(devices::detail))
-        .route("/api/v1/devices/{serial}/status", get(devices::status))
-        .route(
+            LoggedIn,
+            "Provider/admin: resend a customer's activation email",
+            Some("Resend"),
+            accounts::resend_activation,
+        ),
+        route(
+            "GET",
+            "/api/v1/me",
+            LoggedIn,
+            "The caller's account",
+            None,
+            accounts::me,
+        ),
+        route(
+            "POST",
+            "/api/v1/me/password",
+            LoggedIn,
+            "Change the caller's password",
+            Some("ChangePassword"),
+            accounts::change_password,
+        ),
+        route(
+            "POST",
+            "/api/v1/registrations",
+            LoggedIn,
+            "Provider/admin: register customer + company + device",
+            Some("Registration"),
+            registration::register,
+        ),
+        route(
+            "GET",
+            "/api/v1/devices",
+            LoggedIn,
+            "Devices the caller may see, with status (?q=, ?state=)",
+            None,
+            devices::list,
+        ),
+        route(
+            "GET",
+            "/api/v1/devices/{serial}",
+            LoggedIn,
+            "Registration data, status, location, certificates",
+            None,
+            devices::detail,
+        ),
+        route(
+            "GET",
+            "/api/v1/devices/{serial}/status",
+            LoggedIn,
+            "Connection status",
+            None,
+            devices::status,
+        ),
+        route(
+            "GET",
             "/api/v1/devices/{serial}/telemetry",
-            get(devices::telemetry),
-        )
-        .route(
+            LoggedIn,
+            "Telemetry, newest first (?limit=1..1000)",
+            None,
+            devices::telemetry,
+        ),
+        route(
+            "PUT",
             "/api/v1/devices/{serial}/location",
-            axum::routing::put(devices::set_location),
-        )
-        .route(
+            LoggedIn,
+            "Set the location by hand",
+            Some("Location"),
+            devices::set_location,
+        ),
+        route(
+            "POST",
             "/api/v1/devices/{serial}/certificate",
-            post(devices::generate_certificate).delete(devices::revoke_certificates),
-        )
-        .route("/api/v1/locations", get(devices::locations))
+            LoggedIn,
+            "Generate Certificate: JSON, zip (Accept: application/zip) or from a CSR",
+            Some("CertificateRequest"),
+            devices::generate_certificate,
+        ),
+        route(
+            "DELETE",
+            "/api/v1/devices/{serial}/certificate",
+            LoggedIn,
+            "Revoke every valid certificate of the device",
+            None,
+            devices::revoke_certificates,
+        ),
+        route(
+            "GET",
+            "/api/v1/locations",
+            LoggedIn,
+            "GeoJSON FeatureCollection of the caller's located devices",
+            None,
+            devices::locations,
+        ),
+    ]
+}
+
+pub fn router(state: ApiState) -> Router {
+    let mut router = Router::new();
+    for r in routes() {
+        router = router.route(r.path, r.handler);
+    }
+    router
+        .route("/api/v1/openapi.json", get(openapi::document))
         .fallback(public::not_found)
         .with_state(state)
 }
