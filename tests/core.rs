@@ -567,3 +567,212 @@ async fn a_slow_store_pushes_back_and_every_acknowledged_message_is_stored() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_exactly_what_a_scripted_session_did() {
+    let gw = TestGateway::start().await;
+    let files = gw.provision("RE4A000900", "00:1B:2C:3D:4E:90");
+    let store = gw.store().await;
+    let before = scrape(&gw).await;
+
+    // A refused CONNECT (client id is not the CN).
+    let (_c, mut el) = mqtt_client(
+        &gw,
+        "IMPOSTOR",
+        client_tls(&files.ca, Some((&files.pem, &files.key))),
+    );
+    assert!(!matches!(
+        connack(&mut el).await,
+        Ok(ConnectReturnCode::Success)
+    ));
+    // A session: two good telemetry messages, one malformed, one location, then DISCONNECT.
+    let (client, mut el) = device_client(&gw, &files);
+    assert_eq!(connack(&mut el).await, Ok(ConnectReturnCode::Success));
+    let driver = tokio::spawn(async move { while el.poll().await.is_ok() {} });
+    publish(&client, "RE4A000900", "telemetry", TELEMETRY).await;
+    publish(&client, "RE4A000900", "telemetry", TELEMETRY).await;
+    publish(&client, "RE4A000900", "telemetry", "not json").await;
+    publish(&client, "RE4A000900", "location", r#"{"lat": 1, "lon": 2}"#).await;
+    wait_for("stored", Duration::from_secs(3), || async {
+        (store.telemetry_count("RE4A000900").await.unwrap() == 2
+            && store.location("RE4A000900").await.unwrap().is_some())
+        .then_some(())
+    })
+    .await;
+    client.disconnect().await.unwrap();
+    driver.await.unwrap();
+    wait_state(
+        &store,
+        "RE4A000900",
+        ConnState::Offline,
+        Duration::from_secs(2),
+    )
+    .await;
+
+    let after = scrape(&gw).await;
+    let d = |key: &str| delta(&before, &after, key);
+    assert_eq!(d("tms_broker_connects_accepted_total"), 1.0);
+    assert_eq!(
+        d("tms_broker_connects_refused_total{reason=\"client_id_mismatch\"}"),
+        1.0
+    );
+    assert_eq!(
+        d("tms_broker_disconnects_total{reason=\"client_disconnect\"}"),
+        1.0
+    );
+    assert_eq!(
+        d("tms_broker_messages_received_total{kind=\"telemetry\"}"),
+        3.0
+    );
+    assert_eq!(
+        d("tms_broker_messages_received_total{kind=\"location\"}"),
+        1.0
+    );
+    assert_eq!(
+        d("tms_ingest_messages_total{kind=\"telemetry\",outcome=\"stored\"}"),
+        2.0
+    );
+    assert_eq!(
+        d("tms_ingest_messages_total{kind=\"telemetry\",outcome=\"quarantined\"}"),
+        1.0
+    );
+    assert_eq!(
+        d("tms_ingest_messages_total{kind=\"location\",outcome=\"stored\"}"),
+        1.0
+    );
+    assert_eq!(after.get("tms_broker_connections").copied(), Some(0.0));
+    assert!(d("tms_broker_bytes_received_total") > 0.0);
+    assert!(d("tms_broker_handshake_duration_seconds_count") >= 2.0);
+    assert_eq!(
+        after
+            .get("tms_devices{state=\"offline\"}")
+            .copied()
+            .unwrap_or(0.0)
+            + after
+                .get("tms_devices{state=\"never_connected\"}")
+                .copied()
+                .unwrap_or(0.0),
+        1.0
+    );
+
+    // Every metric the shipped Grafana dashboard queries exists in a real scrape.
+    let dashboard = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/grafana/tms-gateway.json"
+    ))
+    .unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&dashboard).unwrap();
+    let families: std::collections::HashSet<String> = after
+        .keys()
+        .map(|k| k.split('{').next().unwrap().to_owned())
+        .collect();
+    let mut queried = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for name in expr
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| w.starts_with("tms_"))
+            {
+                queried += 1;
+                let family = name.to_owned();
+                assert!(
+                    families.contains(&family),
+                    "dashboard queries {family}, which /metrics does not expose"
+                );
+            }
+        }
+    }
+    assert!(queried > 10);
+}
+
+/// A TCP proxy the test can cut: stands between the gateway and PostgreSQL.
+struct Proxy {
+    addr: std::net::SocketAddr,
+    cut: tokio_util::sync::CancellationToken,
+}
+
+impl Proxy {
+    async fn start(addr: std::net::SocketAddr, upstream: String) -> Proxy {
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cut = tokio_util::sync::CancellationToken::new();
+        let stop = cut.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut inbound, _) = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    a = listener.accept() => a.unwrap(),
+                };
+                let upstream = upstream.clone();
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let mut outbound = tokio::net::TcpStream::connect(upstream).await.unwrap();
+                    tokio::select! {
+                        _ = stop.cancelled() => {}
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                    }
+                });
+            }
+        });
+        Proxy { addr, cut }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_fails_while_the_store_is_unreachable_and_recovers() {
+    use sqlx::{Connection, Executor};
+    let Ok(base) = std::env::var("TMS_TEST_DATABASE_URL") else {
+        eprintln!("TMS_TEST_DATABASE_URL not set: this test needs PostgreSQL (CI sets it)");
+        return;
+    };
+    sqlx::any::install_default_drivers();
+    let schema = format!("t_ready_{}", std::process::id());
+    let mut conn = sqlx::AnyConnection::connect(&base).await.unwrap();
+    conn.execute(format!("DROP SCHEMA IF EXISTS {schema} CASCADE").as_str())
+        .await
+        .unwrap();
+    conn.execute(format!("CREATE SCHEMA {schema}").as_str())
+        .await
+        .unwrap();
+    let upstream = base
+        .split('@')
+        .nth(1)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let proxy = Proxy::start("127.0.0.1:0".parse().unwrap(), upstream.clone()).await;
+    let via_proxy = base.replace(&upstream, &proxy.addr.to_string());
+    let sep = if via_proxy.contains('?') { '&' } else { '?' };
+    let url = format!("{via_proxy}{sep}options=-c%20search_path%3D{schema}");
+    let gw = TestGateway::start_with(&[("TMS_DATABASE_URL", &url)]).await;
+    let ready = gw.url("/readyz");
+    let status = |url: String| async move {
+        reqwest::get(url)
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    };
+    assert_eq!(status(ready.clone()).await, 200);
+
+    proxy.cut.cancel();
+    wait_for(
+        "readyz 503 with the store cut off",
+        Duration::from_secs(10),
+        || {
+            let url = ready.clone();
+            async move { (status(url).await == 503).then_some(()) }
+        },
+    )
+    .await;
+    assert_eq!(status(gw.url("/healthz")).await, 200, "alive all the same");
+
+    let _back = Proxy::start(proxy.addr, upstream).await;
+    wait_for("readyz 200 again", Duration::from_secs(15), || {
+        let url = ready.clone();
+        async move { (status(url).await == 200).then_some(()) }
+    })
+    .await;
+}

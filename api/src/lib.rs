@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod mail;
+pub mod monitoring;
 pub mod provisioning;
 pub mod views;
 

@@ -12,7 +12,7 @@ use tms_store::{CertificateRecord, DeviceRecord, Store, StoreError};
 pub enum ProvisioningError {
     #[error("device {0} is not registered")]
     UnknownDevice(String),
-    #[error("device {serial} has an unreadable start date {start_date:?}")]
+    #[error("device {serial} has an unreadable lease (start date {start_date:?})")]
     StartDate { serial: String, start_date: String },
     #[error(
         "the lease of device {serial} ended on {lease_end}; renew it before issuing a certificate"
@@ -44,15 +44,23 @@ pub fn lease_end(start: Date, months: i64) -> Date {
     Date::from_calendar_date(year, month, start.day().min(last_day)).unwrap_or(start)
 }
 
+/// When a lease that starts on `start_date` (YYYY-MM-DD) for `months` ends: midnight UTC at
+/// the start of the end day, in Unix ms. `None` for an unreadable date.
+pub fn lease_ends_at_ms(start_date: &str, months: i64) -> Option<i64> {
+    let end = lease_end(parse_date(start_date)?, months)
+        .with_time(Time::MIDNIGHT)
+        .assume_utc();
+    Some(end.unix_timestamp() * 1000)
+}
+
 /// When a certificate for this device must stop being valid: the end of its lease (UTC).
 pub fn lease_not_after(device: &DeviceRecord) -> Result<OffsetDateTime, ProvisioningError> {
-    let start = parse_date(&device.start_date).ok_or_else(|| ProvisioningError::StartDate {
-        serial: device.serial.clone(),
-        start_date: device.start_date.clone(),
-    })?;
-    Ok(lease_end(start, device.lease_months)
-        .with_time(Time::MIDNIGHT)
-        .assume_utc())
+    OffsetDateTime::from_unix_timestamp(device.lease_ends_at.div_euclid(1000)).map_err(|_| {
+        ProvisioningError::StartDate {
+            serial: device.serial.clone(),
+            start_date: device.start_date.clone(),
+        }
+    })
 }
 
 /// Issues a certificate for a registered device and records it (never its private key).

@@ -52,6 +52,19 @@ pub struct Config {
     pub presence: Presence,
     pub certs: Certs,
     pub ingest: Ingest,
+    pub log: Log,
+}
+
+/// How log lines are written (to standard error).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Log {
+    pub format: LogFormat,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -112,6 +125,7 @@ impl fmt::Debug for Config {
             .field("presence", &self.presence)
             .field("certs", &self.certs)
             .field("ingest", &self.ingest)
+            .field("log", &self.log)
             .finish()
     }
 }
@@ -167,6 +181,7 @@ const KEYS: &[(&str, &str)] = &[
     ("ingest", "queue_capacity"),
     ("ingest", "batch_max_rows"),
     ("ingest", "flush_interval_ms"),
+    ("log", "format"),
 ];
 
 fn dotted(section: &str, key: &str) -> String {
@@ -518,7 +533,14 @@ fn build(b: &mut Builder) -> Config {
         flush_interval: Duration::from_millis(b.int("ingest.flush_interval_ms", 20, 1, 60_000)),
     };
 
+    let format = b.parsed("log.format", LogFormat::Text, |s| match s {
+        "text" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        _ => Err("expected \"text\" or \"json\"".to_owned()),
+    });
+
     Config {
+        log: Log { format },
         data_dir,
         database_url,
         mqtt,

@@ -79,6 +79,8 @@ fn node_id() -> String {
 
 impl App {
     pub async fn build(config: Config) -> Result<App> {
+        tms_api::monitoring::install();
+        tms_api::monitoring::record_process(env!("CARGO_PKG_VERSION"), env!("TMS_GIT_COMMIT"));
         let (store, ca) = open_parts(&config).await?;
         let now = OffsetDateTime::now_utc();
         let (server, reissued) = ca

@@ -138,7 +138,7 @@ fn usage(msg: impl Into<String>) -> anyhow::Error {
     UsageError(msg.into()).into()
 }
 
-pub fn init_logging(command: &Command) {
+pub fn init_logging(command: &Command, format: tms_config::LogFormat) {
     let default = match command {
         // rumqttd opens an error-level span per publish: off unless asked for.
         Command::Serve => "info,rumqttd=off,rustls=error",
@@ -146,10 +146,13 @@ pub fn init_logging(command: &Command) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        tms_config::LogFormat::Text => builder.init(),
+        tms_config::LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
 }
 
 pub async fn run(command: Command, config: Config) -> Result<()> {
@@ -331,6 +334,10 @@ async fn device(config: Config, command: DeviceCommand) -> Result<()> {
                         company: company.trim().to_owned(),
                         device_type,
                         lease_months,
+                        lease_ends_at: provisioning::lease_ends_at_ms(&start_date, lease_months)
+                            .ok_or_else(|| {
+                                usage(format!("--start-date {start_date:?} is not a date"))
+                            })?,
                         start_date,
                         ups_model,
                         ups_model_number,

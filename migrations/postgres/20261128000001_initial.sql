@@ -26,6 +26,8 @@ CREATE TABLE devices (
     device_type                   TEXT NOT NULL,
     lease_months                  BIGINT NOT NULL,
     start_date                    TEXT NOT NULL,
+    lease_ends_at                 BIGINT NOT NULL,
+    lease_notice_sent_at          BIGINT,
     ups_model                     TEXT,
     ups_model_number              TEXT,
     ups_serial                    TEXT,

@@ -16,6 +16,8 @@ pub struct NewDevice {
     pub lease_months: i64,
     /// ISO 8601 date, `YYYY-MM-DD`.
     pub start_date: String,
+    /// When the lease ends (Unix ms): start date + lease months.
+    pub lease_ends_at: i64,
     pub ups_model: Option<String>,
     pub ups_model_number: Option<String>,
     pub ups_serial: Option<String>,
@@ -35,6 +37,7 @@ pub struct DeviceRecord {
     pub device_type: String,
     pub lease_months: i64,
     pub start_date: String,
+    pub lease_ends_at: i64,
     pub ups_model: Option<String>,
     pub ups_model_number: Option<String>,
     pub ups_serial: Option<String>,
@@ -114,6 +117,16 @@ pub struct LocationRecord {
     pub updated_at: i64,
 }
 
+/// What the fleet gauges show.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FleetCounts {
+    pub online: i64,
+    pub offline: i64,
+    pub never_connected: i64,
+    pub certificates_expiring_30d: i64,
+    pub leases_expiring_30d: i64,
+}
+
 /// Refused connection attempts of one device, coalesced by reason.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Refusal {
@@ -126,7 +139,7 @@ pub struct Refusal {
 }
 
 const DEVICE_COLUMNS: &str = "d.serial, d.mac, d.company_id, c.name AS company, d.device_type, \
-    d.lease_months, d.start_date, d.ups_model, d.ups_model_number, d.ups_serial, d.ups_ship_date, \
+    d.lease_months, d.start_date, d.lease_ends_at, d.ups_model, d.ups_model_number, d.ups_serial, d.ups_ship_date, \
     d.sales_order, d.service_contract_sales_order, d.registered_by, d.created_at";
 
 const STATUS_COLUMNS: &str = "s.state, s.since, s.last_seen, s.peer_addr, s.session_id, \
@@ -142,6 +155,7 @@ fn device_from_row(row: &AnyRow) -> Result<DeviceRecord, sqlx::Error> {
         device_type: row.try_get("device_type")?,
         lease_months: row.try_get("lease_months")?,
         start_date: row.try_get("start_date")?,
+        lease_ends_at: row.try_get("lease_ends_at")?,
         ups_model: row.try_get("ups_model")?,
         ups_model_number: row.try_get("ups_model_number")?,
         ups_serial: row.try_get("ups_serial")?,
@@ -227,8 +241,8 @@ pub(crate) async fn insert_device(
     sqlx::query(
         "INSERT INTO devices (serial, mac, company_id, device_type, lease_months, start_date, \
          ups_model, ups_model_number, ups_serial, ups_ship_date, sales_order, \
-         service_contract_sales_order, registered_by, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+         service_contract_sales_order, registered_by, created_at, lease_ends_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
     )
     .bind(d.serial.as_str())
     .bind(d.mac.to_string())
@@ -244,6 +258,7 @@ pub(crate) async fn insert_device(
     .bind(d.service_contract_sales_order.as_deref())
     .bind(d.registered_by)
     .bind(now_ms)
+    .bind(d.lease_ends_at)
     .execute(&mut *conn)
     .await
     .map_err(unique_err("registering a device", "device serial or MAC"))?;
@@ -335,6 +350,36 @@ impl Store {
             .map(view_from_row)
             .collect::<Result<_, _>>()
             .map_err(query_err("decoding devices"))
+    }
+
+    /// Counts for the fleet gauges.
+    pub async fn fleet_counts(&self, now_ms: i64) -> Result<FleetCounts> {
+        let soon = now_ms + 30 * 86_400_000;
+        let row = sqlx::query(
+            "SELECT \
+             (SELECT COUNT(*) FROM device_status s JOIN devices d ON d.serial = s.serial WHERE s.state = 'online') AS online, \
+             (SELECT COUNT(*) FROM device_status s JOIN devices d ON d.serial = s.serial WHERE s.state = 'offline') AS offline, \
+             (SELECT COUNT(*) FROM devices) AS total, \
+             (SELECT COUNT(*) FROM certificates WHERE revoked_at IS NULL AND not_after > $1 AND not_after <= $2) AS certs, \
+             (SELECT COUNT(*) FROM devices WHERE lease_ends_at > $1 AND lease_ends_at <= $2) AS leases",
+        )
+        .bind(now_ms)
+        .bind(soon)
+        .fetch_one(self.pool())
+        .await
+        .map_err(query_err("counting the fleet"))?;
+        let get = |name: &str| {
+            row.try_get::<i64, _>(name)
+                .map_err(query_err("counting the fleet"))
+        };
+        let (online, offline, total) = (get("online")?, get("offline")?, get("total")?);
+        Ok(FleetCounts {
+            online,
+            offline,
+            never_connected: (total - online - offline).max(0),
+            certificates_expiring_30d: get("certs")?,
+            leases_expiring_30d: get("leases")?,
+        })
     }
 
     /// Marks every device this node still shows online as offline: on start-up, those

@@ -46,6 +46,7 @@ fn device(serial: &str, mac: &str, company: &str) -> NewDevice {
         device_type: "RemotEye 4".into(),
         lease_months: 12,
         start_date: "2026-12-01".into(),
+        lease_ends_at: 1_827_619_200_000,
         ups_model: Some("1600XP".into()),
         ups_model_number: None,
         ups_serial: Some("160300007".into()),

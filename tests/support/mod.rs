@@ -387,3 +387,25 @@ impl TestGateway {
             .collect()
     }
 }
+
+/// One scrape of `/metrics`: the value of every sample, keyed by name and labels as written.
+pub async fn scrape(gw: &TestGateway) -> std::collections::HashMap<String, f64> {
+    let url = format!("http://{}/metrics", gw.ports.http);
+    let text = reqwest::get(url).await.unwrap().text().await.unwrap();
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (key, value) = l.rsplit_once(' ')?;
+            Some((key.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Difference of one sample between two scrapes (absent counts as 0).
+pub fn delta(
+    before: &std::collections::HashMap<String, f64>,
+    after: &std::collections::HashMap<String, f64>,
+    key: &str,
+) -> f64 {
+    after.get(key).copied().unwrap_or(0.0) - before.get(key).copied().unwrap_or(0.0)
+}

@@ -243,6 +243,8 @@ pub fn router(state: ApiState) -> Router {
     }
     router
         .route("/api/v1/openapi.json", get(openapi::document))
+        .route("/metrics", get(public::metrics))
         .fallback(public::not_found)
+        .layer(axum::middleware::from_fn(crate::monitoring::track_http))
         .with_state(state)
 }

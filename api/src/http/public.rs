@@ -16,7 +16,10 @@ pub(super) async fn healthz() -> impl IntoResponse {
 }
 
 pub(super) async fn readyz(State(s): State<ApiState>) -> Response {
-    let store = s.store.ping().await;
+    // An unreachable database must not hang the probe: two seconds, then "not ready".
+    let store = tokio::time::timeout(std::time::Duration::from_secs(2), s.store.ping())
+        .await
+        .unwrap_or(false);
     let broker = s.broker_listening.load(Ordering::Relaxed);
     let status = if store && broker {
         StatusCode::OK
@@ -63,4 +66,21 @@ pub(super) async fn crl_pem(State(s): State<ApiState>) -> Result<Response, ApiEr
 
 pub(super) async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+}
+
+pub(super) async fn metrics(State(s): State<ApiState>) -> Response {
+    // Bounded: a scrape must answer even when the store does not.
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        crate::monitoring::refresh_fleet_gauges(&s.store),
+    )
+    .await;
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        crate::monitoring::render(),
+    )
+        .into_response()
 }

@@ -292,6 +292,8 @@ fn validate(body: &Value) -> Result<Validated, ApiError> {
                 company: company_name,
                 device_type,
                 lease_months,
+                lease_ends_at: crate::provisioning::lease_ends_at_ms(&start_date, lease_months)
+                    .unwrap_or(0),
                 start_date,
                 ups_model,
                 ups_model_number,

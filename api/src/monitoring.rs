@@ -1,0 +1,197 @@
+//! Prometheus metrics: the process-wide recorder, the `/metrics` text, the HTTP request
+//! middleware, and the fleet gauges that come from the store rather than from events.
+//!
+//! Names follow `tms_<subsystem>_<name>_<unit>`; labels come only from small fixed sets
+//! (reason, kind, state, route template, status class) — never a serial or a raw path.
+
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request};
+use axum::middleware::Next;
+use axum::response::Response;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tms_store::Store;
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+const SECONDS_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+const ROWS_BUCKETS: &[f64] = &[1.0, 5.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 5000.0];
+
+/// Installs the process-wide recorder once; later calls return the same handle. `None` if
+/// another recorder was installed first (metrics then go there).
+pub fn install() -> Option<PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Suffix("_rows".into()), ROWS_BUCKETS)
+                });
+            match builder.map(|b| b.install_recorder()) {
+                Ok(Ok(handle)) => {
+                    describe();
+                    Some(handle)
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "metrics recorder not installed");
+                    None
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics buckets rejected");
+                    None
+                }
+            }
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!("tms_broker_connections", "Devices connected right now");
+    describe_counter!(
+        "tms_broker_connects_accepted_total",
+        "Sessions established (CONNACK sent)"
+    );
+    describe_counter!(
+        "tms_broker_connects_refused_total",
+        "Refused handshakes, CONNECTs and packets, by reason"
+    );
+    describe_counter!("tms_broker_disconnects_total", "Ended sessions, by reason");
+    describe_histogram!(
+        "tms_broker_handshake_duration_seconds",
+        "TLS handshake time"
+    );
+    describe_counter!(
+        "tms_broker_messages_received_total",
+        "Device publishes accepted, by topic kind"
+    );
+    describe_counter!(
+        "tms_broker_acl_denied_total",
+        "Publishes and subscribes outside the device's topics"
+    );
+    describe_counter!("tms_broker_bytes_received_total", "Bytes read from devices");
+    describe_gauge!("tms_ingest_queue_depth", "Events waiting for ingest");
+    describe_histogram!("tms_ingest_batch_rows", "Rows per ingest commit");
+    describe_histogram!(
+        "tms_ingest_commit_duration_seconds",
+        "Time per ingest commit"
+    );
+    describe_counter!("tms_ingest_rows_written_total", "Rows written by ingest");
+    describe_counter!(
+        "tms_ingest_write_errors_total",
+        "Failed ingest commits (retried)"
+    );
+    describe_counter!(
+        "tms_ingest_messages_total",
+        "Device messages by kind and outcome (stored, quarantined)"
+    );
+    describe_gauge!("tms_devices", "Registered devices by connection state");
+    describe_counter!("tms_certs_issued_total", "Device certificates issued");
+    describe_counter!("tms_certs_revoked_total", "Device certificates revoked");
+    describe_gauge!(
+        "tms_certs_expiring_30d",
+        "Valid device certificates ending within 30 days"
+    );
+    describe_gauge!(
+        "tms_leases_expiring_30d",
+        "Device leases ending within 30 days"
+    );
+    describe_counter!(
+        "tms_http_requests_total",
+        "HTTP requests by route template, method and status class"
+    );
+    describe_histogram!(
+        "tms_http_request_duration_seconds",
+        "HTTP request time by route template"
+    );
+    describe_counter!("tms_mail_sent_total", "Emails delivered");
+    describe_counter!(
+        "tms_mail_failed_total",
+        "Email delivery attempts that failed (kept for retry)"
+    );
+    describe_gauge!("tms_mail_queued", "Emails waiting for delivery");
+    describe_gauge!("tms_build_info", "Version and git commit of this build");
+    describe_gauge!(
+        "tms_process_start_time_seconds",
+        "Start time of the process, Unix seconds"
+    );
+}
+
+/// The Prometheus text exposition, or an empty string without a recorder.
+pub fn render() -> String {
+    HANDLE
+        .get()
+        .and_then(Option::as_ref)
+        .map(PrometheusHandle::render)
+        .unwrap_or_default()
+}
+
+/// Records every HTTP request by its route template (never the raw path).
+pub async fn track_http(request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let method = request.method().as_str().to_owned();
+    let started = Instant::now();
+    let response = next.run(request).await;
+    let class = match response.status().as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    };
+    metrics::counter!("tms_http_requests_total", "route" => route.clone(), "method" => method, "status" => class).increment(1);
+    metrics::histogram!("tms_http_request_duration_seconds", "route" => route)
+        .record(started.elapsed().as_secs_f64());
+    response
+}
+
+/// Build information and start time, set once at start-up. Counters that are often zero are
+/// created at zero, so dashboards and `rate()` see them before the first event.
+pub fn record_process(version: &'static str, git_commit: &'static str) {
+    for action in ["publish", "subscribe"] {
+        metrics::counter!("tms_broker_acl_denied_total", "action" => action).increment(0);
+    }
+    for name in [
+        "tms_broker_connects_accepted_total",
+        "tms_broker_bytes_received_total",
+        "tms_ingest_rows_written_total",
+        "tms_ingest_write_errors_total",
+        "tms_certs_issued_total",
+        "tms_certs_revoked_total",
+        "tms_mail_sent_total",
+        "tms_mail_failed_total",
+    ] {
+        metrics::counter!(name).increment(0);
+    }
+    metrics::gauge!("tms_broker_connections").increment(0.0);
+    metrics::gauge!("tms_ingest_queue_depth").set(0.0);
+    metrics::gauge!("tms_build_info", "version" => version, "git_commit" => git_commit).set(1.0);
+    let start = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    metrics::gauge!("tms_process_start_time_seconds").set(start);
+}
+
+/// Sets the gauges that describe the fleet (devices by state, expiring certificates and
+/// leases) from the store. Called on every scrape, so they are never stale.
+pub async fn refresh_fleet_gauges(store: &Store) {
+    match store.fleet_counts(tms_model::now_ms()).await {
+        Ok(c) => {
+            metrics::gauge!("tms_devices", "state" => "online").set(c.online as f64);
+            metrics::gauge!("tms_devices", "state" => "offline").set(c.offline as f64);
+            metrics::gauge!("tms_devices", "state" => "never_connected")
+                .set(c.never_connected as f64);
+            metrics::gauge!("tms_certs_expiring_30d").set(c.certificates_expiring_30d as f64);
+            metrics::gauge!("tms_leases_expiring_30d").set(c.leases_expiring_30d as f64);
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot refresh fleet gauges"),
+    }
+}
