@@ -53,6 +53,30 @@ pub fn lease_ends_at_ms(start_date: &str, months: i64) -> Option<i64> {
     Some(end.unix_timestamp() * 1000)
 }
 
+/// `from_ms` plus `months` calendar months (same day of month, clamped), in Unix ms.
+pub fn add_months_ms(from_ms: i64, months: i64) -> i64 {
+    let from = OffsetDateTime::from_unix_timestamp(from_ms.div_euclid(1000))
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+    let end = lease_end(from.date(), months)
+        .with_time(from.time())
+        .assume_utc();
+    end.unix_timestamp() * 1000
+}
+
+/// Renews a device's lease by `months` (1–120) from its end, or from now if it has ended.
+/// Returns the new end, Unix ms. A new certificate is then valid until the new end.
+pub async fn renew_lease(
+    store: &Store,
+    serial: &DeviceSerial,
+    months: i64,
+) -> Result<i64, ProvisioningError> {
+    Ok(store
+        .renew_lease(serial.as_str(), months, tms_model::now_ms(), |from| {
+            add_months_ms(from, months)
+        })
+        .await?)
+}
+
 /// When a certificate for this device must stop being valid: the end of its lease (UTC).
 pub fn lease_not_after(device: &DeviceRecord) -> Result<OffsetDateTime, ProvisioningError> {
     OffsetDateTime::from_unix_timestamp(device.lease_ends_at.div_euclid(1000)).map_err(|_| {
@@ -88,6 +112,17 @@ pub async fn issue_device_certificate(
         tokio::task::spawn_blocking(move || ca.issue_device(&owned_serial, key, now, not_after))
             .await
             .map_err(ProvisioningError::Task)??;
+    // Issue times order a device's certificates (rotation supersedes the older ones), so
+    // they are strictly increasing per device even for two issued in the same millisecond.
+    let now_ms = i64::try_from(now.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX);
+    let latest = store
+        .certificates_of(serial.as_str())
+        .await?
+        .iter()
+        .map(|c| c.issued_at)
+        .max()
+        .unwrap_or(i64::MIN);
+    let issued_at = now_ms.max(latest.saturating_add(1));
     store
         .add_certificate(&CertificateRecord {
             serial_number: issued.serial_number.clone(),
@@ -95,7 +130,7 @@ pub async fn issue_device_certificate(
             sha256_fingerprint: issued.sha256_fingerprint.clone(),
             not_before: issued.not_before.unix_timestamp() * 1000,
             not_after: issued.not_after.unix_timestamp() * 1000,
-            issued_at: now.unix_timestamp() * 1000,
+            issued_at,
             revoked_at: None,
             revocation_reason: None,
         })

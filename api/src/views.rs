@@ -6,8 +6,6 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tms_store::{CertificateRecord, DeviceStatus, DeviceView, LocationRecord, Refusal};
 
-use crate::provisioning::{lease_end, parse_date};
-
 /// Unix ms as RFC 3339 (UTC), or null.
 pub fn time(ms: Option<i64>) -> Value {
     ms.and_then(|ms| OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).ok())
@@ -33,7 +31,11 @@ pub fn status(s: &DeviceStatus) -> Value {
 /// A device with its status, as in the device list.
 pub fn device(v: &DeviceView) -> Value {
     let d = &v.device;
-    let lease_end = parse_date(&d.start_date).map(|s| lease_end(s, d.lease_months).to_string());
+    let now = tms_model::now_ms();
+    let days_left = |end: i64| (end - now).div_euclid(86_400_000);
+    let lease_end = time(Some(d.lease_ends_at))
+        .as_str()
+        .map(|t| t[..10].to_owned());
     json!({
         "serial": d.serial,
         "mac": d.mac,
@@ -42,6 +44,9 @@ pub fn device(v: &DeviceView) -> Value {
         "lease_months": d.lease_months,
         "start_date": d.start_date,
         "lease_end": lease_end,
+        "lease_days_left": days_left(d.lease_ends_at),
+        "certificate_not_after": time(d.certificate_not_after),
+        "certificate_days_left": d.certificate_not_after.map(days_left),
         "ups": {
             "model": d.ups_model,
             "model_number": d.ups_model_number,

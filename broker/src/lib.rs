@@ -83,10 +83,11 @@ pub enum RefusalReason {
     HandshakeTimeout,
     TlsError,
     ConnectionLimit,
+    Superseded,
 }
 
 impl RefusalReason {
-    pub const ALL: [RefusalReason; 13] = [
+    pub const ALL: [RefusalReason; 14] = [
         Self::NoClientCertificate,
         Self::UnknownCa,
         Self::Expired,
@@ -100,6 +101,7 @@ impl RefusalReason {
         Self::HandshakeTimeout,
         Self::TlsError,
         Self::ConnectionLimit,
+        Self::Superseded,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -117,6 +119,7 @@ impl RefusalReason {
             Self::HandshakeTimeout => "handshake_timeout",
             Self::TlsError => "tls_error",
             Self::ConnectionLimit => "connection_limit",
+            Self::Superseded => "superseded",
         }
     }
 }
@@ -132,6 +135,7 @@ pub enum DisconnectReason {
     ServerShutdown,
     ProtocolError,
     IngestClosed,
+    CertificateExpired,
 }
 
 impl DisconnectReason {
@@ -145,6 +149,7 @@ impl DisconnectReason {
             Self::ServerShutdown => "server_shutdown",
             Self::ProtocolError => "protocol_error",
             Self::IngestClosed => "ingest_closed",
+            Self::CertificateExpired => "certificate_expired",
         }
     }
 }
@@ -194,6 +199,8 @@ pub struct DeviceMessage {
 pub(crate) struct SessionControl {
     pub session_id: Arc<str>,
     pub cert_serial: String,
+    /// End of the certificate's validity, Unix seconds.
+    pub cert_not_after: i64,
     pub close: CancellationToken,
     pub reason: Mutex<Option<DisconnectReason>>,
 }
@@ -354,6 +361,20 @@ impl Broker {
             .filter(|c| serials.contains(&c.cert_serial))
         {
             control.close_with(reason);
+            closed += 1;
+        }
+        closed
+    }
+
+    /// Closes live sessions whose certificate validity ended (lease end, expiry): a session
+    /// must not outlive the certificate that opened it. Returns how many were closed.
+    pub fn close_expired(&self, now_unix: i64) -> usize {
+        let Ok(sessions) = self.sessions.lock() else {
+            return 0;
+        };
+        let mut closed = 0;
+        for control in sessions.values().filter(|c| c.cert_not_after <= now_unix) {
+            control.close_with(DisconnectReason::CertificateExpired);
             closed += 1;
         }
         closed

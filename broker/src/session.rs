@@ -159,6 +159,7 @@ pub(crate) async fn run(
     let control = Arc::new(SessionControl {
         session_id: session_id.clone(),
         cert_serial: identity.serial_number.clone(),
+        cert_not_after: identity.not_after.unix_timestamp(),
         close: CancellationToken::new(),
         reason: Mutex::new(None),
     });

@@ -8,7 +8,7 @@
 //! a CRL signature on every connection.
 
 use std::cell::RefCell;
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -40,8 +40,10 @@ fn note(f: impl FnOnce(&mut HandshakeNote)) {
     let _ = NOTE.try_with(|n| f(&mut n.borrow_mut()));
 }
 
-/// Revoked certificate serial numbers (lower-case hex), shared with whoever loads them.
-pub type RevokedSet = Arc<ArcSwap<HashSet<String>>>;
+/// Revoked certificate serial numbers (lower-case hex), shared with whoever loads them; the
+/// value says whether the certificate was superseded by a newer one (rotation) rather than
+/// revoked outright.
+pub type RevokedSet = Arc<ArcSwap<HashMap<String, bool>>>;
 
 #[derive(Debug)]
 struct DeviceVerifier {
@@ -69,18 +71,32 @@ impl ClientCertVerifier for DeviceVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         let identity = tms_certs::identity(end_entity).ok();
+        let mut superseded = false;
         let result = self
             .inner
             .verify_client_cert(end_entity, intermediates, now)
-            .and_then(|ok| match &identity {
-                Some(id) if self.revoked.load().contains(&id.serial_number) => {
-                    Err(rustls::Error::InvalidCertificate(CertificateError::Revoked))
+            .and_then(|ok| {
+                match identity
+                    .as_ref()
+                    .and_then(|id| self.revoked.load().get(&id.serial_number).copied())
+                {
+                    Some(by_rotation) => {
+                        superseded = by_rotation;
+                        Err(rustls::Error::InvalidCertificate(CertificateError::Revoked))
+                    }
+                    None => Ok(ok),
                 }
-                _ => Ok(ok),
             });
         note(|n| {
             if let Err(e) = &result {
-                n.refusal = Some(classify(e, identity.as_ref()));
+                n.refusal = Some(if superseded {
+                    (
+                        RefusalReason::Superseded,
+                        "a newer certificate of this device has been used (or its overlap ended); install the new one".into(),
+                    )
+                } else {
+                    classify(e, identity.as_ref())
+                });
             }
             n.identity = identity;
         });

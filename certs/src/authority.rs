@@ -336,11 +336,30 @@ impl Ca {
                 false,
             ));
         }
+        Ok((self.renew_server_cert(server_dir, hostnames, now)?, true))
+    }
+
+    /// Issues a new server certificate into `server_dir` unconditionally (key first, both
+    /// files replaced atomically). A running broker picks it up without dropping sessions.
+    pub fn renew_server_cert(
+        &self,
+        server_dir: &Path,
+        hostnames: &[String],
+        now: OffsetDateTime,
+    ) -> Result<ServerCert, CertError> {
         create_private_dir(server_dir)?;
         let cert = self.issue_server(hostnames, now)?;
-        write_file(&key_path, cert.key_pem.as_bytes(), 0o600)?;
-        write_file(&cert_path, cert.cert_pem.as_bytes(), 0o644)?;
-        Ok((cert, true))
+        write_file(
+            &server_dir.join("server.key"),
+            cert.key_pem.as_bytes(),
+            0o600,
+        )?;
+        write_file(
+            &server_dir.join("server.pem"),
+            cert.cert_pem.as_bytes(),
+            0o644,
+        )?;
+        Ok(cert)
     }
 
     fn server_cert_still_fits(

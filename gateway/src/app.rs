@@ -213,6 +213,7 @@ impl App {
         )
         .context("setting up mail delivery")?;
         let mut mailer_task = tokio::spawn(mailer.run(stop.clone()));
+        let ca_for_certs = ca.clone();
         let api = tms_api::router(tms_api::ApiState {
             store: store.clone(),
             ca,
@@ -232,11 +233,20 @@ impl App {
                 .with_graceful_shutdown(http_stop.cancelled_owned())
                 .await
         });
+        let server_cert_task = tokio::spawn(crate::server_cert::watch(
+            ca_for_certs,
+            config.data_dir.join("server"),
+            config.mqtt.hostnames.clone(),
+            revoked.clone(),
+            broker.clone(),
+            stop.clone(),
+        ));
         let mut revocation_task = tokio::spawn(revocation::watch(
             store.clone(),
             revoked,
             broker.clone(),
             revocations_changed,
+            config.certs.rotation_overlap,
             stop.clone(),
         ));
 
@@ -272,6 +282,7 @@ impl App {
         }
         revocation_task.abort();
         mailer_task.abort();
+        server_cert_task.abort();
         drop(broker);
         // Every session has reported its disconnect; now write everything that is queued.
         drain.cancel();

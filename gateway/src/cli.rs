@@ -121,12 +121,21 @@ pub enum DeviceCommand {
     },
     /// Revoke every valid certificate of the device; a running gateway closes its session.
     Revoke { serial: String },
+    /// Extend the device's lease by N months (from its end, or from today if it ended).
+    Renew {
+        serial: String,
+        #[arg(long)]
+        months: i64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum CaCommand {
     /// Subject, SHA-256 fingerprint and validity of the CA certificate.
     Show,
+    /// Issue a new server certificate now; a running gateway switches to it within seconds
+    /// without dropping connected devices.
+    RenewServer,
 }
 
 /// Bad input on the command line: exit code 2.
@@ -167,6 +176,27 @@ pub async fn run(command: Command, config: Config) -> Result<()> {
                 },
         } => user_add(config, email, role, password_stdin).await,
         Command::Device { command } => device(config, command).await,
+        Command::Ca {
+            command: CaCommand::RenewServer,
+        } => {
+            let (store, ca) = open_parts(&config).await?;
+            let cert = ca
+                .renew_server_cert(
+                    &config.data_dir.join("server"),
+                    &config.mqtt.hostnames,
+                    OffsetDateTime::now_utc(),
+                )
+                .context("issuing the server certificate")?;
+            println!(
+                "issued a new server certificate for {} (valid until {})",
+                config.mqtt.hostnames.join(", "),
+                views::time(Some(cert.not_after.unix_timestamp() * 1000))
+                    .as_str()
+                    .unwrap_or("?")
+            );
+            store.close().await;
+            Ok(())
+        }
         Command::Ca {
             command: CaCommand::Show,
         } => {
@@ -449,6 +479,24 @@ async fn device(config: Config, command: DeviceCommand) -> Result<()> {
                     String::new()
                 },
                 serial
+            );
+            store.close().await;
+            Ok(())
+        }
+        DeviceCommand::Renew { serial, months } => {
+            let serial = serial_arg(&serial)?;
+            if !(1..=120).contains(&months) {
+                return Err(usage(format!(
+                    "--months {months} must be between 1 and 120"
+                )));
+            }
+            let (store, _) = open_parts(&config).await?;
+            let ends = provisioning::renew_lease(&store, &serial, months)
+                .await
+                .with_context(|| format!("renewing the lease of {serial}"))?;
+            println!(
+                "lease of {serial} now ends {}; issue a new certificate with `device cert`",
+                views::time(Some(ends)).as_str().unwrap_or("?")
             );
             store.close().await;
             Ok(())

@@ -4,6 +4,7 @@
 
 mod app;
 mod revocation;
+mod server_cert;
 
 pub use app::{App, PortsFile, open_parts};
 pub use tms_config::Config;

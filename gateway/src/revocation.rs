@@ -2,7 +2,7 @@
 //! any process or node (API, CLI, another gateway on the same PostgreSQL) is enforced within
 //! a poll interval: new handshakes fail and live sessions with those certificates are closed.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,32 +18,61 @@ pub(crate) async fn reload(
     store: &Store,
     revoked: &RevokedSet,
 ) -> Result<HashSet<String>, tms_store::StoreError> {
-    let all: HashSet<String> = store
-        .revoked_certificates()
+    let all: HashMap<String, bool> = store
+        .revocations()
         .await?
         .into_iter()
-        .map(|(s, _)| s)
+        .map(|(serial, _, reason)| (serial, reason.as_deref() == Some("superseded")))
         .collect();
     let before = revoked.load();
-    let added = all.difference(&before).cloned().collect();
+    let added = all
+        .keys()
+        .filter(|s| !before.contains_key(*s))
+        .cloned()
+        .collect();
     revoked.store(Arc::new(all));
     Ok(added)
 }
+
+/// How often rotation overlaps are ended and sessions with expired certificates closed.
+const SWEEP: Duration = Duration::from_secs(5);
 
 pub(crate) async fn watch(
     store: Store,
     revoked: RevokedSet,
     broker: Arc<Broker>,
     changed: Arc<Notify>,
+    rotation_overlap: Duration,
     stop: CancellationToken,
 ) {
     let mut marker = None;
+    let mut last_sweep = tokio::time::Instant::now() - SWEEP;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(POLL) => {}
             // A revocation made in this process: apply it now, not at the next poll.
             _ = changed.notified() => {}
+        }
+        if last_sweep.elapsed() >= SWEEP {
+            last_sweep = tokio::time::Instant::now();
+            let now = tms_model::now_ms();
+            let cutoff = now - i64::try_from(rotation_overlap.as_millis()).unwrap_or(i64::MAX);
+            match store.end_overlaps(cutoff, now).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(
+                    certificates = n,
+                    "rotation overlap ended; older certificates superseded"
+                ),
+                Err(e) => tracing::warn!(error = %e, "cannot end rotation overlaps"),
+            }
+            let closed = broker.close_expired(now / 1000);
+            if closed > 0 {
+                tracing::info!(
+                    sessions = closed,
+                    "closed sessions whose certificate expired"
+                );
+            }
         }
         let current = match store.revocation_marker().await {
             Ok(m) => m,

@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tms_broker::{BrokerEvent, DeviceMessage, TopicKind};
 use tms_store::{
@@ -17,8 +18,18 @@ pub struct Batcher {
     events: usize,
     /// Last message time per session: one last-seen update per batch, not per message.
     seen: HashMap<(String, Arc<str>), i64>,
-    /// Refusals per (device, reason): a device retrying in a tight loop costs one row.
-    refusals: HashMap<(String, &'static str), usize>,
+    /// Refusals per (device, reason), written at most once per [`REFUSAL_WINDOW`]: a device
+    /// retrying in a tight loop costs one row update a second, not one per attempt.
+    refusals: HashMap<(String, &'static str), PendingRefusal>,
+}
+
+/// Refusals of one device for one reason are written at most this often.
+pub const REFUSAL_WINDOW: Duration = Duration::from_secs(1);
+
+struct PendingRefusal {
+    /// Attempts since the last write; `attempts == 0` means nothing to write.
+    row: RefusalRow,
+    written_at: Option<Instant>,
 }
 
 impl Batcher {
@@ -83,28 +94,28 @@ impl Batcher {
             } => {
                 // Without a name there is no device to attribute it to; the broker counted it.
                 let Some(serial) = common_name else { return };
-                let key = (serial.clone(), reason.as_str());
-                match self.refusals.get(&key) {
-                    Some(&i) => {
-                        let row = &mut self.batch.refusals[i];
-                        row.attempts += 1;
-                        row.last_at = at_ms;
-                        row.detail = detail;
-                        row.peer_addr = Some(peer.to_string());
-                    }
-                    None => {
-                        self.refusals.insert(key, self.batch.refusals.len());
-                        self.batch.refusals.push(RefusalRow {
+                let pending = self
+                    .refusals
+                    .entry((serial.clone(), reason.as_str()))
+                    .or_insert_with(|| PendingRefusal {
+                        row: RefusalRow {
                             serial,
                             reason: reason.as_str().to_owned(),
-                            detail,
-                            peer_addr: Some(peer.to_string()),
+                            detail: String::new(),
+                            peer_addr: None,
                             first_at: at_ms,
                             last_at: at_ms,
-                            attempts: 1,
-                        });
-                    }
+                            attempts: 0,
+                        },
+                        written_at: None,
+                    });
+                if pending.row.attempts == 0 {
+                    pending.row.first_at = at_ms;
                 }
+                pending.row.attempts += 1;
+                pending.row.last_at = at_ms;
+                pending.row.detail = detail;
+                pending.row.peer_addr = Some(peer.to_string());
             }
             BrokerEvent::Message(m) => self.add_message(m),
         }
@@ -187,8 +198,9 @@ impl Batcher {
         }
     }
 
-    /// The batch so far; the batcher starts empty again.
-    pub fn take(&mut self) -> WriteBatch {
+    /// The batch so far; the batcher starts empty again. Refusals are included when their
+    /// window has passed (the first of a burst at once), or all of them with `all`.
+    pub fn take(&mut self, now: Instant, all: bool) -> WriteBatch {
         for ((serial, session_id), at) in self.seen.drain() {
             self.batch.status.push(StatusEvent::Seen {
                 serial,
@@ -196,9 +208,36 @@ impl Batcher {
                 at,
             });
         }
-        self.refusals.clear();
+        for pending in self.refusals.values_mut() {
+            let due = pending
+                .written_at
+                .is_none_or(|w| now.duration_since(w) >= REFUSAL_WINDOW);
+            if pending.row.attempts > 0 && (all || due) {
+                self.batch.refusals.push(pending.row.clone());
+                pending.row.attempts = 0;
+                pending.written_at = Some(now);
+            }
+        }
+        // Forget quiet devices, so the map stays as small as the set of misbehaving ones.
+        self.refusals.retain(|_, p| {
+            p.row.attempts > 0
+                || p.written_at
+                    .is_some_and(|w| now.duration_since(w) < 10 * REFUSAL_WINDOW)
+        });
         self.events = 0;
         std::mem::take(&mut self.batch)
+    }
+
+    /// When held-back refusals are due to be written, if any are.
+    pub fn next_due(&self) -> Option<Instant> {
+        self.refusals
+            .values()
+            .filter(|p| p.row.attempts > 0)
+            .map(|p| {
+                p.written_at
+                    .map_or_else(Instant::now, |w| w + REFUSAL_WINDOW)
+            })
+            .min()
     }
 }
 
@@ -227,7 +266,7 @@ mod tests {
         b.add(msg(TopicKind::Telemetry, r#"{"load_pct": 12}"#, 2));
         b.add(msg(TopicKind::Location, r#"{"lat": 10, "lon": 20}"#, 3));
         b.add(msg(TopicKind::Status, "offline", 4));
-        let batch = b.take();
+        let batch = b.take(Instant::now(), false);
         assert_eq!(batch.quarantine.len(), 1);
         assert_eq!(batch.telemetry.len(), 1);
         assert_eq!(
@@ -241,11 +280,49 @@ mod tests {
             .filter(|s| matches!(s, StatusEvent::Seen { .. }))
             .collect();
         assert_eq!(seen.len(), 1, "one last-seen per session per batch");
-        assert!(b.take().is_empty());
+        assert!(b.take(Instant::now(), false).is_empty());
     }
 
     #[test]
-    fn a_retry_storm_becomes_one_refusal_row() {
+    fn a_retry_storm_becomes_one_refusal_row_per_window() {
+        let mut b = Batcher::new("n1".into());
+        let t0 = Instant::now();
+        let refused = |at_ms| BrokerEvent::Refused {
+            common_name: Some("RE4A1".into()),
+            peer: "10.0.0.1:1".parse().unwrap(),
+            reason: RefusalReason::Expired,
+            detail: "expired".into(),
+            at_ms,
+        };
+        // The first refusal is written at once, so the operator sees it immediately.
+        b.add(refused(0));
+        assert_eq!(b.take(t0, false).refusals.len(), 1);
+        // The storm that follows within the window is held back and counted...
+        for i in 1..=999 {
+            b.add(refused(i));
+            assert!(
+                b.take(t0 + Duration::from_millis(i as u64 / 2), false)
+                    .refusals
+                    .is_empty()
+            );
+        }
+        assert_eq!(b.next_due(), Some(t0 + REFUSAL_WINDOW));
+        // ...and written as one row when the window ends.
+        let batch = b.take(t0 + REFUSAL_WINDOW, false);
+        assert_eq!(batch.refusals.len(), 1);
+        assert_eq!(
+            (
+                batch.refusals[0].attempts,
+                batch.refusals[0].first_at,
+                batch.refusals[0].last_at
+            ),
+            (999, 1, 999)
+        );
+        assert_eq!(b.next_due(), None);
+    }
+
+    #[test]
+    fn refusals_without_a_name_are_not_recorded() {
         let mut b = Batcher::new("n1".into());
         for i in 0..1000 {
             b.add(BrokerEvent::Refused {
@@ -263,15 +340,12 @@ mod tests {
             detail: String::new(),
             at_ms: 5,
         });
-        let batch = b.take();
-        assert_eq!(batch.refusals.len(), 1);
+        let batch = b.take(Instant::now(), true);
         assert_eq!(
-            (
-                batch.refusals[0].attempts,
-                batch.refusals[0].first_at,
-                batch.refusals[0].last_at
-            ),
-            (1000, 0, 999)
+            batch.refusals.len(),
+            1,
+            "named refusals are kept, the unnamed one is not"
         );
+        assert_eq!(batch.refusals[0].attempts, 1000);
     }
 }

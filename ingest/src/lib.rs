@@ -9,10 +9,10 @@
 mod batcher;
 mod payload;
 
-pub use batcher::Batcher;
+pub use batcher::{Batcher, REFUSAL_WINDOW};
 pub use payload::{LocationPayload, TelemetrySummary, parse_location, parse_telemetry};
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tms_broker::BrokerEvent;
 use tms_store::{Store, WriteBatch};
@@ -33,6 +33,13 @@ pub struct Ingest {
     settings: IngestSettings,
 }
 
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Longest pause between retries of a failing commit.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -51,6 +58,7 @@ impl Ingest {
         let mut batcher = Batcher::new(self.settings.node_id.clone());
         let mut draining = false;
         loop {
+            let due = batcher.next_due();
             let first = if draining {
                 self.rx.recv().await
             } else {
@@ -60,6 +68,11 @@ impl Ingest {
                         // No new events from now on; what is queued is still written.
                         self.rx.close();
                         draining = true;
+                        continue;
+                    }
+                    // Held-back refusals whose window has passed, while nothing else arrives.
+                    _ = sleep_until_opt(due) => {
+                        self.commit(batcher.take(Instant::now(), false)).await;
                         continue;
                     }
                 }
@@ -83,8 +96,10 @@ impl Ingest {
                 }
             }
             metrics::gauge!("tms_ingest_queue_depth").set(self.rx.len() as f64);
-            self.commit(batcher.take()).await;
+            self.commit(batcher.take(Instant::now(), false)).await;
         }
+        // Everything still held back is written before ingest ends.
+        self.commit(batcher.take(Instant::now(), true)).await;
         tracing::info!("ingest drained");
     }
 
@@ -94,6 +109,7 @@ impl Ingest {
             return;
         }
         let rows = batch.len();
+        let refusal_rows = batch.refusals.len();
         let mut backoff = Duration::from_millis(50);
         loop {
             let started = std::time::Instant::now();
@@ -103,6 +119,8 @@ impl Ingest {
                         .record(started.elapsed().as_secs_f64());
                     metrics::histogram!("tms_ingest_batch_rows").record(rows as f64);
                     metrics::counter!("tms_ingest_rows_written_total").increment(rows as u64);
+                    metrics::counter!("tms_ingest_refusal_writes_total")
+                        .increment(refusal_rows as u64);
                     return;
                 }
                 Err(e) => {

@@ -92,6 +92,43 @@ impl Store {
             .map_err(query_err("revoking certificates"))
     }
 
+    /// Ends rotation overlaps: a certificate with a newer one issued before `cutoff` is
+    /// `superseded`, whether or not the device has used the new one yet.
+    pub async fn end_overlaps(&self, cutoff_ms: i64, now_ms: i64) -> Result<u64> {
+        let done = sqlx::query(
+            "UPDATE certificates SET revoked_at = $1, revocation_reason = 'superseded' \
+             WHERE revoked_at IS NULL AND EXISTS (SELECT 1 FROM certificates n \
+             WHERE n.device_serial = certificates.device_serial AND n.issued_at > certificates.issued_at \
+             AND n.issued_at <= $2)",
+        )
+        .bind(now_ms)
+        .bind(cutoff_ms)
+        .execute(self.pool())
+        .await
+        .map_err(query_err("ending rotation overlaps"))?;
+        Ok(done.rows_affected())
+    }
+
+    /// Revoked certificates with the reason: `(serial_number, revoked_at, reason)`.
+    pub async fn revocations(&self) -> Result<Vec<(String, i64, Option<String>)>> {
+        let rows = sqlx::query(
+            "SELECT serial_number, revoked_at, revocation_reason FROM certificates WHERE revoked_at IS NOT NULL",
+        )
+        .fetch_all(self.pool())
+        .await
+        .map_err(query_err("listing revocations"))?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get("serial_number")?,
+                    r.try_get("revoked_at")?,
+                    r.try_get("revocation_reason")?,
+                ))
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(query_err("listing revocations"))
+    }
+
     /// All revoked certificates: `(serial_number, revoked_at)`, oldest revocation first.
     pub async fn revoked_certificates(&self) -> Result<Vec<(String, i64)>> {
         let rows = sqlx::query(

@@ -46,6 +46,8 @@ pub struct DeviceRecord {
     pub service_contract_sales_order: Option<String>,
     pub registered_by: Option<i64>,
     pub created_at: i64,
+    /// End of the newest valid certificate, if the device has one (Unix ms).
+    pub certificate_not_after: Option<i64>,
 }
 
 /// The connection status of a device; all times are Unix milliseconds.
@@ -140,7 +142,9 @@ pub struct Refusal {
 
 const DEVICE_COLUMNS: &str = "d.serial, d.mac, d.company_id, c.name AS company, d.device_type, \
     d.lease_months, d.start_date, d.lease_ends_at, d.ups_model, d.ups_model_number, d.ups_serial, d.ups_ship_date, \
-    d.sales_order, d.service_contract_sales_order, d.registered_by, d.created_at";
+    d.sales_order, d.service_contract_sales_order, d.registered_by, d.created_at, \
+    (SELECT MAX(x.not_after) FROM certificates x WHERE x.device_serial = d.serial AND x.revoked_at IS NULL) \
+    AS certificate_not_after";
 
 const STATUS_COLUMNS: &str = "s.state, s.since, s.last_seen, s.peer_addr, s.session_id, \
     s.keep_alive_secs, s.cert_serial, s.last_disconnect_reason, s.reported_status, s.last_connect_error, \
@@ -164,6 +168,7 @@ fn device_from_row(row: &AnyRow) -> Result<DeviceRecord, sqlx::Error> {
         service_contract_sales_order: row.try_get("service_contract_sales_order")?,
         registered_by: row.try_get("registered_by")?,
         created_at: row.try_get("created_at")?,
+        certificate_not_after: row.try_get("certificate_not_after")?,
     })
 }
 
@@ -350,6 +355,34 @@ impl Store {
             .map(view_from_row)
             .collect::<Result<_, _>>()
             .map_err(query_err("decoding devices"))
+    }
+
+    /// Extends a lease by `months` from its current end, or from `now` if it already ended.
+    /// Returns the new end (Unix ms), computed by `extend(from_ms) -> end_ms`.
+    pub async fn renew_lease(
+        &self,
+        serial: &str,
+        months: i64,
+        now_ms: i64,
+        extend: impl Fn(i64) -> i64,
+    ) -> Result<i64> {
+        let current: i64 = sqlx::query("SELECT lease_ends_at FROM devices WHERE serial = $1")
+            .bind(serial)
+            .fetch_optional(self.pool())
+            .await
+            .map_err(query_err("reading a lease"))?
+            .ok_or(StoreError::NotFound { what: "device" })?
+            .try_get("lease_ends_at")
+            .map_err(query_err("reading a lease"))?;
+        let ends = extend(current.max(now_ms));
+        sqlx::query("UPDATE devices SET lease_ends_at = $1, lease_months = lease_months + $2, lease_notice_sent_at = NULL WHERE serial = $3")
+            .bind(ends)
+            .bind(months)
+            .bind(serial)
+            .execute(self.pool())
+            .await
+            .map_err(query_err("renewing a lease"))?;
+        Ok(ends)
     }
 
     /// Counts for the fleet gauges.

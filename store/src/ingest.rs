@@ -122,6 +122,17 @@ pub struct RefusalRow {
     pub attempts: i64,
 }
 
+async fn lease_ended(conn: &mut sqlx::AnyConnection, serial: &str, at: i64) -> Result<bool> {
+    let row =
+        sqlx::query("SELECT 1 AS ended FROM devices WHERE serial = $1 AND lease_ends_at <= $2")
+            .bind(serial)
+            .bind(at)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(query_err("checking a lease"))?;
+    Ok(row.is_some())
+}
+
 /// Rows per multi-row INSERT: far below SQLite's and PostgreSQL's parameter limits.
 const CHUNK: usize = 200;
 /// Refusals of the same reason this close together extend one record instead of adding one.
@@ -278,9 +289,36 @@ impl Store {
             q.execute(&mut *tx)
                 .await
                 .map_err(query_err("updating device status"))?;
+            if let StatusEvent::Connected {
+                serial,
+                cert_serial,
+                at,
+                ..
+            } = event
+            {
+                // Rotation: the first connect with a newer certificate ends the older ones.
+                sqlx::query(
+                    "UPDATE certificates SET revoked_at = $1, revocation_reason = 'superseded' \
+                     WHERE device_serial = $2 AND revoked_at IS NULL AND serial_number <> $3 \
+                     AND issued_at < (SELECT issued_at FROM certificates WHERE serial_number = $3)",
+                )
+                .bind(*at)
+                .bind(serial)
+                .bind(cert_serial)
+                .execute(&mut *tx)
+                .await
+                .map_err(query_err("superseding older certificates"))?;
+            }
         }
 
         for r in &batch.refusals {
+            // An expired certificate of a device whose lease has ended is the lease's doing.
+            let reason: &str =
+                if r.reason == "expired" && lease_ended(&mut tx, &r.serial, r.last_at).await? {
+                    "lease_expired"
+                } else {
+                    &r.reason
+                };
             // Only devices in the registry get records: a stranger presenting certificates
             // with made-up names must not be able to grow the database.
             sqlx::query(
@@ -292,7 +330,7 @@ impl Store {
                  last_connect_error_at = excluded.last_connect_error_at",
             )
             .bind(&r.serial)
-            .bind(&r.reason)
+            .bind(reason)
             .bind(&r.detail)
             .bind(r.last_at)
             .execute(&mut *tx)
@@ -308,7 +346,7 @@ impl Store {
             .bind(&r.detail)
             .bind(r.peer_addr.as_deref())
             .bind(&r.serial)
-            .bind(&r.reason)
+            .bind(reason)
             .bind(r.first_at - REFUSAL_COALESCE_MS)
             .execute(&mut *tx)
             .await
@@ -319,7 +357,7 @@ impl Store {
                      SELECT $1, $2, $3, $4, $5, $6, $7 WHERE EXISTS (SELECT 1 FROM devices WHERE serial = $1)",
                 )
                 .bind(&r.serial)
-                .bind(&r.reason)
+                .bind(reason)
                 .bind(&r.detail)
                 .bind(r.peer_addr.as_deref())
                 .bind(r.first_at)

@@ -409,3 +409,27 @@ pub fn delta(
 ) -> f64 {
     after.get(key).copied().unwrap_or(0.0) - before.get(key).copied().unwrap_or(0.0)
 }
+
+/// A raw TLS handshake with the given client identity: the server certificate's SHA-256
+/// fingerprint on success, the error otherwise. Sends no MQTT.
+pub async fn tls_probe(gw: &TestGateway, tls: Arc<rustls::ClientConfig>) -> Result<String, String> {
+    let connector = tokio_rustls::TlsConnector::from(tls);
+    let tcp = tokio::net::TcpStream::connect(gw.ports.mqtt)
+        .await
+        .map_err(|e| e.to_string())?;
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let mut stream = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    // TLS 1.3: a refused client certificate shows up on the first read, not in connect().
+    let mut buf = [0u8; 1];
+    use tokio::io::AsyncReadExt;
+    match tokio::time::timeout(Duration::from_millis(300), stream.read(&mut buf)).await {
+        Ok(Err(e)) => return Err(e.to_string()),
+        Ok(Ok(0)) => return Err("closed by the server".into()),
+        _ => {}
+    }
+    let der = stream.get_ref().1.peer_certificates().unwrap()[0].clone();
+    Ok(tms_certs::fingerprint_sha256(&der))
+}

@@ -338,3 +338,42 @@ pub(super) async fn revoke_certificates(
     tracing::info!(device.serial = %serial, count = revoked.len(), by = caller.user.id, "certificates revoked");
     Ok(axum::Json(json!({"revoked": revoked})).into_response())
 }
+
+#[derive(Deserialize)]
+pub(super) struct LeaseBody {
+    months: i64,
+}
+
+/// Provider/admin: extend the device's lease by `months` (1–120).
+pub(super) async fn renew_lease(
+    State(s): State<ApiState>,
+    caller: Caller,
+    Path(serial): Path<String>,
+    bytes: bytes::Bytes,
+) -> Result<Response, ApiError> {
+    let (serial, _) = visible_device(&s, &caller, &serial).await?;
+    if !caller.is_staff() {
+        return Err(ApiError::forbidden(
+            "forbidden",
+            "only providers and admins renew leases",
+        ));
+    }
+    let LeaseBody { months } = body(&bytes)?;
+    if !(1..=120).contains(&months) {
+        return Err(ApiError::validation(
+            [(
+                "months".to_owned(),
+                "must be a whole number from 1 to 120".to_owned(),
+            )]
+            .into(),
+        ));
+    }
+    let ends = crate::provisioning::renew_lease(&s.store, &serial, months)
+        .await
+        .map_err(|e| match e {
+            ProvisioningError::Store(e) => ApiError::from(e),
+            other => ApiError::internal("renewing a lease", &other),
+        })?;
+    tracing::info!(device.serial = %serial, months, by = caller.user.id, "lease renewed");
+    Ok(axum::Json(json!({"lease_ends_at": views::time(Some(ends))})).into_response())
+}

@@ -226,6 +226,14 @@ fn routes() -> Vec<Route> {
             devices::revoke_certificates,
         ),
         route(
+            "POST",
+            "/api/v1/devices/{serial}/lease",
+            LoggedIn,
+            "Provider/admin: renew the lease by N months",
+            Some("Lease"),
+            devices::renew_lease,
+        ),
+        route(
             "GET",
             "/api/v1/locations",
             LoggedIn,

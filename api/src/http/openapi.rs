@@ -16,6 +16,7 @@ fn schemas() -> Value {
         "Login": {"type": "object", "required": ["email", "password"], "properties": {
             "email": {"type": "string"}, "password": {"type": "string"}}},
         "Activate": {"type": "object", "required": ["token"], "properties": {"token": {"type": "string"}}},
+        "Lease": {"type": "object", "required": ["months"], "properties": {"months": {"type": "integer", "minimum": 1, "maximum": 120}}},
         "Resend": {"type": "object", "required": ["email"], "properties": {"email": {"type": "string"}}},
         "ChangePassword": {"type": "object", "required": ["current_password", "new_password"], "properties": {
             "current_password": {"type": "string"}, "new_password": {"type": "string", "minLength": 10}}},
