@@ -776,3 +776,43 @@ async fn readyz_fails_while_the_store_is_unreachable_and_recovers() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulate_connects_every_device_and_their_telemetry_is_stored() {
+    let gw = TestGateway::start().await;
+    let out = gw.cli_output(&[
+        "simulate",
+        "--devices",
+        "20",
+        "--interval",
+        "0.2",
+        "--duration",
+        "3",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("20 connected"), "{stdout}");
+    assert!(stdout.contains(" 0 errors"), "{stdout}");
+    let store = gw.store().await;
+    for i in 0..20 {
+        let serial = format!("SIM{i:07}");
+        assert!(
+            store.telemetry_count(&serial).await.unwrap() >= 5,
+            "{serial} stored too little telemetry"
+        );
+        let s = status(&store, &serial).await;
+        assert_eq!(
+            (s.state, s.last_disconnect_reason.as_deref()),
+            (ConnState::Offline, Some("client_disconnect"))
+        );
+        assert_eq!(
+            s.reported_status.as_deref(),
+            Some("online"),
+            "birth message stored"
+        );
+    }
+}

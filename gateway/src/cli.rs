@@ -42,6 +42,22 @@ pub enum Command {
         #[command(subcommand)]
         command: DeviceCommand,
     },
+    /// N simulated RemotEye 4 devices connecting over mTLS and publishing telemetry.
+    Simulate {
+        #[arg(long)]
+        devices: usize,
+        /// Seconds between telemetry messages of one device.
+        #[arg(long, default_value_t = 5.0)]
+        interval: f64,
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
+        qos: u8,
+        /// Stop after this many seconds (default: until Ctrl-C).
+        #[arg(long)]
+        duration: Option<f64>,
+        /// Broker address (default: from <data_dir>/ports.json, else mqtt.listen).
+        #[arg(long, value_name = "IP:PORT")]
+        mqtt: Option<std::net::SocketAddr>,
+    },
     /// The built-in certificate authority.
     Ca {
         #[command(subcommand)]
@@ -176,6 +192,44 @@ pub async fn run(command: Command, config: Config) -> Result<()> {
                 },
         } => user_add(config, email, role, password_stdin).await,
         Command::Device { command } => device(config, command).await,
+        Command::Simulate {
+            devices,
+            interval,
+            qos,
+            duration,
+            mqtt,
+        } => {
+            if !(0.01..=3600.0).contains(&interval) {
+                return Err(usage(format!(
+                    "--interval {interval} must be between 0.01 and 3600 seconds"
+                )));
+            }
+            if duration.is_some_and(|d| !(0.1..=31_536_000.0).contains(&d)) {
+                return Err(usage("--duration must be a positive number of seconds"));
+            }
+            let stop = CancellationToken::new();
+            let signal = stop.clone();
+            tokio::spawn(async move {
+                wait_for_signal().await;
+                signal.cancel();
+            });
+            tms_gateway::simulate::run(
+                config,
+                tms_gateway::simulate::SimulateOptions {
+                    devices,
+                    interval: std::time::Duration::from_secs_f64(interval),
+                    qos: if qos == 0 {
+                        rumqttc::QoS::AtMostOnce
+                    } else {
+                        rumqttc::QoS::AtLeastOnce
+                    },
+                    duration: duration.map(std::time::Duration::from_secs_f64),
+                    mqtt,
+                },
+                stop,
+            )
+            .await
+        }
         Command::Ca {
             command: CaCommand::RenewServer,
         } => {

@@ -5,6 +5,7 @@
 mod app;
 mod revocation;
 mod server_cert;
+pub mod simulate;
 
 pub use app::{App, PortsFile, open_parts};
 pub use tms_config::Config;

@@ -1,0 +1,286 @@
+//! `tms-gateway simulate`: N simulated RemotEye 4 devices, each registered with its own
+//! certificate, connecting over mutual TLS and publishing realistic UPS telemetry — a demo
+//! for newcomers and a load generator. Keys stay in memory; nothing is written but the
+//! device registrations and certificate records a real onboarding would leave.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
+use time::OffsetDateTime;
+use tms_api::provisioning;
+use tms_certs::DeviceKey;
+use tms_config::Config;
+use tms_model::{DeviceSerial, Mac};
+use tms_store::NewDevice;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::open_parts;
+
+/// What `simulate` is asked to do.
+#[derive(Debug, Clone)]
+pub struct SimulateOptions {
+    pub devices: usize,
+    pub interval: Duration,
+    pub qos: QoS,
+    /// Stop after this long; `None`: until Ctrl-C.
+    pub duration: Option<Duration>,
+    /// Broker address; `None`: from `<data_dir>/ports.json`, else `mqtt.listen`.
+    pub mqtt: Option<SocketAddr>,
+}
+
+#[derive(Default)]
+struct Counters {
+    connected: AtomicU64,
+    published: AtomicU64,
+    acked: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// A realistic UPS reading: mostly online, load drifting, now and then on battery.
+fn telemetry(n: u64, device: usize) -> String {
+    let phase = (n as f64 / 10.0 + device as f64).sin();
+    let on_battery = (n + device as u64) % 97 == 0;
+    let load = 35.0 + 20.0 * phase;
+    let charge: f64 = if on_battery { 88.0 } else { 100.0 };
+    serde_json::json!({
+        "ts": OffsetDateTime::now_utc().unix_timestamp() * 1000,
+        "mode": if on_battery { "on_battery" } else { "online" },
+        "load_pct": (load * 10.0).round() / 10.0,
+        "battery": {"charge_pct": charge, "runtime_min": (charge * 0.4).round(), "voltage": 218.4, "temperature_c": 26.5},
+        "input": {"voltage": if on_battery { 0.0 } else { 229.7 }, "frequency_hz": 50.0},
+        "output": {"voltage": 230.0, "frequency_hz": 50.0, "current_a": (load * 0.35 * 10.0).round() / 10.0},
+        "alarms": if on_battery { vec!["utility_failure"] } else { Vec::<&str>::new() },
+    })
+    .to_string()
+}
+
+fn broker_addr(config: &Config, explicit: Option<SocketAddr>) -> SocketAddr {
+    if let Some(a) = explicit {
+        return a;
+    }
+    let from_file = std::fs::read_to_string(config.ports_file())
+        .ok()
+        .and_then(|t| serde_json::from_str::<crate::PortsFile>(&t).ok())
+        .map(|p| p.mqtt);
+    let mut addr = from_file.unwrap_or(config.mqtt.listen);
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    addr
+}
+
+pub async fn run(config: Config, opts: SimulateOptions, stop: CancellationToken) -> Result<()> {
+    if opts.devices == 0 {
+        bail!("--devices must be at least 1");
+    }
+    let (store, ca) = open_parts(&config).await?;
+    let addr = broker_addr(&config, opts.mqtt);
+    let host = config
+        .mqtt
+        .hostnames
+        .first()
+        .cloned()
+        .unwrap_or_else(|| "localhost".into());
+    eprintln!(
+        "registering {} simulated devices and issuing their certificates…",
+        opts.devices
+    );
+    let started = Instant::now();
+    let mut identities = Vec::with_capacity(opts.devices);
+    let now = OffsetDateTime::now_utc();
+    for i in 0..opts.devices {
+        let serial = DeviceSerial::parse(&format!("SIM{i:07}")).context("simulated serial")?;
+        if store.device(serial.as_str()).await?.is_none() {
+            let octets = u32::try_from(i).unwrap_or(u32::MAX).to_be_bytes();
+            // 02:… is a locally administered unicast MAC: never a real card's.
+            let mac = Mac::parse(&format!(
+                "02:54:4D:{:02X}:{:02X}:{:02X}",
+                octets[1], octets[2], octets[3]
+            ))?;
+            let start_date = now.date().to_string();
+            store
+                .add_device(
+                    &NewDevice {
+                        serial: serial.clone(),
+                        mac,
+                        company: "Simulated devices".into(),
+                        device_type: "RemotEye 4".into(),
+                        lease_months: 12,
+                        lease_ends_at: provisioning::lease_ends_at_ms(&start_date, 12).unwrap_or(0),
+                        start_date,
+                        ups_model: Some("1600XP".into()),
+                        ups_model_number: Some("1600XP-18K".into()),
+                        ups_serial: Some(format!("16{i:07}")),
+                        ups_ship_date: None,
+                        sales_order: None,
+                        service_contract_sales_order: None,
+                        registered_by: None,
+                    },
+                    tms_model::now_ms(),
+                )
+                .await
+                .with_context(|| format!("registering {serial}"))?;
+        }
+        let issued = provisioning::issue_device_certificate(
+            &store,
+            ca.clone(),
+            &serial,
+            DeviceKey::Generate,
+            now,
+        )
+        .await
+        .with_context(|| format!("issuing a certificate for {serial}"))?;
+        identities.push((serial, issued));
+    }
+    eprintln!(
+        "{} certificates in {:.1?}; connecting to {addr}",
+        opts.devices,
+        started.elapsed()
+    );
+
+    let counters = Arc::new(Counters::default());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.cert_der().clone()).context("CA certificate")?;
+    let roots = Arc::new(roots);
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tasks = tokio::task::JoinSet::new();
+    for (index, (serial, issued)) in identities.into_iter().enumerate() {
+        let chain = tms_certs::parse_certificates(&issued.certificate_pem)?;
+        let key =
+            tms_certs::parse_private_key(issued.private_key_pem.as_deref().unwrap_or_default())?;
+        let tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots.clone())
+            .with_client_auth_cert(chain, key)?;
+        let mut mqtt = MqttOptions::new(serial.as_str(), host.clone(), addr.port());
+        mqtt.set_keep_alive(Duration::from_secs(30));
+        mqtt.set_transport(Transport::Tls(TlsConfiguration::Rustls(Arc::new(tls))));
+        mqtt.set_last_will(rumqttc::LastWill::new(
+            format!("tms/{serial}/status"),
+            "offline",
+            QoS::AtLeastOnce,
+            false,
+        ));
+        // The TLS name must be one the server certificate carries (mqtt.hostnames); the
+        // port is the one the broker listens on.
+        let (client, eventloop) = AsyncClient::new(mqtt, 64);
+        tasks.spawn(device(
+            index,
+            serial,
+            client,
+            eventloop,
+            opts.clone(),
+            counters.clone(),
+            stop.clone(),
+        ));
+    }
+
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    let deadline = opts.duration.map(|d| tokio::time::Instant::now() + d);
+    let run_started = Instant::now();
+    let mut last_published = 0;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = ticker.tick() => {}
+        }
+        let published = counters.published.load(Ordering::Relaxed);
+        eprintln!(
+            "connected {}/{}  published {}  acked {}  errors {}  {} msg/s",
+            counters.connected.load(Ordering::Relaxed),
+            opts.devices,
+            published,
+            counters.acked.load(Ordering::Relaxed),
+            counters.errors.load(Ordering::Relaxed),
+            published - last_published,
+        );
+        last_published = published;
+        if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+            stop.cancel();
+            break;
+        }
+    }
+    while tasks.join_next().await.is_some() {}
+    let connected = counters.connected.load(Ordering::Relaxed);
+    let errors = counters.errors.load(Ordering::Relaxed);
+    println!(
+        "simulated {} devices for {:.1?}: {connected} connected, {} messages published, {} acknowledged, {errors} errors",
+        opts.devices,
+        run_started.elapsed(),
+        counters.published.load(Ordering::Relaxed),
+        counters.acked.load(Ordering::Relaxed),
+    );
+    store.close().await;
+    if connected < opts.devices as u64 {
+        bail!("only {connected} of {} devices connected", opts.devices);
+    }
+    Ok(())
+}
+
+async fn device(
+    index: usize,
+    serial: DeviceSerial,
+    client: AsyncClient,
+    mut eventloop: rumqttc::EventLoop,
+    opts: SimulateOptions,
+    counters: Arc<Counters>,
+    stop: CancellationToken,
+) {
+    let topic = format!("tms/{serial}/telemetry");
+    // Spread the devices over one interval so they do not publish in lockstep.
+    let offset = opts
+        .interval
+        .mul_f64(index as f64 / opts.devices.max(1) as f64);
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + offset, opts.interval);
+    let mut n = 0u64;
+    let mut connected = false;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = ticker.tick(), if connected => {
+                n += 1;
+                if client.try_publish(topic.as_str(), opts.qos, false, telemetry(n, index)).is_ok() {
+                    counters.published.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            event = eventloop.poll() => match event {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    connected = true;
+                    counters.connected.fetch_add(1, Ordering::Relaxed);
+                    let info = serde_json::json!({"system_name": format!("1600XP 18kVA 16{index:07}"), "firmware": "RE4 2.1.0-sim"});
+                    for (kind, payload) in [("status", "online".to_owned()), ("info", info.to_string())] {
+                        if client.try_publish(format!("tms/{serial}/{kind}"), QoS::AtLeastOnce, false, payload).is_ok() {
+                            counters.published.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                Ok(Event::Incoming(Packet::PubAck(_))) => {
+                    counters.acked.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    counters.errors.fetch_add(1, Ordering::Relaxed);
+                    if connected {
+                        counters.connected.fetch_sub(1, Ordering::Relaxed);
+                        connected = false;
+                    }
+                    tracing::warn!(device.serial = %serial, error = %e, "simulated device lost its connection; retrying");
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        }
+    }
+    // A clean goodbye: DISCONNECT, and let the event loop send it.
+    let _ = client.try_disconnect();
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while eventloop.poll().await.is_ok() {}
+    })
+    .await;
+}
