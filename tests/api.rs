@@ -143,12 +143,29 @@ async fn onboard(
     email: &str,
     company: &str,
 ) -> String {
+    onboard_with(
+        api,
+        gw,
+        provider_token,
+        registration(serial, mac, email, company),
+        email,
+    )
+    .await
+}
+
+async fn onboard_with(
+    api: &Api,
+    gw: &TestGateway,
+    provider_token: &str,
+    body: Value,
+    email: &str,
+) -> String {
     let (status, body) = api
         .call(
             "POST",
             gw.url("/api/v1/registrations"),
             Some(provider_token),
-            Some(registration(serial, mac, email, company)),
+            Some(body),
         )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
@@ -863,4 +880,46 @@ async fn repeated_failed_logins_lock_the_account_and_tokens_end_with_logout() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(doc["openapi"], "3.1.0");
     assert!(doc["paths"]["/api/v1/registrations"]["post"].is_object());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn customers_are_told_once_when_a_lease_ends_within_30_days() {
+    let gw = TestGateway::start_with(&[("TMS_MAIL_RETRY_BASE_SECS", "1")]).await;
+    let api = Api::new();
+    provider(&gw);
+    let provider_token = api.token(&gw, PROVIDER, PROVIDER_PASSWORD).await;
+    // A 12-month lease that started 12 months less 10 days ago ends in 10 days.
+    let today = time::OffsetDateTime::now_utc().date();
+    let start = tms_api::provisioning::lease_end(today, -12) + time::Duration::days(10);
+    let mut body = registration("RE4A000070", "00:1B:2C:3D:4E:70", "ana@example.com", "Acme");
+    body["start_date"] = json!(start.to_string());
+    let token = onboard_with(&api, &gw, &provider_token, body, "ana@example.com").await;
+    let notice = |gw: &TestGateway| {
+        gw.outbox()
+            .into_iter()
+            .filter(|m| m.contains("lease of device RE4A000070"))
+            .count()
+    };
+    wait_for("the lease notice", Duration::from_secs(10), || {
+        let n = notice(&gw);
+        async move { (n == 1).then_some(()) }
+    })
+    .await;
+    let (_, device) = api
+        .call(
+            "GET",
+            gw.url("/api/v1/devices/RE4A000070"),
+            Some(&token),
+            None,
+        )
+        .await;
+    assert_eq!(device["lease_days_left"], 9, "{device}");
+    // The device is marked as told, so no later sweep picks it up again.
+    let store = gw.store().await;
+    let due = store
+        .lease_notices_due(tms_model::now_ms(), 30 * 86_400_000)
+        .await
+        .unwrap();
+    assert!(due.is_empty(), "{due:?}");
+    assert_eq!(notice(&gw), 1);
 }

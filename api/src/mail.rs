@@ -107,6 +107,34 @@ impl Composer {
     }
 }
 
+impl Composer {
+    /// The notice that a device's lease ends soon (sent once, 30 days before).
+    pub fn lease_ending(
+        &self,
+        to: &str,
+        serial: &str,
+        ends: &str,
+    ) -> Result<OutgoingMail, MailError> {
+        let text = format!(
+            "The monitoring lease of your RemotEye 4 device {serial} ends on {ends}.\r\n\r\n\
+             After that day the device can no longer connect and its UPS is no longer \
+             monitored. Contact your service provider to renew the lease; the device then \
+             needs a new certificate (Asset Management > Device Certificate).\r\n\r\n\
+             {}/\r\n",
+            self.public_url
+        );
+        self.message(
+            "lease_ending",
+            to,
+            &format!("The lease of device {serial} ends on {ends}"),
+            text,
+        )
+    }
+}
+
+/// Leases ending within this long get their one notice.
+const LEASE_NOTICE_HORIZON_MS: i64 = 30 * 86_400_000;
+
 /// Delivers the mail queue.
 pub struct Mailer {
     store: Store,
@@ -115,6 +143,7 @@ pub struct Mailer {
     from: String,
     wake: Arc<Notify>,
     retry_base: Duration,
+    composer: Option<Composer>,
 }
 
 /// Longest wait between retries of one mail.
@@ -147,11 +176,59 @@ impl Mailer {
             from,
             wake,
             retry_base,
+            composer: None,
         })
+    }
+
+    /// Also sends lease-ending notices, written by `composer`.
+    pub fn with_lease_notices(mut self, composer: Composer) -> Self {
+        self.composer = Some(composer);
+        self
+    }
+
+    /// Queues one notice per device whose lease ends within 30 days, to its customers.
+    pub async fn queue_lease_notices(&self) {
+        let Some(composer) = &self.composer else {
+            return;
+        };
+        let due = match self
+            .store
+            .lease_notices_due(now_ms(), LEASE_NOTICE_HORIZON_MS)
+            .await
+        {
+            Ok(due) => due,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot look for leases that end soon");
+                return;
+            }
+        };
+        for (serial, ends_at, recipients) in due {
+            let ends = crate::views::time(Some(ends_at));
+            let ends = ends.as_str().map(|t| &t[..10]).unwrap_or("soon");
+            let mails: Result<Vec<_>, _> = recipients
+                .iter()
+                .map(|to| composer.lease_ending(to, &serial, ends))
+                .collect();
+            match mails {
+                Ok(mails) => {
+                    if let Err(e) = self
+                        .store
+                        .queue_lease_notice(&serial, &mails, now_ms())
+                        .await
+                    {
+                        tracing::warn!(error = %e, device.serial = %serial, "cannot queue the lease notice");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, device.serial = %serial, "cannot write the lease notice")
+                }
+            }
+        }
     }
 
     pub async fn run(self, stop: CancellationToken) {
         loop {
+            self.queue_lease_notices().await;
             self.deliver_due().await;
             tokio::select! {
                 _ = stop.cancelled() => return,

@@ -211,7 +211,11 @@ impl App {
             config.mail.retry_base,
             mail_queued.clone(),
         )
-        .context("setting up mail delivery")?;
+        .context("setting up mail delivery")?
+        .with_lease_notices(Composer {
+            from: config.mail.from.clone(),
+            public_url: public_url.clone(),
+        });
         let mut mailer_task = tokio::spawn(mailer.run(stop.clone()));
         let ca_for_certs = ca.clone();
         let api = tms_api::router(tms_api::ApiState {

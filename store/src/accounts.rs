@@ -472,4 +472,68 @@ impl Store {
             .collect::<Result<_, sqlx::Error>>()
             .map_err(query_err("reading locations"))
     }
+
+    /// Devices whose lease ends within `horizon_ms` and whose customers have not been told:
+    /// `(serial, lease_ends_at, customer emails)`. Devices without an active customer are
+    /// left out (there is nobody to tell yet).
+    pub async fn lease_notices_due(
+        &self,
+        now_ms: i64,
+        horizon_ms: i64,
+    ) -> Result<Vec<(String, i64, Vec<String>)>> {
+        let rows = sqlx::query(
+            "SELECT d.serial, d.lease_ends_at, u.email FROM devices d \
+             JOIN users u ON u.company_id = d.company_id AND u.role = 'customer' AND u.active = 1 \
+             WHERE d.lease_notice_sent_at IS NULL AND d.lease_ends_at > $1 AND d.lease_ends_at <= $2 \
+             ORDER BY d.serial, u.email",
+        )
+        .bind(now_ms)
+        .bind(now_ms + horizon_ms)
+        .fetch_all(self.pool())
+        .await
+        .map_err(query_err("finding leases that end soon"))?;
+        let mut out: Vec<(String, i64, Vec<String>)> = Vec::new();
+        for r in &rows {
+            let serial: String = r.try_get("serial").map_err(query_err("reading leases"))?;
+            let ends: i64 = r
+                .try_get("lease_ends_at")
+                .map_err(query_err("reading leases"))?;
+            let email: String = r.try_get("email").map_err(query_err("reading leases"))?;
+            match out.last_mut() {
+                Some((s, _, emails)) if *s == serial => emails.push(email),
+                _ => out.push((serial, ends, vec![email])),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Queues the lease notices of a device and marks it told, in one transaction.
+    pub async fn queue_lease_notice(
+        &self,
+        serial: &str,
+        mails: &[OutgoingMail],
+        now_ms: i64,
+    ) -> Result<()> {
+        let mut tx = self
+            .pool()
+            .begin()
+            .await
+            .map_err(query_err("starting a lease notice"))?;
+        let marked = sqlx::query("UPDATE devices SET lease_notice_sent_at = $1 WHERE serial = $2 AND lease_notice_sent_at IS NULL")
+            .bind(now_ms)
+            .bind(serial)
+            .execute(&mut *tx)
+            .await
+            .map_err(query_err("marking a lease notice"))?;
+        // Another node got there first: it queued the mail.
+        if marked.rows_affected() == 0 {
+            return Ok(());
+        }
+        for mail in mails {
+            queue_mail(&mut tx, mail, now_ms).await?;
+        }
+        tx.commit()
+            .await
+            .map_err(query_err("committing a lease notice"))
+    }
 }
