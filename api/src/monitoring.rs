@@ -89,6 +89,10 @@ fn describe() {
         "Device messages by kind and outcome (stored, quarantined)"
     );
     describe_gauge!("tms_devices", "Registered devices by connection state");
+    describe_gauge!(
+        "tms_devices_identity_mismatch",
+        "Devices whose reported System Name names another UPS"
+    );
     describe_counter!("tms_certs_issued_total", "Device certificates issued");
     describe_counter!("tms_certs_revoked_total", "Device certificates revoked");
     describe_gauge!(
@@ -191,6 +195,7 @@ pub async fn refresh_fleet_gauges(store: &Store) {
                 .set(c.never_connected as f64);
             metrics::gauge!("tms_certs_expiring_30d").set(c.certificates_expiring_30d as f64);
             metrics::gauge!("tms_leases_expiring_30d").set(c.leases_expiring_30d as f64);
+            metrics::gauge!("tms_devices_identity_mismatch").set(c.identity_mismatches as f64);
         }
         Err(e) => tracing::warn!(error = %e, "cannot refresh fleet gauges"),
     }

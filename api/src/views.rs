@@ -4,13 +4,38 @@
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
-use tms_store::{CertificateRecord, DeviceStatus, DeviceView, LocationRecord, Refusal};
+use tms_store::{
+    CertificateRecord, DeviceStatus, DeviceView, LocationRecord, Refusal, SessionRecord,
+};
 
 /// Unix ms as RFC 3339 (UTC), or null.
 pub fn time(ms: Option<i64>) -> Value {
     ms.and_then(|ms| OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).ok())
         .and_then(|t| t.format(&Rfc3339).ok())
         .map_or(Value::Null, Value::String)
+}
+
+static SILENT_AFTER_INTERVALS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+
+/// Sets `presence.silent_after_intervals` for every view of this process (once, at start).
+pub fn set_silent_after_intervals(n: f64) {
+    let _ = SILENT_AFTER_INTERVALS.set(n);
+}
+
+/// Online but without telemetry for longer than `presence.silent_after_intervals` of its usual
+/// interval (the keep-alive when the device has no usual interval yet).
+pub fn is_silent(s: &DeviceStatus, now_ms: i64) -> bool {
+    if s.state != tms_model::ConnState::Online {
+        return false;
+    }
+    let factor = SILENT_AFTER_INTERVALS.get().copied().unwrap_or(3.0);
+    let usual = s
+        .telemetry_interval_ms
+        .filter(|i| *i > 0)
+        .or(s.keep_alive_secs.map(|k| k * 1000))
+        .unwrap_or(60_000);
+    let since = s.last_telemetry_at.or(s.since).unwrap_or(now_ms);
+    (now_ms - since) as f64 > factor * usual as f64
 }
 
 pub fn status(s: &DeviceStatus) -> Value {
@@ -22,6 +47,9 @@ pub fn status(s: &DeviceStatus) -> Value {
         "keep_alive_secs": s.keep_alive_secs,
         "last_disconnect_reason": s.last_disconnect_reason,
         "reported_status": s.reported_status,
+        "last_telemetry_at": time(s.last_telemetry_at),
+        "telemetry_interval_secs": s.telemetry_interval_ms.map(|ms| ms as f64 / 1000.0),
+        "silent": is_silent(s, tms_model::now_ms()),
         "last_connect_error": s.last_connect_error,
         "last_connect_error_detail": s.last_connect_error_detail,
         "last_connect_error_at": time(s.last_connect_error_at),
@@ -47,6 +75,10 @@ pub fn device(v: &DeviceView) -> Value {
         "lease_days_left": days_left(d.lease_ends_at),
         "certificate_not_after": time(d.certificate_not_after),
         "certificate_days_left": d.certificate_not_after.map(days_left),
+        "ups_identity": {
+            "system_name": d.system_name,
+            "mismatch": d.identity_mismatch,
+        },
         "ups": {
             "model": d.ups_model,
             "model_number": d.ups_model_number,
@@ -96,15 +128,78 @@ pub fn refusal(r: &Refusal) -> Value {
 /// A device's detail: the list object plus location, certificates and refused attempts.
 pub fn device_detail(
     v: &DeviceView,
-    location: Option<&LocationRecord>,
+    locations: &[LocationRecord],
     certificates: &[CertificateRecord],
     refusals: &[Refusal],
 ) -> Value {
     let mut out = device(v);
     let current = certificates.iter().find(|c| c.revoked_at.is_none());
-    out["location"] = location.map_or(Value::Null, self::location);
+    out["location"] = locations.first().map_or(Value::Null, self::location);
+    out["locations"] = locations.iter().map(self::location).collect();
     out["certificate"] = current.map_or(Value::Null, certificate);
     out["certificates"] = certificates.iter().map(certificate).collect();
     out["recent_refusals"] = refusals.iter().map(refusal).collect();
     out
+}
+
+/// Uptime of a device within `[from, to]` from its sessions: the share of the window covered
+/// by sessions (an open session counts until `to`), as a percentage.
+pub fn uptime_pct(sessions: &[SessionRecord], from: i64, to: i64) -> f64 {
+    if to <= from {
+        return 0.0;
+    }
+    let mut spans: Vec<(i64, i64)> = sessions
+        .iter()
+        .map(|s| (s.started_at.max(from), s.ended_at.unwrap_or(to).min(to)))
+        .filter(|(a, b)| b > a)
+        .collect();
+    spans.sort_unstable();
+    // Overlapping sessions (a takeover) count once.
+    let mut covered = 0;
+    let mut reach = from;
+    for (a, b) in spans {
+        let a = a.max(reach);
+        if b > a {
+            covered += b - a;
+            reach = b;
+        }
+    }
+    covered as f64 * 100.0 / (to - from) as f64
+}
+
+pub fn session(s: &SessionRecord) -> Value {
+    json!({
+        "started_at": time(Some(s.started_at)),
+        "ended_at": time(s.ended_at),
+        "end_reason": s.end_reason,
+        "peer_addr": s.peer_addr,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(start_h: i64, end_h: Option<i64>) -> SessionRecord {
+        SessionRecord {
+            session_id: format!("{start_h}"),
+            started_at: start_h * 3_600_000,
+            ended_at: end_h.map(|h| h * 3_600_000),
+            end_reason: None,
+            peer_addr: None,
+        }
+    }
+
+    #[test]
+    fn online_two_of_the_last_four_hours_is_fifty_percent() {
+        let now = 10 * 3_600_000;
+        let from = now - 4 * 3_600_000;
+        // Online 5–7 h (partly before the window), and 8–9 h: 1 h + 1 h inside 6–10 h.
+        let sessions = [s(5, Some(7)), s(8, Some(9))];
+        assert!((uptime_pct(&sessions, from, now) - 50.0).abs() < 1e-9);
+        // A session still open counts until now; a takeover overlap counts once.
+        let sessions = [s(8, None), s(9, Some(10))];
+        assert!((uptime_pct(&sessions, from, now) - 50.0).abs() < 1e-9);
+        assert_eq!(uptime_pct(&[], from, now), 0.0);
+    }
 }

@@ -99,6 +99,11 @@ pub struct Mail {
 pub struct Presence {
     /// Fixed offline deadline; `None` means 1.5 × the device's own MQTT keep-alive.
     pub offline_after: Option<Duration>,
+    /// An online device is "silent" after this many of its usual telemetry intervals
+    /// without telemetry.
+    pub silent_after_intervals: f64,
+    /// How long session history (availability) is kept.
+    pub history_retention: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -177,6 +182,8 @@ const KEYS: &[(&str, &str)] = &[
     ("mail", "from"),
     ("mail", "retry_base_secs"),
     ("presence", "offline_after_secs"),
+    ("presence", "silent_after_intervals"),
+    ("presence", "history_retention_days"),
     ("certs", "rotation_overlap_days"),
     ("ingest", "queue_capacity"),
     ("ingest", "batch_max_rows"),
@@ -525,6 +532,14 @@ fn build(b: &mut Builder) -> Config {
         Ok(Some(Duration::from_secs_f64(secs)))
     });
 
+    let silent_after_intervals = b.parsed("presence.silent_after_intervals", 3.0, |s| {
+        let n: f64 = s.parse().map_err(|_| "expected a number".to_owned())?;
+        if !(1.0..=1000.0).contains(&n) {
+            return Err("must be between 1 and 1000".to_owned());
+        }
+        Ok(n)
+    });
+    let retention_days = b.int("presence.history_retention_days", 90, 1, 3650);
     let overlap_days = b.int("certs.rotation_overlap_days", 7, 0, 365);
 
     let ingest = Ingest {
@@ -554,7 +569,11 @@ fn build(b: &mut Builder) -> Config {
             from,
             retry_base: Duration::from_secs(retry_base),
         },
-        presence: Presence { offline_after },
+        presence: Presence {
+            offline_after,
+            silent_after_intervals,
+            history_retention: Duration::from_secs(retention_days * 86_400),
+        },
         certs: Certs {
             rotation_overlap: Duration::from_secs(overlap_days * 86_400),
         },

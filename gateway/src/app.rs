@@ -80,6 +80,7 @@ fn node_id() -> String {
 impl App {
     pub async fn build(config: Config) -> Result<App> {
         tms_api::monitoring::install();
+        tms_api::views::set_silent_after_intervals(config.presence.silent_after_intervals);
         tms_api::monitoring::record_process(env!("CARGO_PKG_VERSION"), env!("TMS_GIT_COMMIT"));
         let (store, ca) = open_parts(&config).await?;
         let now = OffsetDateTime::now_utc();
@@ -251,6 +252,7 @@ impl App {
             broker.clone(),
             revocations_changed,
             config.certs.rotation_overlap,
+            config.presence.history_retention,
             stop.clone(),
         ));
 

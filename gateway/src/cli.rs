@@ -478,10 +478,10 @@ async fn device(config: Config, command: DeviceCommand) -> Result<()> {
             let Some(view) = store.device(serial.as_str()).await? else {
                 bail!("device {serial} is not registered");
             };
-            let location = store.location(serial.as_str()).await?;
+            let locations = store.locations_of(serial.as_str()).await?;
             let certificates = store.certificates_of(serial.as_str()).await?;
             let refusals = store.refusals(serial.as_str(), 10).await?;
-            let detail = views::device_detail(&view, location.as_ref(), &certificates, &refusals);
+            let detail = views::device_detail(&view, &locations, &certificates, &refusals);
             if json {
                 println!("{}", serde_json::to_string_pretty(&detail)?);
             } else {

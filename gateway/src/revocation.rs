@@ -36,6 +36,8 @@ pub(crate) async fn reload(
 
 /// How often rotation overlaps are ended and sessions with expired certificates closed.
 const SWEEP: Duration = Duration::from_secs(5);
+/// How often session history past `presence.history_retention_days` is deleted.
+const PRUNE: Duration = Duration::from_secs(3600);
 
 pub(crate) async fn watch(
     store: Store,
@@ -43,10 +45,12 @@ pub(crate) async fn watch(
     broker: Arc<Broker>,
     changed: Arc<Notify>,
     rotation_overlap: Duration,
+    history_retention: Duration,
     stop: CancellationToken,
 ) {
     let mut marker = None;
     let mut last_sweep = tokio::time::Instant::now() - SWEEP;
+    let mut last_prune: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -65,6 +69,17 @@ pub(crate) async fn watch(
                     "rotation overlap ended; older certificates superseded"
                 ),
                 Err(e) => tracing::warn!(error = %e, "cannot end rotation overlaps"),
+            }
+            if last_prune.is_none_or(|p| p.elapsed() >= PRUNE) {
+                last_prune = Some(tokio::time::Instant::now());
+                let before = now - i64::try_from(history_retention.as_millis()).unwrap_or(i64::MAX);
+                match store.prune_sessions(before).await {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        tracing::info!(sessions = n, "pruned session history past its retention")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot prune session history"),
+                }
             }
             let closed = broker.close_expired(now / 1000);
             if closed > 0 {

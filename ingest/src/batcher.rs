@@ -18,6 +18,8 @@ pub struct Batcher {
     events: usize,
     /// Last message time per session: one last-seen update per batch, not per message.
     seen: HashMap<(String, Arc<str>), i64>,
+    /// Telemetry per device in this batch: (first, last, count), for data freshness.
+    fresh: HashMap<String, (i64, i64, i64)>,
     /// Refusals per (device, reason), written at most once per [`REFUSAL_WINDOW`]: a device
     /// retrying in a tight loop costs one row update a second, not one per attempt.
     refusals: HashMap<(String, &'static str), PendingRefusal>,
@@ -39,6 +41,7 @@ impl Batcher {
             batch: WriteBatch::default(),
             events: 0,
             seen: HashMap::new(),
+            fresh: HashMap::new(),
             refusals: HashMap::new(),
         }
     }
@@ -127,6 +130,9 @@ impl Batcher {
         self.seen.insert((serial.clone(), m.session_id.clone()), at);
         let outcome = match m.kind {
             TopicKind::Telemetry => parse_telemetry(&m.payload).map(|(summary, map)| {
+                let fresh = self.fresh.entry(serial.clone()).or_insert((at, at, 0));
+                fresh.1 = at;
+                fresh.2 += 1;
                 self.batch.telemetry.push(TelemetryRow {
                     serial: serial.clone(),
                     ts: summary.ts.unwrap_or(at),
@@ -208,6 +214,14 @@ impl Batcher {
                 at,
             });
         }
+        for (serial, (first_at, last_at, count)) in self.fresh.drain() {
+            self.batch.status.push(StatusEvent::Telemetry {
+                serial,
+                first_at,
+                last_at,
+                count,
+            });
+        }
         for pending in self.refusals.values_mut() {
             let due = pending
                 .written_at
@@ -280,6 +294,22 @@ mod tests {
             .filter(|s| matches!(s, StatusEvent::Seen { .. }))
             .collect();
         assert_eq!(seen.len(), 1, "one last-seen per session per batch");
+        let fresh: Vec<_> = batch
+            .status
+            .iter()
+            .filter(|s| matches!(s, StatusEvent::Telemetry { .. }))
+            .collect();
+        assert!(
+            matches!(
+                fresh[..],
+                [StatusEvent::Telemetry {
+                    count: 1,
+                    last_at: 2,
+                    ..
+                }]
+            ),
+            "{fresh:?}"
+        );
         assert!(b.take(Instant::now(), false).is_empty());
     }
 

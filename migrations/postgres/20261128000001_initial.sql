@@ -66,6 +66,8 @@ CREATE TABLE device_status (
     node_id                 TEXT,
     last_disconnect_reason  TEXT,
     reported_status         TEXT,
+    last_telemetry_at       BIGINT,
+    telemetry_interval_ms   BIGINT,
     reported_status_at      BIGINT,
     last_connect_error      TEXT,
     last_connect_error_detail TEXT,
@@ -96,19 +98,36 @@ CREATE TABLE telemetry (
 );
 CREATE INDEX telemetry_serial_ts ON telemetry (serial, ts);
 
+-- Every source's last location is kept; the best one wins (device > operator > registration).
 CREATE TABLE locations (
-    serial      TEXT PRIMARY KEY,
+    serial      TEXT NOT NULL,
+    source      TEXT NOT NULL,
     lat         DOUBLE PRECISION NOT NULL,
     lon         DOUBLE PRECISION NOT NULL,
     accuracy_m  DOUBLE PRECISION,
-    source      TEXT NOT NULL,
-    updated_at  BIGINT NOT NULL
+    updated_at  BIGINT NOT NULL,
+    PRIMARY KEY (serial, source)
 );
+
+-- Availability history: one row per session, its start, end and end reason.
+CREATE TABLE device_sessions (
+    session_id  TEXT PRIMARY KEY,
+    serial      TEXT NOT NULL,
+    node_id     TEXT NOT NULL,
+    peer_addr   TEXT,
+    started_at  BIGINT NOT NULL,
+    ended_at    BIGINT,
+    end_reason  TEXT
+);
+CREATE INDEX device_sessions_serial ON device_sessions (serial, started_at);
+CREATE INDEX device_sessions_open ON device_sessions (node_id) WHERE ended_at IS NULL;
 
 CREATE TABLE device_info (
     serial       TEXT PRIMARY KEY,
     system_name  TEXT,
     firmware     TEXT,
+    -- 1 when system_name does not name the registered UPS model and serial, 0 when it does.
+    identity_mismatch BIGINT,
     payload      TEXT NOT NULL,
     updated_at   BIGINT NOT NULL
 );

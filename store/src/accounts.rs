@@ -433,8 +433,8 @@ impl Store {
     ) -> Result<()> {
         sqlx::query(
             "INSERT INTO locations (serial, lat, lon, accuracy_m, source, updated_at) VALUES ($1, $2, $3, NULL, $4, $5) \
-             ON CONFLICT (serial) DO UPDATE SET lat = excluded.lat, lon = excluded.lon, accuracy_m = NULL, \
-             source = excluded.source, updated_at = excluded.updated_at",
+             ON CONFLICT (serial, source) DO UPDATE SET lat = excluded.lat, lon = excluded.lon, accuracy_m = NULL, \
+             updated_at = excluded.updated_at",
         )
         .bind(serial)
         .bind(lat)
@@ -447,30 +447,30 @@ impl Store {
         Ok(())
     }
 
-    /// Every known location, by device serial.
+    /// The best known location of every device, by serial.
     pub async fn all_locations(
         &self,
     ) -> Result<std::collections::HashMap<String, crate::LocationRecord>> {
-        let rows =
-            sqlx::query("SELECT serial, lat, lon, accuracy_m, source, updated_at FROM locations")
-                .fetch_all(self.pool())
-                .await
+        let sql = format!(
+            "SELECT serial, lat, lon, accuracy_m, source, updated_at FROM locations ORDER BY serial, {}",
+            crate::devices::SOURCE_RANK
+        );
+        let rows = sqlx::query(&sql)
+            .fetch_all(self.pool())
+            .await
+            .map_err(query_err("reading locations"))?;
+        let mut best = std::collections::HashMap::new();
+        for r in &rows {
+            let serial: String = r
+                .try_get("serial")
                 .map_err(query_err("reading locations"))?;
-        rows.iter()
-            .map(|r| {
-                Ok((
-                    r.try_get("serial")?,
-                    crate::LocationRecord {
-                        lat: r.try_get("lat")?,
-                        lon: r.try_get("lon")?,
-                        accuracy_m: r.try_get("accuracy_m")?,
-                        source: r.try_get("source")?,
-                        updated_at: r.try_get("updated_at")?,
-                    },
-                ))
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(query_err("reading locations"))
+            if let std::collections::hash_map::Entry::Vacant(slot) = best.entry(serial) {
+                slot.insert(
+                    crate::devices::location_from_row(r).map_err(query_err("reading locations"))?,
+                );
+            }
+        }
+        Ok(best)
     }
 
     /// Devices whose lease ends within `horizon_ms` and whose customers have not been told:

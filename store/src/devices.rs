@@ -48,6 +48,9 @@ pub struct DeviceRecord {
     pub created_at: i64,
     /// End of the newest valid certificate, if the device has one (Unix ms).
     pub certificate_not_after: Option<i64>,
+    /// The System Name the device reported (`info`), and whether it names another UPS.
+    pub system_name: Option<String>,
+    pub identity_mismatch: Option<bool>,
 }
 
 /// The connection status of a device; all times are Unix milliseconds.
@@ -62,6 +65,9 @@ pub struct DeviceStatus {
     pub cert_serial: Option<String>,
     pub last_disconnect_reason: Option<String>,
     pub reported_status: Option<String>,
+    pub last_telemetry_at: Option<i64>,
+    /// The device's usual telemetry interval, a running average (ms).
+    pub telemetry_interval_ms: Option<i64>,
     pub last_connect_error: Option<String>,
     pub last_connect_error_detail: Option<String>,
     pub last_connect_error_at: Option<i64>,
@@ -79,6 +85,8 @@ impl DeviceStatus {
             cert_serial: None,
             last_disconnect_reason: None,
             reported_status: None,
+            last_telemetry_at: None,
+            telemetry_interval_ms: None,
             last_connect_error: None,
             last_connect_error_detail: None,
             last_connect_error_at: None,
@@ -119,6 +127,30 @@ pub struct LocationRecord {
     pub updated_at: i64,
 }
 
+/// Orders location sources best first.
+pub(crate) const SOURCE_RANK: &str =
+    "CASE source WHEN 'device' THEN 0 WHEN 'operator' THEN 1 ELSE 2 END, updated_at DESC";
+
+pub(crate) fn location_from_row(r: &AnyRow) -> Result<LocationRecord, sqlx::Error> {
+    Ok(LocationRecord {
+        lat: r.try_get("lat")?,
+        lon: r.try_get("lon")?,
+        accuracy_m: r.try_get("accuracy_m")?,
+        source: r.try_get("source")?,
+        updated_at: r.try_get("updated_at")?,
+    })
+}
+
+/// One session of a device (availability history); times in Unix ms.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionRecord {
+    pub session_id: String,
+    pub started_at: i64,
+    pub ended_at: Option<i64>,
+    pub end_reason: Option<String>,
+    pub peer_addr: Option<String>,
+}
+
 /// What the fleet gauges show.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FleetCounts {
@@ -127,6 +159,7 @@ pub struct FleetCounts {
     pub never_connected: i64,
     pub certificates_expiring_30d: i64,
     pub leases_expiring_30d: i64,
+    pub identity_mismatches: i64,
 }
 
 /// Refused connection attempts of one device, coalesced by reason.
@@ -144,10 +177,10 @@ const DEVICE_COLUMNS: &str = "d.serial, d.mac, d.company_id, c.name AS company, 
     d.lease_months, d.start_date, d.lease_ends_at, d.ups_model, d.ups_model_number, d.ups_serial, d.ups_ship_date, \
     d.sales_order, d.service_contract_sales_order, d.registered_by, d.created_at, \
     (SELECT MAX(x.not_after) FROM certificates x WHERE x.device_serial = d.serial AND x.revoked_at IS NULL) \
-    AS certificate_not_after";
+    AS certificate_not_after, i.system_name, i.identity_mismatch";
 
 const STATUS_COLUMNS: &str = "s.state, s.since, s.last_seen, s.peer_addr, s.session_id, \
-    s.keep_alive_secs, s.cert_serial, s.last_disconnect_reason, s.reported_status, s.last_connect_error, \
+    s.keep_alive_secs, s.cert_serial, s.last_disconnect_reason, s.reported_status, s.last_telemetry_at, s.telemetry_interval_ms, s.last_connect_error, \
     s.last_connect_error_detail, s.last_connect_error_at";
 
 fn device_from_row(row: &AnyRow) -> Result<DeviceRecord, sqlx::Error> {
@@ -169,6 +202,10 @@ fn device_from_row(row: &AnyRow) -> Result<DeviceRecord, sqlx::Error> {
         registered_by: row.try_get("registered_by")?,
         created_at: row.try_get("created_at")?,
         certificate_not_after: row.try_get("certificate_not_after")?,
+        system_name: row.try_get("system_name")?,
+        identity_mismatch: row
+            .try_get::<Option<i64>, _>("identity_mismatch")?
+            .map(|m| m != 0),
     })
 }
 
@@ -187,6 +224,8 @@ fn status_from_row(row: &AnyRow) -> Result<DeviceStatus, sqlx::Error> {
         cert_serial: row.try_get("cert_serial")?,
         last_disconnect_reason: row.try_get("last_disconnect_reason")?,
         reported_status: row.try_get("reported_status")?,
+        last_telemetry_at: row.try_get("last_telemetry_at")?,
+        telemetry_interval_ms: row.try_get("telemetry_interval_ms")?,
         last_connect_error: row.try_get("last_connect_error")?,
         last_connect_error_detail: row.try_get("last_connect_error_detail")?,
         last_connect_error_at: row.try_get("last_connect_error_at")?,
@@ -292,7 +331,7 @@ impl Store {
         let sql = format!(
             "SELECT {DEVICE_COLUMNS}, {STATUS_COLUMNS} FROM devices d \
              JOIN companies c ON c.id = d.company_id \
-             LEFT JOIN device_status s ON s.serial = d.serial WHERE d.serial = $1"
+             LEFT JOIN device_status s ON s.serial = d.serial LEFT JOIN device_info i ON i.serial = d.serial WHERE d.serial = $1"
         );
         let row = sqlx::query(&sql)
             .bind(serial)
@@ -308,7 +347,7 @@ impl Store {
         let mut sql = format!(
             "SELECT {DEVICE_COLUMNS}, {STATUS_COLUMNS} FROM devices d \
              JOIN companies c ON c.id = d.company_id \
-             LEFT JOIN device_status s ON s.serial = d.serial WHERE 1 = 1"
+             LEFT JOIN device_status s ON s.serial = d.serial LEFT JOIN device_info i ON i.serial = d.serial WHERE 1 = 1"
         );
         let mut n = 0;
         let mut next = || {
@@ -394,7 +433,8 @@ impl Store {
              (SELECT COUNT(*) FROM device_status s JOIN devices d ON d.serial = s.serial WHERE s.state = 'offline') AS offline, \
              (SELECT COUNT(*) FROM devices) AS total, \
              (SELECT COUNT(*) FROM certificates WHERE revoked_at IS NULL AND not_after > $1 AND not_after <= $2) AS certs, \
-             (SELECT COUNT(*) FROM devices WHERE lease_ends_at > $1 AND lease_ends_at <= $2) AS leases",
+             (SELECT COUNT(*) FROM devices WHERE lease_ends_at > $1 AND lease_ends_at <= $2) AS leases, \
+             (SELECT COUNT(*) FROM device_info WHERE identity_mismatch = 1) AS mismatches",
         )
         .bind(now_ms)
         .bind(soon)
@@ -412,12 +452,18 @@ impl Store {
             never_connected: (total - online - offline).max(0),
             certificates_expiring_30d: get("certs")?,
             leases_expiring_30d: get("leases")?,
+            identity_mismatches: get("mismatches")?,
         })
     }
 
     /// Marks every device this node still shows online as offline: on start-up, those
     /// sessions belong to an earlier process that ended without saying so.
     pub async fn end_stale_sessions(&self, node_id: &str, at: i64, reason: &str) -> Result<u64> {
+        let mut tx = self
+            .pool()
+            .begin()
+            .await
+            .map_err(query_err("starting to end stale sessions"))?;
         let done = sqlx::query(
             "UPDATE device_status SET state = 'offline', since = $1, last_disconnect_reason = $2 \
              WHERE state = 'online' AND node_id = $3",
@@ -425,9 +471,56 @@ impl Store {
         .bind(at)
         .bind(reason)
         .bind(node_id)
-        .execute(self.pool())
+        .execute(&mut *tx)
         .await
         .map_err(query_err("ending stale sessions"))?;
+        sqlx::query("UPDATE device_sessions SET ended_at = $1, end_reason = $2 WHERE node_id = $3 AND ended_at IS NULL")
+            .bind(at)
+            .bind(reason)
+            .bind(node_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(query_err("ending stale sessions"))?;
+        tx.commit()
+            .await
+            .map_err(query_err("ending stale sessions"))?;
+        Ok(done.rows_affected())
+    }
+
+    /// Sessions of a device that overlap `[from, to]`, oldest first.
+    pub async fn sessions(&self, serial: &str, from: i64, to: i64) -> Result<Vec<SessionRecord>> {
+        let rows = sqlx::query(
+            "SELECT session_id, started_at, ended_at, end_reason, peer_addr FROM device_sessions \
+             WHERE serial = $1 AND started_at <= $3 AND (ended_at IS NULL OR ended_at >= $2) ORDER BY started_at",
+        )
+        .bind(serial)
+        .bind(from)
+        .bind(to)
+        .fetch_all(self.pool())
+        .await
+        .map_err(query_err("reading sessions"))?;
+        rows.iter()
+            .map(|r| {
+                Ok(SessionRecord {
+                    session_id: r.try_get("session_id")?,
+                    started_at: r.try_get("started_at")?,
+                    ended_at: r.try_get("ended_at")?,
+                    end_reason: r.try_get("end_reason")?,
+                    peer_addr: r.try_get("peer_addr")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(query_err("reading sessions"))
+    }
+
+    /// Deletes sessions that ended before `before` (history retention).
+    pub async fn prune_sessions(&self, before: i64) -> Result<u64> {
+        let done =
+            sqlx::query("DELETE FROM device_sessions WHERE ended_at IS NOT NULL AND ended_at < $1")
+                .bind(before)
+                .execute(self.pool())
+                .await
+                .map_err(query_err("pruning sessions"))?;
         Ok(done.rows_affected())
     }
 
@@ -463,25 +556,25 @@ impl Store {
         row.try_get("n").map_err(query_err("counting telemetry"))
     }
 
+    /// The best location of a device: device > operator > registration.
     pub async fn location(&self, serial: &str) -> Result<Option<LocationRecord>> {
-        let row = sqlx::query(
-            "SELECT lat, lon, accuracy_m, source, updated_at FROM locations WHERE serial = $1",
-        )
-        .bind(serial)
-        .fetch_optional(self.pool())
-        .await
-        .map_err(query_err("reading a location"))?;
-        row.map(|r| -> Result<_, sqlx::Error> {
-            Ok(LocationRecord {
-                lat: r.try_get("lat")?,
-                lon: r.try_get("lon")?,
-                accuracy_m: r.try_get("accuracy_m")?,
-                source: r.try_get("source")?,
-                updated_at: r.try_get("updated_at")?,
-            })
-        })
-        .transpose()
-        .map_err(query_err("decoding a location"))
+        Ok(self.locations_of(serial).await?.into_iter().next())
+    }
+
+    /// Every source's location of a device, best first.
+    pub async fn locations_of(&self, serial: &str) -> Result<Vec<LocationRecord>> {
+        let sql = format!(
+            "SELECT lat, lon, accuracy_m, source, updated_at FROM locations WHERE serial = $1 ORDER BY {SOURCE_RANK}"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(serial)
+            .fetch_all(self.pool())
+            .await
+            .map_err(query_err("reading locations"))?;
+        rows.iter()
+            .map(location_from_row)
+            .collect::<Result<_, _>>()
+            .map_err(query_err("decoding a location"))
     }
 
     /// Quarantined (malformed) messages of a device, newest first: `(topic, error, payload)`.

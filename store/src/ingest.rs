@@ -102,6 +102,14 @@ pub enum StatusEvent {
         session_id: String,
         at: i64,
     },
+    /// Telemetry arrived: `count` messages between `first_at` and `last_at` in this batch.
+    /// Keeps the data-freshness axis: last telemetry time and the usual interval.
+    Telemetry {
+        serial: String,
+        first_at: i64,
+        last_at: i64,
+        count: i64,
+    },
     /// What the device itself last said on `tms/<serial>/status` (birth or will message).
     Reported {
         serial: String,
@@ -204,8 +212,8 @@ impl Store {
         for l in &batch.locations {
             sqlx::query(
                 "INSERT INTO locations (serial, lat, lon, accuracy_m, source, updated_at) VALUES ($1, $2, $3, $4, $5, $6) \
-                 ON CONFLICT (serial) DO UPDATE SET lat = excluded.lat, lon = excluded.lon, \
-                 accuracy_m = excluded.accuracy_m, source = excluded.source, updated_at = excluded.updated_at",
+                 ON CONFLICT (serial, source) DO UPDATE SET lat = excluded.lat, lon = excluded.lon, \
+                 accuracy_m = excluded.accuracy_m, updated_at = excluded.updated_at",
             )
             .bind(&l.serial)
             .bind(l.lat)
@@ -232,6 +240,19 @@ impl Store {
             .execute(&mut *tx)
             .await
             .map_err(query_err("storing device info"))?;
+            // Seed step 2: the device's System Name should be "<UPS model> <rating> <UPS serial>"
+            // of the UPS it was registered with; a mismatch is flagged, not accepted silently.
+            sqlx::query(
+                "UPDATE device_info SET identity_mismatch = (SELECT CASE \
+                 WHEN d.ups_model IS NULL OR d.ups_serial IS NULL OR device_info.system_name IS NULL THEN NULL \
+                 WHEN LOWER(device_info.system_name) LIKE LOWER(d.ups_model) || ' %' \
+                  AND LOWER(device_info.system_name) LIKE '% ' || LOWER(d.ups_serial) THEN 0 ELSE 1 END \
+                 FROM devices d WHERE d.serial = device_info.serial) WHERE serial = $1",
+            )
+            .bind(&i.serial)
+            .execute(&mut *tx)
+            .await
+            .map_err(query_err("checking the UPS identity"))?;
         }
 
         for event in &batch.status {
@@ -279,6 +300,22 @@ impl Store {
                 .bind(*at)
                 .bind(serial)
                 .bind(session_id),
+                StatusEvent::Telemetry {
+                    serial,
+                    first_at,
+                    last_at,
+                    count,
+                } => sqlx::query(
+                    // The usual interval: a running average (weight 1/4) of the gaps seen.
+                    "UPDATE device_status SET telemetry_interval_ms = CASE \
+                     WHEN last_telemetry_at IS NULL THEN (CASE WHEN $4 > 1 THEN ($2 - $3) / ($4 - 1) ELSE NULL END) \
+                     ELSE (COALESCE(telemetry_interval_ms, ($2 - last_telemetry_at) / $4) * 3 + ($2 - last_telemetry_at) / $4) / 4 END, \
+                     last_telemetry_at = $2 WHERE serial = $1 AND (last_telemetry_at IS NULL OR last_telemetry_at < $2)",
+                )
+                .bind(serial)
+                .bind(*last_at)
+                .bind(*first_at)
+                .bind(*count),
                 StatusEvent::Reported { serial, text, at } => sqlx::query(
                     "UPDATE device_status SET reported_status = $1, reported_status_at = $2 WHERE serial = $3",
                 )
@@ -308,6 +345,46 @@ impl Store {
                 .execute(&mut *tx)
                 .await
                 .map_err(query_err("superseding older certificates"))?;
+            }
+            match event {
+                StatusEvent::Connected {
+                    serial,
+                    session_id,
+                    at,
+                    peer_addr,
+                    node_id,
+                    ..
+                } => {
+                    sqlx::query(
+                        "INSERT INTO device_sessions (session_id, serial, node_id, peer_addr, started_at) \
+                         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (session_id) DO NOTHING",
+                    )
+                    .bind(session_id)
+                    .bind(serial)
+                    .bind(node_id)
+                    .bind(peer_addr)
+                    .bind(*at)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(query_err("recording a session"))?;
+                }
+                StatusEvent::Disconnected {
+                    session_id,
+                    at,
+                    reason,
+                    ..
+                } => {
+                    sqlx::query(
+                        "UPDATE device_sessions SET ended_at = $1, end_reason = $2 WHERE session_id = $3 AND ended_at IS NULL",
+                    )
+                    .bind(*at)
+                    .bind(reason)
+                    .bind(session_id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(query_err("ending a session"))?;
+                }
+                _ => {}
             }
         }
 

@@ -18,8 +18,8 @@ pub use accounts::{
 };
 pub use certificates::CertificateRecord;
 pub use devices::{
-    DeviceFilter, DeviceRecord, DeviceStatus, DeviceView, LocationRecord, NewDevice, Refusal,
-    TelemetryRecord,
+    DeviceFilter, DeviceRecord, DeviceStatus, DeviceView, FleetCounts, LocationRecord, NewDevice,
+    Refusal, SessionRecord, TelemetryRecord,
 };
 pub use ingest::{
     InfoRow, LocationRow, QuarantineRow, RefusalRow, StatusEvent, TelemetryRow, WriteBatch,

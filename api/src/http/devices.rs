@@ -92,12 +92,12 @@ pub(super) async fn detail(
     Path(serial): Path<String>,
 ) -> Result<Response, ApiError> {
     let (serial, view) = visible_device(&s, &caller, &serial).await?;
-    let location = s.store.location(serial.as_str()).await?;
+    let locations = s.store.locations_of(serial.as_str()).await?;
     let certificates = s.store.certificates_of(serial.as_str()).await?;
     let refusals = s.store.refusals(serial.as_str(), 10).await?;
     Ok(axum::Json(views::device_detail(
         &view,
-        location.as_ref(),
+        &locations,
         &certificates,
         &refusals,
     ))
@@ -376,4 +376,46 @@ pub(super) async fn renew_lease(
         })?;
     tracing::info!(device.serial = %serial, months, by = caller.user.id, "lease renewed");
     Ok(axum::Json(json!({"lease_ends_at": views::time(Some(ends))})).into_response())
+}
+
+#[derive(Deserialize)]
+pub(super) struct AvailabilityQuery {
+    window: Option<String>,
+}
+
+/// Uptime and sessions over the last 24 h, 7 d or 30 d.
+pub(super) async fn availability(
+    State(s): State<ApiState>,
+    caller: Caller,
+    Path(serial): Path<String>,
+    Query(query): Query<AvailabilityQuery>,
+) -> Result<Response, ApiError> {
+    let (serial, _) = visible_device(&s, &caller, &serial).await?;
+    let window = query.window.unwrap_or_else(|| "24h".into());
+    let hours = match window.as_str() {
+        "24h" => 24,
+        "7d" => 7 * 24,
+        "30d" => 30 * 24,
+        other => {
+            return Err(ApiError::validation(
+                [(
+                    "window".to_owned(),
+                    format!("{other:?} is not one of 24h, 7d, 30d"),
+                )]
+                .into(),
+            ));
+        }
+    };
+    let to = now_ms();
+    let from = to - hours * 3_600_000;
+    let sessions = s.store.sessions(serial.as_str(), from, to).await?;
+    let pct = views::uptime_pct(&sessions, from, to);
+    Ok(axum::Json(json!({
+        "window": window,
+        "from": views::time(Some(from)),
+        "to": views::time(Some(to)),
+        "uptime_pct": (pct * 10_000.0).round() / 10_000.0,
+        "sessions": sessions.iter().map(views::session).collect::<Vec<_>>(),
+    }))
+    .into_response())
 }

@@ -235,6 +235,14 @@ fn routes() -> Vec<Route> {
         ),
         route(
             "GET",
+            "/api/v1/devices/{serial}/availability",
+            LoggedIn,
+            "Uptime and sessions (?window=24h|7d|30d)",
+            None,
+            devices::availability,
+        ),
+        route(
+            "GET",
             "/api/v1/locations",
             LoggedIn,
             "GeoJSON FeatureCollection of the caller's located devices",

@@ -1,0 +1,302 @@
+//! Presence and location end to end: takeovers, keep-alive timeouts, data freshness,
+//! availability history, location sources, and the UPS identity check.
+
+#![expect(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test helpers fail the test loudly"
+)]
+
+mod support;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rumqttc::ConnectReturnCode;
+use serde_json::{Value, json};
+use support::*;
+use tms_model::ConnState;
+use tms_store::{DeviceStatus, Store};
+
+async fn status(store: &Store, serial: &str) -> DeviceStatus {
+    store
+        .device(serial)
+        .await
+        .unwrap()
+        .expect("device registered")
+        .status
+}
+
+async fn admin(gw: &TestGateway) -> (reqwest::Client, String) {
+    gw.cli_stdin(
+        &[
+            "user",
+            "add",
+            "--email",
+            "admin@example.com",
+            "--role",
+            "admin",
+            "--password-stdin",
+        ],
+        "admin-password-1\n",
+    );
+    let http = reqwest::Client::new();
+    let resp: Value = http
+        .post(gw.url("/api/v1/auth/login"))
+        .json(&json!({"email": "admin@example.com", "password": "admin-password-1"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    (http, resp["token"].as_str().unwrap().to_owned())
+}
+
+async fn get(http: &reqwest::Client, gw: &TestGateway, token: &str, path: &str) -> Value {
+    http.get(gw.url(path))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_newest_connection_wins_and_both_sessions_record_the_takeover() {
+    let gw = TestGateway::start().await;
+    let files = gw.provision("RE4A002000", "00:1B:2C:3D:50:00");
+    let store = gw.store().await;
+    let (_first, mut el1) = device_client(&gw, &files);
+    assert_eq!(connack(&mut el1).await, Ok(ConnectReturnCode::Success));
+    let first_session = wait_for("first online", Duration::from_secs(2), || async {
+        let s = status(&store, "RE4A002000").await;
+        (s.state == ConnState::Online).then(|| s.session_id.clone().unwrap())
+    })
+    .await;
+    let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        while el1.poll().await.is_ok() {}
+        let _ = closed_tx.send(());
+    });
+
+    let (_second, mut el2) = device_client(&gw, &files);
+    assert_eq!(connack(&mut el2).await, Ok(ConnectReturnCode::Success));
+    let _driver = drive(el2);
+    tokio::time::timeout(Duration::from_secs(2), closed_rx)
+        .await
+        .expect("the first connection was not closed")
+        .unwrap();
+    let s = wait_for("second session current", Duration::from_secs(2), || async {
+        let s = status(&store, "RE4A002000").await;
+        (s.session_id.as_deref() != Some(&first_session)).then_some(s)
+    })
+    .await;
+    assert_eq!(
+        s.state,
+        ConnState::Online,
+        "the takeover must not mark the device offline"
+    );
+
+    let now = tms_model::now_ms();
+    let sessions = wait_for(
+        "takeover in the history",
+        Duration::from_secs(2),
+        || async {
+            let sessions = store
+                .sessions("RE4A002000", now - 60_000, now + 60_000)
+                .await
+                .unwrap();
+            (sessions.len() == 2 && sessions[0].end_reason.is_some()).then_some(sessions)
+        },
+    )
+    .await;
+    assert_eq!(sessions[0].session_id, first_session);
+    assert_eq!(sessions[0].end_reason.as_deref(), Some("taken_over"));
+    assert!(sessions[1].ended_at.is_none(), "the new session is open");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_stops_answering_is_offline_after_one_and_a_half_keep_alives() {
+    let gw = TestGateway::start().await;
+    let files = gw.provision("RE4A002100", "00:1B:2C:3D:50:10");
+    let store = gw.store().await;
+    // mosquitto_sub with a 5 s keep-alive, then frozen: no reads, no writes, socket open.
+    let mut sub = Command::new("mosquitto_sub")
+        .args([
+            "-h",
+            "localhost",
+            "-p",
+            &gw.mqtt_port().to_string(),
+            "-k",
+            "5",
+            "--cafile",
+        ])
+        .arg(&files.ca)
+        .arg("--cert")
+        .arg(&files.pem)
+        .arg("--key")
+        .arg(&files.key)
+        .args(["-i", "RE4A002100", "-t", "tms/RE4A002100/cmd/#"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let s = wait_for("online", Duration::from_secs(5), || async {
+        let s = status(&store, "RE4A002100").await;
+        (s.state == ConnState::Online).then_some(s)
+    })
+    .await;
+    assert_eq!(s.keep_alive_secs, Some(5));
+    Command::new("kill")
+        .args(["-STOP", &sub.id().to_string()])
+        .status()
+        .unwrap();
+    let frozen = Instant::now();
+    let s = wait_for("offline by keep-alive", Duration::from_secs(10), || async {
+        let s = status(&store, "RE4A002100").await;
+        (s.state == ConnState::Offline).then_some(s)
+    })
+    .await;
+    Command::new("kill")
+        .args(["-KILL", &sub.id().to_string()])
+        .status()
+        .unwrap();
+    let _ = sub.wait();
+    assert_eq!(
+        s.last_disconnect_reason.as_deref(),
+        Some("keepalive_timeout")
+    );
+    assert!(
+        frozen.elapsed() <= Duration::from_millis(7500 + 1000),
+        "offline after {:?}",
+        frozen.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silence_identity_locations_and_availability_over_the_api() {
+    let gw = TestGateway::start_with(&[("TMS_PRESENCE_SILENT_AFTER_INTERVALS", "2")]).await;
+    let files = gw.provision("RE4A002200", "00:1B:2C:3D:50:20");
+    let (http, token) = admin(&gw).await;
+    let (client, mut el) = device_client(&gw, &files);
+    assert_eq!(connack(&mut el).await, Ok(ConnectReturnCode::Success));
+    let _driver = drive(el);
+
+    // Telemetry every 200 ms: fresh, not silent; its usual interval is learned.
+    for _ in 0..6 {
+        publish(&client, "RE4A002200", "telemetry", TELEMETRY).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let status_path = "/api/v1/devices/RE4A002200/status";
+    let s = wait_for("fresh telemetry", Duration::from_secs(2), || async {
+        let s = get(&http, &gw, &token, status_path).await;
+        (s["telemetry_interval_secs"]
+            .as_f64()
+            .is_some_and(|i| i > 0.1 && i < 0.5))
+        .then_some(s)
+    })
+    .await;
+    assert_eq!(s["state"], "online");
+    // Then nothing: silent after two usual intervals, while still online.
+    let s = wait_for("silent", Duration::from_secs(5), || async {
+        let s = get(&http, &gw, &token, status_path).await;
+        (s["silent"] == true).then_some(s)
+    })
+    .await;
+    assert_eq!(s["state"], "online");
+
+    // System Name check (seed step 2): another UPS is flagged, the registered one clears it.
+    publish(
+        &client,
+        "RE4A002200",
+        "info",
+        r#"{"system_name": "1600XP 18kVA 999999999"}"#,
+    )
+    .await;
+    let detail_path = "/api/v1/devices/RE4A002200";
+    wait_for(
+        "identity mismatch flagged",
+        Duration::from_secs(2),
+        || async {
+            let d = get(&http, &gw, &token, detail_path).await;
+            (d["ups_identity"]["mismatch"] == true).then_some(())
+        },
+    )
+    .await;
+    let metrics = scrape(&gw).await;
+    assert_eq!(
+        metrics.get("tms_devices_identity_mismatch").copied(),
+        Some(1.0)
+    );
+    publish(
+        &client,
+        "RE4A002200",
+        "info",
+        r#"{"system_name": "1600XP 18kVA 160300007"}"#,
+    )
+    .await;
+    wait_for("identity confirmed", Duration::from_secs(2), || async {
+        let d = get(&http, &gw, &token, detail_path).await;
+        (d["ups_identity"]["mismatch"] == false).then_some(())
+    })
+    .await;
+
+    // Location sources: operator, then device; the device's own wins and both are kept.
+    let resp = http
+        .put(gw.url("/api/v1/devices/RE4A002200/location"))
+        .bearer_auth(&token)
+        .json(&json!({"lat": 10.0, "lon": 20.0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    publish(
+        &client,
+        "RE4A002200",
+        "location",
+        r#"{"lat": 29.76, "lon": -95.37, "accuracy_m": 8}"#,
+    )
+    .await;
+    let d = wait_for("device location wins", Duration::from_secs(2), || async {
+        let d = get(&http, &gw, &token, detail_path).await;
+        (d["location"]["source"] == "device").then_some(d)
+    })
+    .await;
+    assert_eq!(d["locations"].as_array().unwrap().len(), 2);
+    http.put(gw.url("/api/v1/devices/RE4A002200/location"))
+        .bearer_auth(&token)
+        .json(&json!({"lat": 11.0, "lon": 21.0}))
+        .send()
+        .await
+        .unwrap();
+    let d = get(&http, &gw, &token, detail_path).await;
+    assert_eq!(
+        d["location"]["source"], "device",
+        "a later operator location does not override the device's own"
+    );
+    let map = get(&http, &gw, &token, "/api/v1/locations").await;
+    assert_eq!(
+        map["features"][0]["geometry"]["coordinates"],
+        json!([-95.37, 29.76])
+    );
+
+    // Availability: the session so far covers part of the last 24 h.
+    let a = get(
+        &http,
+        &gw,
+        &token,
+        "/api/v1/devices/RE4A002200/availability?window=24h",
+    )
+    .await;
+    assert_eq!(a["sessions"].as_array().unwrap().len(), 1, "{a}");
+    assert!(a["uptime_pct"].as_f64().unwrap() > 0.0, "{a}");
+    let bad = http
+        .get(gw.url("/api/v1/devices/RE4A002200/availability?window=1y"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 422);
+}
