@@ -1,11 +1,7 @@
 //! End-to-end tests of the gateway core through the real binary (and, where a test must
 //! reach inside, the same `App` in-process): real TLS, rumqttc and mosquitto_pub clients.
 
-#![expect(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test helpers fail the test loudly"
-)]
+#![expect(clippy::unwrap_used, reason = "test helpers fail the test loudly")]
 
 mod support;
 
@@ -16,41 +12,7 @@ use support::*;
 use time::OffsetDateTime;
 use tms_certs::{Ca, DeviceKey};
 use tms_model::{ConnState, DeviceSerial};
-use tms_store::{DeviceStatus, Store};
-
-async fn status(store: &Store, serial: &str) -> DeviceStatus {
-    store
-        .device(serial)
-        .await
-        .unwrap()
-        .expect("device registered")
-        .status
-}
-
-async fn wait_state(
-    store: &Store,
-    serial: &str,
-    state: ConnState,
-    within: Duration,
-) -> DeviceStatus {
-    wait_for(&format!("{serial} {state}"), within, || async {
-        let s = status(store, serial).await;
-        (s.state == state).then_some(s)
-    })
-    .await
-}
-
-async fn wait_refusal(store: &Store, serial: &str, reason: &str) -> DeviceStatus {
-    wait_for(
-        &format!("{serial} refused with {reason}"),
-        Duration::from_secs(5),
-        || async {
-            let s = status(store, serial).await;
-            (s.last_connect_error.as_deref() == Some(reason)).then_some(s)
-        },
-    )
-    .await
-}
+use tms_store::Store;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn device_connects_publishes_and_is_online_within_a_second() {

@@ -1,44 +1,18 @@
 //! Certificate lifecycle end to end: revocation in under a second, rotation with overlap,
 //! validity and lease refusals with their reasons, retry storms, server certificate renewal.
 
-#![expect(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test helpers fail the test loudly"
-)]
+#![expect(clippy::unwrap_used, reason = "test helpers fail the test loudly")]
 
 mod support;
 
 use std::time::{Duration, Instant};
 
 use rumqttc::{ConnectReturnCode, Event, Packet, QoS};
-use serde_json::{Value, json};
+use serde_json::Value;
 use support::*;
 use time::OffsetDateTime;
 use tms_certs::{Ca, DeviceKey};
 use tms_model::{ConnState, DeviceSerial};
-use tms_store::{DeviceStatus, Store};
-
-async fn status(store: &Store, serial: &str) -> DeviceStatus {
-    store
-        .device(serial)
-        .await
-        .unwrap()
-        .expect("device registered")
-        .status
-}
-
-async fn wait_refusal(store: &Store, serial: &str, reason: &str) -> DeviceStatus {
-    wait_for(
-        &format!("{serial} refused with {reason}"),
-        Duration::from_secs(10),
-        || async {
-            let s = status(store, serial).await;
-            (s.last_connect_error.as_deref() == Some(reason)).then_some(s)
-        },
-    )
-    .await
-}
 
 /// Writes a certificate made with an injected clock and returns its files.
 fn files_from(
@@ -62,31 +36,6 @@ fn files_from(
         pem: dir.join("d.pem"),
         ca: dir.join("ca.pem"),
     }
-}
-
-async fn admin_token(gw: &TestGateway) -> String {
-    gw.cli_stdin(
-        &[
-            "user",
-            "add",
-            "--email",
-            "admin@example.com",
-            "--role",
-            "admin",
-            "--password-stdin",
-        ],
-        "admin-password-1\n",
-    );
-    let resp: Value = reqwest::Client::new()
-        .post(gw.url("/api/v1/auth/login"))
-        .json(&json!({"email": "admin@example.com", "password": "admin-password-1"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    resp["token"].as_str().unwrap().to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,11 +1,7 @@
 //! Presence and location end to end: takeovers, keep-alive timeouts, data freshness,
 //! availability history, location sources, and the UPS identity check.
 
-#![expect(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test helpers fail the test loudly"
-)]
+#![expect(clippy::unwrap_used, reason = "test helpers fail the test loudly")]
 
 mod support;
 
@@ -16,42 +12,6 @@ use rumqttc::ConnectReturnCode;
 use serde_json::{Value, json};
 use support::*;
 use tms_model::ConnState;
-use tms_store::{DeviceStatus, Store};
-
-async fn status(store: &Store, serial: &str) -> DeviceStatus {
-    store
-        .device(serial)
-        .await
-        .unwrap()
-        .expect("device registered")
-        .status
-}
-
-async fn admin(gw: &TestGateway) -> (reqwest::Client, String) {
-    gw.cli_stdin(
-        &[
-            "user",
-            "add",
-            "--email",
-            "admin@example.com",
-            "--role",
-            "admin",
-            "--password-stdin",
-        ],
-        "admin-password-1\n",
-    );
-    let http = reqwest::Client::new();
-    let resp: Value = http
-        .post(gw.url("/api/v1/auth/login"))
-        .json(&json!({"email": "admin@example.com", "password": "admin-password-1"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    (http, resp["token"].as_str().unwrap().to_owned())
-}
 
 async fn get(http: &reqwest::Client, gw: &TestGateway, token: &str, path: &str) -> Value {
     http.get(gw.url(path))
@@ -179,7 +139,8 @@ async fn a_device_that_stops_answering_is_offline_after_one_and_a_half_keep_aliv
 async fn silence_identity_locations_and_availability_over_the_api() {
     let gw = TestGateway::start_with(&[("TMS_PRESENCE_SILENT_AFTER_INTERVALS", "2")]).await;
     let files = gw.provision("RE4A002200", "00:1B:2C:3D:50:20");
-    let (http, token) = admin(&gw).await;
+    let http = reqwest::Client::new();
+    let token = admin_token(&gw).await;
     let (client, mut el) = device_client(&gw, &files);
     assert_eq!(connack(&mut el).await, Ok(ConnectReturnCode::Success));
     let _driver = drive(el);

@@ -433,3 +433,65 @@ pub async fn tls_probe(gw: &TestGateway, tls: Arc<rustls::ClientConfig>) -> Resu
     let der = stream.get_ref().1.peer_certificates().unwrap()[0].clone();
     Ok(tms_certs::fingerprint_sha256(&der))
 }
+
+/// The device's current status in the store.
+pub async fn status(store: &Store, serial: &str) -> tms_store::DeviceStatus {
+    store
+        .device(serial)
+        .await
+        .unwrap()
+        .expect("device registered")
+        .status
+}
+
+pub async fn wait_state(
+    store: &Store,
+    serial: &str,
+    state: tms_model::ConnState,
+    within: Duration,
+) -> tms_store::DeviceStatus {
+    wait_for(&format!("{serial} {state}"), within, || async {
+        let s = status(store, serial).await;
+        (s.state == state).then_some(s)
+    })
+    .await
+}
+
+/// Waits until the device's last refused attempt has `reason`.
+pub async fn wait_refusal(store: &Store, serial: &str, reason: &str) -> tms_store::DeviceStatus {
+    wait_for(
+        &format!("{serial} refused with {reason}"),
+        Duration::from_secs(10),
+        || async {
+            let s = status(store, serial).await;
+            (s.last_connect_error.as_deref() == Some(reason)).then_some(s)
+        },
+    )
+    .await
+}
+
+/// Creates an admin through the CLI and logs in; returns the bearer token.
+pub async fn admin_token(gw: &TestGateway) -> String {
+    gw.cli_stdin(
+        &[
+            "user",
+            "add",
+            "--email",
+            "admin@example.com",
+            "--role",
+            "admin",
+            "--password-stdin",
+        ],
+        "admin-password-1\n",
+    );
+    let resp: serde_json::Value = reqwest::Client::new()
+        .post(gw.url("/api/v1/auth/login"))
+        .json(&serde_json::json!({"email": "admin@example.com", "password": "admin-password-1"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    resp["token"].as_str().unwrap().to_owned()
+}

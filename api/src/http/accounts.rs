@@ -103,6 +103,14 @@ fn dummy_hash() -> &'static str {
     HASH.get_or_init(|| hash_password("not a real password").unwrap_or_default())
 }
 
+/// argon2id off the async executor.
+pub(crate) async fn hash(password: String) -> Result<String, ApiError> {
+    tokio::task::spawn_blocking(move || hash_password(&password))
+        .await
+        .map_err(|e| ApiError::internal("password hashing task", &e))?
+        .map_err(|e| ApiError::internal("password hashing", &e))
+}
+
 async fn verify(password: String, hash: String) -> Result<bool, ApiError> {
     tokio::task::spawn_blocking(move || verify_password(&password, &hash))
         .await
@@ -310,10 +318,7 @@ pub(super) async fn change_password(
             "the current password is wrong",
         ));
     }
-    let hash = tokio::task::spawn_blocking(move || hash_password(&new_password))
-        .await
-        .map_err(|e| ApiError::internal("password hashing task", &e))?
-        .map_err(|e| ApiError::internal("password hashing", &e))?;
+    let hash = hash(new_password).await?;
     s.store
         .set_password(
             caller.user.id,

@@ -15,7 +15,7 @@ use tms_store::{
 
 use super::accounts::Caller;
 use super::{ApiError, ApiState};
-use crate::auth::{generate_password, hash_password, new_token};
+use crate::auth::{generate_password, new_token};
 use crate::provisioning::parse_date;
 
 /// Collects field errors while reading a JSON body.
@@ -334,10 +334,7 @@ pub(super) async fn register(
     if let RegistrationUser::New(user) = &mut reg.user {
         let password = generate_password();
         let for_hash = password.clone();
-        user.password_hash = tokio::task::spawn_blocking(move || hash_password(&for_hash))
-            .await
-            .map_err(|e| ApiError::internal("password hashing task", &e))?
-            .map_err(|e| ApiError::internal("password hashing", &e))?;
+        user.password_hash = super::accounts::hash(for_hash).await?;
         let (token, hash) = new_token();
         reg.activation = Some((hash, now + s.activation_ttl.as_millis() as i64));
         let activation = s
