@@ -89,6 +89,10 @@ fn describe() {
         "Device messages by kind and outcome (stored, quarantined)"
     );
     describe_gauge!("tms_devices", "Registered devices by connection state");
+    describe_histogram!(
+        "tms_presence_online_latency_seconds",
+        "From CONNACK to the online status committed in the store"
+    );
     describe_gauge!(
         "tms_devices_identity_mismatch",
         "Devices whose reported System Name names another UPS"

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Status latency with many connected devices: how long after CONNACK a device is visible as
+# online in the store (tms_presence_online_latency_seconds), for 2,000 and 10,000 devices
+# connected by `tms-gateway simulate` against a release build with SQLite.
+#
+# Usage: bench/presence.sh [DEVICES...]     (default: 2000 10000)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ulimit -n 65536
+cargo build --release --locked -p tms-gateway >&2
+BIN=$PWD/target/release/tms-gateway
+for N in "${@:-2000 10000}"; do
+    for n in $N; do
+        WORK=$(mktemp -d)
+        export TMS_DATA_DIR=$WORK TMS_MQTT_LISTEN=127.0.0.1:0 TMS_HTTP_LISTEN=127.0.0.1:0 RUST_LOG=warn
+        export TMS_MQTT_MAX_CONNECTIONS=20000
+        "$BIN" serve 2>"$WORK/serve.log" &
+        GW=$!
+        for _ in $(seq 100); do [ -f "$WORK/ports.json" ] && break; sleep 0.1; done
+        HTTP=$(python3 -c "import json;print(json.load(open('$WORK/ports.json'))['http'])")
+        # Long interval: this measures connects and presence, not message load.
+        "$BIN" simulate --devices "$n" --interval 60 --duration $((n / 200 + 20)) 2>"$WORK/sim.log" >"$WORK/sim.out" || true
+        curl -s "http://$HTTP/metrics" >"$WORK/metrics.txt"
+        kill $GW; wait $GW 2>/dev/null || true
+        python3 - "$n" "$WORK/metrics.txt" "$WORK/sim.out" <<'PY'
+import sys, json, datetime
+n, path, sim = int(sys.argv[1]), sys.argv[2], open(sys.argv[3]).read().strip()
+buckets, count = [], 0
+for line in open(path):
+    if line.startswith("tms_presence_online_latency_seconds_bucket"):
+        le = line.split('le="')[1].split('"')[0]
+        buckets.append((float("inf") if le == "+Inf" else float(le), float(line.split()[-1])))
+    elif line.startswith("tms_presence_online_latency_seconds_count"):
+        count = float(line.split()[-1])
+def quantile(q):
+    target, prev_le, prev_c = q * count, 0.0, 0.0
+    for le, c in sorted(buckets):
+        if c >= target:
+            if le == float("inf"):
+                return prev_le
+            return prev_le + (le - prev_le) * ((target - prev_c) / max(c - prev_c, 1e-9))
+        prev_le, prev_c = le, c
+    return float("nan")
+rec = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+       "devices": n, "connected_sessions_measured": int(count),
+       "online_latency_p50_ms": round(quantile(0.5) * 1000, 1), "online_latency_p99_ms": round(quantile(0.99) * 1000, 1),
+       "simulate": sim}
+open("bench/results/presence.jsonl", "a").write(json.dumps(rec) + "\n")
+print(json.dumps(rec))
+PY
+        rm -rf "$WORK"
+    done
+done
