@@ -6,7 +6,7 @@
 # Usage: bench/presence.sh [DEVICES...]     (default: 2000 10000)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ulimit -n 65536
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true   # one socket per device on each side
 cargo build --release --locked -p tms-gateway >&2
 BIN=$PWD/target/release/tms-gateway
 for N in "${@:-2000 10000}"; do
@@ -48,6 +48,7 @@ rec = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="
 open("bench/results/presence.jsonl", "a").write(json.dumps(rec) + "\n")
 print(json.dumps(rec))
 PY
+        cp "$WORK/serve.log" "/tmp/presence-serve-$n.log" 2>/dev/null || true; cp "$WORK/sim.log" "/tmp/presence-sim-$n.log" 2>/dev/null || true
         rm -rf "$WORK"
     done
 done

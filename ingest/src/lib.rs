@@ -118,6 +118,14 @@ impl Ingest {
                     metrics::histogram!("tms_ingest_commit_duration_seconds")
                         .record(started.elapsed().as_secs_f64());
                     metrics::histogram!("tms_ingest_batch_rows").record(rows as f64);
+                    // How long after CONNACK a device became visible as online in the store.
+                    let committed = tms_model::now_ms();
+                    for event in &batch.status {
+                        if let tms_store::StatusEvent::Connected { at, .. } = event {
+                            metrics::histogram!("tms_presence_online_latency_seconds")
+                                .record((committed - at).max(0) as f64 / 1000.0);
+                        }
+                    }
                     metrics::counter!("tms_ingest_rows_written_total").increment(rows as u64);
                     metrics::counter!("tms_ingest_refusal_writes_total")
                         .increment(refusal_rows as u64);
