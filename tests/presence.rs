@@ -261,3 +261,37 @@ async fn silence_identity_locations_and_availability_over_the_api() {
         .unwrap();
     assert_eq!(bad.status(), 422);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mqtt5_client_is_told_the_keep_alive_the_gateway_enforces() {
+    use rumqttc::v5::mqttbytes::v5::Packet as P5;
+    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+    let gw = TestGateway::start().await;
+    let files = gw.provision("RE4A002300", "00:1B:2C:3D:50:30");
+    let mut opts = MqttOptions::new("RE4A002300", "localhost", gw.mqtt_port());
+    opts.set_keep_alive(Duration::from_secs(7200)); // above the gateway's 3600 s maximum
+    opts.set_transport(rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Rustls(
+        client_tls(&files.ca, Some((&files.pem, &files.key))),
+    )));
+    let (_client, mut el) = AsyncClient::new(opts, 10);
+    let ack = loop {
+        match tokio::time::timeout(Duration::from_secs(10), el.poll())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            Event::Incoming(P5::ConnAck(ack)) => break ack,
+            _ => continue,
+        }
+    };
+    assert_eq!(ack.properties.and_then(|p| p.server_keep_alive), Some(3600));
+    let store = gw.store().await;
+    let s = wait_state(
+        &store,
+        "RE4A002300",
+        ConnState::Online,
+        Duration::from_secs(2),
+    )
+    .await;
+    assert_eq!(s.keep_alive_secs, Some(3600));
+}

@@ -186,7 +186,21 @@ pub(crate) async fn run(
             return;
         }
     };
-    if let Some(p) = Option::<Packet>::from(connack)
+    let keep_alive = match connect.keep_alive {
+        0 => KEEPALIVE_WHEN_ZERO,
+        k => k.min(KEEPALIVE_MAX),
+    };
+    let connack = Option::<Packet>::from(connack).map(|p| match p {
+        // MQTT 5 lets the server say which keep-alive it enforces: tell a client whose
+        // keep-alive was clamped, so it pings often enough.
+        Packet::ConnAck(ack, props) if codec.is_v5() && keep_alive != connect.keep_alive => {
+            let mut props = props.unwrap_or_default();
+            props.server_keep_alive = Some(keep_alive);
+            Packet::ConnAck(ack, Some(props))
+        }
+        other => other,
+    });
+    if let Some(p) = connack
         && codec.write(p, &mut wbuf).is_ok()
         && write_out(&mut stream, &mut wbuf).await.is_err()
     {
@@ -194,10 +208,6 @@ pub(crate) async fn run(
         return;
     }
 
-    let keep_alive = match connect.keep_alive {
-        0 => KEEPALIVE_WHEN_ZERO,
-        k => k.min(KEEPALIVE_MAX),
-    };
     let idle_limit = broker
         .settings()
         .offline_after
