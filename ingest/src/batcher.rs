@@ -129,7 +129,7 @@ impl Batcher {
         let at = m.received_at_ms;
         self.seen.insert((serial.clone(), m.session_id.clone()), at);
         let outcome = match m.kind {
-            TopicKind::Telemetry => parse_telemetry(&m.payload).map(|(summary, map)| {
+            TopicKind::Telemetry => parse_telemetry(&m.payload).map(|(summary, _)| {
                 let fresh = self.fresh.entry(serial.clone()).or_insert((at, at, 0));
                 fresh.1 = at;
                 fresh.2 += 1;
@@ -140,7 +140,8 @@ impl Batcher {
                     mode: summary.mode,
                     load_pct: summary.load_pct,
                     battery_charge_pct: summary.battery_charge_pct,
-                    payload: serde_json::Value::Object(map).to_string(),
+                    // Validated as a JSON object; stored exactly as the device sent it.
+                    payload: String::from_utf8_lossy(&m.payload).into_owned(),
                 });
             }),
             TopicKind::Location => parse_location(&m.payload).map(|l| {
