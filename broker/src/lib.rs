@@ -43,8 +43,6 @@ pub enum BrokerError {
     Tls(#[source] rustls::Error),
     #[error("building the client certificate verifier: {0}")]
     Verifier(String),
-    #[error("creating the in-process router link")]
-    Link(#[source] Box<LinkError>),
     #[error("accepting connections on {addr}")]
     Accept {
         addr: SocketAddr,
@@ -87,23 +85,6 @@ pub enum RefusalReason {
 }
 
 impl RefusalReason {
-    pub const ALL: [RefusalReason; 14] = [
-        Self::NoClientCertificate,
-        Self::UnknownCa,
-        Self::Expired,
-        Self::NotYetValid,
-        Self::Revoked,
-        Self::InvalidCertificate,
-        Self::InvalidIdentity,
-        Self::ClientIdMismatch,
-        Self::AclDenied,
-        Self::ProtocolError,
-        Self::HandshakeTimeout,
-        Self::TlsError,
-        Self::ConnectionLimit,
-        Self::Superseded,
-    ];
-
     pub fn as_str(self) -> &'static str {
         match self {
             Self::NoClientCertificate => "no_client_certificate",
@@ -230,20 +211,13 @@ pub struct Broker {
     tls: ArcSwap<ServerConfig>,
     events: mpsc::Sender<BrokerEvent>,
     make_link: MakeLink,
-    /// Publishes downlink messages (commands) into the router.
-    internal: Mutex<LinkTx>,
-    _internal_rx: Mutex<LinkRx>,
     sessions: Mutex<HashMap<DeviceSerial, Arc<SessionControl>>>,
     next_session: AtomicU64,
     permits: Arc<Semaphore>,
 }
 
-/// Client id of the broker's own router link; `:` cannot appear in a device serial (and
-/// rumqttd refuses `$`, `+`, `#` and `/`).
-const INTERNAL_CLIENT_ID: &str = "tms:internal";
-
 impl Broker {
-    /// Starts rumqttd's router thread and the broker's own link to it.
+    /// Starts rumqttd's router thread.
     pub fn new(
         settings: BrokerSettings,
         tls: Arc<ServerConfig>,
@@ -259,7 +233,7 @@ impl Broker {
                 max_segment_size: 256 * 1024,
                 max_segment_count: 4,
                 custom_segment: None,
-                initialized_filters: Some(vec!["tms/+/cmd/#".to_owned()]),
+                initialized_filters: None,
                 shared_subscriptions_strategy: Default::default(),
             },
         );
@@ -267,23 +241,15 @@ impl Broker {
         let make_link: MakeLink = Box::new(move |req: LinkRequest| {
             LinkBuilder::new(&req.client_id, router_tx.clone())
                 .clean_session(req.clean_session)
-                .dynamic_filters(req.client_id == INTERNAL_CLIENT_ID)
                 .build()
                 .map_err(Box::new)
         });
-        let (internal, internal_rx, _) = make_link(LinkRequest {
-            client_id: INTERNAL_CLIENT_ID.into(),
-            clean_session: true,
-        })
-        .map_err(BrokerError::Link)?;
         let permits = Arc::new(Semaphore::new(settings.max_connections));
         Ok(Arc::new(Broker {
             settings,
             tls: ArcSwap::new(tls),
             events,
             make_link,
-            internal: Mutex::new(internal),
-            _internal_rx: Mutex::new(internal_rx),
             sessions: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
             permits,
@@ -378,19 +344,6 @@ impl Broker {
             closed += 1;
         }
         closed
-    }
-
-    /// Number of devices connected right now.
-    pub fn live_sessions(&self) -> usize {
-        self.sessions.lock().map(|s| s.len()).unwrap_or(0)
-    }
-
-    /// Publishes a downlink message (QoS 0) to subscribers such as `tms/<serial>/cmd/#`.
-    pub fn publish(&self, topic: String, payload: Bytes) -> bool {
-        match self.internal.lock() {
-            Ok(mut link) => link.try_publish(topic, payload).is_ok(),
-            Err(_) => false,
-        }
     }
 
     pub(crate) fn settings(&self) -> &BrokerSettings {

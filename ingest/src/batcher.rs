@@ -129,7 +129,7 @@ impl Batcher {
         let at = m.received_at_ms;
         self.seen.insert((serial.clone(), m.session_id.clone()), at);
         let outcome = match m.kind {
-            TopicKind::Telemetry => parse_telemetry(&m.payload).map(|(summary, _)| {
+            TopicKind::Telemetry => parse_telemetry(&m.payload).map(|summary| {
                 let fresh = self.fresh.entry(serial.clone()).or_insert((at, at, 0));
                 fresh.1 = at;
                 fresh.2 += 1;
@@ -278,12 +278,20 @@ mod tests {
     fn malformed_payloads_are_quarantined_and_good_ones_stored() {
         let mut b = Batcher::new("n1".into());
         b.add(msg(TopicKind::Telemetry, "{broken", 1));
-        b.add(msg(TopicKind::Telemetry, r#"{"load_pct": 12}"#, 2));
+        b.add(msg(
+            TopicKind::Telemetry,
+            r#"{"load_pct": 12, "vendor_x": 1}"#,
+            2,
+        ));
         b.add(msg(TopicKind::Location, r#"{"lat": 10, "lon": 20}"#, 3));
         b.add(msg(TopicKind::Status, "offline", 4));
         let batch = b.take(Instant::now(), false);
         assert_eq!(batch.quarantine.len(), 1);
         assert_eq!(batch.telemetry.len(), 1);
+        assert_eq!(
+            batch.telemetry[0].payload, r#"{"load_pct": 12, "vendor_x": 1}"#,
+            "kept as sent, unknown fields too"
+        );
         assert_eq!(
             batch.telemetry[0].ts, 2,
             "no ts in the payload: receive time"

@@ -75,8 +75,8 @@ fn sub_object<'a>(
 }
 
 /// Validates a telemetry object: every field optional, known fields must have their types,
-/// unknown fields are kept.
-pub fn parse_telemetry(payload: &[u8]) -> Result<(TelemetrySummary, Map<String, Value>), String> {
+/// unknown fields are allowed (the payload is stored as sent).
+pub fn parse_telemetry(payload: &[u8]) -> Result<TelemetrySummary, String> {
     let map = object(payload)?;
     let ts = match map.get("ts") {
         None | Some(Value::Null) => None,
@@ -118,15 +118,12 @@ pub fn parse_telemetry(payload: &[u8]) -> Result<(TelemetrySummary, Map<String, 
         Some(Value::Array(items)) if items.iter().all(Value::is_string) => {}
         Some(_) => return Err("alarms must be an array of strings".into()),
     }
-    Ok((
-        TelemetrySummary {
-            ts,
-            mode,
-            load_pct,
-            battery_charge_pct,
-        },
-        map,
-    ))
+    Ok(TelemetrySummary {
+        ts,
+        mode,
+        load_pct,
+        battery_charge_pct,
+    })
 }
 
 /// Validates a location: `lat` in -90..90 and `lon` in -180..180 required, `accuracy_m` ≥ 0.
@@ -162,17 +159,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn telemetry_keeps_unknown_fields_and_names_bad_ones() {
-        let (s, map) = parse_telemetry(
+    fn telemetry_accepts_unknown_fields_and_names_bad_ones() {
+        let s = parse_telemetry(
             br#"{"ts":"2026-11-28T10:00:00Z","mode":"on_battery","load_pct":41.5,"battery":{"charge_pct":97},"vendor_x":1}"#,
         )
         .unwrap();
         assert_eq!(s.ts, Some(1_795_860_000_000));
         assert_eq!(s.mode.as_deref(), Some("on_battery"));
         assert_eq!((s.load_pct, s.battery_charge_pct), (Some(41.5), Some(97.0)));
-        assert!(map.contains_key("vendor_x"));
         assert_eq!(
-            parse_telemetry(br#"{"ts":1700000000123}"#).unwrap().0.ts,
+            parse_telemetry(br#"{"ts":1700000000123}"#).unwrap().ts,
             Some(1_700_000_000_123)
         );
         assert!(parse_telemetry(b"{}").is_ok());
