@@ -109,10 +109,12 @@ impl Store {
         Ok(done.rows_affected())
     }
 
-    /// Revoked certificates with the reason: `(serial_number, revoked_at, reason)`.
+    /// Revoked certificates with the reason, oldest revocation first:
+    /// `(serial_number, revoked_at, reason)`. Feeds both the broker's revoked set and the CRL.
     pub async fn revocations(&self) -> Result<Vec<(String, i64, Option<String>)>> {
         let rows = sqlx::query(
-            "SELECT serial_number, revoked_at, revocation_reason FROM certificates WHERE revoked_at IS NOT NULL",
+            "SELECT serial_number, revoked_at, revocation_reason FROM certificates WHERE revoked_at IS NOT NULL \
+             ORDER BY revoked_at, serial_number",
         )
         .fetch_all(self.pool())
         .await
@@ -127,20 +129,6 @@ impl Store {
             })
             .collect::<Result<_, sqlx::Error>>()
             .map_err(query_err("listing revocations"))
-    }
-
-    /// All revoked certificates: `(serial_number, revoked_at)`, oldest revocation first.
-    pub async fn revoked_certificates(&self) -> Result<Vec<(String, i64)>> {
-        let rows = sqlx::query(
-            "SELECT serial_number, revoked_at FROM certificates WHERE revoked_at IS NOT NULL ORDER BY revoked_at, serial_number",
-        )
-        .fetch_all(self.pool())
-        .await
-        .map_err(query_err("listing revoked certificates"))?;
-        rows.iter()
-            .map(|r| Ok((r.try_get("serial_number")?, r.try_get("revoked_at")?)))
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(query_err("listing revoked certificates"))
     }
 
     /// A cheap fingerprint of the revocation list: `(count, newest revocation time)`. Pollers

@@ -320,7 +320,7 @@ async fn certificates_and_accounts() {
                 .unwrap()
                 .is_empty()
         );
-        assert_eq!(store.revoked_certificates().await.unwrap().len(), 2);
+        assert_eq!(store.revocations().await.unwrap().len(), 2);
 
         let user = NewUser {
             email: "Ops@Example.com".into(),

@@ -44,10 +44,10 @@ pub(super) async fn ca_pem(State(s): State<ApiState>) -> Response {
 pub(super) async fn crl_pem(State(s): State<ApiState>) -> Result<Response, ApiError> {
     let revoked: Vec<Revoked> = s
         .store
-        .revoked_certificates()
+        .revocations()
         .await?
         .into_iter()
-        .map(|(serial_number, at)| Revoked {
+        .map(|(serial_number, at, _)| Revoked {
             serial_number,
             revoked_at: OffsetDateTime::from_unix_timestamp(at / 1000)
                 .unwrap_or(OffsetDateTime::UNIX_EPOCH),
