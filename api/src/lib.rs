@@ -10,6 +10,8 @@ pub mod monitoring;
 pub mod provisioning;
 pub mod views;
 
+mod web;
+
 mod http;
 
 pub use http::{ApiState, router};

@@ -83,6 +83,9 @@ pub struct Http {
     pub listen: SocketAddr,
     /// Base of links in emails; `None` means "derived from the bound HTTP address".
     pub public_url: Option<String>,
+    /// Base-map tiles for the web map (`https://tiles.example/{z}/{x}/{y}.png`); `None` means
+    /// the country outlines shipped in the binary, which need no network.
+    pub map_tile_url: Option<String>,
 }
 
 #[derive(Clone, PartialEq)]
@@ -177,6 +180,7 @@ const KEYS: &[(&str, &str)] = &[
     ("mqtt", "max_packet_bytes"),
     ("http", "listen"),
     ("http", "public_url"),
+    ("http", "map_tile_url"),
     ("mail", "outbox_dir"),
     ("mail", "smtp_url"),
     ("mail", "from"),
@@ -490,6 +494,20 @@ fn build(b: &mut Builder) -> Config {
         }
     });
 
+    let map_tile_url = b.string("http.map_tile_url").and_then(|u| {
+        let web = u.starts_with("http://") || u.starts_with("https://");
+        if web && ["{z}", "{x}", "{y}"].iter().all(|p| u.contains(p)) {
+            Some(u)
+        } else {
+            b.fail(
+                "http.map_tile_url",
+                u,
+                "expected an http:// or https:// URL with {z}, {x} and {y}",
+            );
+            None
+        }
+    });
+
     let outbox_dir = b
         .string("mail.outbox_dir")
         .map(PathBuf::from)
@@ -562,6 +580,7 @@ fn build(b: &mut Builder) -> Config {
         http: Http {
             listen: http_listen,
             public_url,
+            map_tile_url,
         },
         mail: Mail {
             outbox_dir,
@@ -637,6 +656,7 @@ mod tests {
             &env(&[
                 ("TMS_HTTP_LISTEN", "8080"),
                 ("TMS_DATABASE_URL", "mysql://u:pw@h/db"),
+                ("TMS_HTTP_MAP_TILE_URL", "https://tiles.example/{z}/{x}.png"),
             ]),
         )
         .unwrap_err();
@@ -651,12 +671,25 @@ mod tests {
             "mqtt.colour",
             "http.listen",
             "database.url",
+            "http.map_tile_url",
         ] {
             assert!(keys.contains(&key), "{key} not reported in {keys:?}");
         }
         let shown = ConfigError::Invalid(errors).to_string();
         assert!(shown.contains("mqtt.listen = \"nowhere\""), "{shown}");
         assert!(!shown.contains("pw@"), "password leaked: {shown}");
+    }
+
+    #[test]
+    fn map_tile_url_needs_z_x_and_y() {
+        let ok = "https://tiles.example/{z}/{x}/{y}.png";
+        let c = Config::from_sources(None, &env(&[("TMS_HTTP_MAP_TILE_URL", ok)])).unwrap();
+        assert_eq!(c.http.map_tile_url.as_deref(), Some(ok));
+        let c = Config::from_sources(None, &HashMap::new()).unwrap();
+        assert_eq!(
+            c.http.map_tile_url, None,
+            "no tile server: the built-in outlines"
+        );
     }
 
     #[test]

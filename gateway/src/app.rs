@@ -231,6 +231,13 @@ impl App {
             revocations_changed: revocations_changed.clone(),
             token_ttl: TOKEN_TTL,
             activation_ttl: ACTIVATION_TTL,
+            map_tile_url: config.http.map_tile_url.clone(),
+            mqtt_host: config
+                .mqtt
+                .hostnames
+                .first()
+                .cloned()
+                .unwrap_or_else(|| "localhost".to_owned()),
         });
         let http_stop = stop.clone();
         let mut http_task: JoinHandle<std::io::Result<()>> = tokio::spawn(async move {

@@ -65,6 +65,13 @@ impl ApiError {
         }
     }
 
+    /// Names the request field the error is about (`error.fields`), so a form can show the
+    /// message next to it.
+    pub(crate) fn on_field(mut self, key: &str) -> Self {
+        self.fields.insert(key.to_owned(), self.message.clone());
+        self
+    }
+
     pub(crate) fn internal(context: &str, e: &dyn std::error::Error) -> Self {
         // Logged in full; the caller learns only that it failed.
         tracing::error!(error = %e, source = ?e.source(), "{context}");

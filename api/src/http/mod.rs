@@ -36,6 +36,10 @@ pub struct ApiState {
     pub revocations_changed: Arc<Notify>,
     pub token_ttl: Duration,
     pub activation_ttl: Duration,
+    /// Base-map tile URL for the web map; `None`: the built-in country outlines.
+    pub map_tile_url: Option<String>,
+    /// The MQTT host name devices are told to connect to (the first of `mqtt.hostnames`).
+    pub mqtt_host: String,
 }
 
 /// Who may call a route (documented in the OpenAPI document; enforced by the extractors).
@@ -260,6 +264,7 @@ pub fn router(state: ApiState) -> Router {
     router
         .route("/api/v1/openapi.json", get(openapi::document))
         .route("/metrics", get(public::metrics))
+        .merge(crate::web::routes())
         .fallback(public::not_found)
         .layer(axum::middleware::from_fn(crate::monitoring::track_http))
         .with_state(state)

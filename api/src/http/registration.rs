@@ -370,6 +370,16 @@ pub(super) async fn register(
                 "the existing user belongs to another company".to_owned(),
             )])));
         }
+        Err(StoreError::Conflict { what }) => {
+            let err = ApiError::from(StoreError::Conflict { what });
+            return Err(match what {
+                "device serial" => err.on_field("device.serial"),
+                "device MAC" => err.on_field("device.mac"),
+                "company name" => err.on_field("company.new.name"),
+                "account email" => err.on_field("user.new.email"),
+                _ => err,
+            });
+        }
         Err(e) => return Err(e.into()),
     };
     if let Some((lat, lon)) = location {
