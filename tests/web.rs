@@ -25,14 +25,36 @@ fn screenshots_dir() -> PathBuf {
     target.join("screenshots")
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn seed_workflow_in_a_real_browser() {
+/// Runs one script of tests/browser with `env`; panics with its output and the gateway's log
+/// when it fails.
+fn browser_script(gw: &TestGateway, script: &str, env: &[(&str, String)]) {
     let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
     assert!(
         Path::new(&chromium).exists()
             && browser_dir().join("node_modules/playwright-core").exists(),
         "the browser tests need {chromium} and tests/browser/node_modules: run scripts/test, which installs them"
     );
+    let out = Command::new("node")
+        .arg(browser_dir().join(script))
+        .current_dir(browser_dir())
+        .env("CHROMIUM", &chromium)
+        .env("BASE_URL", gw.url(""))
+        .env("SCREENSHOTS", screenshots_dir())
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .unwrap_or_else(|e| panic!("node does not run ({e}): scripts/test installs Node.js"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "{script} failed:\n{stdout}\n{}\n--- gateway log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        gw.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn seed_workflow_in_a_real_browser() {
     let gw = TestGateway::start().await;
     gw.cli_stdin(
         &[
@@ -47,26 +69,16 @@ async fn seed_workflow_in_a_real_browser() {
         "provider-password-1\n",
     );
     let work = tempfile::tempdir().unwrap();
-    let out = Command::new("node")
-        .arg(browser_dir().join("seed.mjs"))
-        .current_dir(browser_dir())
-        .env("CHROMIUM", &chromium)
-        .env("BASE_URL", gw.url(""))
-        .env("MQTT_PORT", gw.mqtt_port().to_string())
-        .env("OUTBOX", gw.data_dir().join("outbox"))
-        .env("PROVIDER_EMAIL", "provider@example.com")
-        .env("PROVIDER_PASSWORD", "provider-password-1")
-        .env("SCREENSHOTS", screenshots_dir())
-        .env("WORK", work.path())
-        .output()
-        .expect("node runs (scripts/test installs Node.js)");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    println!("{stdout}");
-    assert!(
-        out.status.success(),
-        "browser test failed:\n{stdout}\n{stderr}\n--- gateway log:\n{}",
-        gw.log()
+    browser_script(
+        &gw,
+        "seed.mjs",
+        &[
+            ("MQTT_PORT", gw.mqtt_port().to_string()),
+            ("OUTBOX", gw.data_dir().join("outbox").display().to_string()),
+            ("PROVIDER_EMAIL", "provider@example.com".into()),
+            ("PROVIDER_PASSWORD", "provider-password-1".into()),
+            ("WORK", work.path().display().to_string()),
+        ],
     );
 
     // The store agrees with what the pages showed.
@@ -94,6 +106,84 @@ async fn seed_workflow_in_a_real_browser() {
         assert!(
             std::fs::metadata(&png).is_ok_and(|m| m.len() > 10_000),
             "{png:?}"
+        );
+    }
+}
+
+/// A 1×1 grey PNG: what our stand-in tile server answers for every tile.
+const TILE_PNG: &[u8] = &[
+    0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a, 0x00, 0x00, 0x00, 0x0d, 0x49, 0x48, 0x44, 0x52,
+    0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x01, 0x08, 0x04, 0x00, 0x00, 0x00, 0xb5, 0x1c, 0x0c,
+    0x02, 0x00, 0x00, 0x00, 0x0b, 0x49, 0x44, 0x41, 0x54, 0x78, 0xda, 0x63, 0x64, 0x60, 0x00, 0x00,
+    0x00, 0x06, 0x00, 0x02, 0x30, 0x81, 0xd0, 0x2f, 0x00, 0x00, 0x00, 0x00, 0x49, 0x45, 0x4e, 0x44,
+    0xae, 0x42, 0x60, 0x82,
+];
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_map_draws_a_configured_tile_server() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A tile server: answers every GET with the PNG and remembers what was asked.
+    let tiles = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let tile_origin = format!("http://{}", tiles.local_addr().unwrap());
+    let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let log = asked.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = tiles.accept().await {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match socket.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&head);
+                let path = head.split_whitespace().nth(1).unwrap_or("").to_owned();
+                log.lock().unwrap().push(path);
+                let reply = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    TILE_PNG.len()
+                );
+                let _ = socket.write_all(reply.as_bytes()).await;
+                let _ = socket.write_all(TILE_PNG).await;
+            });
+        }
+    });
+    let tile_url = format!("{tile_origin}/tiles/{{z}}/{{x}}/{{y}}.png");
+    let gw = TestGateway::start_with(&[("TMS_HTTP_MAP_TILE_URL", tile_url.as_str())]).await;
+    let token = admin_token(&gw).await;
+    gw.provision("RE4A000777", "00:1B:2C:3D:4E:77");
+    let put = reqwest::Client::new()
+        .put(gw.url("/api/v1/devices/RE4A000777/location"))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({"lat": 52.52, "lon": 13.405}))
+        .send()
+        .await
+        .unwrap();
+    assert!(put.status().is_success(), "{}", put.status());
+
+    browser_script(
+        &gw,
+        "tiles.mjs",
+        &[
+            ("TOKEN", token),
+            ("SERIAL", "RE4A000777".into()),
+            ("TILE_ORIGIN", tile_origin),
+        ],
+    );
+    let asked = asked.lock().unwrap().clone();
+    assert!(!asked.is_empty());
+    for path in &asked {
+        let parts: Vec<&str> = path
+            .trim_start_matches("/tiles/")
+            .trim_end_matches(".png")
+            .split('/')
+            .collect();
+        assert!(
+            parts.len() == 3 && parts.iter().all(|p| p.parse::<u32>().is_ok()),
+            "tile path {path:?} is /tiles/z/x/y.png"
         );
     }
 }

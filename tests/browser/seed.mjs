@@ -6,58 +6,23 @@
 //
 // Run by tests/web.rs, which starts the gateway and passes: BASE_URL, MQTT_PORT, OUTBOX,
 // PROVIDER_EMAIL, PROVIDER_PASSWORD, SCREENSHOTS, WORK.
-import { chromium } from 'playwright-core';
-import { readFileSync, readdirSync, mkdirSync, existsSync } from 'node:fs';
+import { readFileSync, readdirSync, existsSync } from 'node:fs';
 import { spawn, spawnSync } from 'node:child_process';
-import { createRequire } from 'node:module';
 import { join } from 'node:path';
 import assert from 'node:assert/strict';
+import { accessible, launch, newPage as open, run, shot, step } from './lib.mjs';
 
-const require = createRequire(import.meta.url);
-const AXE = readFileSync(require.resolve('axe-core/axe.min.js'), 'utf8');
 const env = process.env;
 const BASE = env.BASE_URL;
 const SHOTS = env.SCREENSHOTS;
 const WORK = env.WORK;
-mkdirSync(SHOTS, { recursive: true });
 
 const SERIAL = 'RE4A000123';
 const CUSTOMER = 'ana.ruiz@example.com';
 const NEW_PASSWORD = 'correct-horse-battery-9';
-const problems = [];
-const step = (s) => console.log(`-- ${s}`);
 
-const browser = await chromium.launch({
-  executablePath: env.CHROMIUM || '/usr/bin/chromium',
-  args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-});
-
-async function newPage() {
-  const context = await browser.newContext({ viewport: { width: 1280, height: 800 }, acceptDownloads: true });
-  const page = await context.newPage();
-  page.setDefaultTimeout(15000);
-  page.on('pageerror', (e) => problems.push(`page error on ${page.url()}: ${e.message}`));
-  page.on('console', (m) => {
-    // Failed API calls (a 422 we provoke) are logged by Chromium as resource errors; anything
-    // else at error level — a script exception, a Content-Security-Policy refusal — is a bug.
-    if (m.type() === 'error' && !m.text().startsWith('Failed to load resource')) problems.push(`console on ${page.url()}: ${m.text()}`);
-  });
-  return page;
-}
-
-/** axe-core in the page: WCAG 2.1 A/AA and best practices; every violation is a failure. */
-async function accessible(page, name) {
-  await page.evaluate(AXE);
-  const result = await page.evaluate(() => window.axe.run(document, { runOnly: ['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa', 'best-practice'] }));
-  for (const v of result.violations) {
-    problems.push(`axe ${name}: ${v.id} (${v.impact}) ${v.help}: ${v.nodes.map((n) => n.target.join(' ')).slice(0, 3).join(', ')}`);
-  }
-  console.log(`   axe ${name}: ${result.passes.length} rules pass, ${result.violations.length} violations`);
-}
-
-async function shot(page, name) {
-  await page.screenshot({ path: join(SHOTS, `${name}.png`) });
-}
+const browser = await launch();
+const newPage = () => open(browser);
 
 async function signIn(page, email, password) {
   await page.fill('#email', email);
@@ -75,7 +40,7 @@ function mqttArgs(files, clientId) {
 }
 
 let device = null;
-try {
+await run(browser, async () => {
 // ---- 1. the provider signs in and registers customer + company + device ---------------------
 step('provider signs in');
 const provider = await newPage();
@@ -246,15 +211,6 @@ const stranger = await newPage();
 await stranger.goto(`${BASE}/devices/${SERIAL}`);
 await stranger.waitForURL(/\/login\?next=%2Fdevices%2FRE4A000123/);
 
-} catch (err) {
-  problems.push(`failed: ${err.stack || err}`);
-} finally {
-  if (device) device.kill();
-  await browser.close();
-}
-if (problems.length) {
-  console.error(problems.join('\n'));
-  process.exit(1);
-}
+}, () => device && device.kill());
 console.log(`ok: seed workflow passed; screenshots in ${SHOTS}`);
 assert.ok(existsSync(join(SHOTS, '09-device.png')));
