@@ -15,47 +15,12 @@ cd "$(dirname "$0")/.."
 CONNECTS=${1:-400}
 MESSAGES=${2:-50000}
 
-command -v mosquitto >/dev/null || { apt-get update -qq && apt-get install -y -qq mosquitto >/dev/null; }
-command -v mosquitto_pub >/dev/null || { apt-get update -qq && apt-get install -y -qq mosquitto-clients >/dev/null; }
-
-cargo build --release --locked -p tms-gateway >&2
-BIN=$PWD/target/release/tms-gateway
-WORK=$(mktemp -d)
-trap 'kill $GW_PID $MQ_PID 2>/dev/null || true; rm -rf "$WORK"' EXIT
-
-export TMS_DATA_DIR=$WORK/gw TMS_MQTT_LISTEN=127.0.0.1:0 TMS_HTTP_LISTEN=127.0.0.1:0 TMS_MQTT_HOSTNAMES=localhost
-export RUST_LOG=warn
+source bench/lib.sh
 "$BIN" device add --serial BENCH0001 --mac 02:42:00:00:00:01 --company Bench >/dev/null
 "$BIN" device cert BENCH0001 --out "$WORK/dev" >/dev/null
-"$BIN" serve 2>"$WORK/gw.log" &
-GW_PID=$!
-for _ in $(seq 100); do [ -f "$TMS_DATA_DIR/ports.json" ] && break; sleep 0.1; done
-GW_PORT=$(python3 -c "import json,sys;print(json.load(open('$TMS_DATA_DIR/ports.json'))['mqtt'].rsplit(':',1)[1])")
+start_gateway
+start_mosquitto
 
-# Mosquitto with the same CA and server certificate, as close to the gateway's settings as it
-# gets: client certificate required, identity as user name, TCP_NODELAY, no persistence.
-MQ_PORT=$(python3 -c "import socket;s=socket.socket();s.bind(('127.0.0.1',0));print(s.getsockname()[1])")
-cat > "$WORK/mosquitto.conf" <<CONF
-user root
-per_listener_settings false
-persistence false
-max_queued_messages 1000000
-max_inflight_messages 100
-listener $MQ_PORT 127.0.0.1
-cafile $TMS_DATA_DIR/ca/ca.pem
-certfile $TMS_DATA_DIR/server/server.pem
-keyfile $TMS_DATA_DIR/server/server.key
-require_certificate true
-use_identity_as_username true
-set_tcp_nodelay true
-allow_anonymous false
-CONF
-mosquitto -c "$WORK/mosquitto.conf" 2>"$WORK/mq.log" &
-MQ_PID=$!
-sleep 0.5
-
-cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }   # clock ticks
-HZ=$(getconf CLK_TCK)
 TLS=(--cafile "$WORK/dev/ca.pem" --cert "$WORK/dev/BENCH0001.pem" --key "$WORK/dev/BENCH0001.key" -i BENCH0001)
 
 connects() { # port
@@ -76,11 +41,8 @@ measure() { # name pid count command...
     c0=$(cpu "$pid"); t0=$(date +%s.%N)
     "$@"
     # Count the broker's work until it is done with what the client handed over (the
-    # gateway's ingest commits): its CPU time has stopped moving for half a second.
-    local prev=-1 now
-    now=$(cpu "$pid")
-    while [ "$now" != "$prev" ]; do prev=$now; sleep 0.5; now=$(cpu "$pid"); done
-    c1=$now; t1=$(date +%s.%N)
+    # gateway's ingest commits).
+    c1=$(settle "$pid"); t1=$(date +%s.%N)
     python3 -c "print(f'{(($c1-$c0)/$HZ)/$count*1e6:.2f} {$t1-$t0:.2f}')"
 }
 
@@ -108,14 +70,13 @@ print(sqlite3.connect("$TMS_DATA_DIR/tms.db").execute("select count(*) from tele
 PY
 )
 OUT=bench/results/$(date -u +%Y-%m-%d).jsonl
-python3 - "$OUT" "$CONNECTS" "$MESSAGES" "$STORED" "${results[@]}" <<'PY'
+python3 - "$OUT" "$CONNECTS" "$MESSAGES" "$STORED" "$(mosquitto_version)" "${results[@]}" <<'PY'
 import json, sys, platform, subprocess, datetime
-out, connects, messages, stored = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+out, connects, messages, stored, mosq = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 r = {}
-for line in sys.argv[5:]:
+for line in sys.argv[6:]:
     fig, broker, v = line.split()
     r.setdefault(fig, {})[broker] = float(v)
-mosq = subprocess.run(["mosquitto", "-h"], capture_output=True, text=True).stdout.splitlines()[0]
 rec = {
     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     "machine": f"{platform.machine()} {subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores",

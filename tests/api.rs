@@ -923,3 +923,62 @@ async fn customers_are_told_once_when_a_lease_ends_within_30_days() {
     assert!(due.is_empty(), "{due:?}");
     assert_eq!(notice(&gw), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_pages_are_served_with_a_strict_policy_and_no_cookie() {
+    let gw = TestGateway::start().await;
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let root = http.get(gw.url("/")).send().await.unwrap();
+    assert!(root.status().is_redirection());
+    assert_eq!(root.headers()["location"], "/devices");
+    for page in [
+        "/login",
+        "/activate?token=x",
+        "/profile",
+        "/register",
+        "/devices",
+        "/devices/RE4A000123",
+        "/certificates",
+        "/map",
+    ] {
+        let res = http.get(gw.url(page)).send().await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK, "{page}");
+        let h = res.headers().clone();
+        assert!(h["content-type"].to_str().unwrap().starts_with("text/html"));
+        let csp = h["content-security-policy"].to_str().unwrap();
+        assert!(
+            csp.contains("script-src 'self'") && csp.contains("frame-ancestors 'none'"),
+            "{csp}"
+        );
+        assert_eq!(h["referrer-policy"], "no-referrer", "{page}");
+        assert!(h.get("set-cookie").is_none(), "{page} sets a cookie");
+        // A page is a shell: no device data without the API (and its bearer token).
+        let body = res.text().await.unwrap();
+        assert!(body.contains("<main id=\"main\""), "{page}");
+        assert!(body.contains("/assets/app.js?v="), "{page}");
+    }
+    let js = http.get(gw.url("/assets/app.js")).send().await.unwrap();
+    assert_eq!(js.status(), StatusCode::OK);
+    let etag = js.headers()["etag"].clone();
+    let again = http
+        .get(gw.url("/assets/app.js"))
+        .header("if-none-match", etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), StatusCode::NOT_MODIFIED);
+    let map = http
+        .get(gw.url("/assets/countries-110m.json"))
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap();
+    assert_eq!(map["type"], "Topology");
+    let missing = http.get(gw.url("/assets/nope.js")).send().await.unwrap();
+    assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+}

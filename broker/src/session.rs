@@ -166,31 +166,31 @@ pub(crate) async fn run(
     // Registering first closes an older session of the same device as taken over.
     broker.register(&serial, control.clone());
 
-    let request = LinkRequest {
-        client_id: serial.to_string(),
-        clean_session: connect.clean_session,
-    };
-    let link_broker = broker.clone();
-    // `LinkBuilder::build` blocks until the router thread answers.
-    let link = tokio::task::spawn_blocking(move || link_broker.link(request)).await;
-    let (link_tx, link_rx, connack) = match link {
-        Ok(Ok(link)) => link,
-        Ok(Err(e)) => {
-            broker.deregister(&serial, &session_id);
-            tracing::error!(device.serial = %serial, error = %e, "router refused the link");
-            return;
-        }
-        Err(e) => {
-            broker.deregister(&serial, &session_id);
-            tracing::error!(device.serial = %serial, error = %e, "router link task failed");
-            return;
+    // A device's publishes go to ingest, never through the router: the router is needed only
+    // for its subscriptions (tms/<serial>/cmd/#) and a persistent session. So a clean-session
+    // device gets its router link (rumqttd pre-allocates ~225 KB of queues per link) only when
+    // it first subscribes; the CONNACK is ours. A persistent session asks the router at once,
+    // which answers whether the session was present.
+    let (link, connack) = if connect.clean_session {
+        let ack = ConnAck {
+            session_present: false,
+            code: ConnectReturnCode::Success,
+        };
+        (None, Some(Packet::ConnAck(ack, None)))
+    } else {
+        match open_link(&broker, &serial, false).await {
+            Some((tx, rx, connack)) => (Some((tx, rx)), Option::<Packet>::from(connack)),
+            None => {
+                broker.deregister(&serial, &session_id);
+                return;
+            }
         }
     };
     let keep_alive = match connect.keep_alive {
         0 => KEEPALIVE_WHEN_ZERO,
         k => k.min(KEEPALIVE_MAX),
     };
-    let connack = Option::<Packet>::from(connack).map(|p| match p {
+    let connack = connack.map(|p| match p {
         // MQTT 5 lets the server say which keep-alive it enforces: tell a client whose
         // keep-alive was clamped, so it pings often enough.
         Packet::ConnAck(ack, props) if codec.is_v5() && keep_alive != connect.keep_alive => {
@@ -240,8 +240,8 @@ pub(crate) async fn run(
     let reason = session
         .pump(
             &mut stream,
-            link_tx,
-            link_rx,
+            link,
+            connect.clean_session,
             idle_limit,
             &control,
             &shutdown,
@@ -283,6 +283,31 @@ pub(crate) async fn run(
             at_ms: now_ms(),
         })
         .await;
+}
+
+/// Builds the device's router link; `None` (logged) when the router refuses it.
+async fn open_link(
+    broker: &Arc<Broker>,
+    serial: &DeviceSerial,
+    clean_session: bool,
+) -> Option<(LinkTx, LinkRx, Notification)> {
+    let request = LinkRequest {
+        client_id: serial.to_string(),
+        clean_session,
+    };
+    let link_broker = broker.clone();
+    // `LinkBuilder::build` blocks until the router thread answers.
+    match tokio::task::spawn_blocking(move || link_broker.link(request)).await {
+        Ok(Ok(link)) => Some(link),
+        Ok(Err(e)) => {
+            tracing::error!(device.serial = %serial, error = %e, "router refused the link");
+            None
+        }
+        Err(e) => {
+            tracing::error!(device.serial = %serial, error = %e, "router link task failed");
+            None
+        }
+    }
 }
 
 async fn read_connect(
@@ -354,8 +379,8 @@ impl Session<'_> {
     async fn pump(
         &mut self,
         stream: &mut Stream,
-        mut link_tx: LinkTx,
-        mut link_rx: LinkRx,
+        mut link: Option<(LinkTx, LinkRx)>,
+        clean_session: bool,
         idle_limit: Duration,
         control: &SessionControl,
         shutdown: &CancellationToken,
@@ -376,7 +401,16 @@ impl Session<'_> {
                     if write_out(stream, &mut self.wbuf).await.is_err() {
                         break DisconnectReason::ConnectionLost;
                     }
-                    if !to_router.is_empty() {
+                    if !to_router.is_empty() && link.is_none() {
+                        match open_link(self.broker, self.serial, clean_session).await {
+                            // The router's CONNACK is not sent: the device has ours.
+                            Some((tx, rx, _connack)) => link = Some((tx, rx)),
+                            None => return DisconnectReason::ProtocolError,
+                        }
+                    }
+                    if let Some((link_tx, _)) = link.as_mut()
+                        && !to_router.is_empty()
+                    {
                         let last = to_router.pop();
                         link_tx.buffer().extend(to_router.drain(..));
                         if let Some(last) = last
@@ -389,7 +423,13 @@ impl Session<'_> {
                         break reason;
                     }
                 }
-                notification = link_rx.next() => {
+                notification = async {
+                    match link.as_mut() {
+                        Some((_, rx)) => rx.next().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    let Some((_, link_rx)) = link.as_mut() else { continue };
                     match notification {
                         Ok(Some(n)) => {
                             let mut next = Some(n);
@@ -421,7 +461,9 @@ impl Session<'_> {
                 }
             }
         };
-        if reason != DisconnectReason::ClientDisconnect {
+        if reason != DisconnectReason::ClientDisconnect
+            && let Some((link_tx, _)) = link.as_mut()
+        {
             // Tell the router the link is gone so it frees it (and keeps a persistent session).
             let d = Disconnect {
                 reason_code: DisconnectReasonCode::NormalDisconnection,

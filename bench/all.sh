@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The whole benchmark, unattended (about 12 minutes on the 2-core machine after the release
+# build): each harness starts and stops its own gateway and Mosquitto, then the criterion
+# micro-benchmarks. Every figure is appended to bench/results/*.jsonl; BENCHMARKS.md says
+# which targets are met.
+#
+# Usage: bench/all.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+started=$(date +%s)
+step() { echo; echo "=== $* ($(($(date +%s) - started)) s)" >&2; }
+
+step "CPU per connect and per message: bench/run.sh 300 50000"
+bench/run.sh 300 50000
+step "memory per idle connection: bench/idle.sh 5000"
+bench/idle.sh 5000
+step "QoS 1 flood, 50 publishers: bench/flood.sh 50 2000"
+bench/flood.sh 50 2000
+step "latency at 1k and 5k msg/s: bench/latency.sh 10"
+bench/latency.sh 10
+step "micro-benchmarks: cargo bench"
+cargo bench --locked -p tms-certs -p tms-broker -p tms-ingest -p tms-store -- --warm-up-time 1 --measurement-time 3 2>&1 \
+    | grep -E "^[a-z_]+/|time:|thrpt:" | tee "bench/results/criterion-$(date -u +%Y-%m-%d).txt"
+step "done"
