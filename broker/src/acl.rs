@@ -13,6 +13,14 @@ pub enum TopicKind {
 }
 
 impl TopicKind {
+    /// Every kind, in discriminant order (`kind as usize` indexes this).
+    pub const ALL: [TopicKind; 4] = [
+        TopicKind::Telemetry,
+        TopicKind::Location,
+        TopicKind::Info,
+        TopicKind::Status,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             TopicKind::Telemetry => "telemetry",

@@ -28,7 +28,7 @@ use crate::codec::{Codec, connect_protocol_level, publish_qos_pkid};
 use crate::tls::{HandshakeNote, NOTE, classify};
 use crate::{
     Broker, BrokerEvent, DeviceMessage, DisconnectReason, LinkRequest, RefusalReason,
-    SessionControl, acl,
+    SessionControl, TopicKind, acl,
 };
 
 /// Keep-alive 0 ("never time out") would let a dead device look online forever.
@@ -236,6 +236,8 @@ pub(crate) async fn run(
         rbuf,
         wbuf,
         qos2_pending: HashSet::new(),
+        received: TopicKind::ALL
+            .map(|k| metrics::counter!("tms_broker_messages_received_total", "kind" => k.as_str())),
     };
     let reason = session
         .pump(
@@ -367,6 +369,9 @@ struct Session<'a> {
     wbuf: BytesMut,
     /// QoS 2 packet ids received (PUBREC sent) and not yet released.
     qos2_pending: HashSet<u16>,
+    /// `tms_broker_messages_received_total` per kind (`TopicKind as usize`), looked up once
+    /// per session rather than per message.
+    received: [metrics::Counter; 4],
 }
 
 enum Step {
@@ -496,7 +501,7 @@ impl Session<'_> {
                             // A QoS 2 redelivery of a message not yet released was already queued.
                             let fresh = qos != 2 || self.qos2_pending.insert(pkid);
                             if fresh {
-                                metrics::counter!("tms_broker_messages_received_total", "kind" => kind.as_str()).increment(1);
+                                self.received[kind as usize].increment(1);
                                 let message = DeviceMessage {
                                     serial: self.serial.clone(),
                                     session_id: self.session_id.clone(),

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use metrics::Counter;
 use tms_broker::{BrokerEvent, DeviceMessage, TopicKind};
 use tms_store::{
     InfoRow, LocationRow, QuarantineRow, RefusalRow, StatusEvent, TelemetryRow, WriteBatch,
@@ -17,12 +18,36 @@ pub struct Batcher {
     batch: WriteBatch,
     events: usize,
     /// Last message time per session: one last-seen update per batch, not per message.
-    seen: HashMap<(String, Arc<str>), i64>,
+    /// Keyed by session id (unique per connection): (device serial, time).
+    seen: HashMap<Arc<str>, (String, i64)>,
     /// Telemetry per device in this batch: (first, last, count), for data freshness.
     fresh: HashMap<String, (i64, i64, i64)>,
     /// Refusals per (device, reason), written at most once per [`REFUSAL_WINDOW`]: a device
     /// retrying in a tight loop costs one row update a second, not one per attempt.
     refusals: HashMap<(String, &'static str), PendingRefusal>,
+    /// Made on first use, after the metrics recorder is installed.
+    counters: Option<KindCounters>,
+}
+
+/// `tms_ingest_messages_total` per outcome and kind (indexed by `TopicKind as usize`),
+/// looked up once: a labelled lookup per message costs an allocation.
+struct KindCounters {
+    stored: [Counter; 4],
+    quarantined: [Counter; 4],
+}
+
+impl KindCounters {
+    fn new() -> Self {
+        let by = |outcome: &'static str| {
+            TopicKind::ALL.map(|k| {
+                metrics::counter!("tms_ingest_messages_total", "kind" => k.as_str(), "outcome" => outcome)
+            })
+        };
+        KindCounters {
+            stored: by("stored"),
+            quarantined: by("quarantined"),
+        }
+    }
 }
 
 /// Refusals of one device for one reason are written at most this often.
@@ -43,7 +68,12 @@ impl Batcher {
             seen: HashMap::new(),
             fresh: HashMap::new(),
             refusals: HashMap::new(),
+            counters: None,
         }
+    }
+
+    fn counters(&mut self) -> &KindCounters {
+        self.counters.get_or_insert_with(KindCounters::new)
     }
 
     /// Events added since the last `take`.
@@ -127,12 +157,23 @@ impl Batcher {
     fn add_message(&mut self, m: DeviceMessage) {
         let serial = m.serial.to_string();
         let at = m.received_at_ms;
-        self.seen.insert((serial.clone(), m.session_id.clone()), at);
+        match self.seen.get_mut(&*m.session_id) {
+            Some(seen) => seen.1 = at,
+            None => {
+                self.seen.insert(m.session_id.clone(), (serial.clone(), at));
+            }
+        }
         let outcome = match m.kind {
             TopicKind::Telemetry => parse_telemetry(&m.payload).map(|summary| {
-                let fresh = self.fresh.entry(serial.clone()).or_insert((at, at, 0));
-                fresh.1 = at;
-                fresh.2 += 1;
+                match self.fresh.get_mut(&serial) {
+                    Some(fresh) => {
+                        fresh.1 = at;
+                        fresh.2 += 1;
+                    }
+                    None => {
+                        self.fresh.insert(serial.clone(), (at, at, 1));
+                    }
+                }
                 self.batch.telemetry.push(TelemetryRow {
                     serial: serial.clone(),
                     ts: summary.ts.unwrap_or(at),
@@ -177,11 +218,9 @@ impl Batcher {
             },
         };
         match outcome {
-            Ok(()) => {
-                metrics::counter!("tms_ingest_messages_total", "kind" => m.kind.as_str(), "outcome" => "stored").increment(1)
-            }
+            Ok(()) => self.counters().stored[m.kind as usize].increment(1),
             Err(error) => {
-                metrics::counter!("tms_ingest_messages_total", "kind" => m.kind.as_str(), "outcome" => "quarantined").increment(1);
+                self.counters().quarantined[m.kind as usize].increment(1);
                 tracing::warn!(device.serial = %serial, topic = m.kind.as_str(), %error, "malformed payload quarantined");
                 self.batch.quarantine.push(QuarantineRow {
                     serial,
@@ -196,7 +235,7 @@ impl Batcher {
 
     /// Writes the pending last-seen of a session before its disconnect, keeping order.
     fn flush_seen_of(&mut self, serial: &str, session_id: &Arc<str>) {
-        if let Some(at) = self.seen.remove(&(serial.to_owned(), session_id.clone())) {
+        if let Some((_, at)) = self.seen.remove(&**session_id) {
             self.batch.status.push(StatusEvent::Seen {
                 serial: serial.to_owned(),
                 session_id: session_id.to_string(),
@@ -208,7 +247,7 @@ impl Batcher {
     /// The batch so far; the batcher starts empty again. Refusals are included when their
     /// window has passed (the first of a burst at once), or all of them with `all`.
     pub fn take(&mut self, now: Instant, all: bool) -> WriteBatch {
-        for ((serial, session_id), at) in self.seen.drain() {
+        for (session_id, (serial, at)) in self.seen.drain() {
             self.batch.status.push(StatusEvent::Seen {
                 serial,
                 session_id: session_id.to_string(),

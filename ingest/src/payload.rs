@@ -1,5 +1,9 @@
 //! Payload validation (CONTRACT §4). Each error names the offending field.
 
+use std::borrow::Cow;
+
+use serde::Deserialize;
+use serde::de::{Deserializer, Visitor};
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -77,25 +81,108 @@ fn sub_object<'a>(
 /// Validates a telemetry object: every field optional, known fields must have their types,
 /// unknown fields are allowed (the payload is stored as sent).
 pub fn parse_telemetry(payload: &[u8]) -> Result<TelemetrySummary, String> {
+    // The hot path: a well-formed message is read straight into the fields we check. Any
+    // message it does not accept goes through `checked_telemetry`, whose errors name the field.
+    let starts_as_object = payload
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|b| *b == b'{');
+    if starts_as_object && let Ok(t) = serde_json::from_slice::<FastTelemetry>(payload) {
+        return Ok(TelemetrySummary {
+            ts: match t.ts {
+                None | Some(Value::Null) => None,
+                Some(v) => Some(ts_ms(&v)?),
+            },
+            mode: t.mode.map(Cow::into_owned),
+            load_pct: t.load_pct,
+            battery_charge_pct: t.battery.and_then(|b| b.charge_pct),
+        });
+    }
+    checked_telemetry(payload)
+}
+
+/// The telemetry fields CONTRACT §4 names, typed; unknown fields are skipped without being
+/// built, so a valid message costs no `Value` tree.
+#[derive(Deserialize)]
+struct FastTelemetry<'a> {
+    ts: Option<Value>,
+    #[serde(borrow)]
+    mode: Option<Cow<'a, str>>,
+    load_pct: Option<f64>,
+    battery: Option<FastBattery>,
+    #[serde(rename = "input")]
+    _input: Option<FastElectric>,
+    #[serde(rename = "output")]
+    _output: Option<FastElectric>,
+    #[serde(rename = "alarms")]
+    _alarms: Option<Vec<AnyString>>,
+}
+
+#[derive(Deserialize)]
+struct FastBattery {
+    charge_pct: Option<f64>,
+    #[serde(rename = "runtime_min")]
+    _runtime_min: Option<f64>,
+    #[serde(rename = "voltage")]
+    _voltage: Option<f64>,
+    #[serde(rename = "temperature_c")]
+    _temperature_c: Option<f64>,
+}
+
+#[derive(Deserialize)]
+struct FastElectric {
+    #[serde(rename = "voltage")]
+    _voltage: Option<f64>,
+    #[serde(rename = "frequency_hz")]
+    _frequency_hz: Option<f64>,
+    #[serde(rename = "current_a")]
+    _current_a: Option<f64>,
+}
+
+/// Any JSON string, not kept.
+struct AnyString;
+
+impl<'de> Deserialize<'de> for AnyString {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = AnyString;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<AnyString, E> {
+                Ok(AnyString)
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// `ts` as Unix ms: epoch milliseconds or an RFC 3339 string.
+fn ts_ms(v: &Value) -> Result<i64, String> {
+    match v {
+        Value::Number(n) => n
+            .as_i64()
+            .or_else(|| n.as_f64().map(|f| f as i64))
+            .ok_or_else(|| "ts must be epoch milliseconds or an RFC 3339 string".to_owned()),
+        Value::String(s) => {
+            let t = OffsetDateTime::parse(s, &Rfc3339)
+                .map_err(|e| format!("ts {s:?} is not RFC 3339: {e}"))?;
+            Ok((t.unix_timestamp_nanos() / 1_000_000) as i64)
+        }
+        other => Err(format!(
+            "ts must be epoch milliseconds or an RFC 3339 string, got {}",
+            kind_of(other)
+        )),
+    }
+}
+
+/// The same validation over a `Value` tree, slower, with errors that name the field.
+fn checked_telemetry(payload: &[u8]) -> Result<TelemetrySummary, String> {
     let map = object(payload)?;
     let ts = match map.get("ts") {
         None | Some(Value::Null) => None,
-        Some(Value::Number(n)) => Some(
-            n.as_i64()
-                .or_else(|| n.as_f64().map(|f| f as i64))
-                .ok_or("ts must be epoch milliseconds or an RFC 3339 string")?,
-        ),
-        Some(Value::String(s)) => {
-            let t = OffsetDateTime::parse(s, &Rfc3339)
-                .map_err(|e| format!("ts {s:?} is not RFC 3339: {e}"))?;
-            Some((t.unix_timestamp_nanos() / 1_000_000) as i64)
-        }
-        Some(other) => {
-            return Err(format!(
-                "ts must be epoch milliseconds or an RFC 3339 string, got {}",
-                kind_of(other)
-            ));
-        }
+        Some(v) => Some(ts_ms(v)?),
     };
     let mode = string(&map, "mode")?;
     let load_pct = number(&map, "", "load_pct")?;
@@ -157,6 +244,45 @@ pub(crate) fn parse_info(payload: &[u8]) -> Result<(Option<String>, Option<Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The fast path must accept exactly what the field-naming path accepts, with the same
+    /// values: one verdict, whichever path reaches it.
+    #[test]
+    fn fast_and_checked_telemetry_agree() {
+        let cases: &[&[u8]] = &[
+            br#"{"ts":"2026-11-28T10:00:00Z","mode":"online","load_pct":41.5,"battery":{"charge_pct":97,"runtime_min":30,"voltage":54.1,"temperature_c":22},"input":{"voltage":230,"frequency_hz":50},"output":{"voltage":230,"frequency_hz":50,"current_a":6.1},"alarms":["overload"],"x":{"y":[1,2]}}"#,
+            br#"  {"ts":1700000000123.7,"mode":"on_\u0062attery"}"#,
+            br#"{"ts":null,"mode":null,"load_pct":null,"battery":null,"alarms":null}"#,
+            br#"{"load_pct":1,"load_pct":2}"#,
+            b"{}",
+            br#"[null,null,null,null,null,null,null]"#,
+            br#"[]"#,
+            br#"{"mode":5}"#,
+            br#"{"battery":[1]}"#,
+            br#"{"battery":{"charge_pct":"full"}}"#,
+            br#"{"input":{"current_a":true}}"#,
+            br#"{"output":"x"}"#,
+            br#"{"alarms":["a",2]}"#,
+            br#"{"alarms":"a"}"#,
+            br#"{"ts":"soon"}"#,
+            br#"{"ts":true}"#,
+            br#"{"load_pct":1e400}"#,
+            b"\xff",
+            b"",
+            b"null",
+        ];
+        for case in cases {
+            assert_eq!(
+                parse_telemetry(case).is_ok(),
+                checked_telemetry(case).is_ok(),
+                "{}",
+                String::from_utf8_lossy(case)
+            );
+            if let (Ok(fast), Ok(checked)) = (parse_telemetry(case), checked_telemetry(case)) {
+                assert_eq!(fast, checked, "{}", String::from_utf8_lossy(case));
+            }
+        }
+    }
 
     #[test]
     fn telemetry_accepts_unknown_fields_and_names_bad_ones() {

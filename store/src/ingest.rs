@@ -1,7 +1,7 @@
 //! The ingest write path: one transaction per batch of telemetry, locations, device info,
 //! quarantined payloads, status changes and refused connection attempts.
 
-use crate::{Result, Store, query_err};
+use crate::{Backend, Result, Store, query_err};
 
 /// Everything ingest collected since its last flush, applied in one transaction.
 #[derive(Debug, Default, Clone)]
@@ -164,20 +164,29 @@ impl Store {
                 "INSERT INTO telemetry (serial, ts, received_at, mode, load_pct, battery_charge_pct, payload) VALUES ",
             );
             for i in 0..chunk.len() {
-                let b = i * 7;
                 if i > 0 {
                     sql.push(',');
                 }
-                sql.push_str(&format!(
-                    "(${}, ${}, ${}, ${}, ${}, ${}, ${})",
-                    b + 1,
-                    b + 2,
-                    b + 3,
-                    b + 4,
-                    b + 5,
-                    b + 6,
-                    b + 7
-                ));
+                match self.backend() {
+                    // Anonymous `?` on SQLite: binding numbered `$N` makes sqlx look up each
+                    // parameter's name, which SQLite finds by a linear scan — quadratic in a
+                    // 1,400-parameter insert (half the ingest CPU, measured with perf on
+                    // `cargo bench -p tms-store --bench commit`).
+                    Backend::Sqlite => sql.push_str("(?, ?, ?, ?, ?, ?, ?)"),
+                    Backend::Postgres => {
+                        let b = i * 7;
+                        sql.push_str(&format!(
+                            "(${}, ${}, ${}, ${}, ${}, ${}, ${})",
+                            b + 1,
+                            b + 2,
+                            b + 3,
+                            b + 4,
+                            b + 5,
+                            b + 6,
+                            b + 7
+                        ));
+                    }
+                }
             }
             let mut q = sqlx::query(&sql);
             for t in chunk {
