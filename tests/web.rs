@@ -68,6 +68,31 @@ async fn seed_workflow_in_a_real_browser() {
         ],
         "provider-password-1\n",
     );
+    // Another company's device, with a location: no page may ever show it to this customer
+    // or to this provider (who did not register it).
+    let admin = admin_token(&gw).await;
+    gw.cli(&[
+        "device",
+        "add",
+        "--serial",
+        "RE4B999999",
+        "--mac",
+        "00:1B:2C:3D:99:99",
+        "--company",
+        "Other Clinic",
+        "--ups-model",
+        "3000XP",
+        "--ups-serial",
+        "999",
+    ]);
+    let put = reqwest::Client::new()
+        .put(gw.url("/api/v1/devices/RE4B999999/location"))
+        .bearer_auth(&admin)
+        .json(&serde_json::json!({"lat": 29.8, "lon": -95.4}))
+        .send()
+        .await
+        .unwrap();
+    assert!(put.status().is_success());
     let work = tempfile::tempdir().unwrap();
     browser_script(
         &gw,
@@ -78,6 +103,7 @@ async fn seed_workflow_in_a_real_browser() {
             ("PROVIDER_EMAIL", "provider@example.com".into()),
             ("PROVIDER_PASSWORD", "provider-password-1".into()),
             ("WORK", work.path().display().to_string()),
+            ("FOREIGN", "RE4B999999".into()),
         ],
     );
 

@@ -161,6 +161,7 @@ const telemetry = (load, charge, ago) => JSON.stringify({ ts: Date.now() - ago *
 for (const [load, charge, ago] of [[31, 100, 120], [36, 99, 60], [34, 98, 0]]) device.stdin.write(telemetry(load, charge, ago) + '\n');
 await row.locator('[data-state="online"]').waitFor({ timeout: 20000 });
 assert.equal(navigations, 0, 'the list turned green without a reload');
+assert.deepEqual(await customer.locator('#devices tbody tr').evaluateAll((rows) => rows.map((r) => r.dataset.serial)), [SERIAL], 'the list shows only this customer\'s device');
 await accessible(customer, 'devices');
 await shot(customer, '07-devices');
 
@@ -175,6 +176,8 @@ await marker.click();
 await customer.locator('#popup').waitFor({ state: 'visible' });
 const popup = await customer.textContent('#popup');
 assert.ok(popup.includes(SERIAL) && popup.includes('1600XP') && popup.includes('Online'), popup);
+assert.equal(await customer.locator('#markers circle').count(), 1, 'one marker: the other company\'s located device is not on this map');
+assert.ok(!(await customer.content()).includes(env.FOREIGN), 'nothing of the other company in the page');
 await accessible(customer, 'map');
 await shot(customer, '08-map');
 
@@ -207,6 +210,14 @@ device.kill();
 step('the provider sees the device; a signed-out visitor is sent to sign in');
 await provider.goto(`${BASE}/devices`);
 await provider.locator(`tr[data-serial="${SERIAL}"]`).waitFor();
+assert.equal(await provider.locator(`tr[data-serial="${env.FOREIGN}"]`).count(), 0, 'the provider sees only the devices it registered');
+step('another company\'s device cannot be opened by URL');
+await customer.goto(`${BASE}/devices/${env.FOREIGN}`);
+await customer.waitForFunction((s) => document.querySelector('#form-error').textContent.includes(`No device ${s}`), env.FOREIGN);
+assert.ok(await customer.locator('#device').isHidden());
+await customer.goto(`${BASE}/certificates?serial=${env.FOREIGN}`);
+await customer.waitForFunction((s) => document.querySelector('#form-error').textContent.includes(`No device ${s}`), env.FOREIGN);
+assert.ok(await customer.locator('#cert-device').isHidden());
 const stranger = await newPage();
 await stranger.goto(`${BASE}/devices/${SERIAL}`);
 await stranger.waitForURL(/\/login\?next=%2Fdevices%2FRE4A000123/);
