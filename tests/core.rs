@@ -779,3 +779,36 @@ async fn simulate_connects_every_device_and_their_telemetry_is_stored() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_can_have_a_listener_of_their_own() {
+    let gw = TestGateway::start_with(&[("TMS_METRICS_LISTEN", "127.0.0.1:0")]).await;
+    let metrics = gw
+        .ports
+        .metrics
+        .expect("ports.json names the metrics listener");
+    assert_ne!(metrics, gw.ports.http);
+    let http = reqwest::Client::new();
+    let scrape = http
+        .get(format!("http://{metrics}/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(scrape.status(), reqwest::StatusCode::OK);
+    assert!(
+        scrape
+            .text()
+            .await
+            .unwrap()
+            .contains("tms_broker_connections")
+    );
+    // The public HTTP listener no longer answers /metrics; the metrics one serves nothing else.
+    let public = http.get(gw.url("/metrics")).send().await.unwrap();
+    assert_eq!(public.status(), reqwest::StatusCode::NOT_FOUND);
+    let other = http
+        .get(format!("http://{metrics}/api/v1/devices"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), reqwest::StatusCode::NOT_FOUND);
+}

@@ -14,4 +14,4 @@ mod web;
 
 mod http;
 
-pub use http::{ApiState, router};
+pub use http::{ApiState, metrics_router, router};

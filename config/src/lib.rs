@@ -86,6 +86,9 @@ pub struct Http {
     /// Base-map tiles for the web map (`https://tiles.example/{z}/{x}/{y}.png`); `None` means
     /// the country outlines shipped in the binary, which need no network.
     pub map_tile_url: Option<String>,
+    /// A separate listener for `/metrics` only (e.g. a private address); when set, the HTTP
+    /// listener does not serve `/metrics`.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Clone, PartialEq)]
@@ -181,6 +184,7 @@ const KEYS: &[(&str, &str)] = &[
     ("http", "listen"),
     ("http", "public_url"),
     ("http", "map_tile_url"),
+    ("metrics", "listen"),
     ("mail", "outbox_dir"),
     ("mail", "smtp_url"),
     ("mail", "from"),
@@ -508,6 +512,18 @@ fn build(b: &mut Builder) -> Config {
         }
     });
 
+    let metrics_listen = b.string("metrics.listen").and_then(|a| match a.parse() {
+        Ok(addr) => Some(addr),
+        Err(_) => {
+            b.fail(
+                "metrics.listen",
+                a,
+                "expected IP:PORT, e.g. 127.0.0.1:9100 (port 0 picks a free port)",
+            );
+            None
+        }
+    });
+
     let outbox_dir = b
         .string("mail.outbox_dir")
         .map(PathBuf::from)
@@ -581,6 +597,7 @@ fn build(b: &mut Builder) -> Config {
             listen: http_listen,
             public_url,
             map_tile_url,
+            metrics_listen,
         },
         mail: Mail {
             outbox_dir,

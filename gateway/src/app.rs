@@ -32,6 +32,9 @@ const ACTIVATION_TTL: std::time::Duration = std::time::Duration::from_secs(48 * 
 pub struct PortsFile {
     pub mqtt: SocketAddr,
     pub http: SocketAddr,
+    /// Only when `metrics.listen` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<SocketAddr>,
 }
 
 /// A fully built gateway, listening but not yet serving.
@@ -44,6 +47,7 @@ pub struct App {
     ingest: Ingest,
     mqtt: TcpListener,
     http: TcpListener,
+    metrics: Option<TcpListener>,
     ports: PortsFile,
 }
 
@@ -147,12 +151,24 @@ impl App {
         let http = TcpListener::bind(config.http.listen)
             .await
             .with_context(|| format!("binding http.listen {}", config.http.listen))?;
+        let metrics = match config.http.metrics_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding metrics.listen {addr}"))?,
+            ),
+            None => None,
+        };
         let ports = PortsFile {
             mqtt: mqtt.local_addr().context("mqtt address")?,
             http: http.local_addr().context("http address")?,
+            metrics: match &metrics {
+                Some(l) => Some(l.local_addr().context("metrics address")?),
+                None => None,
+            },
         };
         write_ports(&config.ports_file(), &ports)?;
-        tracing::info!(mqtt = %ports.mqtt, http = %ports.http, data_dir = %config.data_dir.display(), "listening");
+        tracing::info!(mqtt = %ports.mqtt, http = %ports.http, metrics = ?ports.metrics, data_dir = %config.data_dir.display(), "listening");
         Ok(App {
             config,
             store,
@@ -162,6 +178,7 @@ impl App {
             ingest,
             mqtt,
             http,
+            metrics,
             ports,
         })
     }
@@ -190,6 +207,7 @@ impl App {
             ingest,
             mqtt,
             http,
+            metrics,
         } = self;
         let stop = shutdown.child_token();
         let drain = CancellationToken::new();
@@ -219,7 +237,7 @@ impl App {
         });
         let mut mailer_task = tokio::spawn(mailer.run(stop.clone()));
         let ca_for_certs = ca.clone();
-        let api = tms_api::router(tms_api::ApiState {
+        let state = tms_api::ApiState {
             store: store.clone(),
             ca,
             broker_listening: listening.clone(),
@@ -238,12 +256,20 @@ impl App {
                 .first()
                 .cloned()
                 .unwrap_or_else(|| "localhost".to_owned()),
-        });
+        };
+        let api = tms_api::router(state.clone(), metrics.is_none());
         let http_stop = stop.clone();
+        let metrics_stop = stop.clone();
         let mut http_task: JoinHandle<std::io::Result<()>> = tokio::spawn(async move {
-            axum::serve(http, api)
-                .with_graceful_shutdown(http_stop.cancelled_owned())
-                .await
+            let main = axum::serve(http, api).with_graceful_shutdown(http_stop.cancelled_owned());
+            match metrics {
+                None => main.await,
+                Some(listener) => {
+                    let metrics = axum::serve(listener, tms_api::metrics_router(state))
+                        .with_graceful_shutdown(metrics_stop.cancelled_owned());
+                    tokio::try_join!(main, metrics).map(|_| ())
+                }
+            }
         });
         let server_cert_task = tokio::spawn(crate::server_cert::watch(
             ca_for_certs,

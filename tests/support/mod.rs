@@ -84,6 +84,7 @@ impl TestGateway {
             ports: PortsFile {
                 mqtt: "0.0.0.0:0".parse().unwrap(),
                 http: "0.0.0.0:0".parse().unwrap(),
+                metrics: None,
             },
             child: None,
             env,

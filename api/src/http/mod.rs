@@ -256,16 +256,28 @@ fn routes() -> Vec<Route> {
     ]
 }
 
-pub fn router(state: ApiState) -> Router {
+/// The HTTP listener's routes; `/metrics` among them unless it has a listener of its own
+/// ([`metrics_router`], `metrics.listen`).
+pub fn router(state: ApiState, with_metrics: bool) -> Router {
     let mut router = Router::new();
     for r in routes() {
         router = router.route(r.path, r.handler);
     }
+    if with_metrics {
+        router = router.route("/metrics", get(public::metrics));
+    }
     router
         .route("/api/v1/openapi.json", get(openapi::document))
-        .route("/metrics", get(public::metrics))
         .merge(crate::web::routes())
         .fallback(public::not_found)
         .layer(axum::middleware::from_fn(crate::monitoring::track_http))
+        .with_state(state)
+}
+
+/// `/metrics` alone, for a separate listener (`metrics.listen`), e.g. on a private address.
+pub fn metrics_router(state: ApiState) -> Router {
+    Router::new()
+        .route("/metrics", get(public::metrics))
+        .fallback(public::not_found)
         .with_state(state)
 }
