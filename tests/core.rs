@@ -812,3 +812,27 @@ async fn metrics_can_have_a_listener_of_their_own() {
         .unwrap();
     assert_eq!(other.status(), reqwest::StatusCode::NOT_FOUND);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ca_key_kept_encrypted_with_a_passphrase() {
+    let gw = TestGateway::start_with(&[("TMS_CA_KEY_PASSPHRASE", "long passphrase 1")]).await;
+    let key = std::fs::read_to_string(gw.data_dir().join("ca/ca.key")).unwrap();
+    assert!(key.starts_with("-----BEGIN ENCRYPTED PRIVATE KEY-----"));
+    // The CLI, given the passphrase like the server, issues; the device connects with it.
+    let files = gw.provision("RE4A000555", "00:1B:2C:3D:4E:55");
+    let (_client, mut eventloop) = device_client(&gw, &files);
+    assert_eq!(
+        connack(&mut eventloop).await.unwrap(),
+        ConnectReturnCode::Success
+    );
+    // Without the passphrase nothing can sign: the CLI stops and says what is missing.
+    let out = std::process::Command::new(BIN)
+        .env("TMS_DATA_DIR", gw.data_dir())
+        .args(["device", "cert", "RE4A000555", "--out"])
+        .arg(gw.dir.path().join("nope"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("TMS_CA_KEY_PASSPHRASE"), "{stderr}");
+}

@@ -86,10 +86,21 @@ impl Ca {
     /// Loads the CA from `ca_dir` (`ca.pem`, `ca.key`), creating it on first use. Returns the CA
     /// and whether it was created now. The key file is kept at mode 0600.
     pub fn load_or_create(ca_dir: &Path, now: OffsetDateTime) -> Result<(Ca, bool), CertError> {
+        Self::open(ca_dir, now, None)
+    }
+
+    /// [`Ca::load_or_create`] with the key kept encrypted at rest when `passphrase` is given
+    /// (`TMS_CA_KEY_PASSPHRASE`): a new key is written encrypted, and a plain key file found
+    /// with a passphrase set is encrypted in place.
+    pub fn open(
+        ca_dir: &Path,
+        now: OffsetDateTime,
+        passphrase: Option<&str>,
+    ) -> Result<(Ca, bool), CertError> {
         let cert_path = ca_dir.join("ca.pem");
         let key_path = ca_dir.join("ca.key");
         if cert_path.exists() || key_path.exists() {
-            return Ok((Self::load(ca_dir)?, false));
+            return Ok((Self::load_with(ca_dir, passphrase)?, false));
         }
         create_private_dir(ca_dir)?;
         let key = KeyPair::generate().map_err(|source| CertError::Generate {
@@ -123,13 +134,20 @@ impl Ca {
             })?;
         // Key first: a crash in between leaves a key without a certificate, which `load`
         // reports, rather than a certificate whose key is lost.
-        write_file(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
+        let key_pem = crate::keyfile::encode(&key.serialize_der(), passphrase)?;
+        write_file(&key_path, key_pem.as_bytes(), 0o600)?;
         write_file(&cert_path, cert.pem().as_bytes(), 0o644)?;
-        Ok((Self::load(ca_dir)?, true))
+        Ok((Self::load_with(ca_dir, passphrase)?, true))
     }
 
-    /// Loads an existing CA; fails if either file is missing or unusable.
+    /// Loads an existing CA with a plain key file; fails if either file is missing or
+    /// unusable.
     pub fn load(ca_dir: &Path) -> Result<Ca, CertError> {
+        Self::load_with(ca_dir, None)
+    }
+
+    /// Loads an existing CA whose key file may be encrypted with `passphrase`.
+    pub fn load_with(ca_dir: &Path, passphrase: Option<&str>) -> Result<Ca, CertError> {
         let cert_path = ca_dir.join("ca.pem");
         let key_path = ca_dir.join("ca.key");
         let cert_pem = read_string(&cert_path)?;
@@ -150,10 +168,22 @@ impl Ca {
                 },
             )?;
         }
-        let key = KeyPair::from_pem(&key_pem).map_err(|_| CertError::BadFile {
+        let bad_key = || CertError::BadFile {
             path: key_path.clone(),
             what: "private key",
-        })?;
+        };
+        let key = match crate::keyfile::decrypt(&key_pem, passphrase, &key_path)? {
+            Some(der) => KeyPair::try_from(der.as_slice()).map_err(|_| bad_key())?,
+            None => {
+                let key = KeyPair::from_pem(&key_pem).map_err(|_| bad_key())?;
+                if passphrase.is_some() {
+                    // A passphrase was set for a CA made without one: encrypt the key now.
+                    let encrypted = crate::keyfile::encode(&key.serialize_der(), passphrase)?;
+                    write_file(&key_path, encrypted.as_bytes(), 0o600)?;
+                }
+                key
+            }
+        };
         let cert_der = parse_certificates(&cert_pem)
             .map_err(|_| CertError::BadFile {
                 path: cert_path.clone(),
@@ -457,7 +487,7 @@ fn dn_text(value: &rcgen::DnValue) -> String {
     }
 }
 
-fn random_bytes<const N: usize>() -> [u8; N] {
+pub(crate) fn random_bytes<const N: usize>() -> [u8; N] {
     let mut bytes = [0u8; N];
     rand::fill(&mut bytes);
     bytes
@@ -511,6 +541,91 @@ mod tests {
 
     fn serial(s: &str) -> DeviceSerial {
         DeviceSerial::parse(s).unwrap()
+    }
+
+    #[test]
+    fn ca_key_encrypted_at_rest_with_a_passphrase() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_dir = dir.path().join("ca");
+        let now = OffsetDateTime::now_utc();
+        let (ca, created) = Ca::open(&ca_dir, now, Some("correct horse")).unwrap();
+        assert!(created);
+        let key_path = ca_dir.join("ca.key");
+        let key_file = fs::read_to_string(&key_path).unwrap();
+        assert!(key_file.starts_with("-----BEGIN ENCRYPTED PRIVATE KEY-----"));
+        assert_eq!(
+            fs::metadata(&key_path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+
+        // The same CA comes back with the passphrase, and signs what verifies against it.
+        let again = Ca::load_with(&ca_dir, Some("correct horse")).unwrap();
+        assert_eq!(
+            again.info().sha256_fingerprint,
+            ca.info().sha256_fingerprint
+        );
+        let issued = again
+            .issue_device(
+                &serial("RE4A1"),
+                DeviceKey::Generate,
+                now,
+                now + Duration::days(30),
+            )
+            .unwrap();
+        assert_eq!(
+            identity(&issued.certificate_der).unwrap().issuer,
+            identity(ca.cert_der()).unwrap().issuer
+        );
+
+        // Without it, or with a wrong one, the CA does not load, and says why.
+        assert!(matches!(
+            Ca::load(&ca_dir),
+            Err(CertError::KeyLocked { .. })
+        ));
+        assert!(matches!(
+            Ca::load_with(&ca_dir, Some("wrong")),
+            Err(CertError::KeyPassphrase { .. })
+        ));
+
+        // OpenSSL reads the file with the passphrase: a standard PKCS#8 PBES2 key.
+        let out = std::process::Command::new("openssl")
+            .args(["pkey", "-noout", "-passin", "pass:correct horse", "-in"])
+            .arg(&key_path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    #[test]
+    fn a_plain_ca_key_is_encrypted_once_a_passphrase_is_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = OffsetDateTime::now_utc();
+        let (plain, _) = Ca::load_or_create(dir.path(), now).unwrap();
+        assert!(
+            fs::read_to_string(dir.path().join("ca.key"))
+                .unwrap()
+                .starts_with("-----BEGIN PRIVATE KEY-----")
+        );
+        let (ca, created) = Ca::open(dir.path(), now, Some("s3cret-pass")).unwrap();
+        assert!(!created);
+        assert_eq!(
+            ca.info().sha256_fingerprint,
+            plain.info().sha256_fingerprint
+        );
+        assert!(
+            fs::read_to_string(dir.path().join("ca.key"))
+                .unwrap()
+                .starts_with("-----BEGIN ENCRYPTED PRIVATE KEY-----")
+        );
+        assert!(Ca::load_with(dir.path(), Some("s3cret-pass")).is_ok());
+        assert!(matches!(
+            Ca::load(dir.path()),
+            Err(CertError::KeyLocked { .. })
+        ));
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 mod authority;
 mod identity;
+mod keyfile;
 mod pem;
 
 pub use authority::{Ca, CaInfo, DeviceKey, IssuedCert, Revoked, ServerCert};
@@ -46,6 +47,12 @@ pub enum CertError {
     Parse(String),
     #[error("PEM input holds no {0}")]
     Pem(&'static str),
+    #[error("{path} is encrypted: set TMS_CA_KEY_PASSPHRASE")]
+    KeyLocked { path: PathBuf },
+    #[error("{path} could not be decrypted with TMS_CA_KEY_PASSPHRASE (wrong passphrase?)")]
+    KeyPassphrase { path: PathBuf },
+    #[error("encrypting the CA key")]
+    KeyEncryption,
     #[error("the validity would end before it starts (not after {not_after})")]
     EmptyValidity { not_after: time::OffsetDateTime },
 }

@@ -115,6 +115,25 @@ pub struct Presence {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Certs {
     pub rotation_overlap: Duration,
+    /// From `TMS_CA_KEY_PASSPHRASE` only (a secret stays out of the file): the CA key is kept
+    /// encrypted at rest with it.
+    pub ca_key_passphrase: Option<Secret>,
+}
+
+/// A value that must not be logged: `Debug` shows `***`.
+#[derive(Clone, PartialEq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -400,7 +419,11 @@ impl Config {
                 b.raw.insert(dotted(section, key), Raw::Env(v.clone()));
             }
         }
-        let cfg = build(&mut b);
+        let mut cfg = build(&mut b);
+        cfg.certs.ca_key_passphrase = env
+            .get("TMS_CA_KEY_PASSPHRASE")
+            .filter(|p| !p.is_empty())
+            .map(|p| Secret(p.clone()));
         if b.errors.is_empty() {
             Ok(cfg)
         } else {
@@ -612,6 +635,7 @@ fn build(b: &mut Builder) -> Config {
         },
         certs: Certs {
             rotation_overlap: Duration::from_secs(overlap_days * 86_400),
+            ca_key_passphrase: None,
         },
         ingest,
     }
@@ -707,6 +731,17 @@ mod tests {
             c.http.map_tile_url, None,
             "no tile server: the built-in outlines"
         );
+    }
+
+    #[test]
+    fn ca_key_passphrase_comes_from_the_environment_and_is_never_shown() {
+        let c =
+            Config::from_sources(None, &env(&[("TMS_CA_KEY_PASSPHRASE", "hunter2-x")])).unwrap();
+        let p = c.certs.ca_key_passphrase.as_ref().unwrap();
+        assert_eq!(p.expose(), "hunter2-x");
+        assert!(!format!("{c:?}").contains("hunter2"));
+        let none = Config::from_sources(None, &env(&[("TMS_CA_KEY_PASSPHRASE", "")])).unwrap();
+        assert_eq!(none.certs.ca_key_passphrase, None);
     }
 
     #[test]

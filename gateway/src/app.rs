@@ -62,11 +62,14 @@ pub async fn open_parts(config: &Config) -> Result<(Store, Arc<Ca>)> {
         )
     })?;
     let ca_dir = config.data_dir.join("ca");
-    let (ca, created) =
-        tokio::task::spawn_blocking(move || Ca::load_or_create(&ca_dir, OffsetDateTime::now_utc()))
-            .await
-            .context("CA task")?
-            .context("loading the CA")?;
+    let passphrase = config.certs.ca_key_passphrase.clone();
+    let (ca, created) = tokio::task::spawn_blocking(move || {
+        let passphrase = passphrase.as_ref().map(tms_config::Secret::expose);
+        Ca::open(&ca_dir, OffsetDateTime::now_utc(), passphrase)
+    })
+    .await
+    .context("CA task")?
+    .context("loading the CA")?;
     if created {
         tracing::info!(fingerprint = %ca.info().sha256_fingerprint, "created a new CA");
     }
