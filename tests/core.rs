@@ -836,3 +836,19 @@ async fn ca_key_kept_encrypted_with_a_passphrase() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("TMS_CA_KEY_PASSPHRASE"), "{stderr}");
 }
+
+/// SIGTERM is a clean stop every time: no part that ended because it was told to is reported
+/// as a failure (the parts end together, so an unordered wait picked one at random).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_always_exits_zero() {
+    let mut gw = TestGateway::start().await;
+    for round in 0..8 {
+        assert_eq!(gw.stop(), Some(0), "round {round}: {}", gw.log());
+        assert!(
+            !gw.log().contains("stopped unexpectedly"),
+            "round {round}: {}",
+            gw.log()
+        );
+        gw.restart().await;
+    }
+}

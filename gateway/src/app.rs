@@ -293,10 +293,13 @@ impl App {
         ));
 
         // The first part to end (other than by shutdown) stops the others and is reported.
+        // `biased`: on shutdown the parts end too, and a part that ended because it was told
+        // to must not be reported as a failure — the shutdown branch is checked first.
         let mut failure: Option<anyhow::Error> = None;
         let mut broker_done = None;
         let mut http_done = None;
         tokio::select! {
+            biased;
             _ = stop.cancelled() => {}
             r = &mut broker_task => {
                 failure = Some(part_failed("broker", r.map(|r| r.map_err(anyhow::Error::from))));
