@@ -155,27 +155,28 @@ impl Batcher {
     }
 
     fn add_message(&mut self, m: DeviceMessage) {
-        let serial = m.serial.to_string();
+        let serial = m.serial.as_str();
         let at = m.received_at_ms;
         match self.seen.get_mut(&*m.session_id) {
             Some(seen) => seen.1 = at,
             None => {
-                self.seen.insert(m.session_id.clone(), (serial.clone(), at));
+                self.seen
+                    .insert(m.session_id.clone(), (serial.to_owned(), at));
             }
         }
         let outcome = match m.kind {
             TopicKind::Telemetry => parse_telemetry(&m.payload).map(|summary| {
-                match self.fresh.get_mut(&serial) {
+                match self.fresh.get_mut(serial) {
                     Some(fresh) => {
                         fresh.1 = at;
                         fresh.2 += 1;
                     }
                     None => {
-                        self.fresh.insert(serial.clone(), (at, at, 1));
+                        self.fresh.insert(serial.to_owned(), (at, at, 1));
                     }
                 }
                 self.batch.telemetry.push(TelemetryRow {
-                    serial: serial.clone(),
+                    serial: serial.to_owned(),
                     ts: summary.ts.unwrap_or(at),
                     received_at: at,
                     mode: summary.mode,
@@ -187,7 +188,7 @@ impl Batcher {
             }),
             TopicKind::Location => parse_location(&m.payload).map(|l| {
                 self.batch.locations.push(LocationRow {
-                    serial: serial.clone(),
+                    serial: serial.to_owned(),
                     lat: l.lat,
                     lon: l.lon,
                     accuracy_m: l.accuracy_m,
@@ -197,7 +198,7 @@ impl Batcher {
             }),
             TopicKind::Info => parse_info(&m.payload).map(|(system_name, firmware)| {
                 self.batch.infos.push(InfoRow {
-                    serial: serial.clone(),
+                    serial: serial.to_owned(),
                     system_name,
                     firmware,
                     payload: String::from_utf8_lossy(&m.payload).into_owned(),
@@ -207,7 +208,7 @@ impl Batcher {
             TopicKind::Status => match std::str::from_utf8(&m.payload) {
                 Ok(text) if text.len() <= 1024 => {
                     self.batch.status.push(StatusEvent::Reported {
-                        serial: serial.clone(),
+                        serial: serial.to_owned(),
                         text: text.trim().to_owned(),
                         at,
                     });
@@ -223,7 +224,7 @@ impl Batcher {
                 self.counters().quarantined[m.kind as usize].increment(1);
                 tracing::warn!(device.serial = %serial, topic = m.kind.as_str(), %error, "malformed payload quarantined");
                 self.batch.quarantine.push(QuarantineRow {
-                    serial,
+                    serial: serial.to_owned(),
                     topic: String::from_utf8_lossy(&m.topic).into_owned(),
                     payload: m.payload.to_vec(),
                     error,
