@@ -18,11 +18,7 @@ for i in $(seq -f "%02g" 1 "$P"); do
     "$BIN" device add --serial "FLOOD00$i" --mac "02:46:4C:00:00:$(printf %02X "$((10#$i))")" --company Flood >/dev/null
     "$BIN" device cert "FLOOD00$i" --out "$WORK/dev/FLOOD00$i" >/dev/null
 done
-python3 - "$M" >"$WORK/payload.txt" <<'PY'
-import sys
-for n in range(int(sys.argv[1])):
-    print('{"mode":"online","load_pct":%d,"battery":{"charge_pct":100,"runtime_min":40},"input":{"voltage":229.8,"frequency_hz":50}}' % (n % 100))
-PY
+telemetry_lines "$M" >"$WORK/payload.txt"
 start_gateway
 start_mosquitto
 

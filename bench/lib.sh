@@ -66,3 +66,12 @@ settle() {
 }
 
 mosquitto_version() { mosquitto -h | head -n1; }
+
+# N realistic telemetry messages (CONTRACT §4), one per line, for `mosquitto_pub -l`.
+telemetry_lines() {
+    python3 - "$1" <<'PY'
+import sys
+for n in range(int(sys.argv[1])):
+    print('{"mode":"online","load_pct":%d,"battery":{"charge_pct":100,"runtime_min":40},"input":{"voltage":229.8,"frequency_hz":50}}' % (n % 100))
+PY
+}

@@ -29,11 +29,7 @@ connects() { # port
     done
 }
 messages() { # port qos
-    python3 - "$MESSAGES" <<'PY' | mosquitto_pub -h localhost -p "$1" "${TLS[@]}" -t tms/BENCH0001/telemetry -q "$2" -l
-import sys
-for n in range(int(sys.argv[1])):
-    print('{"mode":"online","load_pct":%d,"battery":{"charge_pct":100,"runtime_min":40},"input":{"voltage":229.8,"frequency_hz":50}}' % (n % 100))
-PY
+    telemetry_lines "$MESSAGES" | mosquitto_pub -h localhost -p "$1" "${TLS[@]}" -t tms/BENCH0001/telemetry -q "$2" -l
 }
 measure() { # name pid count command...
     local name=$1 pid=$2 count=$3; shift 3
