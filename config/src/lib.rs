@@ -48,6 +48,7 @@ pub struct Config {
     pub database_url: String,
     pub mqtt: Mqtt,
     pub http: Http,
+    pub metrics: Metrics,
     pub mail: Mail,
     pub presence: Presence,
     pub certs: Certs,
@@ -86,9 +87,13 @@ pub struct Http {
     /// Base-map tiles for the web map (`https://tiles.example/{z}/{x}/{y}.png`); `None` means
     /// the country outlines shipped in the binary, which need no network.
     pub map_tile_url: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Metrics {
     /// A separate listener for `/metrics` only (e.g. a private address); when set, the HTTP
     /// listener does not serve `/metrics`.
-    pub metrics_listen: Option<SocketAddr>,
+    pub listen: Option<SocketAddr>,
 }
 
 #[derive(Clone, PartialEq)]
@@ -151,6 +156,7 @@ impl fmt::Debug for Config {
             .field("database_url", &redact_url(&self.database_url))
             .field("mqtt", &self.mqtt)
             .field("http", &self.http)
+            .field("metrics", &self.metrics)
             .field("mail", &self.mail)
             .field("presence", &self.presence)
             .field("certs", &self.certs)
@@ -217,6 +223,11 @@ const KEYS: &[(&str, &str)] = &[
     ("ingest", "flush_interval_ms"),
     ("log", "format"),
 ];
+
+fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse()
+        .map_err(|_| "expected IP:PORT, e.g. 0.0.0.0:8883 (port 0 picks a free port)".to_owned())
+}
 
 fn dotted(section: &str, key: &str) -> String {
     if section.is_empty() {
@@ -315,11 +326,7 @@ impl Builder {
     }
 
     fn addr(&mut self, key: &str, default: SocketAddr) -> SocketAddr {
-        self.parsed(key, default, |s| {
-            s.parse::<SocketAddr>().map_err(|_| {
-                "expected IP:PORT, e.g. 0.0.0.0:8883 (port 0 picks a free port)".to_owned()
-            })
-        })
+        self.parsed(key, default, parse_addr)
     }
 
     fn list(&mut self, key: &str) -> Option<Vec<String>> {
@@ -535,17 +542,7 @@ fn build(b: &mut Builder) -> Config {
         }
     });
 
-    let metrics_listen = b.string("metrics.listen").and_then(|a| match a.parse() {
-        Ok(addr) => Some(addr),
-        Err(_) => {
-            b.fail(
-                "metrics.listen",
-                a,
-                "expected IP:PORT, e.g. 127.0.0.1:9100 (port 0 picks a free port)",
-            );
-            None
-        }
-    });
+    let metrics_listen = b.parsed("metrics.listen", None, |s| parse_addr(s).map(Some));
 
     let outbox_dir = b
         .string("mail.outbox_dir")
@@ -620,7 +617,9 @@ fn build(b: &mut Builder) -> Config {
             listen: http_listen,
             public_url,
             map_tile_url,
-            metrics_listen,
+        },
+        metrics: Metrics {
+            listen: metrics_listen,
         },
         mail: Mail {
             outbox_dir,
@@ -698,6 +697,7 @@ mod tests {
                 ("TMS_HTTP_LISTEN", "8080"),
                 ("TMS_DATABASE_URL", "mysql://u:pw@h/db"),
                 ("TMS_HTTP_MAP_TILE_URL", "https://tiles.example/{z}/{x}.png"),
+                ("TMS_METRICS_LISTEN", "9100"),
             ]),
         )
         .unwrap_err();
@@ -713,6 +713,7 @@ mod tests {
             "http.listen",
             "database.url",
             "http.map_tile_url",
+            "metrics.listen",
         ] {
             assert!(keys.contains(&key), "{key} not reported in {keys:?}");
         }

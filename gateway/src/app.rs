@@ -154,7 +154,7 @@ impl App {
         let http = TcpListener::bind(config.http.listen)
             .await
             .with_context(|| format!("binding http.listen {}", config.http.listen))?;
-        let metrics = match config.http.metrics_listen {
+        let metrics = match config.metrics.listen {
             Some(addr) => Some(
                 TcpListener::bind(addr)
                     .await
