@@ -80,6 +80,14 @@ pub(crate) async fn watch(
                     }
                     Err(e) => tracing::warn!(error = %e, "cannot prune session history"),
                 }
+                match store.prune_quarantine(before).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(
+                        payloads = n,
+                        "pruned quarantined payloads past their retention"
+                    ),
+                    Err(e) => tracing::warn!(error = %e, "cannot prune quarantine"),
+                }
             }
             let closed = broker.close_expired(now / 1000);
             if closed > 0 {

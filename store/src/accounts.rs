@@ -80,11 +80,7 @@ impl Store {
     /// Registers customer, company and device in one transaction, with the activation token
     /// and the emails: all of it or nothing.
     pub async fn register(&self, reg: &Registration, now_ms: i64) -> Result<RegistrationIds> {
-        let mut tx = self
-            .pool()
-            .begin()
-            .await
-            .map_err(query_err("starting a registration"))?;
+        let mut tx = self.begin_write("starting a registration").await?;
         let (company_id, company_created) = match &reg.company {
             RegistrationCompany::New { name } => {
                 if company_id(&mut tx, name, false, now_ms).await?.is_some() {
@@ -189,11 +185,7 @@ impl Store {
         mail: &OutgoingMail,
         now_ms: i64,
     ) -> Result<()> {
-        let mut tx = self
-            .pool()
-            .begin()
-            .await
-            .map_err(query_err("starting a transaction"))?;
+        let mut tx = self.begin_write("starting a transaction").await?;
         sqlx::query("INSERT INTO activation_tokens (token_hash, user_id, created_at, expires_at) VALUES ($1, $2, $3, $4)")
             .bind(hash)
             .bind(user_id)
@@ -211,11 +203,7 @@ impl Store {
     /// Uses an activation token: valid, unused and unexpired tokens activate their account
     /// once. Returns the account id, or `None` for any unusable token.
     pub async fn activate(&self, hash: &str, now_ms: i64) -> Result<Option<i64>> {
-        let mut tx = self
-            .pool()
-            .begin()
-            .await
-            .map_err(query_err("starting an activation"))?;
+        let mut tx = self.begin_write("starting an activation").await?;
         let row = sqlx::query(
             "UPDATE activation_tokens SET used_at = $1 WHERE token_hash = $2 AND used_at IS NULL AND expires_at > $1 RETURNING user_id",
         )
@@ -324,11 +312,7 @@ impl Store {
         keep_token: Option<&str>,
         now_ms: i64,
     ) -> Result<()> {
-        let mut tx = self
-            .pool()
-            .begin()
-            .await
-            .map_err(query_err("starting a password change"))?;
+        let mut tx = self.begin_write("starting a password change").await?;
         sqlx::query("UPDATE users SET password_hash = $1, must_change_password = $2 WHERE id = $3")
             .bind(hash)
             .bind(i64::from(must_change))
@@ -514,11 +498,7 @@ impl Store {
         mails: &[OutgoingMail],
         now_ms: i64,
     ) -> Result<()> {
-        let mut tx = self
-            .pool()
-            .begin()
-            .await
-            .map_err(query_err("starting a lease notice"))?;
+        let mut tx = self.begin_write("starting a lease notice").await?;
         let marked = sqlx::query("UPDATE devices SET lease_notice_sent_at = $1 WHERE serial = $2 AND lease_notice_sent_at IS NULL")
             .bind(now_ms)
             .bind(serial)

@@ -312,11 +312,7 @@ pub(crate) async fn insert_device(
 impl Store {
     /// Registers a device (and its company, if new) in one transaction.
     pub async fn add_device(&self, d: &NewDevice, now_ms: i64) -> Result<()> {
-        let mut tx = self
-            .pool()
-            .begin()
-            .await
-            .map_err(query_err("starting a transaction"))?;
+        let mut tx = self.begin_write("starting a transaction").await?;
         let company = company_id(&mut tx, &d.company, true, now_ms)
             .await?
             .ok_or(StoreError::NotFound { what: "company" })?;
@@ -459,11 +455,7 @@ impl Store {
     /// Marks every device this node still shows online as offline: on start-up, those
     /// sessions belong to an earlier process that ended without saying so.
     pub async fn end_stale_sessions(&self, node_id: &str, at: i64, reason: &str) -> Result<u64> {
-        let mut tx = self
-            .pool()
-            .begin()
-            .await
-            .map_err(query_err("starting to end stale sessions"))?;
+        let mut tx = self.begin_write("starting to end stale sessions").await?;
         let done = sqlx::query(
             "UPDATE device_status SET state = 'offline', since = $1, last_disconnect_reason = $2 \
              WHERE state = 'online' AND node_id = $3",
@@ -521,6 +513,17 @@ impl Store {
                 .execute(self.pool())
                 .await
                 .map_err(query_err("pruning sessions"))?;
+        Ok(done.rows_affected())
+    }
+
+    /// Deletes quarantined payloads received before `before` (history retention): kept for
+    /// inspection, not forever.
+    pub async fn prune_quarantine(&self, before: i64) -> Result<u64> {
+        let done = sqlx::query("DELETE FROM quarantine WHERE received_at < $1")
+            .bind(before)
+            .execute(self.pool())
+            .await
+            .map_err(query_err("pruning quarantine"))?;
         Ok(done.rows_affected())
     }
 

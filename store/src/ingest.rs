@@ -1,6 +1,8 @@
 //! The ingest write path: one transaction per batch of telemetry, locations, device info,
 //! quarantined payloads, status changes and refused connection attempts.
 
+use sqlx::Connection;
+
 use crate::{Backend, Result, Store, query_err};
 
 /// Everything ingest collected since its last flush, applied in one transaction.
@@ -34,6 +36,69 @@ impl WriteBatch {
             + self.status.len()
             + self.refusals.len()
     }
+
+    /// Splits the batch into two of about half its rows each, keeping the order of each kind
+    /// (status events stay in sequence: the first half's come first). A batch of one row
+    /// comes back as it is.
+    pub fn split(mut self) -> Split {
+        let half = self.len() / 2;
+        if half == 0 {
+            return Split::One(self);
+        }
+        let mut first = WriteBatch::default();
+        let mut left = half;
+        fn take<T>(from: &mut Vec<T>, to: &mut Vec<T>, left: &mut usize) {
+            let n = from.len().min(*left);
+            to.extend(from.drain(..n));
+            *left -= n;
+        }
+        take(&mut self.status, &mut first.status, &mut left);
+        take(&mut self.telemetry, &mut first.telemetry, &mut left);
+        take(&mut self.quarantine, &mut first.quarantine, &mut left);
+        take(&mut self.locations, &mut first.locations, &mut left);
+        take(&mut self.infos, &mut first.infos, &mut left);
+        take(&mut self.refusals, &mut first.refusals, &mut left);
+        Split::Halves(first, self)
+    }
+
+    /// A one-row batch that the database refused, as the quarantine row that keeps what the
+    /// device sent and why it could not be stored; `None` for rows that are not a device's
+    /// payload (status bookkeeping, refusals), which are only logged.
+    pub fn into_quarantine(self, error: &str) -> Option<QuarantineRow> {
+        let row = |serial: String, topic: &str, payload: Vec<u8>, received_at: i64| {
+            Some(QuarantineRow {
+                topic: format!("tms/{serial}/{topic}"),
+                serial,
+                payload,
+                error: format!("the database refused it: {error}"),
+                received_at,
+            })
+        };
+        if let Some(t) = self.telemetry.into_iter().next() {
+            return row(t.serial, "telemetry", t.payload.into_bytes(), t.received_at);
+        }
+        if let Some(i) = self.infos.into_iter().next() {
+            return row(i.serial, "info", i.payload.into_bytes(), i.at);
+        }
+        if let Some(l) = self.locations.into_iter().next() {
+            let payload = format!(r#"{{"lat":{},"lon":{}}}"#, l.lat, l.lon);
+            return row(l.serial, "location", payload.into_bytes(), l.at);
+        }
+        match self.status.into_iter().next() {
+            Some(StatusEvent::Reported { serial, text, at }) => {
+                row(serial, "status", text.into_bytes(), at)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// What [`WriteBatch::split`] made of a batch.
+#[derive(Debug)]
+pub enum Split {
+    Halves(WriteBatch, WriteBatch),
+    /// It had one row (or none): nothing left to split.
+    One(WriteBatch),
 }
 
 #[derive(Debug, Clone)]
@@ -153,11 +218,33 @@ impl Store {
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
-        let mut tx = self
+        let mut conn = self
             .pool()
-            .begin()
+            .acquire()
             .await
             .map_err(query_err("starting an ingest transaction"))?;
+        let result = self.write_batch_on(&mut conn, batch).await;
+        if result.is_err() && self.backend() == Backend::Sqlite {
+            // After a failed statement or COMMIT (disk full, I/O error) SQLite may have rolled
+            // the transaction back by itself, and the connection's idea of whether it is in
+            // one can be wrong from then on; back in the pool it would hold the write lock
+            // or refuse every later BEGIN ("database is locked" for good). A new connection
+            // starts clean, so writes resume as soon as the cause goes away.
+            let _ = conn.detach().close().await;
+        }
+        result
+    }
+
+    async fn write_batch_on(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        batch: &WriteBatch,
+    ) -> Result<()> {
+        let mut tx = match self.backend() {
+            Backend::Sqlite => conn.begin_with("BEGIN IMMEDIATE").await,
+            Backend::Postgres => conn.begin().await,
+        }
+        .map_err(query_err("starting an ingest transaction"))?;
 
         for chunk in batch.telemetry.chunks(CHUNK) {
             let mut sql = String::from(

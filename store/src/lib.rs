@@ -22,13 +22,13 @@ pub use devices::{
     Refusal, SessionRecord, TelemetryRecord,
 };
 pub use ingest::{
-    InfoRow, LocationRow, QuarantineRow, RefusalRow, StatusEvent, TelemetryRow, WriteBatch,
+    InfoRow, LocationRow, QuarantineRow, RefusalRow, Split, StatusEvent, TelemetryRow, WriteBatch,
 };
 pub use users::{NewUser, UserRecord};
 
 use std::str::FromStr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
@@ -70,6 +70,8 @@ pub enum StoreError {
         #[source]
         source: sqlx::migrate::MigrateError,
     },
+    #[error("the database did not answer in time while {op}")]
+    Timeout { op: &'static str },
     #[error("database error while {op}")]
     Query {
         op: &'static str,
@@ -79,6 +81,78 @@ pub enum StoreError {
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Why the database cannot take writes right now: a condition of the store, not of the data,
+/// that goes away by itself (space freed, database back). Writes are retried, never split.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreFault {
+    /// Disk or quota full (SQLite `SQLITE_FULL`, PostgreSQL class 53).
+    Full,
+    /// The database or its files are read-only.
+    ReadOnly,
+    /// Another writer holds the database (SQLite `SQLITE_BUSY`/`LOCKED`, deadlocks).
+    Locked,
+    /// The database cannot be reached, or its connection or I/O failed.
+    Unreachable,
+}
+
+impl StoreFault {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreFault::Full => "disk_full",
+            StoreFault::ReadOnly => "read_only",
+            StoreFault::Locked => "locked",
+            StoreFault::Unreachable => "unreachable",
+        }
+    }
+
+    /// Classifies a database error; `None` means the statement or its data is at fault.
+    pub fn of(e: &sqlx::Error) -> Option<StoreFault> {
+        use sqlx::Error as E;
+        match e {
+            E::Io(_)
+            | E::Tls(_)
+            | E::Protocol(_)
+            | E::PoolTimedOut
+            | E::PoolClosed
+            | E::WorkerCrashed
+            | E::BeginFailed => Some(StoreFault::Unreachable),
+            E::Database(db) => {
+                let code = db.code()?;
+                if let Ok(n) = code.parse::<i64>() {
+                    // SQLite (extended) result codes: the primary code is the low byte.
+                    return match n & 0xff {
+                        13 => Some(StoreFault::Full),
+                        8 => Some(StoreFault::ReadOnly),
+                        5 | 6 => Some(StoreFault::Locked),
+                        10 | 14 | 15 | 26 => Some(StoreFault::Unreachable),
+                        _ => None,
+                    };
+                }
+                // PostgreSQL SQLSTATE classes.
+                match &code[..code.len().min(2)] {
+                    "53" => Some(StoreFault::Full),
+                    "25" if code == "25006" => Some(StoreFault::ReadOnly),
+                    "40" => Some(StoreFault::Locked),
+                    "08" | "57" | "58" => Some(StoreFault::Unreachable),
+                    _ => None,
+                }
+            }
+            _ => None,
+        }
+    }
+}
+
+impl StoreError {
+    /// The store condition behind this error, if it is one (see [`StoreFault`]).
+    pub fn fault(&self) -> Option<StoreFault> {
+        match self {
+            StoreError::Connect(e) | StoreError::Query { source: e, .. } => StoreFault::of(e),
+            StoreError::Timeout { .. } => Some(StoreFault::Unreachable),
+            _ => None,
+        }
+    }
+}
 
 pub(crate) fn query_err(op: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
     move |source| StoreError::Query { op, source }
@@ -103,6 +177,8 @@ pub struct Store {
     /// Deliberate slowness before each ingest batch, for tests of back-pressure. Zero in
     /// production; there is no configuration key for it.
     write_delay_ms: Arc<AtomicU64>,
+    /// Why ingest's last write failed, while it keeps failing; readiness reports it.
+    write_fault: Arc<Mutex<Option<StoreFault>>>,
 }
 
 impl Store {
@@ -157,6 +233,7 @@ impl Store {
             pool,
             backend,
             write_delay_ms: Arc::new(AtomicU64::new(0)),
+            write_fault: Arc::new(Mutex::new(None)),
         })
     }
 
@@ -167,6 +244,33 @@ impl Store {
     /// True when the database answers a trivial query.
     pub async fn ping(&self) -> bool {
         sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
+    }
+
+    /// Records whether writes are failing for a store condition (`None`: they succeed).
+    pub fn set_write_fault(&self, fault: Option<StoreFault>) {
+        if let Ok(mut f) = self.write_fault.lock() {
+            *f = fault;
+        }
+    }
+
+    /// The store condition that makes writes fail right now, if any.
+    pub fn write_fault(&self) -> Option<StoreFault> {
+        self.write_fault.lock().ok().and_then(|f| *f)
+    }
+
+    /// Starts a write transaction. On SQLite it takes the write lock at once (`BEGIN
+    /// IMMEDIATE`), so `busy_timeout` queues it behind other writers; a deferred transaction
+    /// that reads first would fail with "database is locked" when another writer committed
+    /// in between, whatever the timeout.
+    pub(crate) async fn begin_write(
+        &self,
+        op: &'static str,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Any>> {
+        match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
+            Backend::Postgres => self.pool.begin().await,
+        }
+        .map_err(query_err(op))
     }
 
     /// Slows every ingest batch down by `delay` (tests of back-pressure only).

@@ -96,7 +96,22 @@ impl From<StoreError> for ApiError {
                 "not_found",
                 format!("{what} not found"),
             ),
-            other => Self::internal("store", &other),
+            other => match other.fault() {
+                // A condition of the store that passes (disk full, database down): say so,
+                // so a client retries, instead of a 500 that looks like a bug.
+                Some(fault) => {
+                    tracing::warn!(fault = fault.as_str(), error = %other, source = ?std::error::Error::source(&other), "store unavailable for a request");
+                    Self::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "store_unavailable",
+                        format!(
+                            "the database cannot serve this request right now ({}); try again shortly",
+                            fault.as_str().replace('_', " ")
+                        ),
+                    )
+                }
+                None => Self::internal("store", &other),
+            },
         }
     }
 }

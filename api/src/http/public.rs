@@ -21,14 +21,21 @@ pub(super) async fn readyz(State(s): State<ApiState>) -> Response {
         .await
         .unwrap_or(false);
     let broker = s.broker_listening.load(Ordering::Relaxed);
-    let status = if store && broker {
+    // Reachable but refusing writes (disk full, read-only) is not ready either: devices'
+    // messages are not being acknowledged.
+    let write_fault = s.store.write_fault();
+    let status = if store && broker && write_fault.is_none() {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (
         status,
-        axum::Json(json!({"store": store, "broker": broker})),
+        axum::Json(json!({
+            "store": store && write_fault.is_none(),
+            "store_fault": write_fault.map(|f| f.as_str()),
+            "broker": broker,
+        })),
     )
         .into_response()
 }
