@@ -31,26 +31,68 @@ impl Codec {
     }
 }
 
-/// Decodes the remaining-length varint after the first byte: `(length, bytes used)`.
-fn remaining_length(buf: &[u8]) -> Option<(usize, usize)> {
-    let mut len = 0usize;
-    for i in 0..4 {
-        let b = *buf.get(1 + i)?;
-        len |= usize::from(b & 0x7f) << (7 * i);
-        if b & 0x80 == 0 {
-            return Some((len, 1 + i));
-        }
-    }
-    None
+/// Why a fixed header is refused before anything more of its packet is read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum FrameError {
+    #[error("malformed remaining length (more than four length bytes)")]
+    MalformedLength,
+    #[error("packet of {len} bytes exceeds mqtt.max_packet_bytes ({max})")]
+    TooLarge { len: usize, max: usize },
+    #[error("client sent {0}, a packet only a server may send")]
+    ServerOnly(&'static str),
+    #[error("packet type {0} is reserved")]
+    Reserved(u8),
 }
 
-/// The protocol level of a CONNECT at the start of `buf` (4 = 3.1.1, 5 = 5), or `None` when
-/// not enough bytes have arrived yet or the packet is not a CONNECT.
+/// The remaining-length varint after the first byte: `Ok(Some((length, bytes used)))`,
+/// `Ok(None)` while it is incomplete, an error when it runs past four bytes.
+fn remaining_length(buf: &[u8]) -> Result<Option<(usize, usize)>, FrameError> {
+    let mut len = 0usize;
+    for i in 0..4 {
+        let Some(b) = buf.get(1 + i) else {
+            return Ok(None);
+        };
+        len |= usize::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            return Ok(Some((len, 1 + i)));
+        }
+    }
+    Err(FrameError::MalformedLength)
+}
+
+/// Checks the fixed header at the start of `buf` before the packet is buffered: a packet
+/// type a client may send, a well-formed remaining length within `max`. `Ok(Some(type))`
+/// when the whole packet is in `buf`, `Ok(None)` while more bytes are needed (never more
+/// than `max` plus the header). rumqttd's v5 parser panics on packet types it does not
+/// expect from a client, so nothing else may reach it.
+pub(crate) fn frame(buf: &[u8], max: usize) -> Result<Option<u8>, FrameError> {
+    let Some(first) = buf.first() else {
+        return Ok(None);
+    };
+    let packet_type = first >> 4;
+    match packet_type {
+        0 | 15 => return Err(FrameError::Reserved(packet_type)),
+        2 => return Err(FrameError::ServerOnly("CONNACK")),
+        9 => return Err(FrameError::ServerOnly("SUBACK")),
+        11 => return Err(FrameError::ServerOnly("UNSUBACK")),
+        13 => return Err(FrameError::ServerOnly("PINGRESP")),
+        _ => {}
+    }
+    let Some((len, used)) = remaining_length(buf)? else {
+        return Ok(None);
+    };
+    if len > max {
+        return Err(FrameError::TooLarge { len, max });
+    }
+    Ok((buf.len() >= 1 + used + len).then_some(packet_type))
+}
+
+/// The protocol level of the complete CONNECT at the start of `buf` (4 = 3.1.1, 5 = 5).
 pub(crate) fn connect_protocol_level(buf: &[u8]) -> Option<u8> {
     if buf.first()? >> 4 != 1 {
         return None;
     }
-    let (_, used) = remaining_length(buf)?;
+    let (_, used) = remaining_length(buf).ok()??;
     let at = 1 + used;
     let name_len = usize::from(u16::from_be_bytes([*buf.get(at)?, *buf.get(at + 1)?]));
     buf.get(at + 2 + name_len).copied()
@@ -67,7 +109,7 @@ pub(crate) fn publish_qos_pkid(buf: &[u8]) -> Option<(u8, u16)> {
     if qos == 0 {
         return Some((0, 0));
     }
-    let (_, used) = remaining_length(buf)?;
+    let (_, used) = remaining_length(buf).ok()??;
     let at = 1 + used;
     let topic_len = usize::from(u16::from_be_bytes([*buf.get(at)?, *buf.get(at + 1)?]));
     let p = at + 2 + topic_len;
@@ -89,5 +131,37 @@ mod tests {
         assert_eq!(publish_qos_pkid(&publish), Some((1, 0x0102)));
         assert_eq!(publish_qos_pkid(&[0x30, 5]), Some((0, 0)));
         assert_eq!(publish_qos_pkid(&connect), None);
+    }
+
+    #[test]
+    fn frames_are_checked_before_they_are_buffered() {
+        let connect = [0x10, 12, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 60, 0, 0];
+        assert_eq!(frame(&connect, 64), Ok(Some(1)));
+        assert_eq!(frame(&connect[..6], 64), Ok(None), "incomplete");
+        assert_eq!(frame(&[0x10], 64), Ok(None));
+        assert_eq!(
+            frame(&[0x10, 0xff, 0xff, 0xff, 0xff], 64),
+            Err(FrameError::MalformedLength)
+        );
+        assert_eq!(
+            frame(&[0x10, 0xff, 0xff, 0xff], 1 << 20),
+            Ok(None),
+            "a long length still incomplete"
+        );
+        assert_eq!(
+            frame(&[0x30, 0x81, 0x01], 64),
+            Err(FrameError::TooLarge { len: 129, max: 64 }),
+            "refused from its header alone"
+        );
+        assert_eq!(
+            frame(&[0x20, 2, 0, 0], 64),
+            Err(FrameError::ServerOnly("CONNACK"))
+        );
+        assert_eq!(
+            frame(&[0xb0, 2, 0, 1], 64),
+            Err(FrameError::ServerOnly("UNSUBACK"))
+        );
+        assert_eq!(frame(&[0xf0, 0], 64), Err(FrameError::Reserved(15)));
+        assert_eq!(frame(&[0xc0, 0], 64), Ok(Some(12)), "PINGREQ");
     }
 }

@@ -5,8 +5,9 @@
 //! in its own task here: TLS handshake and CONNECT under one deadline, identity (certificate
 //! CN = device serial = client id), topic ACL, keep-alive, and a rumqttd `LinkBuilder` link for
 //! subscriptions and downlink. Device publishes do not pass through the router: they are
-//! handed to ingest over a bounded queue and acknowledged only once queued, so a slow store
-//! pushes back on publishers instead of losing acknowledged messages.
+//! handed to ingest over a bounded queue and acknowledged (PUBACK, PUBREC) only once ingest
+//! has committed them ([`Acks`]), so a PUBACK means the message is durable and a slow or
+//! failing store pushes back on publishers instead of losing acknowledged messages.
 //!
 //! The broker reports what happens — connected, disconnected (with reason), refused (with
 //! reason and the device its certificate named), message — as [`BrokerEvent`]s. It never
@@ -117,6 +118,8 @@ pub enum DisconnectReason {
     ProtocolError,
     IngestClosed,
     CertificateExpired,
+    /// The device sent malformed payloads faster than ingest keeps them.
+    Abuse,
 }
 
 impl DisconnectReason {
@@ -131,6 +134,7 @@ impl DisconnectReason {
             Self::ProtocolError => "protocol_error",
             Self::IngestClosed => "ingest_closed",
             Self::CertificateExpired => "certificate_expired",
+            Self::Abuse => "abuse",
         }
     }
 }
@@ -173,6 +177,31 @@ pub struct DeviceMessage {
     pub topic: Bytes,
     pub payload: Bytes,
     pub received_at_ms: i64,
+    /// Where to report the message durable, when the device waits for that (QoS 1 and 2).
+    pub ack: Option<Arc<Acks>>,
+}
+
+/// How ingest tells a session that its messages are stored, so that their PUBACKs may go.
+///
+/// Ingest commits a session's messages in the order the session queued them, so a count is
+/// enough: the session acknowledges that many of its waiting messages, oldest first. One
+/// atomic add and one wake-up per session per committed batch, however many messages.
+#[derive(Debug, Default)]
+pub struct Acks {
+    durable: AtomicU64,
+    wake: tokio::sync::Notify,
+}
+
+impl Acks {
+    /// `n` more of this session's acknowledged-on-commit messages are durable.
+    pub fn release(&self, n: u64) {
+        self.durable.fetch_add(n, Ordering::Release);
+        self.wake.notify_one();
+    }
+
+    pub(crate) fn durable(&self) -> u64 {
+        self.durable.load(Ordering::Acquire)
+    }
 }
 
 /// How another part closes a live session (revocation, takeover).
@@ -330,6 +359,20 @@ impl Broker {
             closed += 1;
         }
         closed
+    }
+
+    /// Closes the live session of the device `serial`, if there is one, with `reason`.
+    pub fn close_device(&self, serial: &str, reason: DisconnectReason) -> bool {
+        let Ok(sessions) = self.sessions.lock() else {
+            return false;
+        };
+        match sessions.iter().find(|(s, _)| s.as_str() == serial) {
+            Some((_, control)) => {
+                control.close_with(reason);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Closes live sessions whose certificate validity ended (lease end, expiry): a session

@@ -1,7 +1,7 @@
 //! One device connection, from TCP accept to disconnect.
 
 use std::cell::RefCell;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::pin;
@@ -24,10 +24,10 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::codec::{Codec, connect_protocol_level, publish_qos_pkid};
+use crate::codec::{Codec, connect_protocol_level, frame, publish_qos_pkid};
 use crate::tls::{HandshakeNote, NOTE, classify};
 use crate::{
-    Broker, BrokerEvent, DeviceMessage, DisconnectReason, LinkRequest, RefusalReason,
+    Acks, Broker, BrokerEvent, DeviceMessage, DisconnectReason, LinkRequest, RefusalReason,
     SessionControl, TopicKind, acl,
 };
 
@@ -105,7 +105,7 @@ pub(crate) async fn run(
         }
         Ok(Ok(pair)) => pair,
     };
-    let Packet::Connect(connect, _props, will, _will_props, _login) = packet else {
+    let Packet::Connect(connect, props, will, _will_props, _login) = packet else {
         return broker.emit_refusal(
             cn,
             peer,
@@ -115,7 +115,13 @@ pub(crate) async fn run(
     };
 
     let mut wbuf = BytesMut::with_capacity(1024);
+    // MQTT 5 §3.1.2.11.3: a Receive Maximum of 0 is a protocol error.
+    let receive_max_zero = props.as_ref().and_then(|p| p.receive_maximum) == Some(0);
     let refusal = match cn.as_deref().map(DeviceSerial::parse) {
+        _ if receive_max_zero => Err((
+            RefusalReason::ProtocolError,
+            "CONNECT with Receive Maximum 0".to_owned(),
+        )),
         None => Err((
             RefusalReason::InvalidIdentity,
             "the certificate has no subject CN".to_owned(),
@@ -145,7 +151,13 @@ pub(crate) async fn run(
         Err((reason, detail)) => {
             let ack = ConnAck {
                 session_present: false,
-                code: ConnectReturnCode::NotAuthorized,
+                // rumqttd's 3.1.1 codec can write only the 3.1.1 return codes.
+                code: match reason {
+                    RefusalReason::ProtocolError if codec.is_v5() => {
+                        ConnectReturnCode::ProtocolError
+                    }
+                    _ => ConnectReturnCode::NotAuthorized,
+                },
             };
             if codec.write(Packet::ConnAck(ack, None), &mut wbuf).is_ok() {
                 let _ = write_out(&mut stream, &mut wbuf).await;
@@ -214,6 +226,13 @@ pub(crate) async fn run(
         .unwrap_or_else(|| Duration::from_millis(u64::from(keep_alive) * 1500));
     metrics::counter!("tms_broker_connects_accepted_total").increment(1);
     metrics::gauge!("tms_broker_connections").increment(1.0);
+    let ending = Ending(Some(EndingParts {
+        broker: broker.clone(),
+        serial: serial.clone(),
+        session_id: session_id.clone(),
+        peer,
+        will,
+    }));
     tracing::info!(device.serial = %serial, peer.addr = %peer, session.id = %session_id, mqtt.v5 = codec.is_v5(), "device connected");
     broker
         .emit(BrokerEvent::Connected {
@@ -236,6 +255,10 @@ pub(crate) async fn run(
         rbuf,
         wbuf,
         qos2_pending: HashSet::new(),
+        acks: Arc::new(Acks::default()),
+        released: 0,
+        owed: VecDeque::new(),
+        partial_subscribes: HashMap::new(),
         received: TopicKind::ALL
             .map(|k| metrics::counter!("tms_broker_messages_received_total", "kind" => k.as_str())),
     };
@@ -256,35 +279,82 @@ pub(crate) async fn run(
         .ok()
         .and_then(|r| *r)
         .unwrap_or(reason);
-    if reason != DisconnectReason::ClientDisconnect
-        && let Some(w) = will
-        && let Some(kind) = acl::publish_kind(&serial, &w.topic)
-    {
-        // The will: the device's own last word about itself, stored like any message.
-        broker
-            .emit(BrokerEvent::Message(DeviceMessage {
-                serial: serial.clone(),
-                session_id: session_id.clone(),
-                kind,
-                topic: w.topic,
-                payload: w.message,
-                received_at_ms: now_ms(),
-            }))
-            .await;
-    }
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
-    broker.deregister(&serial, &session_id);
-    metrics::gauge!("tms_broker_connections").decrement(1.0);
-    metrics::counter!("tms_broker_disconnects_total", "reason" => reason.as_str()).increment(1);
-    tracing::info!(device.serial = %serial, peer.addr = %peer, reason = reason.as_str(), "device disconnected");
-    broker
-        .emit(BrokerEvent::Disconnected {
+    ending.finish(reason).await;
+}
+
+/// Ends a session that reported `Connected`, exactly once: normally through
+/// [`Ending::finish`]; if the session task panics (or is dropped) on the way, its `Drop`
+/// still sends the will, frees the device's place and reports the disconnect, so a device
+/// is never left "online" by a session that no longer exists.
+struct Ending(Option<EndingParts>);
+
+struct EndingParts {
+    broker: Arc<Broker>,
+    serial: DeviceSerial,
+    session_id: Arc<str>,
+    peer: SocketAddr,
+    will: Option<rumqttd::protocol::LastWill>,
+}
+
+impl Ending {
+    async fn finish(mut self, reason: DisconnectReason) {
+        if let Some(parts) = self.0.take() {
+            parts.finish(reason).await;
+        }
+    }
+}
+
+impl Drop for Ending {
+    fn drop(&mut self) {
+        let Some(parts) = self.0.take() else { return };
+        tracing::error!(device.serial = %parts.serial, session.id = %parts.session_id, panicking = std::thread::panicking(), "session task ended abnormally; closing the session");
+        metrics::counter!("tms_broker_session_panics_total").increment(1);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(parts.finish(DisconnectReason::ProtocolError));
+        }
+    }
+}
+
+impl EndingParts {
+    async fn finish(self, reason: DisconnectReason) {
+        let EndingParts {
+            broker,
             serial,
             session_id,
-            reason,
-            at_ms: now_ms(),
-        })
-        .await;
+            peer,
+            will,
+        } = self;
+        if reason != DisconnectReason::ClientDisconnect
+            && let Some(w) = will
+            && let Some(kind) = acl::publish_kind(&serial, &w.topic)
+        {
+            // The will: the device's own last word about itself, stored like any message.
+            broker
+                .emit(BrokerEvent::Message(DeviceMessage {
+                    serial: serial.clone(),
+                    session_id: session_id.clone(),
+                    kind,
+                    topic: w.topic,
+                    payload: w.message,
+                    received_at_ms: now_ms(),
+                    ack: None,
+                }))
+                .await;
+        }
+        broker.deregister(&serial, &session_id);
+        metrics::gauge!("tms_broker_connections").decrement(1.0);
+        metrics::counter!("tms_broker_disconnects_total", "reason" => reason.as_str()).increment(1);
+        tracing::info!(device.serial = %serial, peer.addr = %peer, reason = reason.as_str(), "device disconnected");
+        broker
+            .emit(BrokerEvent::Disconnected {
+                serial,
+                session_id,
+                reason,
+                at_ms: now_ms(),
+            })
+            .await;
+    }
 }
 
 /// Builds the device's router link; `None` (logged) when the router refuses it.
@@ -318,18 +388,25 @@ async fn read_connect(
     max: usize,
 ) -> Result<(Codec, Packet), String> {
     loop {
+        match frame(rbuf, max) {
+            Err(e) => return Err(e.to_string()),
+            Ok(Some(1)) => {
+                let codec = match connect_protocol_level(rbuf) {
+                    Some(5) => Codec::V5,
+                    _ => Codec::V4,
+                };
+                return codec
+                    .read(rbuf, max)
+                    .map(|p| (codec, p))
+                    .map_err(|e| format!("malformed CONNECT: {e}"));
+            }
+            Ok(Some(other)) => return Err(format!("expected CONNECT, got packet type {other}")),
+            Ok(None) => {}
+        }
         if let Some(first) = rbuf.first()
             && first >> 4 != 1
         {
             return Err(format!("expected CONNECT, got packet type {}", first >> 4));
-        }
-        if let Some(level) = connect_protocol_level(rbuf) {
-            let codec = if level == 5 { Codec::V5 } else { Codec::V4 };
-            match codec.read(rbuf, max) {
-                Ok(p) => return Ok((codec, p)),
-                Err(ProtoError::InsufficientBytes(_)) => {}
-                Err(e) => return Err(format!("malformed CONNECT: {e}")),
-            }
         }
         match stream.read_buf(rbuf).await {
             Ok(0) => return Err("connection closed before CONNECT".into()),
@@ -367,8 +444,18 @@ struct Session<'a> {
     max: usize,
     rbuf: BytesMut,
     wbuf: BytesMut,
-    /// QoS 2 packet ids received (PUBREC sent) and not yet released.
+    /// QoS 2 packet ids received (PUBREC sent or owed) and not yet released.
     qos2_pending: HashSet<u16>,
+    /// Ingest's count of this session's messages that are durable.
+    acks: Arc<Acks>,
+    /// How many of those have been acknowledged to the device.
+    released: u64,
+    /// PUBACK/PUBREC owed to the device, in the order its PUBLISHes arrived (MQTT 3.1.1
+    /// §4.6): one waiting for its message to be stored holds back those after it.
+    owed: VecDeque<Owed>,
+    /// SUBSCRIBEs sent to the router without their denied filters: packet id -> positions
+    /// of the denied filters, filled in as failures when the router's SUBACK comes back.
+    partial_subscribes: HashMap<u16, Vec<usize>>,
     /// `tms_broker_messages_received_total` per kind (`TopicKind as usize`), looked up once
     /// per session rather than per message.
     received: [metrics::Counter; 4],
@@ -377,6 +464,15 @@ struct Session<'a> {
 enum Step {
     Continue,
     End(DisconnectReason),
+}
+
+/// One acknowledgement owed to the device.
+struct Owed {
+    qos: u8,
+    pkid: u16,
+    reason: PubAckReason,
+    /// Waits until ingest has committed the message.
+    durable: bool,
 }
 
 impl Session<'_> {
@@ -391,11 +487,19 @@ impl Session<'_> {
         shutdown: &CancellationToken,
     ) -> DisconnectReason {
         let mut to_router: Vec<Packet> = Vec::new();
+        let acks = self.acks.clone();
         let reason = loop {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break DisconnectReason::ServerShutdown,
                 _ = control.close.cancelled() => break DisconnectReason::Revoked,
+                // Ingest committed messages of this session: their PUBACKs may go out.
+                _ = acks.wake.notified() => {
+                    self.release_acks();
+                    if write_out(stream, &mut self.wbuf).await.is_err() {
+                        break DisconnectReason::ConnectionLost;
+                    }
+                }
                 read = tokio::time::timeout(idle_limit, stream.read_buf(&mut self.rbuf)) => {
                     match read {
                         Err(_) => break DisconnectReason::KeepaliveTimeout,
@@ -403,6 +507,7 @@ impl Session<'_> {
                         Ok(Ok(n)) => metrics::counter!("tms_broker_bytes_received_total").increment(n as u64),
                     }
                     let step = self.read_packets(&mut to_router).await;
+                    self.release_acks();
                     if write_out(stream, &mut self.wbuf).await.is_err() {
                         break DisconnectReason::ConnectionLost;
                     }
@@ -449,6 +554,7 @@ impl Session<'_> {
                                     }
                                     n => {
                                         if let Some(p) = Option::<Packet>::from(n) {
+                                            let p = self.with_denied_filters(p);
                                             let _ = self.codec.write(p, &mut self.wbuf);
                                         }
                                     }
@@ -481,6 +587,14 @@ impl Session<'_> {
     /// Decodes every complete packet in the read buffer and acts on it.
     async fn read_packets(&mut self, to_router: &mut Vec<Packet>) -> Step {
         loop {
+            match frame(&self.rbuf, self.max) {
+                Ok(Some(_)) => {}
+                Ok(None) => return Step::Continue,
+                Err(e) => {
+                    self.refuse_in_session(RefusalReason::ProtocolError, e.to_string());
+                    return Step::End(DisconnectReason::ProtocolError);
+                }
+            }
             let header = publish_qos_pkid(&self.rbuf);
             let packet = match self.codec.read(&mut self.rbuf, self.max) {
                 Ok(p) => p,
@@ -509,14 +623,16 @@ impl Session<'_> {
                                     topic: publish.topic,
                                     payload: publish.payload,
                                     received_at_ms: now_ms(),
+                                    ack: (qos > 0).then(|| self.acks.clone()),
                                 };
-                                // Waits while ingest is full: the PUBACK below is only sent once
-                                // the message is queued, so a slow store slows publishers down.
+                                // Waits while ingest is full, and the PUBACK waits until ingest
+                                // has committed the message: a slow or failing store slows
+                                // publishers down and nothing unstored is acknowledged.
                                 if !self.broker.emit(BrokerEvent::Message(message)).await {
                                     return Step::End(DisconnectReason::IngestClosed);
                                 }
                             }
-                            self.ack_publish(qos, pkid, PubAckReason::Success);
+                            self.owe(qos, pkid, PubAckReason::Success, fresh);
                         }
                         None => {
                             metrics::counter!("tms_broker_acl_denied_total", "action" => "publish")
@@ -534,7 +650,7 @@ impl Session<'_> {
                             }
                             // MQTT 3.1.1 has no negative PUBACK: acknowledge and drop, so the
                             // device does not retry the same forbidden message forever.
-                            self.ack_publish(qos, pkid, PubAckReason::NotAuthorized);
+                            self.owe(qos, pkid, PubAckReason::NotAuthorized, false);
                         }
                     }
                 }
@@ -548,21 +664,26 @@ impl Session<'_> {
                         .codec
                         .write(Packet::PubComp(comp, None), &mut self.wbuf);
                 }
-                Packet::Subscribe(subscribe, props) => {
-                    if let Some(denied) = subscribe
+                Packet::Subscribe(mut subscribe, props) => {
+                    let denied: Vec<usize> = subscribe
                         .filters
                         .iter()
-                        .find(|f| !acl::may_subscribe(self.serial, &f.path))
-                    {
+                        .enumerate()
+                        .filter(|(_, f)| !acl::may_subscribe(self.serial, &f.path))
+                        .map(|(i, _)| i)
+                        .collect();
+                    if let Some(&first) = denied.first() {
                         metrics::counter!("tms_broker_acl_denied_total", "action" => "subscribe")
-                            .increment(1);
+                            .increment(denied.len() as u64);
                         self.refuse_in_session(
                             RefusalReason::AclDenied,
                             format!(
                                 "subscribe to {:?} denied: only tms/{}/cmd/# is allowed",
-                                denied.path, self.serial
+                                subscribe.filters[first].path, self.serial
                             ),
                         );
+                    }
+                    if denied.len() == subscribe.filters.len() {
                         let ack = SubAck {
                             pkid: subscribe.pkid,
                             return_codes: vec![
@@ -572,6 +693,14 @@ impl Session<'_> {
                         };
                         let _ = self.codec.write(Packet::SubAck(ack, None), &mut self.wbuf);
                     } else {
+                        // Each filter is answered on its own (MQTT 3.1.1 §3.9.3): the allowed
+                        // ones go to the router, the denied ones are failures in its SUBACK.
+                        if !denied.is_empty() {
+                            for &i in denied.iter().rev() {
+                                subscribe.filters.remove(i);
+                            }
+                            self.partial_subscribes.insert(subscribe.pkid, denied);
+                        }
                         to_router.push(Packet::Subscribe(subscribe, props));
                     }
                 }
@@ -595,6 +724,52 @@ impl Session<'_> {
                     return Step::End(DisconnectReason::ProtocolError);
                 }
             }
+        }
+    }
+
+    /// Records the PUBACK (QoS 1) or PUBREC (QoS 2) a PUBLISH is owed; QoS 0 owes nothing.
+    fn owe(&mut self, qos: u8, pkid: u16, reason: PubAckReason, durable: bool) {
+        if qos > 0 {
+            self.owed.push_back(Owed {
+                qos,
+                pkid,
+                reason,
+                durable,
+            });
+        }
+    }
+
+    /// Writes every owed acknowledgement that may go out now: oldest first, each waiting one
+    /// only once ingest has committed its message.
+    fn release_acks(&mut self) {
+        let durable = self.acks.durable();
+        while let Some(front) = self.owed.front() {
+            if front.durable {
+                if self.released >= durable {
+                    break;
+                }
+                self.released += 1;
+            }
+            if let Some(owed) = self.owed.pop_front() {
+                self.ack_publish(owed.qos, owed.pkid, owed.reason);
+            }
+        }
+    }
+
+    /// Puts the failures for the filters a SUBSCRIBE was sent to the router without into the
+    /// router's SUBACK, so each filter has its own answer in its own position.
+    fn with_denied_filters(&mut self, packet: Packet) -> Packet {
+        match packet {
+            Packet::SubAck(mut ack, props) => {
+                if let Some(denied) = self.partial_subscribes.remove(&ack.pkid) {
+                    for i in denied {
+                        let at = i.min(ack.return_codes.len());
+                        ack.return_codes.insert(at, SubscribeReasonCode::Failure);
+                    }
+                }
+                Packet::SubAck(ack, props)
+            }
+            other => other,
         }
     }
 

@@ -146,7 +146,10 @@ pub struct Ingest {
     /// Messages waiting for the store; when full, publishers are pushed back (no PUBACK).
     pub queue_capacity: usize,
     pub batch_max_rows: usize,
+    /// How long a batch waits for more messages; zero: commit what has queued at once.
     pub flush_interval: Duration,
+    /// At shutdown, how long ingest keeps trying to write what is queued.
+    pub drain_timeout: Duration,
 }
 
 impl fmt::Debug for Config {
@@ -221,6 +224,7 @@ const KEYS: &[(&str, &str)] = &[
     ("ingest", "queue_capacity"),
     ("ingest", "batch_max_rows"),
     ("ingest", "flush_interval_ms"),
+    ("ingest", "drain_timeout_secs"),
     ("log", "format"),
 ];
 
@@ -599,7 +603,8 @@ fn build(b: &mut Builder) -> Config {
     let ingest = Ingest {
         queue_capacity: b.int("ingest.queue_capacity", 10_000, 1, 10_000_000) as usize,
         batch_max_rows: b.int("ingest.batch_max_rows", 500, 1, 100_000) as usize,
-        flush_interval: Duration::from_millis(b.int("ingest.flush_interval_ms", 20, 1, 60_000)),
+        flush_interval: Duration::from_millis(b.int("ingest.flush_interval_ms", 0, 0, 60_000)),
+        drain_timeout: Duration::from_secs(b.int("ingest.drain_timeout_secs", 10, 1, 3600)),
     };
 
     let format = b.parsed("log.format", LogFormat::Text, |s| match s {

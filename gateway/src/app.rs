@@ -138,15 +138,20 @@ impl App {
             events_tx,
         )
         .context("starting the broker")?;
+        let abuse_broker = broker.clone();
         let ingest = Ingest::new(
             store.clone(),
             events_rx,
             IngestSettings {
                 batch_max_rows: config.ingest.batch_max_rows,
                 flush_interval: config.ingest.flush_interval,
+                drain_timeout: config.ingest.drain_timeout,
                 node_id,
             },
-        );
+        )
+        .on_abuse(Box::new(move |serial| {
+            abuse_broker.close_device(serial, tms_broker::DisconnectReason::Abuse);
+        }));
 
         let mqtt = TcpListener::bind(config.mqtt.listen)
             .await

@@ -5,12 +5,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use metrics::Counter;
-use tms_broker::{BrokerEvent, DeviceMessage, TopicKind};
+use tms_broker::{Acks, BrokerEvent, DeviceMessage, TopicKind};
 use tms_store::{
     InfoRow, LocationRow, QuarantineRow, RefusalRow, StatusEvent, TelemetryRow, WriteBatch,
 };
 
-use crate::payload::{parse_info, parse_location, parse_telemetry};
+use crate::payload::{parse_info, parse_location, parse_status, parse_telemetry};
 
 /// Collects events until [`Batcher::take`]. Pure: no I/O, so it can be tested alone.
 pub struct Batcher {
@@ -25,9 +25,33 @@ pub struct Batcher {
     /// Refusals per (device, reason), written at most once per [`REFUSAL_WINDOW`]: a device
     /// retrying in a tight loop costs one row update a second, not one per attempt.
     refusals: HashMap<(String, &'static str), PendingRefusal>,
+    /// Messages whose PUBACK waits for this batch, per session: released after the commit.
+    acks: HashMap<Arc<str>, (Arc<Acks>, u64)>,
+    /// Malformed payloads kept per device in the current minute, so one device sending
+    /// garbage cannot fill the disk.
+    garbage: HashMap<String, Garbage>,
+    /// Devices that sent more garbage than [`ABUSE_ROWS_PER_MIN`] since the last `take`.
+    abusive: Vec<String>,
     /// Made on first use, after the metrics recorder is installed.
     counters: Option<KindCounters>,
 }
+
+/// Malformed payloads of one device within one [`GARBAGE_WINDOW_MS`].
+struct Garbage {
+    window_start: i64,
+    rows: u32,
+    bytes: usize,
+    dropped: u32,
+    reported: bool,
+}
+
+/// Quarantine keeps at most this many malformed payloads (and bytes) per device per minute;
+/// past that they are only counted (`tms_ingest_quarantine_dropped_total`).
+pub const QUARANTINE_ROWS_PER_MIN: u32 = 100;
+pub const QUARANTINE_BYTES_PER_MIN: usize = 1024 * 1024;
+/// A device that sends this many malformed payloads in a minute is disconnected (`abuse`).
+pub const ABUSE_ROWS_PER_MIN: u32 = 1000;
+const GARBAGE_WINDOW_MS: i64 = 60_000;
 
 /// `tms_ingest_messages_total` per outcome and kind (indexed by `TopicKind as usize`),
 /// looked up once: a labelled lookup per message costs an allocation.
@@ -68,8 +92,22 @@ impl Batcher {
             seen: HashMap::new(),
             fresh: HashMap::new(),
             refusals: HashMap::new(),
+            acks: HashMap::new(),
+            garbage: HashMap::new(),
+            abusive: Vec::new(),
             counters: None,
         }
+    }
+
+    /// The acknowledgements that the batch last returned by [`Batcher::take`] releases once
+    /// it is committed: (session, how many of its messages).
+    pub fn take_acks(&mut self) -> Vec<(Arc<Acks>, u64)> {
+        self.acks.drain().map(|(_, v)| v).collect()
+    }
+
+    /// Devices to disconnect for sending garbage, since the last call.
+    pub fn take_abusive(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.abusive)
     }
 
     fn counters(&mut self) -> &KindCounters {
@@ -157,6 +195,14 @@ impl Batcher {
     fn add_message(&mut self, m: DeviceMessage) {
         let serial = m.serial.as_str();
         let at = m.received_at_ms;
+        if let Some(ack) = &m.ack {
+            match self.acks.get_mut(&*m.session_id) {
+                Some(owed) => owed.1 += 1,
+                None => {
+                    self.acks.insert(m.session_id.clone(), (ack.clone(), 1));
+                }
+            }
+        }
         match self.seen.get_mut(&*m.session_id) {
             Some(seen) => seen.1 = at,
             None => {
@@ -165,7 +211,7 @@ impl Batcher {
             }
         }
         let outcome = match m.kind {
-            TopicKind::Telemetry => parse_telemetry(&m.payload).map(|summary| {
+            TopicKind::Telemetry => parse_telemetry(&m.payload, at).map(|summary| {
                 match self.fresh.get_mut(serial) {
                     Some(fresh) => {
                         fresh.1 = at;
@@ -205,22 +251,20 @@ impl Batcher {
                     at,
                 });
             }),
-            TopicKind::Status => match std::str::from_utf8(&m.payload) {
-                Ok(text) if text.len() <= 1024 => {
-                    self.batch.status.push(StatusEvent::Reported {
-                        serial: serial.to_owned(),
-                        text: text.trim().to_owned(),
-                        at,
-                    });
-                    Ok(())
-                }
-                Ok(_) => Err("status payload is longer than 1024 bytes".to_owned()),
-                Err(e) => Err(format!("status payload is not UTF-8: {e}")),
-            },
+            TopicKind::Status => parse_status(&m.payload).map(|text| {
+                self.batch.status.push(StatusEvent::Reported {
+                    serial: serial.to_owned(),
+                    text,
+                    at,
+                });
+            }),
         };
         match outcome {
             Ok(()) => self.counters().stored[m.kind as usize].increment(1),
             Err(error) => {
+                if !self.may_quarantine(serial, m.payload.len(), at) {
+                    return;
+                }
                 self.counters().quarantined[m.kind as usize].increment(1);
                 tracing::warn!(device.serial = %serial, topic = m.kind.as_str(), %error, "malformed payload quarantined");
                 self.batch.quarantine.push(QuarantineRow {
@@ -232,6 +276,44 @@ impl Batcher {
                 });
             }
         }
+    }
+
+    /// Counts a malformed payload against its device's budget: true while it may be kept.
+    fn may_quarantine(&mut self, serial: &str, bytes: usize, at: i64) -> bool {
+        let g = match self.garbage.get_mut(serial) {
+            Some(g) => g,
+            None => self.garbage.entry(serial.to_owned()).or_insert(Garbage {
+                window_start: at,
+                rows: 0,
+                bytes: 0,
+                dropped: 0,
+                reported: false,
+            }),
+        };
+        if at - g.window_start >= GARBAGE_WINDOW_MS {
+            *g = Garbage {
+                window_start: at,
+                rows: 0,
+                bytes: 0,
+                dropped: 0,
+                reported: false,
+            };
+        }
+        if g.rows < QUARANTINE_ROWS_PER_MIN && g.bytes + bytes <= QUARANTINE_BYTES_PER_MIN {
+            g.rows += 1;
+            g.bytes += bytes;
+            return true;
+        }
+        g.dropped += 1;
+        metrics::counter!("tms_ingest_quarantine_dropped_total").increment(1);
+        if g.dropped == 1 {
+            tracing::warn!(device.serial = %serial, kept = g.rows, "quarantine budget of this device used up for this minute; further malformed payloads are only counted");
+        }
+        if g.rows + g.dropped >= ABUSE_ROWS_PER_MIN && !g.reported {
+            g.reported = true;
+            self.abusive.push(serial.to_owned());
+        }
+        false
     }
 
     /// Writes the pending last-seen of a session before its disconnect, keeping order.
@@ -273,6 +355,10 @@ impl Batcher {
                 pending.written_at = Some(now);
             }
         }
+        if let Some(latest) = self.garbage.values().map(|g| g.window_start).max() {
+            self.garbage
+                .retain(|_, g| latest - g.window_start < GARBAGE_WINDOW_MS);
+        }
         // Forget quiet devices, so the map stays as small as the set of misbehaving ones.
         self.refusals.retain(|_, p| {
             p.row.attempts > 0
@@ -311,6 +397,7 @@ mod tests {
             topic: Bytes::from_static(b"tms/RE4A1/x"),
             payload: Bytes::from_static(payload.as_bytes()),
             received_at_ms: at,
+            ack: None,
         })
     }
 

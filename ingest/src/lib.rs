@@ -3,34 +3,60 @@
 //! Events arrive in order on one bounded queue (the broker waits while it is full, which is
 //! what pushes back on publishers). [`Batcher`] turns them into a [`WriteBatch`] — parsing and
 //! validating payloads, quarantining malformed ones, coalescing last-seen and refusals — and
-//! [`Ingest::run`] commits a batch when it is full or a short time after its first event.
-//! A failed commit is retried, never dropped. Not here: SQL (the store) or MQTT (the broker).
+//! [`Ingest::run`] commits whatever has queued up as one transaction (group commit) and then
+//! releases the PUBACKs of the messages in it: a PUBACK means the message is durable.
+//!
+//! A commit that fails for a condition of the store (disk full, read-only, locked,
+//! unreachable) is retried with backoff, with the PUBACKs withheld, until it succeeds; one
+//! that fails because of its data is split in halves until the row the database refuses is
+//! found and quarantined with the database's error, so one bad row never blocks good ones.
+//! Not here: SQL (the store) or MQTT (the broker).
 
 mod batcher;
 mod payload;
 
-pub use batcher::{Batcher, REFUSAL_WINDOW};
-pub use payload::{LocationPayload, TelemetrySummary, parse_location, parse_telemetry};
+pub use batcher::{
+    ABUSE_ROWS_PER_MIN, Batcher, QUARANTINE_BYTES_PER_MIN, QUARANTINE_ROWS_PER_MIN, REFUSAL_WINDOW,
+};
+pub use payload::{
+    LocationPayload, MAX_DEPTH, TelemetrySummary, clean_text, parse_location, parse_telemetry,
+};
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tms_broker::BrokerEvent;
-use tms_store::{Store, WriteBatch};
+use tms_broker::{Acks, BrokerEvent};
+use tms_store::{Split, Store, StoreError, WriteBatch};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Clone)]
 pub struct IngestSettings {
     pub batch_max_rows: usize,
+    /// How long a batch may wait for more events before it is committed. Zero (the default):
+    /// commit at once what has queued; more queues while a commit runs, so batches grow
+    /// with the load and the PUBACK latency stays one commit.
     pub flush_interval: Duration,
+    /// Once draining starts, how long ingest keeps trying to write what is queued.
+    pub drain_timeout: Duration,
     pub node_id: String,
 }
+
+/// Called with the serial of a device that sends so much garbage it is to be disconnected.
+pub type AbuseHook = Box<dyn Fn(&str) + Send + Sync>;
 
 /// The ingest worker. Owns the receiving end of the broker's event queue.
 pub struct Ingest {
     store: Store,
     rx: mpsc::Receiver<BrokerEvent>,
     settings: IngestSettings,
+    on_abuse: Option<AbuseHook>,
+    /// Cancelled when draining starts (the broker has stopped).
+    drain: CancellationToken,
+    /// Set when draining starts: writes stop being retried after this.
+    give_up_at: Option<tokio::time::Instant>,
+    /// Rows given up at shutdown (never acknowledged to a device).
+    unwritten: usize,
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {
@@ -42,6 +68,15 @@ async fn sleep_until_opt(at: Option<Instant>) {
 
 /// Longest pause between retries of a failing commit.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// A commit that takes longer is treated as a store that stopped answering.
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How writing a batch ended, once the store took writes.
+enum Written {
+    Stored,
+    /// The database refused the batch's data.
+    Refused(StoreError),
+}
 
 impl Ingest {
     pub fn new(store: Store, rx: mpsc::Receiver<BrokerEvent>, settings: IngestSettings) -> Self {
@@ -49,12 +84,23 @@ impl Ingest {
             store,
             rx,
             settings,
+            on_abuse: None,
+            drain: CancellationToken::new(),
+            give_up_at: None,
+            unwritten: 0,
         }
     }
 
+    /// Who to tell when a device sends more garbage than [`ABUSE_ROWS_PER_MIN`] a minute.
+    pub fn on_abuse(mut self, hook: AbuseHook) -> Self {
+        self.on_abuse = Some(hook);
+        self
+    }
+
     /// Runs until `drain` is cancelled (after the broker has stopped) and every queued event
-    /// is committed, or until all senders are gone.
+    /// is committed or the drain deadline has passed, or until all senders are gone.
     pub async fn run(mut self, drain: CancellationToken) {
+        self.drain = drain.clone();
         let mut batcher = Batcher::new(self.settings.node_id.clone());
         let mut draining = false;
         loop {
@@ -68,11 +114,12 @@ impl Ingest {
                         // No new events from now on; what is queued is still written.
                         self.rx.close();
                         draining = true;
+                        self.start_deadline();
                         continue;
                     }
                     // Held-back refusals whose window has passed, while nothing else arrives.
                     _ = sleep_until_opt(due) => {
-                        self.commit(batcher.take(Instant::now(), false)).await;
+                        self.flush(&mut batcher, false).await;
                         continue;
                     }
                 }
@@ -87,7 +134,11 @@ impl Ingest {
                         continue;
                     }
                     Err(mpsc::error::TryRecvError::Disconnected) => break,
-                    Err(mpsc::error::TryRecvError::Empty) if draining => break,
+                    Err(mpsc::error::TryRecvError::Empty)
+                        if draining || self.settings.flush_interval.is_zero() =>
+                    {
+                        break;
+                    }
                     Err(mpsc::error::TryRecvError::Empty) => {}
                 }
                 match tokio::time::timeout_at(deadline, self.rx.recv()).await {
@@ -96,48 +147,182 @@ impl Ingest {
                 }
             }
             metrics::gauge!("tms_ingest_queue_depth").set(self.rx.len() as f64);
-            self.commit(batcher.take(Instant::now(), false)).await;
+            self.flush(&mut batcher, false).await;
         }
         // Everything still held back is written before ingest ends.
-        self.commit(batcher.take(Instant::now(), true)).await;
+        self.flush(&mut batcher, true).await;
+        if self.unwritten > 0 {
+            tracing::error!(
+                rows = self.unwritten,
+                "shutdown deadline passed with the store failing: these rows were not written; none of them was acknowledged to a device"
+            );
+        }
         tracing::info!("ingest drained");
     }
 
-    /// Commits one batch, retrying with backoff until it is stored.
-    async fn commit(&self, batch: WriteBatch) {
-        if batch.is_empty() {
-            return;
+    /// From the first call on, writes are retried only until the drain deadline.
+    fn start_deadline(&mut self) {
+        if self.give_up_at.is_none() {
+            self.give_up_at = Some(tokio::time::Instant::now() + self.settings.drain_timeout);
         }
-        let rows = batch.len();
-        let refusal_rows = batch.refusals.len();
-        let mut backoff = Duration::from_millis(50);
-        loop {
-            let started = std::time::Instant::now();
-            match self.store.write_batch(&batch).await {
-                Ok(()) => {
-                    metrics::histogram!("tms_ingest_commit_duration_seconds")
-                        .record(started.elapsed().as_secs_f64());
-                    metrics::histogram!("tms_ingest_batch_rows").record(rows as f64);
-                    // How long after CONNACK a device became visible as online in the store.
-                    let committed = tms_model::now_ms();
-                    for event in &batch.status {
-                        if let tms_store::StatusEvent::Connected { at, .. } = event {
-                            metrics::histogram!("tms_presence_online_latency_seconds")
-                                .record((committed - at).max(0) as f64 / 1000.0);
+    }
+
+    /// Commits what the batcher holds, then releases the PUBACKs of its messages.
+    async fn flush(&mut self, batcher: &mut Batcher, all: bool) {
+        let batch = batcher.take(Instant::now(), all);
+        let acks = batcher.take_acks();
+        if let Some(hook) = &self.on_abuse {
+            for serial in batcher.take_abusive() {
+                tracing::warn!(device.serial = %serial, "device sends malformed payloads faster than {ABUSE_ROWS_PER_MIN} a minute; disconnecting it (abuse)");
+                hook(&serial);
+            }
+        }
+        if self.commit(batch).await {
+            release(acks);
+        }
+    }
+
+    /// Writes one batch: retried while the store is at fault, split while its data is.
+    /// False when it was given up at the drain deadline (nothing of it is acknowledged).
+    async fn commit(&mut self, batch: WriteBatch) -> bool {
+        if batch.is_empty() {
+            return true;
+        }
+        // Halves still to write, in order: a refused batch is replaced by its two halves.
+        let mut work = vec![batch];
+        while let Some(batch) = work.pop() {
+            match self.write_with_retry(&batch).await {
+                Some(Written::Stored) => {}
+                Some(Written::Refused(e)) => {
+                    let rows = batch.len();
+                    match batch.split() {
+                        Split::Halves(first, second) => {
+                            tracing::warn!(error = %e, source = ?std::error::Error::source(&e), rows, "the database refused a batch; splitting it to find the row");
+                            work.push(second);
+                            work.push(first);
                         }
+                        Split::One(row) => self.set_aside(row, &e).await,
                     }
-                    metrics::counter!("tms_ingest_rows_written_total").increment(rows as u64);
-                    metrics::counter!("tms_ingest_refusal_writes_total")
-                        .increment(refusal_rows as u64);
-                    return;
                 }
-                Err(e) => {
-                    metrics::counter!("tms_ingest_write_errors_total").increment(1);
-                    tracing::error!(error = %e, source = ?std::error::Error::source(&e), rows, retry_in = ?backoff, "ingest commit failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                None => {
+                    self.unwritten += batch.len() + work.iter().map(WriteBatch::len).sum::<usize>();
+                    return false;
                 }
             }
         }
+        true
+    }
+
+    /// One row the database refuses: kept in quarantine with the database's error.
+    async fn set_aside(&mut self, batch: WriteBatch, e: &StoreError) {
+        let cause = std::error::Error::source(e)
+            .map(ToString::to_string)
+            .unwrap_or_else(|| e.to_string());
+        metrics::counter!("tms_ingest_rows_refused_total").increment(1);
+        let Some(row) = batch.clone().into_quarantine(&cause) else {
+            tracing::error!(error = %e, source = %cause, batch = ?batch, "the database refused a status row; it is dropped");
+            return;
+        };
+        tracing::warn!(device.serial = %row.serial, topic = %row.topic, source = %cause, "the database refused a row; quarantined");
+        let quarantined = WriteBatch {
+            quarantine: vec![row],
+            ..WriteBatch::default()
+        };
+        match self.write_with_retry(&quarantined).await {
+            Some(Written::Refused(e)) => {
+                tracing::error!(error = %e, source = ?std::error::Error::source(&e), "the database refused the quarantine row too; it is dropped");
+            }
+            None => self.unwritten += 1,
+            _ => {}
+        }
+    }
+
+    /// Writes `batch`, retrying with backoff while the store is at fault. `None` when the
+    /// drain deadline passed first.
+    async fn write_with_retry(&mut self, batch: &WriteBatch) -> Option<Written> {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let written = match self.attempt(batch).await {
+                Ok(()) => Written::Stored,
+                Err(e) => match e.fault() {
+                    None => Written::Refused(e),
+                    Some(fault) => {
+                        metrics::counter!("tms_ingest_write_errors_total", "fault" => fault.as_str())
+                        .increment(1);
+                        metrics::gauge!("tms_store_write_failing").set(1.0);
+                        if self.store.write_fault().is_none() {
+                            tracing::error!(fault = fault.as_str(), error = %e, source = ?std::error::Error::source(&e), rows = batch.len(), "the store cannot take writes; PUBACKs are withheld until it can");
+                        } else {
+                            tracing::debug!(fault = fault.as_str(), error = %e, "store still failing");
+                        }
+                        self.store.set_write_fault(Some(fault));
+                        if self.drain.is_cancelled() {
+                            self.start_deadline();
+                        }
+                        let now = tokio::time::Instant::now();
+                        if self.give_up_at.is_some_and(|t| now >= t) {
+                            return None;
+                        }
+                        let wake = match self.give_up_at {
+                            Some(t) => t.min(now + backoff),
+                            None => now + backoff,
+                        };
+                        // Shutdown while waiting starts the drain deadline at once.
+                        tokio::select! {
+                            _ = tokio::time::sleep_until(wake) => {}
+                            _ = self.drain.cancelled(), if self.give_up_at.is_none() => {}
+                        }
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                        continue;
+                    }
+                },
+            };
+            if self.store.write_fault().is_some() {
+                tracing::info!("the store takes writes again");
+                self.store.set_write_fault(None);
+                metrics::gauge!("tms_store_write_failing").set(0.0);
+            }
+            return Some(written);
+        }
+    }
+
+    /// One write of `batch`, bounded in time (a store that stops answering is a fault).
+    async fn attempt(&self, batch: &WriteBatch) -> Result<(), StoreError> {
+        let started = Instant::now();
+        let limit = match self.give_up_at {
+            Some(t) => COMMIT_TIMEOUT.min(t.saturating_duration_since(tokio::time::Instant::now())),
+            None => COMMIT_TIMEOUT,
+        };
+        let result = tokio::time::timeout(limit, self.store.write_batch(batch))
+            .await
+            .unwrap_or(Err(StoreError::Timeout {
+                op: "committing an ingest batch",
+            }));
+        if result.is_ok() {
+            {
+                let rows = batch.len();
+                metrics::histogram!("tms_ingest_commit_duration_seconds")
+                    .record(started.elapsed().as_secs_f64());
+                metrics::histogram!("tms_ingest_batch_rows").record(rows as f64);
+                // How long after CONNACK a device became visible as online in the store.
+                let committed = tms_model::now_ms();
+                for event in &batch.status {
+                    if let tms_store::StatusEvent::Connected { at, .. } = event {
+                        metrics::histogram!("tms_presence_online_latency_seconds")
+                            .record((committed - at).max(0) as f64 / 1000.0);
+                    }
+                }
+                metrics::counter!("tms_ingest_rows_written_total").increment(rows as u64);
+                metrics::counter!("tms_ingest_refusal_writes_total")
+                    .increment(batch.refusals.len() as u64);
+            }
+        }
+        result
+    }
+}
+
+fn release(acks: Vec<(Arc<Acks>, u64)>) {
+    for (session, n) in acks {
+        session.release(n);
     }
 }

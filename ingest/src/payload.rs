@@ -25,8 +25,74 @@ pub struct LocationPayload {
     pub accuracy_m: Option<f64>,
 }
 
+/// Deepest nesting of arrays and objects a payload may have. RemotEye 4 sends two levels; a
+/// deep payload costs parsing time and stack, whichever path parses it.
+pub const MAX_DEPTH: usize = 16;
+/// Earliest device time accepted (2000-01-01T00:00:00Z, Unix ms); the latest is the receive
+/// time plus [`MAX_CLOCK_AHEAD_MS`]. A `ts` outside is a broken clock, not a reading.
+pub const MIN_TS_MS: i64 = 946_684_800_000;
+pub const MAX_CLOCK_AHEAD_MS: i64 = 24 * 3600 * 1000;
+/// Longest text kept in a column of its own (`mode`, `system_name`, `firmware`).
+pub const MAX_TEXT_CHARS: usize = 256;
+
+/// Checks nesting depth on the raw bytes, without parsing: brackets outside strings.
+fn check_depth(payload: &[u8]) -> Result<(), String> {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in payload {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Err(format!("payload nests deeper than {MAX_DEPTH} levels"));
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// A text value that can be stored as it is: no control characters (PostgreSQL refuses NUL
+/// in text; the others break logs and pages) and at most [`MAX_TEXT_CHARS`] characters.
+pub fn clean_text(field: &str, value: &str) -> Result<(), String> {
+    if let Some(c) = value.chars().find(|c| c.is_control()) {
+        return Err(format!("{field} contains the control character {c:?}"));
+    }
+    let chars = value.chars().count();
+    if chars > MAX_TEXT_CHARS {
+        return Err(format!(
+            "{field} is {chars} characters long (at most {MAX_TEXT_CHARS})"
+        ));
+    }
+    Ok(())
+}
+
+/// `ts` must lie between 2000-01-01 and a day after the message was received.
+fn ts_in_range(ts: i64, received_at_ms: i64) -> Result<i64, String> {
+    let latest = received_at_ms.saturating_add(MAX_CLOCK_AHEAD_MS);
+    if (MIN_TS_MS..=latest).contains(&ts) {
+        Ok(ts)
+    } else {
+        Err(format!(
+            "ts {ts} is outside 2000-01-01 .. one day after receipt ({latest}): the device clock is wrong"
+        ))
+    }
+}
+
 pub(crate) fn object(payload: &[u8]) -> Result<Map<String, Value>, String> {
     let text = std::str::from_utf8(payload).map_err(|e| format!("payload is not UTF-8: {e}"))?;
+    check_depth(payload)?;
     match serde_json::from_str::<Value>(text) {
         Ok(Value::Object(map)) => Ok(map),
         Ok(other) => Err(format!(
@@ -78,9 +144,22 @@ fn sub_object<'a>(
     }
 }
 
-/// Validates a telemetry object: every field optional, known fields must have their types,
-/// unknown fields are allowed (the payload is stored as sent).
-pub fn parse_telemetry(payload: &[u8]) -> Result<TelemetrySummary, String> {
+/// Validates a telemetry object received at `received_at_ms`: every field optional, known
+/// fields must have their types and sane values, unknown fields are allowed (the payload is
+/// stored as sent).
+pub fn parse_telemetry(payload: &[u8], received_at_ms: i64) -> Result<TelemetrySummary, String> {
+    let summary = telemetry_fields(payload)?;
+    if let Some(mode) = &summary.mode {
+        clean_text("mode", mode)?;
+    }
+    if let Some(ts) = summary.ts {
+        ts_in_range(ts, received_at_ms)?;
+    }
+    Ok(summary)
+}
+
+fn telemetry_fields(payload: &[u8]) -> Result<TelemetrySummary, String> {
+    check_depth(payload)?;
     // The hot path: a well-formed message is read straight into the fields we check. Any
     // message it does not accept goes through `checked_telemetry`, whose errors name the field.
     let starts_as_object = payload
@@ -238,7 +317,23 @@ pub fn parse_location(payload: &[u8]) -> Result<LocationPayload, String> {
 /// `system_name` and `firmware` of an info object.
 pub(crate) fn parse_info(payload: &[u8]) -> Result<(Option<String>, Option<String>), String> {
     let map = object(payload)?;
-    Ok((string(&map, "system_name")?, string(&map, "firmware")?))
+    let system_name = string(&map, "system_name")?;
+    let firmware = string(&map, "firmware")?;
+    for (field, value) in [("system_name", &system_name), ("firmware", &firmware)] {
+        if let Some(v) = value {
+            clean_text(field, v)?;
+        }
+    }
+    Ok((system_name, firmware))
+}
+
+/// What a device says on `tms/<serial>/status`: short UTF-8 text without control characters.
+pub(crate) fn parse_status(payload: &[u8]) -> Result<String, String> {
+    let text = std::str::from_utf8(payload)
+        .map_err(|e| format!("status payload is not UTF-8: {e}"))?
+        .trim();
+    clean_text("status", text)?;
+    Ok(text.to_owned())
 }
 
 #[cfg(test)]
@@ -273,12 +368,12 @@ mod tests {
         ];
         for case in cases {
             assert_eq!(
-                parse_telemetry(case).is_ok(),
+                telemetry_fields(case).is_ok(),
                 checked_telemetry(case).is_ok(),
                 "{}",
                 String::from_utf8_lossy(case)
             );
-            if let (Ok(fast), Ok(checked)) = (parse_telemetry(case), checked_telemetry(case)) {
+            if let (Ok(fast), Ok(checked)) = (telemetry_fields(case), checked_telemetry(case)) {
                 assert_eq!(fast, checked, "{}", String::from_utf8_lossy(case));
             }
         }
@@ -288,16 +383,17 @@ mod tests {
     fn telemetry_accepts_unknown_fields_and_names_bad_ones() {
         let s = parse_telemetry(
             br#"{"ts":"2026-11-28T10:00:00Z","mode":"on_battery","load_pct":41.5,"battery":{"charge_pct":97},"vendor_x":1}"#,
+            NOW,
         )
         .unwrap();
         assert_eq!(s.ts, Some(1_795_860_000_000));
         assert_eq!(s.mode.as_deref(), Some("on_battery"));
         assert_eq!((s.load_pct, s.battery_charge_pct), (Some(41.5), Some(97.0)));
         assert_eq!(
-            parse_telemetry(br#"{"ts":1700000000123}"#).unwrap().ts,
+            parse_telemetry(br#"{"ts":1700000000123}"#, NOW).unwrap().ts,
             Some(1_700_000_000_123)
         );
-        assert!(parse_telemetry(b"{}").is_ok());
+        assert!(parse_telemetry(b"{}", NOW).is_ok());
 
         for (bad, field) in [
             (&br#"{"load_pct":"high"}"#[..], "load_pct"),
@@ -307,9 +403,69 @@ mod tests {
             (br#"[1,2]"#, "JSON object"),
             (b"{not json", "not valid JSON"),
         ] {
-            let err = parse_telemetry(bad).unwrap_err();
+            let err = parse_telemetry(bad, NOW).unwrap_err();
             assert!(err.contains(field), "{err:?} should name {field}");
         }
+    }
+
+    /// 2026-12-01T00:00:00Z.
+    const NOW: i64 = 1_796_083_200_000;
+
+    #[test]
+    fn what_the_store_cannot_hold_is_refused_with_the_field() {
+        for (bad, field) in [
+            (&br#"{"mode":"a\u0000b"}"#[..], "mode"),
+            (br#"{"mode":"on\nbattery"}"#, "mode"),
+            (br#"{"ts":1e300}"#, "ts"),
+            (br#"{"ts":-1e300}"#, "ts"),
+            (br#"{"ts":"9999-12-31T00:00:00Z"}"#, "ts"),
+            (br#"{"ts":"1999-12-31T23:59:59Z"}"#, "ts"),
+        ] {
+            let err = parse_telemetry(bad, NOW).unwrap_err();
+            assert!(err.contains(field), "{err:?} should name {field}");
+        }
+        let long = format!(r#"{{"mode":"{}"}}"#, "x".repeat(MAX_TEXT_CHARS + 1));
+        assert!(
+            parse_telemetry(long.as_bytes(), NOW)
+                .unwrap_err()
+                .contains("mode")
+        );
+        assert!(
+            parse_telemetry(br#"{"ts":"2026-12-01T23:00:00Z"}"#, NOW).is_ok(),
+            "clock a little ahead"
+        );
+        assert!(
+            parse_info(br#"{"system_name":"x\u0000y"}"#)
+                .unwrap_err()
+                .contains("system_name")
+        );
+        assert!(parse_status(b"on\0line").unwrap_err().contains("control"));
+        assert_eq!(parse_status(b" online\n").unwrap(), "online");
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_on_every_path() {
+        let deep = format!(
+            r#"{{"vendor":{}{}}}"#,
+            "[".repeat(20_000),
+            "]".repeat(20_000)
+        );
+        assert!(
+            parse_telemetry(deep.as_bytes(), NOW)
+                .unwrap_err()
+                .contains("deeper")
+        );
+        assert!(parse_location(deep.as_bytes()).is_err());
+        assert!(parse_info(deep.as_bytes()).is_err());
+        let ok = format!(
+            r#"{{"vendor":{}{}, "s":"[[[[[[[[[[[[[[[[[[[[[[["}}"#,
+            "[".repeat(10),
+            "]".repeat(10)
+        );
+        assert!(
+            parse_telemetry(ok.as_bytes(), NOW).is_ok(),
+            "brackets in strings do not count"
+        );
     }
 
     #[test]
