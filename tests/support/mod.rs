@@ -56,6 +56,8 @@ pub struct DeviceFiles {
 
 pub struct TestGateway {
     pub dir: tempfile::TempDir,
+    /// `<dir>/data`, or the `TMS_DATA_DIR` the test chose (e.g. on a small tmpfs).
+    data: PathBuf,
     pub ports: PortsFile,
     child: Option<Child>,
     env: Vec<(String, String)>,
@@ -79,8 +81,15 @@ impl TestGateway {
             ("TMS_MQTT_HOSTNAMES".into(), "localhost,127.0.0.1".into()),
         ];
         env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let data = env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "TMS_DATA_DIR")
+            .map(|(_, v)| PathBuf::from(v))
+            .unwrap_or_else(|| dir.path().join("data"));
         let mut gw = TestGateway {
             dir,
+            data,
             ports: PortsFile {
                 mqtt: "0.0.0.0:0".parse().unwrap(),
                 http: "0.0.0.0:0".parse().unwrap(),
@@ -94,7 +103,36 @@ impl TestGateway {
     }
 
     pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
+        self.data.clone()
+    }
+
+    /// The process id of the running `serve`.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGTERM, then waits at most `within` for the exit: `Err` (after SIGKILL) if it hangs.
+    pub fn stop_within(&mut self, within: Duration) -> Result<Option<i32>, String> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(None);
+        };
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status()
+            .unwrap();
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return Ok(status.code());
+            }
+            if start.elapsed() > within {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("serve did not exit within {within:?} of SIGTERM"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn command(&self) -> Command {
@@ -284,6 +322,9 @@ pub fn mqtt_client(
 ) -> (AsyncClient, EventLoop) {
     let mut opts = MqttOptions::new(client_id, "localhost", gw.mqtt_port());
     opts.set_keep_alive(Duration::from_secs(30));
+    // Up to the gateway's own limit (mqtt.max_packet_bytes), so the gateway, not the client
+    // library, is what a test of large packets exercises.
+    opts.set_max_packet_size(64 * 1024, 64 * 1024);
     opts.set_transport(Transport::Tls(TlsConfiguration::Rustls(tls)));
     AsyncClient::new(opts, 100)
 }

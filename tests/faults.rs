@@ -1,0 +1,861 @@
+//! Faults and hostile input through the real binary: what a device, a crash or a full disk
+//! can do to the promise "a PUBACKed message is stored, and one device never harms another".
+
+#![expect(clippy::unwrap_used, reason = "tests fail loudly")]
+
+mod support;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rumqttc::{Event, Outgoing, Packet, QoS};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// What one publisher sent and which of its messages the gateway acknowledged.
+#[derive(Default)]
+struct Tracker {
+    /// Sequence numbers handed to the client, not yet sent (rumqttc sends in order).
+    queued: VecDeque<u64>,
+    in_flight: HashMap<u16, u64>,
+    acked: HashSet<u64>,
+}
+
+/// Publishes QoS 1 telemetry `{"seq":N,…}` as fast as the gateway acknowledges, until
+/// `stop`, at most `max` messages, `pause` between them. Returns the tracker and the task.
+fn flood(
+    gw: &TestGateway,
+    files: &DeviceFiles,
+    stop: Arc<AtomicBool>,
+    max: u64,
+    pause: Duration,
+) -> (Arc<Mutex<Tracker>>, tokio::task::JoinHandle<()>) {
+    let (client, mut eventloop) = device_client(gw, files);
+    let tracker = Arc::new(Mutex::new(Tracker::default()));
+    let t = tracker.clone();
+    let events = tokio::spawn(async move {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(60), eventloop.poll()).await {
+                Ok(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => {
+                    let mut t = t.lock().unwrap();
+                    if let Some(seq) = t.queued.pop_front() {
+                        t.in_flight.insert(pkid, seq);
+                    }
+                }
+                Ok(Ok(Event::Incoming(Packet::PubAck(ack)))) => {
+                    let mut t = t.lock().unwrap();
+                    if let Some(seq) = t.in_flight.remove(&ack.pkid) {
+                        t.acked.insert(seq);
+                    }
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) | Err(_) => break,
+            }
+        }
+    });
+    let t = tracker.clone();
+    let serial = files.serial.clone();
+    let publisher = tokio::spawn(async move {
+        for seq in 0..max {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            t.lock().unwrap().queued.push_back(seq);
+            let payload = format!(r#"{{"seq":{seq},"mode":"online","load_pct":40}}"#);
+            let sent = client
+                .publish(
+                    format!("tms/{serial}/telemetry"),
+                    QoS::AtLeastOnce,
+                    false,
+                    payload.into_bytes(),
+                )
+                .await;
+            if sent.is_err() {
+                break;
+            }
+            if !pause.is_zero() {
+                tokio::time::sleep(pause).await;
+            }
+        }
+        // Keep the client (and its connection) until the event loop ends.
+        let _ = events.await;
+        drop(client);
+    });
+    (tracker, publisher)
+}
+
+fn acked(t: &Arc<Mutex<Tracker>>) -> HashSet<u64> {
+    t.lock().unwrap().acked.clone()
+}
+
+/// The `seq` of every telemetry row of `serial` in a SQLite database file.
+async fn stored_seqs(db: &Path, serial: &str) -> HashSet<u64> {
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    let payloads: Vec<String> =
+        sqlx::query_scalar("SELECT payload FROM telemetry WHERE serial = ?")
+            .bind(serial)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    pool.close().await;
+    payloads
+        .iter()
+        .filter_map(|p| serde_json::from_str::<serde_json::Value>(p).ok()?["seq"].as_u64())
+        .collect()
+}
+
+fn assert_all_stored(acked: &HashSet<u64>, stored: &HashSet<u64>, who: &str) {
+    let mut missing: Vec<_> = acked.difference(stored).copied().collect();
+    missing.sort_unstable();
+    assert!(
+        missing.is_empty(),
+        "{who}: {} of {} PUBACKed messages are not stored, e.g. {:?}",
+        missing.len(),
+        acked.len(),
+        &missing[..missing.len().min(10)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn puback_means_durable_even_across_kill_9() {
+    for trial in 0..3 {
+        let mut gw = TestGateway::start().await;
+        let devices: Vec<DeviceFiles> = (0..4)
+            .map(|i| {
+                gw.provision(
+                    &format!("RE4K{trial}{i:05}"),
+                    &format!("00:1B:2C:3D:{trial}E:{i:02X}"),
+                )
+            })
+            .collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let floods: Vec<_> = devices
+            .iter()
+            .map(|d| flood(&gw, d, stop.clone(), 1_000_000, Duration::ZERO))
+            .collect();
+        // Kill while messages are in flight, once a good number were acknowledged.
+        wait_for("2,000 PUBACKs", Duration::from_secs(60), || {
+            let n: usize = floods
+                .iter()
+                .map(|(t, _)| t.lock().unwrap().acked.len())
+                .sum();
+            async move { (n >= 2000).then_some(()) }
+        })
+        .await;
+        gw.kill();
+        stop.store(true, Ordering::Relaxed);
+        let mut total = 0;
+        for (d, (t, task)) in devices.iter().zip(floods) {
+            let _ = tokio::time::timeout(Duration::from_secs(70), task).await;
+            let acked = acked(&t);
+            total += acked.len();
+            let stored = stored_seqs(&gw.data_dir().join("tms.db"), &d.serial).await;
+            assert_all_stored(&acked, &stored, &format!("trial {trial}, {}", d.serial));
+        }
+        assert!(total >= 2000, "trial {trial}: {total} PUBACKs");
+        eprintln!("trial {trial}: {total} PUBACKed, all stored");
+    }
+}
+
+/// A tmpfs of `size` mounted for the test, unmounted when dropped. `None` where this process
+/// may not mount (not root, no tmpfs): the test then says so and skips.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Tmpfs(at.to_owned()))
+    }
+
+    /// Writes a file until the file system is full; returns its path.
+    fn fill(&self) -> PathBuf {
+        use std::io::Write;
+        let path = self.0.join("fill");
+        let mut f = std::fs::File::create(&path).unwrap();
+        let chunk = vec![0u8; 64 * 1024];
+        while f.write_all(&chunk).is_ok() {}
+        let small = [0u8; 512];
+        while f.write_all(&small).is_ok() {}
+        let _ = f.sync_all();
+        path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+async fn readyz(gw: &TestGateway) -> (u16, serde_json::Value) {
+    let r = reqwest::get(gw.url("/readyz")).await.unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_disk_withholds_pubacks_and_writes_resume_when_space_returns() {
+    let scratch = tempfile::tempdir().unwrap();
+    let Some(fs) = Tmpfs::mount(&scratch.path().join("mnt"), "24m") else {
+        eprintln!(
+            "SKIPPED: cannot mount a tmpfs here (needs root); the full-disk test did not run"
+        );
+        return;
+    };
+    let data = fs.0.join("data");
+    let data_str = data.display().to_string();
+    let mut gw = TestGateway::start_with(&[
+        ("TMS_DATA_DIR", &data_str),
+        ("TMS_INGEST_DRAIN_TIMEOUT_SECS", "3"),
+    ])
+    .await;
+    let files = gw.provision("RE4F000001", "00:1B:2C:3D:4E:01");
+    let token = admin_token(&gw).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tracker, task) = flood(
+        &gw,
+        &files,
+        stop.clone(),
+        1_000_000,
+        Duration::from_millis(4),
+    );
+    wait_for("first PUBACKs", Duration::from_secs(20), || {
+        let n = tracker.lock().unwrap().acked.len();
+        async move { (n >= 100).then_some(()) }
+    })
+    .await;
+
+    // The disk fills up: nothing more is acknowledged, and readiness says why.
+    let fill = fs.fill();
+    let (_, body) = wait_for("/readyz 503 disk_full", Duration::from_secs(20), || async {
+        let (status, body) = readyz(&gw).await;
+        (status == 503 && body["store_fault"] == "disk_full").then_some((status, body))
+    })
+    .await;
+    assert_eq!(body["store"], false);
+    let at_full = acked(&tracker).len();
+    let window = Instant::now();
+    while window.elapsed() < Duration::from_millis(1500) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let during = acked(&tracker).len();
+    assert!(
+        during <= at_full + 50,
+        "PUBACKs went on with the disk full: {at_full} -> {during}"
+    );
+
+    // Space returns: writes resume by themselves, and so do the other writers.
+    std::fs::remove_file(&fill).unwrap();
+    wait_for("/readyz 200 again", Duration::from_secs(30), || async {
+        (readyz(&gw).await.0 == 200).then_some(())
+    })
+    .await;
+    wait_for("PUBACKs again", Duration::from_secs(30), || {
+        let n = acked(&tracker).len();
+        async move { (n >= during + 100).then_some(()) }
+    })
+    .await;
+    let login = reqwest::Client::new()
+        .post(gw.url("/api/v1/auth/login"))
+        .json(&serde_json::json!({"email": "admin@example.com", "password": "admin-password-1"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(login.status(), 200, "login after the disk was freed");
+    let me = reqwest::Client::new()
+        .get(gw.url("/api/v1/devices"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(me.status(), 200);
+
+    // Full again, then SIGTERM: shutdown keeps its deadline and reports what it could not
+    // write; none of that was acknowledged.
+    let fill = fs.fill();
+    wait_for("/readyz 503 again", Duration::from_secs(20), || async {
+        (readyz(&gw).await.0 == 503).then_some(())
+    })
+    .await;
+    let code = gw
+        .stop_within(Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}; log:\n{}", gw.log()));
+    assert_eq!(code, Some(0));
+    stop.store(true, Ordering::Relaxed);
+    let _ = tokio::time::timeout(Duration::from_secs(70), task).await;
+    std::fs::remove_file(&fill).unwrap();
+    let log = gw.log();
+    assert!(
+        log.contains("not written"),
+        "shutdown names what it gave up:\n{log}"
+    );
+    let acked = acked(&tracker);
+    let stored = stored_seqs(&data.join("tms.db"), &files.serial).await;
+    assert_all_stored(&acked, &stored, "full disk");
+    assert!(acked.len() > during + 100);
+
+    // And the device can be revoked with the store healthy again (no lock left behind).
+    gw.cli(&["device", "revoke", &files.serial]);
+}
+
+/// A fresh PostgreSQL schema when `TMS_TEST_DATABASE_URL` is set.
+async fn postgres_url() -> Option<String> {
+    use sqlx::Executor;
+    let base = std::env::var("TMS_TEST_DATABASE_URL").ok()?;
+    let schema = format!(
+        "t_faults_{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    let pool = sqlx::PgPool::connect(&base).await.unwrap();
+    pool.execute(format!("CREATE SCHEMA {schema}").as_str())
+        .await
+        .unwrap();
+    pool.close().await;
+    let sep = if base.contains('?') { '&' } else { '?' };
+    Some(format!("{base}{sep}options=-c%20search_path%3D{schema}"))
+}
+
+/// Connects `files`' device, publishes `n` telemetry messages and waits until all are stored.
+async fn publishes_are_stored(
+    gw: &TestGateway,
+    store: &tms_store::Store,
+    files: &DeviceFiles,
+    n: i64,
+) {
+    let (client, mut el) = device_client(gw, files);
+    connack(&mut el).await.unwrap();
+    let events = drive(el);
+    let before = store.telemetry_count(&files.serial).await.unwrap();
+    for _ in 0..n {
+        publish(&client, &files.serial, "telemetry", TELEMETRY).await;
+    }
+    wait_for(
+        &format!("{n} rows of {}", files.serial),
+        Duration::from_secs(15),
+        || async {
+            (store.telemetry_count(&files.serial).await.unwrap() == before + n).then_some(())
+        },
+    )
+    .await;
+    events.abort();
+}
+
+/// Every text a device sends with a NUL or out-of-range value is set aside with a reason;
+/// another device's messages go on being stored; shutdown is prompt.
+async fn hostile_payloads_never_block_others(database_url: Option<String>) {
+    let extra: Vec<(&str, &str)> = match &database_url {
+        Some(url) => vec![("TMS_DATABASE_URL", url.as_str())],
+        None => vec![],
+    };
+    let mut gw = TestGateway::start_with(&extra).await;
+    let bad = gw.provision("RE4N000001", "00:1B:2C:3D:4E:11");
+    let good = gw.provision("RE4N000002", "00:1B:2C:3D:4E:12");
+    let store = match &database_url {
+        Some(url) => tms_store::Store::open(url).await.unwrap(),
+        None => gw.store().await,
+    };
+    let deep = format!(
+        r#"{{"vendor":{}{}}}"#,
+        "[".repeat(20_000),
+        "]".repeat(20_000)
+    );
+    let hostile: Vec<(&str, String)> = vec![
+        ("status", "on\u{0}line".into()),
+        ("telemetry", r#"{"mode":"a\u0000b"}"#.into()),
+        ("info", r#"{"system_name":"x\u0000y"}"#.into()),
+        ("telemetry", r#"{"ts":1e300,"mode":"online"}"#.into()),
+        ("telemetry", r#"{"ts":-1e300}"#.into()),
+        ("telemetry", r#"{"ts":"9999-01-01T00:00:00Z"}"#.into()),
+        ("telemetry", deep),
+    ];
+    let (client, mut el) = device_client(&gw, &bad);
+    connack(&mut el).await.unwrap();
+    let events = drive(el);
+    for (kind, payload) in &hostile {
+        publish(&client, &bad.serial, kind, payload).await;
+    }
+    publishes_are_stored(&gw, &store, &good, 20).await;
+    let quarantined = wait_for(
+        "every hostile payload quarantined",
+        Duration::from_secs(15),
+        || async {
+            let q = store.quarantined(&bad.serial, 100).await.unwrap();
+            (q.len() == hostile.len()).then_some(q)
+        },
+    )
+    .await;
+    let reasons: Vec<&str> = quarantined.iter().map(|(_, e, _)| e.as_str()).collect();
+    for needle in ["status", "mode", "system_name", "ts", "deeper"] {
+        assert!(
+            reasons.iter().any(|r| r.contains(needle)),
+            "a reason names {needle}: {reasons:?}"
+        );
+    }
+    assert_eq!(store.telemetry_count(&bad.serial).await.unwrap(), 0);
+    let status = status(&store, &bad.serial).await;
+    assert_eq!(status.state, tms_model::ConnState::Online);
+    events.abort();
+    drop(client);
+    assert_eq!(gw.stop_within(Duration::from_secs(15)).unwrap(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hostile_payloads_are_quarantined_with_a_reason_on_sqlite() {
+    hostile_payloads_never_block_others(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hostile_payloads_are_quarantined_with_a_reason_on_postgres() {
+    let Some(url) = postgres_url().await else {
+        eprintln!("SKIPPED: TMS_TEST_DATABASE_URL is not set");
+        return;
+    };
+    hostile_payloads_never_block_others(Some(url)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_row_the_database_refuses_is_quarantined_and_the_rest_is_stored() {
+    let gw = TestGateway::start().await;
+    let files = gw.provision("RE4B000001", "00:1B:2C:3D:4E:21");
+    // Something the edge checks cannot know about: the database itself refuses one row.
+    let pool = sqlx::SqlitePool::connect(&format!(
+        "sqlite://{}",
+        gw.data_dir().join("tms.db").display()
+    ))
+    .await
+    .unwrap();
+    sqlx::query(
+        "CREATE TRIGGER poison BEFORE INSERT ON telemetry WHEN NEW.payload LIKE '%poison%' \
+         BEGIN SELECT RAISE(ABORT, 'poisoned row'); END",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (client, mut el) = device_client(&gw, &files);
+    connack(&mut el).await.unwrap();
+    let events = drive(el);
+    for i in 0..30 {
+        let payload = if i == 17 {
+            r#"{"mode":"poison"}"#.to_owned()
+        } else {
+            format!(r#"{{"seq":{i}}}"#)
+        };
+        publish(&client, &files.serial, "telemetry", &payload).await;
+    }
+    let store = gw.store().await;
+    wait_for("29 good rows", Duration::from_secs(15), || async {
+        (store.telemetry_count(&files.serial).await.unwrap() == 29).then_some(())
+    })
+    .await;
+    let q = wait_for(
+        "the refused row in quarantine",
+        Duration::from_secs(15),
+        || async {
+            let q = store.quarantined(&files.serial, 10).await.unwrap();
+            (!q.is_empty()).then_some(q)
+        },
+    )
+    .await;
+    assert_eq!(q.len(), 1);
+    assert!(q[0].1.contains("poisoned row"), "{:?}", q[0].1);
+    assert_eq!(q[0].2, br#"{"mode":"poison"}"#);
+    // And ingest is not stuck: more messages are stored.
+    publish(&client, &files.serial, "telemetry", TELEMETRY).await;
+    wait_for("the next row", Duration::from_secs(15), || async {
+        (store.telemetry_count(&files.serial).await.unwrap() == 30).then_some(())
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    events.abort();
+}
+
+/// A raw TLS connection with the device's certificate, for packets no client library sends.
+async fn raw_tls(
+    gw: &TestGateway,
+    files: &DeviceFiles,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let tls = client_tls(&files.ca, Some((&files.pem, &files.key)));
+    let tcp = tokio::net::TcpStream::connect(gw.ports.mqtt).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .unwrap()
+}
+
+fn remaining_length(mut n: usize, out: &mut Vec<u8>) {
+    loop {
+        let mut b = (n % 128) as u8;
+        n /= 128;
+        if n > 0 {
+            b |= 0x80;
+        }
+        out.push(b);
+        if n == 0 {
+            break;
+        }
+    }
+}
+
+/// A CONNECT for `client_id` (clean session, keep-alive 60); `v5_props` makes it MQTT 5.
+fn connect_packet(client_id: &str, v5_props: Option<&[u8]>) -> Vec<u8> {
+    connect_with_will(client_id, v5_props, None)
+}
+
+/// The same with a will `(topic, message)` at QoS 0.
+fn connect_with_will(
+    client_id: &str,
+    v5_props: Option<&[u8]>,
+    will: Option<(&str, &str)>,
+) -> Vec<u8> {
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T'];
+    body.push(if v5_props.is_some() { 5 } else { 4 });
+    body.extend([if will.is_some() { 0x06 } else { 0x02 }, 0, 60]);
+    if let Some(props) = v5_props {
+        remaining_length(props.len(), &mut body);
+        body.extend(props);
+    }
+    body.extend((client_id.len() as u16).to_be_bytes());
+    body.extend(client_id.as_bytes());
+    if let Some((topic, message)) = will {
+        if v5_props.is_some() {
+            body.push(0); // no will properties
+        }
+        for part in [topic, message] {
+            body.extend((part.len() as u16).to_be_bytes());
+            body.extend(part.as_bytes());
+        }
+    }
+    let mut packet = vec![0x10];
+    remaining_length(body.len(), &mut packet);
+    packet.extend(body);
+    packet
+}
+
+/// Reads until the server closes; returns what it sent and how long the close took.
+async fn read_to_close<S: AsyncReadExt + Unpin>(
+    s: &mut S,
+    within: Duration,
+) -> (Vec<u8>, Duration) {
+    let start = Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(within.saturating_sub(start.elapsed()), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (got, start.elapsed()),
+            Ok(Ok(n)) => got.extend(&buf[..n]),
+            Err(_) => panic!("the server kept the connection open for {within:?}; it sent {got:?}"),
+        }
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn malformed_and_oversized_packets_are_refused_before_they_are_buffered() {
+    let gw = TestGateway::start().await;
+    let files = gw.provision("RE4M000001", "00:1B:2C:3D:4E:31");
+    let store = gw.store().await;
+    let pid = gw.pid().unwrap();
+    let before = rss_kib(pid);
+
+    // CONNECT claiming a remaining length of FF FF FF FF, then streaming.
+    let mut s = raw_tls(&gw, &files).await;
+    s.write_all(&[0x10, 0xff, 0xff, 0xff, 0xff]).await.unwrap();
+    let junk = vec![0x41u8; 64 * 1024];
+    for _ in 0..16 {
+        if s.write_all(&junk).await.is_err() {
+            break;
+        }
+    }
+    let (_, took) = read_to_close(&mut s, Duration::from_secs(5)).await;
+    assert!(
+        took < Duration::from_secs(5),
+        "closed at once, not at the 10 s deadline"
+    );
+    let st = wait_refusal(&store, &files.serial, "protocol_error").await;
+    assert!(
+        st.last_connect_error_detail
+            .as_deref()
+            .unwrap_or("")
+            .contains("remaining length"),
+        "{st:?}"
+    );
+
+    // A CONNECT larger than mqtt.max_packet_bytes is refused from its header alone.
+    let mut s = raw_tls(&gw, &files).await;
+    let mut header = vec![0x10];
+    remaining_length(50 * 1024 * 1024, &mut header);
+    s.write_all(&header).await.unwrap();
+    let (_, took) = read_to_close(&mut s, Duration::from_secs(5)).await;
+    assert!(took < Duration::from_secs(5));
+
+    // In a session: a PUBLISH header announcing 50 MB ends the session without buffering it.
+    let mut s = raw_tls(&gw, &files).await;
+    s.write_all(&connect_packet(&files.serial, None))
+        .await
+        .unwrap();
+    let mut connack = [0u8; 4];
+    s.read_exact(&mut connack).await.unwrap();
+    assert_eq!(connack, [0x20, 2, 0, 0]);
+    wait_state(
+        &store,
+        &files.serial,
+        tms_model::ConnState::Online,
+        Duration::from_secs(5),
+    )
+    .await;
+    let mut publish = vec![0x30];
+    remaining_length(50 * 1024 * 1024, &mut publish);
+    s.write_all(&publish).await.unwrap();
+    for _ in 0..16 {
+        if s.write_all(&junk).await.is_err() {
+            break;
+        }
+    }
+    read_to_close(&mut s, Duration::from_secs(5)).await;
+    let st = wait_state(
+        &store,
+        &files.serial,
+        tms_model::ConnState::Offline,
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(st.last_disconnect_reason.as_deref(), Some("protocol_error"));
+    let after = rss_kib(pid);
+    assert!(
+        after < before + 20 * 1024,
+        "RSS grew from {before} to {after} KiB on hostile length fields"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn packets_only_a_server_sends_end_the_session_with_its_will_and_no_phantom() {
+    let gw = TestGateway::start().await;
+    let files = gw.provision("RE4P000001", "00:1B:2C:3D:4E:41");
+    let store = gw.store().await;
+    let v5: Option<&[u8]> = Some(&[]);
+    let packets = [
+        ("v5 CONNACK", v5, &[0x20u8, 3, 0, 0, 0][..]),
+        ("v5 UNSUBACK", v5, &[0xb0, 4, 0, 1, 0, 0]),
+        ("v4 SUBACK", None, &[0x90, 3, 0, 1, 0]),
+        ("v4 PINGRESP", None, &[0xd0, 0]),
+    ];
+    let will_topic = format!("tms/{}/status", files.serial);
+    for (i, (what, props, packet)) in packets.into_iter().enumerate() {
+        let mut s = raw_tls(&gw, &files).await;
+        let will = format!("offline-{i}");
+        s.write_all(&connect_with_will(
+            &files.serial,
+            props,
+            Some((&will_topic, &will)),
+        ))
+        .await
+        .unwrap();
+        let mut first = [0u8; 2];
+        s.read_exact(&mut first).await.unwrap();
+        assert_eq!(first[0], 0x20, "{what}: CONNACK first");
+        wait_state(
+            &store,
+            &files.serial,
+            tms_model::ConnState::Online,
+            Duration::from_secs(5),
+        )
+        .await;
+        s.write_all(packet).await.unwrap();
+        read_to_close(&mut s, Duration::from_secs(5)).await;
+        let st = wait_state(
+            &store,
+            &files.serial,
+            tms_model::ConnState::Offline,
+            Duration::from_secs(5),
+        )
+        .await;
+        assert_eq!(
+            st.last_disconnect_reason.as_deref(),
+            Some("protocol_error"),
+            "{what}"
+        );
+        wait_for("the will stored", Duration::from_secs(5), || async {
+            let st = status(&store, &files.serial).await;
+            (st.reported_status.as_deref() == Some(will.as_str())).then_some(())
+        })
+        .await;
+    }
+    let m = scrape(&gw).await;
+    assert_eq!(
+        m.get("tms_broker_connections").copied().unwrap_or(0.0),
+        0.0,
+        "no phantom sessions"
+    );
+    assert!(!gw.log().contains("panicked"), "no session task panicked");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn receive_maximum_zero_is_refused_as_a_protocol_error() {
+    let gw = TestGateway::start().await;
+    let files = gw.provision("RE4R000001", "00:1B:2C:3D:4E:51");
+    let store = gw.store().await;
+    let mut s = raw_tls(&gw, &files).await;
+    // Property 0x21 Receive Maximum = 0.
+    s.write_all(&connect_packet(&files.serial, Some(&[0x21, 0, 0])))
+        .await
+        .unwrap();
+    let (got, _) = read_to_close(&mut s, Duration::from_secs(5)).await;
+    assert!(got.len() >= 4 && got[0] == 0x20, "a CONNACK: {got:?}");
+    assert_eq!(got[3], 0x82, "reason code Protocol Error: {got:?}");
+    let st = wait_refusal(&store, &files.serial, "protocol_error").await;
+    assert!(
+        st.last_connect_error_detail
+            .unwrap()
+            .contains("Receive Maximum")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_subscribe_is_answered_filter_by_filter() {
+    let gw = TestGateway::start().await;
+    let files = gw.provision("RE4S000001", "00:1B:2C:3D:4E:61");
+    let (client, mut el) = device_client(&gw, &files);
+    connack(&mut el).await.unwrap();
+    client
+        .subscribe_many([
+            rumqttc::SubscribeFilter::new(format!("tms/{}/cmd/#", files.serial), QoS::AtLeastOnce),
+            rumqttc::SubscribeFilter::new("tms/OTHER/cmd/#".into(), QoS::AtLeastOnce),
+            rumqttc::SubscribeFilter::new(
+                format!("tms/{}/cmd/reboot", files.serial),
+                QoS::AtMostOnce,
+            ),
+        ])
+        .await
+        .unwrap();
+    let codes = loop {
+        if let Event::Incoming(Packet::SubAck(ack)) =
+            tokio::time::timeout(Duration::from_secs(10), el.poll())
+                .await
+                .unwrap()
+                .unwrap()
+        {
+            break ack.return_codes;
+        }
+    };
+    use rumqttc::SubscribeReasonCode as C;
+    assert_eq!(
+        codes,
+        vec![
+            C::Success(QoS::AtLeastOnce),
+            C::Failure,
+            C::Success(QoS::AtMostOnce)
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_garbage_flood_is_capped_and_the_device_disconnected_as_abuse() {
+    let gw = TestGateway::start().await;
+    let noisy = gw.provision("RE4G000001", "00:1B:2C:3D:4E:71");
+    let quiet = gw.provision("RE4G000002", "00:1B:2C:3D:4E:72");
+    let store = gw.store().await;
+    let (client, mut el) = device_client(&gw, &noisy);
+    connack(&mut el).await.unwrap();
+    let events = drive(el);
+    let garbage: Vec<u8> = (0..60 * 1024).map(|i| (i * 7 + 3) as u8).collect();
+    let mut sent = 0;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(5) && sent < 3000 {
+        if client
+            .publish(
+                format!("tms/{}/telemetry", noisy.serial),
+                QoS::AtMostOnce,
+                false,
+                garbage.clone(),
+            )
+            .await
+            .is_err()
+        {
+            break;
+        }
+        sent += 1;
+    }
+    let st = wait_state(
+        &store,
+        &noisy.serial,
+        tms_model::ConnState::Offline,
+        Duration::from_secs(15),
+    )
+    .await;
+    assert_eq!(st.last_disconnect_reason.as_deref(), Some("abuse"));
+    let kept = store.quarantined(&noisy.serial, 10_000).await.unwrap();
+    let bytes: usize = kept.iter().map(|(_, _, p)| p.len()).sum();
+    assert!(
+        kept.len() <= tms_ingest::QUARANTINE_ROWS_PER_MIN as usize
+            && bytes <= tms_ingest::QUARANTINE_BYTES_PER_MIN,
+        "{} rows, {bytes} bytes kept of {sent} sent",
+        kept.len()
+    );
+    events.abort();
+    // The other device is unaffected.
+    publishes_are_stored(&gw, &store, &quiet, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn api_writes_beside_ingest_never_answer_database_is_locked() {
+    let gw = TestGateway::start().await;
+    let token = admin_token(&gw).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let devices: Vec<_> = (0..4)
+        .map(|i| gw.provision(&format!("RE4L00000{i}"), &format!("00:1B:2C:3D:5E:0{i}")))
+        .collect();
+    let floods: Vec<_> = devices
+        .iter()
+        .map(|d| flood(&gw, d, stop.clone(), 1_000_000, Duration::from_millis(1)))
+        .collect();
+    let http = reqwest::Client::new();
+    for i in 0..40 {
+        let body = serde_json::json!({
+            "user": {"new": {"first_name": "Ana", "last_name": "Ruiz", "email": format!("ana{i}@example.com"), "phone": "+1 713 555 0100"}},
+            "company": {"new": {"name": format!("Locked Test {i}")}},
+            "device": {"type": "RemotEye 4", "serial": format!("RE4Z{i:06}"), "mac": format!("00:1B:2C:3D:6E:{i:02X}"), "lease_months": 12},
+            "ups": {"model": "1600XP", "model_number": "1600XP-18K", "serial": "160300007"},
+            "start_date": "2026-12-01"
+        });
+        let r = http
+            .post(gw.url("/api/v1/registrations"))
+            .bearer_auth(&token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        let text = r.text().await.unwrap();
+        assert_eq!(status, 201, "registration {i}: {text}");
+    }
+    let acked: usize = floods
+        .iter()
+        .map(|(t, _)| t.lock().unwrap().acked.len())
+        .sum();
+    assert!(acked > 100, "ingest was busy meanwhile: {acked} PUBACKs");
+    stop.store(true, Ordering::Relaxed);
+}
