@@ -116,6 +116,76 @@ pub(crate) fn publish_qos_pkid(buf: &[u8]) -> Option<(u8, u16)> {
     Some((qos, u16::from_be_bytes([*buf.get(p)?, *buf.get(p + 1)?])))
 }
 
+/// The CONNECT at the start of `buf` once it is whole (removed from `buf`), `None` while more
+/// bytes are needed; an error naming what is wrong as soon as the bytes show it.
+pub(crate) fn next_connect(
+    buf: &mut BytesMut,
+    max: usize,
+) -> Result<Option<(Codec, Packet)>, String> {
+    match frame(buf, max) {
+        Err(e) => Err(e.to_string()),
+        Ok(Some(1)) => {
+            let codec = match connect_protocol_level(buf) {
+                Some(5) => Codec::V5,
+                _ => Codec::V4,
+            };
+            codec
+                .read(buf, max)
+                .map(|p| Some((codec, p)))
+                .map_err(|e| format!("malformed CONNECT: {e}"))
+        }
+        Ok(Some(other)) => Err(format!("expected CONNECT, got packet type {other}")),
+        Ok(None) => match buf.first() {
+            Some(first) if first >> 4 != 1 => {
+                Err(format!("expected CONNECT, got packet type {}", first >> 4))
+            }
+            _ => Ok(None),
+        },
+    }
+}
+
+/// QoS and packet id of a PUBLISH, read from its bytes (rumqttd keeps them private).
+pub(crate) type QosPkid = (u8, u16);
+
+/// The next whole packet after CONNECT at the start of `buf` (removed from `buf`) with the
+/// QoS and packet id of a PUBLISH; `None` while more bytes are needed.
+pub(crate) fn next_packet(
+    codec: Codec,
+    buf: &mut BytesMut,
+    max: usize,
+) -> Result<Option<(Packet, Option<QosPkid>)>, String> {
+    if frame(buf, max).map_err(|e| e.to_string())?.is_none() {
+        return Ok(None);
+    }
+    let header = publish_qos_pkid(buf);
+    match codec.read(buf, max) {
+        Ok(p) => Ok(Some((p, header))),
+        Err(Error::InsufficientBytes(_)) => Ok(None),
+        Err(e) => Err(format!("malformed packet: {e}")),
+    }
+}
+
+/// Decodes `bytes` as a client's stream would be: a CONNECT, then packets until the bytes end
+/// or one is refused. Returns how many packets were decoded and the refusal, if any. The
+/// decoding the sessions use, for fuzzing and property tests: it must never panic, and never
+/// hold more than `max` plus a header of an unfinished packet.
+pub fn decode_client_stream(bytes: &[u8], max: usize) -> (usize, Option<String>) {
+    let mut buf = BytesMut::from(bytes);
+    let codec = match next_connect(&mut buf, max) {
+        Ok(Some((codec, _))) => codec,
+        Ok(None) => return (0, None),
+        Err(e) => return (0, Some(e)),
+    };
+    let mut decoded = 1;
+    loop {
+        match next_packet(codec, &mut buf, max) {
+            Ok(Some(_)) => decoded += 1,
+            Ok(None) => return (decoded, None),
+            Err(e) => return (decoded, Some(e)),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,5 +233,98 @@ mod tests {
         );
         assert_eq!(frame(&[0xf0, 0], 64), Err(FrameError::Reserved(15)));
         assert_eq!(frame(&[0xc0, 0], 64), Ok(Some(12)), "PINGREQ");
+    }
+
+    /// A small seeded generator: the same cases on every run.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    /// What real clients send: CONNECT (3.1.1 and 5), PUBLISH at each QoS, SUBSCRIBE,
+    /// UNSUBSCRIBE, acks, PINGREQ, DISCONNECT.
+    fn valid_stream(v5: bool) -> Vec<u8> {
+        let mut s = if v5 {
+            vec![
+                0x10, 18, 0, 4, b'M', b'Q', b'T', b'T', 5, 2, 0, 60, 3, 0x21, 0, 10, 0, 2, b'R',
+                b'E',
+            ]
+        } else {
+            vec![
+                0x10, 14, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 60, 0, 2, b'R', b'E',
+            ]
+        };
+        let props: &[u8] = if v5 { &[0] } else { &[] };
+        let mut publish = vec![0, 3, b'a', b'/', b'b', 0, 7];
+        publish.extend(props);
+        publish.extend(b"{\"x\":1}");
+        s.push(0x32);
+        s.push(publish.len() as u8);
+        s.extend(&publish);
+        let mut sub = vec![0, 9];
+        sub.extend(props);
+        sub.extend([0, 3, b'c', b'/', b'#', 1]);
+        s.push(0x82);
+        s.push(sub.len() as u8);
+        s.extend(sub);
+        s.extend([0x40, 2, 0, 5, 0xc0, 0, 0xe0, 0]);
+        s
+    }
+
+    #[test]
+    fn no_byte_stream_panics_or_is_buffered_past_the_limit() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        for v5 in [false, true] {
+            assert_eq!(
+                decode_client_stream(&valid_stream(v5), 1024).1,
+                None,
+                "v5={v5}"
+            );
+        }
+        for case in 0..30_000 {
+            let mut bytes = valid_stream(case % 2 == 0);
+            match case % 3 {
+                // Flip, insert and delete bytes of a valid stream.
+                0 | 1 => {
+                    for _ in 0..1 + rng.below(6) {
+                        let at = rng.below(bytes.len());
+                        match rng.below(3) {
+                            0 => bytes[at] = rng.next() as u8,
+                            1 => bytes.insert(at, rng.next() as u8),
+                            _ => {
+                                bytes.remove(at);
+                            }
+                        }
+                    }
+                }
+                // A valid CONNECT followed by noise.
+                _ => {
+                    bytes.truncate(16);
+                    bytes.extend((0..rng.below(200)).map(|_| rng.next() as u8));
+                }
+            }
+            let max = [16, 64, 1024][case % 3];
+            let (_, _) = decode_client_stream(&bytes, max);
+            // Whatever is left undecoded is at most one packet within the limit.
+            let mut buf = BytesMut::from(&bytes[..]);
+            if let Ok(Some((codec, _))) = next_connect(&mut buf, max) {
+                while let Ok(Some(_)) = next_packet(codec, &mut buf, max) {}
+                if let Ok(None) = frame(&buf, max) {
+                    assert!(
+                        buf.len() <= max + 5,
+                        "case {case}: {} bytes held",
+                        buf.len()
+                    );
+                }
+            }
+        }
     }
 }

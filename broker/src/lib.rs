@@ -19,6 +19,7 @@ mod session;
 mod tls;
 
 pub use acl::{TopicKind, may_subscribe, publish_kind};
+pub use codec::decode_client_stream;
 pub use tls::{RevokedSet, server_config};
 
 use std::collections::{HashMap, HashSet};

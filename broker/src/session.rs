@@ -13,9 +13,8 @@ use bytes::BytesMut;
 use rumqttd::Notification;
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{
-    ConnAck, ConnectReturnCode, Disconnect, DisconnectReasonCode, Error as ProtoError, Packet,
-    PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason, SubAck,
-    SubscribeReasonCode,
+    ConnAck, ConnectReturnCode, Disconnect, DisconnectReasonCode, Packet, PingResp, PubAck,
+    PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason, SubAck, SubscribeReasonCode,
 };
 use tms_model::{DeviceSerial, now_ms};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -24,7 +23,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::codec::{Codec, connect_protocol_level, frame, publish_qos_pkid};
+use crate::codec::{Codec, next_connect, next_packet};
 use crate::tls::{HandshakeNote, NOTE, classify};
 use crate::{
     Acks, Broker, BrokerEvent, DeviceMessage, DisconnectReason, LinkRequest, RefusalReason,
@@ -388,25 +387,8 @@ async fn read_connect(
     max: usize,
 ) -> Result<(Codec, Packet), String> {
     loop {
-        match frame(rbuf, max) {
-            Err(e) => return Err(e.to_string()),
-            Ok(Some(1)) => {
-                let codec = match connect_protocol_level(rbuf) {
-                    Some(5) => Codec::V5,
-                    _ => Codec::V4,
-                };
-                return codec
-                    .read(rbuf, max)
-                    .map(|p| (codec, p))
-                    .map_err(|e| format!("malformed CONNECT: {e}"));
-            }
-            Ok(Some(other)) => return Err(format!("expected CONNECT, got packet type {other}")),
-            Ok(None) => {}
-        }
-        if let Some(first) = rbuf.first()
-            && first >> 4 != 1
-        {
-            return Err(format!("expected CONNECT, got packet type {}", first >> 4));
+        if let Some(connect) = next_connect(rbuf, max)? {
+            return Ok(connect);
         }
         match stream.read_buf(rbuf).await {
             Ok(0) => return Err("connection closed before CONNECT".into()),
@@ -587,23 +569,11 @@ impl Session<'_> {
     /// Decodes every complete packet in the read buffer and acts on it.
     async fn read_packets(&mut self, to_router: &mut Vec<Packet>) -> Step {
         loop {
-            match frame(&self.rbuf, self.max) {
-                Ok(Some(_)) => {}
+            let (packet, header) = match next_packet(self.codec, &mut self.rbuf, self.max) {
+                Ok(Some(p)) => p,
                 Ok(None) => return Step::Continue,
-                Err(e) => {
-                    self.refuse_in_session(RefusalReason::ProtocolError, e.to_string());
-                    return Step::End(DisconnectReason::ProtocolError);
-                }
-            }
-            let header = publish_qos_pkid(&self.rbuf);
-            let packet = match self.codec.read(&mut self.rbuf, self.max) {
-                Ok(p) => p,
-                Err(ProtoError::InsufficientBytes(_)) => return Step::Continue,
-                Err(e) => {
-                    self.refuse_in_session(
-                        RefusalReason::ProtocolError,
-                        format!("malformed packet: {e}"),
-                    );
+                Err(detail) => {
+                    self.refuse_in_session(RefusalReason::ProtocolError, detail);
                     return Step::End(DisconnectReason::ProtocolError);
                 }
             };

@@ -315,7 +315,7 @@ pub fn parse_location(payload: &[u8]) -> Result<LocationPayload, String> {
 }
 
 /// `system_name` and `firmware` of an info object.
-pub(crate) fn parse_info(payload: &[u8]) -> Result<(Option<String>, Option<String>), String> {
+pub fn parse_info(payload: &[u8]) -> Result<(Option<String>, Option<String>), String> {
     let map = object(payload)?;
     let system_name = string(&map, "system_name")?;
     let firmware = string(&map, "firmware")?;
@@ -328,7 +328,7 @@ pub(crate) fn parse_info(payload: &[u8]) -> Result<(Option<String>, Option<Strin
 }
 
 /// What a device says on `tms/<serial>/status`: short UTF-8 text without control characters.
-pub(crate) fn parse_status(payload: &[u8]) -> Result<String, String> {
+pub fn parse_status(payload: &[u8]) -> Result<String, String> {
     let text = std::str::from_utf8(payload)
         .map_err(|e| format!("status payload is not UTF-8: {e}"))?
         .trim();
@@ -493,5 +493,57 @@ mod tests {
                 .unwrap_err()
                 .contains("lon is required")
         );
+    }
+
+    #[test]
+    fn no_mutation_of_a_payload_panics_or_lets_through_what_the_store_refuses() {
+        let seeds: [&[u8]; 4] = [
+            br#"{"ts":"2026-11-30T10:00:00Z","mode":"online","load_pct":41.5,"battery":{"charge_pct":97,"runtime_min":30},"input":{"voltage":230},"alarms":["battery_bad"],"x":[{"y":1}]}"#,
+            br#"{"ts":1796000000000,"mode":"on_battery"}"#,
+            br#"{"lat":29.76,"lon":-95.37,"accuracy_m":5}"#,
+            br#"{"system_name":"1600XP 18kVA 160300007","firmware":"2.1"}"#,
+        ];
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let alphabet = b"{}[]\",:\\u0000aeltrn1-.E+ \x00\x1f\xff";
+        for case in 0..20_000 {
+            let mut bytes = seeds[case % seeds.len()].to_vec();
+            for _ in 0..1 + next() % 4 {
+                let at = (next() as usize) % bytes.len().max(1);
+                let b = alphabet[(next() as usize) % alphabet.len()];
+                match next() % 3 {
+                    0 if !bytes.is_empty() => bytes[at] = b,
+                    1 => bytes.insert(at.min(bytes.len()), b),
+                    _ if !bytes.is_empty() => {
+                        bytes.remove(at);
+                    }
+                    _ => {}
+                }
+            }
+            if let Ok(t) = parse_telemetry(&bytes, NOW) {
+                if let Some(mode) = &t.mode {
+                    assert!(!mode.chars().any(char::is_control), "{mode:?}");
+                }
+                if let Some(ts) = t.ts {
+                    assert!((MIN_TS_MS..=NOW + MAX_CLOCK_AHEAD_MS).contains(&ts));
+                }
+            }
+            if let Ok(l) = parse_location(&bytes) {
+                assert!(l.lat.abs() <= 90.0 && l.lon.abs() <= 180.0);
+            }
+            if let Ok((name, firmware)) = parse_info(&bytes) {
+                for text in [name, firmware].into_iter().flatten() {
+                    assert!(!text.contains('\0'));
+                }
+            }
+            if let Ok(text) = parse_status(&bytes) {
+                assert!(!text.chars().any(char::is_control));
+            }
+        }
     }
 }
