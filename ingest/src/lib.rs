@@ -19,7 +19,8 @@ pub use batcher::{
     ABUSE_ROWS_PER_MIN, Batcher, QUARANTINE_BYTES_PER_MIN, QUARANTINE_ROWS_PER_MIN, REFUSAL_WINDOW,
 };
 pub use payload::{
-    LocationPayload, MAX_DEPTH, TelemetrySummary, clean_text, parse_location, parse_telemetry,
+    LocationPayload, MAX_DEPTH, TelemetrySummary, clean_text, parse_info, parse_location,
+    parse_status, parse_telemetry,
 };
 
 use std::sync::Arc;
@@ -299,26 +300,28 @@ impl Ingest {
                 op: "committing an ingest batch",
             }));
         if result.is_ok() {
-            {
-                let rows = batch.len();
-                metrics::histogram!("tms_ingest_commit_duration_seconds")
-                    .record(started.elapsed().as_secs_f64());
-                metrics::histogram!("tms_ingest_batch_rows").record(rows as f64);
-                // How long after CONNACK a device became visible as online in the store.
-                let committed = tms_model::now_ms();
-                for event in &batch.status {
-                    if let tms_store::StatusEvent::Connected { at, .. } = event {
-                        metrics::histogram!("tms_presence_online_latency_seconds")
-                            .record((committed - at).max(0) as f64 / 1000.0);
-                    }
-                }
-                metrics::counter!("tms_ingest_rows_written_total").increment(rows as u64);
-                metrics::counter!("tms_ingest_refusal_writes_total")
-                    .increment(batch.refusals.len() as u64);
-            }
+            record_commit(batch, started);
         }
         result
     }
+}
+
+/// Metrics of a committed batch.
+fn record_commit(batch: &WriteBatch, started: Instant) {
+    let rows = batch.len();
+    metrics::histogram!("tms_ingest_commit_duration_seconds")
+        .record(started.elapsed().as_secs_f64());
+    metrics::histogram!("tms_ingest_batch_rows").record(rows as f64);
+    // How long after CONNACK a device became visible as online in the store.
+    let committed = tms_model::now_ms();
+    for event in &batch.status {
+        if let tms_store::StatusEvent::Connected { at, .. } = event {
+            metrics::histogram!("tms_presence_online_latency_seconds")
+                .record((committed - at).max(0) as f64 / 1000.0);
+        }
+    }
+    metrics::counter!("tms_ingest_rows_written_total").increment(rows as u64);
+    metrics::counter!("tms_ingest_refusal_writes_total").increment(batch.refusals.len() as u64);
 }
 
 fn release(acks: Vec<(Arc<Acks>, u64)>) {
