@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Latency at a fixed message rate: QoS 1 PUBLISH → PUBACK round trip seen by the client, at
 # 1,000 and 5,000 msg/s (5 publishers, each its own device and certificate, paho-mqtt from
-# PyPI), against the gateway (SQLite ingest on; the PUBACK leaves once the message is queued
-# for the store) and a Mosquitto with the equivalent configuration, in the same run.
+# PyPI), against the gateway (SQLite ingest on; the PUBACK leaves once the message is committed
+# to the store) and a Mosquitto with the equivalent configuration, in the same run.
 # Figures: p50 / p99 / p99.9 per broker and rate, ratio gateway / Mosquitto at p99.
 # Appends to bench/results/latency.jsonl.
 #

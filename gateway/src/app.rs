@@ -287,6 +287,20 @@ impl App {
             broker.clone(),
             stop.clone(),
         ));
+        // SQLite checkpoints beside the writers, never inside a commit (see Store::checkpoint).
+        let checkpoint_store = store.clone();
+        let checkpoint_stop = stop.clone();
+        let checkpoint_task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            while tokio::select! {
+                _ = checkpoint_stop.cancelled() => false,
+                _ = tick.tick() => true,
+            } {
+                if let Err(e) = checkpoint_store.checkpoint().await {
+                    tracing::debug!(error = %e, "checkpoint failed; retried in a second");
+                }
+            }
+        });
         let mut revocation_task = tokio::spawn(revocation::watch(
             store.clone(),
             revoked,
@@ -333,6 +347,7 @@ impl App {
         revocation_task.abort();
         mailer_task.abort();
         server_cert_task.abort();
+        checkpoint_task.abort();
         drop(broker);
         // Every session has reported its disconnect; now write everything that is queued.
         drain.cancel();

@@ -211,6 +211,11 @@ impl Store {
                         conn.execute("PRAGMA synchronous = NORMAL").await?;
                         conn.execute("PRAGMA busy_timeout = 10000").await?;
                         conn.execute("PRAGMA foreign_keys = ON").await?;
+                        // No checkpoint inside a commit: it would fsync the database file
+                        // while every device waiting for a PUBACK waits too. The gateway runs
+                        // them beside the writers instead (`Store::checkpoint`); the last
+                        // connection to close checkpoints too.
+                        conn.execute("PRAGMA wal_autocheckpoint = 0").await?;
                     }
                     Ok(())
                 })
@@ -271,6 +276,33 @@ impl Store {
             Backend::Postgres => self.pool.begin().await,
         }
         .map_err(query_err(op))
+    }
+
+    /// Copies the SQLite write-ahead log into the database without blocking writers
+    /// (`PASSIVE`), so commits never wait for a checkpoint; once a log of more than 10,000
+    /// pages has been copied whole, its file is reset. Nothing to do on PostgreSQL.
+    pub async fn checkpoint(&self) -> Result<()> {
+        if self.backend != Backend::Sqlite {
+            return Ok(());
+        }
+        use sqlx::Row;
+        let row = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(query_err("checkpointing the write-ahead log"))?;
+        let (busy, log, done): (i64, i64, i64) = (
+            row.try_get(0).unwrap_or(1),
+            row.try_get(1).unwrap_or(0),
+            row.try_get(2).unwrap_or(0),
+        );
+        // Reset a large log once it is all in the database, so its file does not stay big.
+        if busy == 0 && log > 0 && done == log && log > 10_000 {
+            sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+                .execute(&self.pool)
+                .await
+                .map_err(query_err("truncating the write-ahead log"))?;
+        }
+        Ok(())
     }
 
     /// Slows every ingest batch down by `delay` (tests of back-pressure only).
