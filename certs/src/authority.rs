@@ -680,6 +680,10 @@ mod tests {
             .issue_device(&serial("RE4A000123"), DeviceKey::Generate, now, lease_end)
             .unwrap();
         assert_ne!(a.serial_number, b.serial_number);
+        assert!(crate::issued_by(&a.certificate_der, ca.cert_der()));
+        let other = tempfile::tempdir().unwrap();
+        let (foreign, _) = Ca::load_or_create(other.path(), now).unwrap();
+        assert!(!crate::issued_by(&a.certificate_der, foreign.cert_der()));
         assert!(a.serial_number.len() >= 16, "{}", a.serial_number);
         let id = identity(&a.certificate_der).unwrap();
         assert_eq!(id.common_name.as_deref(), Some("RE4A000123"));

@@ -14,7 +14,7 @@ mod pem;
 
 pub use authority::{Ca, CaInfo, DeviceKey, IssuedCert, Revoked, ServerCert};
 pub use csr::CsrError;
-pub use identity::{CertIdentity, fingerprint_sha256, identity};
+pub use identity::{CertIdentity, fingerprint_sha256, identity, issued_by};
 pub use pem::{parse_certificates, parse_private_key};
 
 use std::path::PathBuf;
