@@ -5,6 +5,7 @@
 
 mod support;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rumqttc::{ConnectReturnCode, Event, Packet, QoS, SubscribeReasonCode};
@@ -135,12 +136,8 @@ async fn refused_connections_are_recorded_against_the_device_with_their_reason()
     std::fs::write(&key, forged.private_key_pem.as_deref().unwrap()).unwrap();
     let (_c, mut el) = mqtt_client(&gw, "RE4A000300", client_tls(&files.ca, Some((&pem, &key))));
     assert!(connack(&mut el).await.is_err());
-    let s = wait_refusal(&store, "RE4A000300", "unknown_ca").await;
-    assert!(
-        s.last_connect_error_detail
-            .unwrap()
-            .contains("not by this gateway's CA")
-    );
+    // Anyone can write a serial into a certificate: that refusal is not the device's (see
+    // strangers_naming_a_real_serial_do_not_touch_its_record).
 
     // Expired: signed by our own CA, but its validity ended yesterday.
     let ca = Ca::load(&gw.data_dir().join("ca")).unwrap();
@@ -223,12 +220,188 @@ async fn refused_connections_are_recorded_against_the_device_with_their_reason()
         .into_iter()
         .map(|r| r.reason)
         .collect();
-    for reason in ["unknown_ca", "expired", "client_id_mismatch", "acl_denied"] {
+    for reason in ["expired", "client_id_mismatch", "acl_denied"] {
         assert!(
             reasons.iter().any(|r| r == reason),
             "{reason} missing from {reasons:?}"
         );
     }
+    assert!(!reasons.iter().any(|r| r == "unknown_ca"), "{reasons:?}");
+}
+
+/// A client identity presenting `chain` but signing with `key`, which need not match: what
+/// someone who copied a device's certificate off the wire, without its key, can do.
+#[derive(Debug)]
+struct Presents(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for Presents {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+fn presenting(
+    ca: &std::path::Path,
+    chain: &std::path::Path,
+    key: &std::path::Path,
+) -> Arc<rustls::ClientConfig> {
+    use rustls_pki_types::pem::PemObject;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let chain: Vec<_> = rustls_pki_types::CertificateDer::pem_file_iter(chain)
+        .unwrap()
+        .map(|c| c.unwrap())
+        .collect();
+    let key = provider
+        .key_provider
+        .load_private_key(rustls_pki_types::PrivateKeyDer::from_pem_file(key).unwrap())
+        .unwrap();
+    let resolver = Presents(Arc::new(rustls::sign::CertifiedKey::new(chain, key)));
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_cert_resolver(Arc::new(resolver)),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_naming_a_real_serial_do_not_touch_its_record() {
+    let gw = TestGateway::start().await;
+    let serial = "RE4A000310";
+    let files = gw.provision(serial, "00:1B:2C:3D:4E:71");
+    let store = gw.store().await;
+    let dir = gw.dir.path().join("stranger");
+    std::fs::create_dir_all(&dir).unwrap();
+    let before = scrape(&gw).await;
+    let refused =
+        |reason: &str| format!("tms_broker_connects_refused_total{{reason=\"{reason}\"}}");
+
+    // A self-signed certificate naming the serial, as `openssl req -x509` makes it.
+    let out = std::process::Command::new("openssl")
+        .current_dir(&dir)
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "30",
+            "-keyout",
+            "self.key",
+            "-out",
+            "self.pem",
+            "-subj",
+        ])
+        .arg(format!("/CN={serial}"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tls = client_tls(
+        &files.ca,
+        Some((&dir.join("self.pem"), &dir.join("self.key"))),
+    );
+    let (_c, mut el) = mqtt_client(&gw, serial, tls);
+    assert!(
+        connack(&mut el).await.is_err(),
+        "a self-signed certificate connected"
+    );
+
+    // An expired certificate from a CA of one's own: expired, but not ours to report.
+    let now = OffsetDateTime::now_utc();
+    let (foreign, _) = Ca::load_or_create(&dir.join("ca"), now).unwrap();
+    let expired = foreign
+        .issue_device(
+            &DeviceSerial::parse(serial).unwrap(),
+            DeviceKey::Generate,
+            now - time::Duration::days(3),
+            now - time::Duration::days(1),
+        )
+        .unwrap();
+    std::fs::write(dir.join("old.pem"), &expired.certificate_pem).unwrap();
+    std::fs::write(dir.join("old.key"), expired.private_key_pem.unwrap()).unwrap();
+    let tls = client_tls(
+        &files.ca,
+        Some((&dir.join("old.pem"), &dir.join("old.key"))),
+    );
+    let (_c, mut el) = mqtt_client(&gw, serial, tls);
+    assert!(connack(&mut el).await.is_err());
+
+    // The device's real certificate, replayed without its private key.
+    let (_c, mut el) = mqtt_client(
+        &gw,
+        serial,
+        presenting(&files.ca, &files.pem, &dir.join("self.key")),
+    );
+    assert!(
+        connack(&mut el).await.is_err(),
+        "a certificate without its key connected"
+    );
+
+    // All three are counted and logged with the peer address, the serial marked unverified.
+    // (openssl's self-signed certificate is a CA certificate: invalid_certificate.)
+    wait_for("three refusals counted", Duration::from_secs(5), || async {
+        let after = scrape(&gw).await;
+        let counted = ["unknown_ca", "expired", "invalid_certificate"]
+            .iter()
+            .map(|r| delta(&before, &after, &refused(r)))
+            .sum::<f64>();
+        (counted >= 3.0).then_some(())
+    })
+    .await;
+    let log = gw.log();
+    let unverified = log
+        .lines()
+        .filter(|l| {
+            l.contains("connection refused") && l.contains(serial) && l.contains("unverified")
+        })
+        .count();
+    assert_eq!(unverified, 3, "{log}");
+
+    // The device's own certificate, revoked, is still the device's: it is recorded, and it
+    // is the only refusal there.
+    gw.cli(&["device", "revoke", serial]);
+    let s = wait_for(
+        "the revoked certificate refused",
+        Duration::from_secs(5),
+        || async {
+            let (_c, mut el) = device_client(&gw, &files);
+            if connack(&mut el).await.is_ok() {
+                return None;
+            }
+            let s = status(&store, serial).await;
+            (s.last_connect_error.as_deref() == Some("revoked")).then_some(s)
+        },
+    )
+    .await;
+    assert_eq!(s.last_connect_error.as_deref(), Some("revoked"));
+    let reasons: Vec<String> = store
+        .refusals(serial, 20)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.reason)
+        .collect();
+    assert_eq!(reasons, ["revoked"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -373,3 +373,184 @@ async fn a_new_server_certificate_does_not_disconnect_devices() {
         (ConnState::Online, online.session_id)
     );
 }
+
+/// Runs openssl in `dir`; panics with its stderr when it fails.
+fn openssl(dir: &std::path::Path, args: &[&str]) -> String {
+    let out = std::process::Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A key made by `openssl genpkey` and a CSR for CN=`serial` made from it by `openssl req`
+/// with its default digest unless `digest` says otherwise. Returns the CSR text.
+fn openssl_csr(
+    dir: &std::path::Path,
+    serial: &str,
+    genpkey: &[&str],
+    digest: Option<&str>,
+) -> String {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut args = vec!["genpkey"];
+    args.extend_from_slice(genpkey);
+    args.extend_from_slice(&["-out", "d.key"]);
+    openssl(dir, &args);
+    let subject = format!("/CN={serial}");
+    let mut args = vec![
+        "req", "-new", "-key", "d.key", "-subj", &subject, "-out", "d.csr",
+    ];
+    args.extend(digest);
+    openssl(dir, &args);
+    std::fs::read_to_string(dir.join("d.csr")).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn csrs_with_p384_ed25519_and_rsa_keys_give_certificates_that_connect() {
+    let gw = TestGateway::start().await;
+    let serial = "RE4A001900";
+    let working = gw.provision(serial, "00:1B:2C:3D:4F:90");
+    let store = gw.store().await;
+    let token = admin_token(&gw).await;
+    let http = reqwest::Client::new();
+    let url = gw.url(&format!("/api/v1/devices/{serial}/certificate"));
+    let publish = |files: &DeviceFiles| {
+        let out = gw.mosquitto_pub(
+            "localhost",
+            files,
+            serial,
+            &format!("tms/{serial}/telemetry"),
+            TELEMETRY,
+        );
+        assert!(
+            out.status.success(),
+            "mosquitto_pub with {}: {}",
+            files.pem.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    publish(&working);
+
+    // Refused CSRs say why, and leave the working certificate as it was.
+    let refused = [
+        (
+            "rsa1024",
+            &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:1024"][..],
+            None,
+            "1024 bits",
+        ),
+        (
+            "p521",
+            &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-521"][..],
+            None,
+            "curve P-521",
+        ),
+        (
+            "rsa-sha1",
+            &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"][..],
+            Some("-sha1"),
+            "sha1WithRSAEncryption",
+        ),
+    ];
+    for (name, genpkey, digest, reason) in refused {
+        let dir = gw.dir.path().join(name);
+        let csr = openssl_csr(&dir, serial, genpkey, digest);
+        let resp = http
+            .post(&url)
+            .bearer_auth(&token)
+            .json(&serde_json::json!({"csr_pem": csr}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 422, "{name}");
+        let body: Value = resp.json().await.unwrap();
+        let message = body["error"]["fields"]["csr_pem"].as_str().unwrap_or("");
+        assert!(message.contains(reason), "{name}: {body}");
+        // The CLI path refuses it the same way.
+        std::fs::write(dir.join("d.csr"), &csr).unwrap();
+        let out = gw.cli_output(&[
+            "device",
+            "cert",
+            serial,
+            "--out",
+            dir.join("out").to_str().unwrap(),
+            "--csr",
+            dir.join("d.csr").to_str().unwrap(),
+        ]);
+        assert!(!out.status.success(), "{name} through the CLI");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(reason),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let certs = store.certificates_of(serial).await.unwrap();
+    assert_eq!(certs.len(), 1, "a refused CSR recorded a certificate");
+    publish(&working);
+
+    // Accepted keys: OpenSSL reads each certificate, finds the CSR's key in it, and a real
+    // MQTT client connects with it.
+    let accepted = [
+        (
+            "p384-default",
+            &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-384"][..],
+            None,
+        ),
+        (
+            "p384-sha384",
+            &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-384"][..],
+            Some("-sha384"),
+        ),
+        ("ed25519", &["-algorithm", "ED25519"][..], None),
+        (
+            "rsa2048",
+            &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"][..],
+            None,
+        ),
+    ];
+    for (name, genpkey, digest) in accepted {
+        let dir = gw.dir.path().join(name);
+        let csr = openssl_csr(&dir, serial, genpkey, digest);
+        let resp = http
+            .post(&url)
+            .bearer_auth(&token)
+            .json(&serde_json::json!({"csr_pem": csr}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 201, "{name}");
+        let body: Value = resp.json().await.unwrap();
+        let chain = format!(
+            "{}{}",
+            body["certificate_pem"].as_str().unwrap(),
+            body["ca_pem"].as_str().unwrap()
+        );
+        std::fs::write(dir.join("d.pem"), chain).unwrap();
+        std::fs::write(dir.join("ca.pem"), body["ca_pem"].as_str().unwrap()).unwrap();
+        assert_eq!(
+            openssl(&dir, &["x509", "-in", "d.pem", "-noout", "-pubkey"]),
+            openssl(&dir, &["pkey", "-in", "d.key", "-pubout"]),
+            "{name}: the certificate does not carry the device key"
+        );
+        openssl(&dir, &["verify", "-CAfile", "ca.pem", "d.pem"]);
+        let files = DeviceFiles {
+            serial: serial.into(),
+            key: dir.join("d.key"),
+            pem: dir.join("d.pem"),
+            ca: dir.join("ca.pem"),
+        };
+        publish(&files);
+        let (_client, mut el) = device_client(&gw, &files);
+        assert_eq!(
+            connack(&mut el).await,
+            Ok(ConnectReturnCode::Success),
+            "{name} with rustls"
+        );
+    }
+}

@@ -6,6 +6,13 @@
 //! (a tokio task-local set around the handshake future). Revocation is a set of serial numbers
 //! swapped atomically, so a revocation is seen by the very next handshake without re-verifying
 //! a CRL signature on every connection.
+//!
+//! A refusal is attributed to a device (the note's identity keeps its CN) only when the
+//! presented certificate is provably ours: signed by our CA, and — when the handshake got that
+//! far — used by a client holding its key. Anyone can make a certificate naming a real serial,
+//! or replay a real one seen on the wire; what such a stranger is refused for must not land on
+//! that device's record. The claim is kept in the refusal detail, marked unverified, so it is
+//! still logged and counted with the peer address.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -27,6 +34,8 @@ use crate::{BrokerError, RefusalReason};
 /// What the verifier learned during one handshake.
 #[derive(Debug, Default)]
 pub(crate) struct HandshakeNote {
+    /// The presented certificate; its `common_name` is `None` unless the certificate was
+    /// issued by our CA and not shown to be used without its key (see the module header).
     pub identity: Option<CertIdentity>,
     pub refusal: Option<(RefusalReason, String)>,
 }
@@ -49,6 +58,42 @@ pub type RevokedSet = Arc<ArcSwap<HashMap<String, bool>>>;
 struct DeviceVerifier {
     inner: Arc<dyn ClientCertVerifier>,
     revoked: RevokedSet,
+    /// Our CA certificate, to tell our certificates that fail verification (expired, not
+    /// yet valid) from anyone else's.
+    ca: CertificateDer<'static>,
+}
+
+impl DeviceVerifier {
+    /// Notes that the client failed to prove it holds the key of the certificate it showed:
+    /// whoever it is, it is not the device that certificate names.
+    fn note_signature(
+        &self,
+        result: Result<HandshakeSignatureValid, rustls::Error>,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        if let Err(e) = &result {
+            note(|n| {
+                let claimed = n.identity.as_mut().and_then(|id| id.common_name.take());
+                let serial = n.identity.as_ref().map(|id| id.serial_number.as_str());
+                n.refusal = Some((
+                    RefusalReason::InvalidCertificate,
+                    format!(
+                        "the client did not prove it holds the key of certificate {} ({e}){}",
+                        serial.unwrap_or("?"),
+                        unverified(claimed.as_deref())
+                    ),
+                ));
+            });
+        }
+        result
+    }
+}
+
+/// The CN a certificate we cannot stand behind claims, for the refusal detail.
+fn unverified(claimed: Option<&str>) -> String {
+    match claimed {
+        Some(cn) => format!("; it claims CN {cn:?} (unverified, not attributed to that device)"),
+        None => String::new(),
+    }
 }
 
 impl ClientCertVerifier for DeviceVerifier {
@@ -87,6 +132,7 @@ impl ClientCertVerifier for DeviceVerifier {
                     None => Ok(ok),
                 }
             });
+        let mut identity = identity;
         note(|n| {
             if let Err(e) = &result {
                 n.refusal = Some(if superseded {
@@ -95,7 +141,15 @@ impl ClientCertVerifier for DeviceVerifier {
                         "a newer certificate of this device has been used (or its overlap ended); install the new one".into(),
                     )
                 } else {
-                    classify(e, identity.as_ref())
+                    let (reason, mut detail) = classify(e, identity.as_ref());
+                    // Only a failure of *our* certificate (expired, revoked, …) says something
+                    // about the device it names; the extra signature check runs on this path
+                    // alone, so accepted handshakes cost nothing more.
+                    if !tms_certs::issued_by(end_entity, &self.ca) {
+                        let claimed = identity.as_mut().and_then(|id| id.common_name.take());
+                        detail.push_str(&unverified(claimed.as_deref()));
+                    }
+                    (reason, detail)
                 });
             }
             n.identity = identity;
@@ -109,7 +163,7 @@ impl ClientCertVerifier for DeviceVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
+        self.note_signature(self.inner.verify_tls12_signature(message, cert, dss))
     }
 
     fn verify_tls13_signature(
@@ -118,7 +172,7 @@ impl ClientCertVerifier for DeviceVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
+        self.note_signature(self.inner.verify_tls13_signature(message, cert, dss))
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -186,7 +240,11 @@ pub fn server_config(
     let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
         .map_err(|e| BrokerError::Verifier(e.to_string()))?;
-    let verifier = Arc::new(DeviceVerifier { inner, revoked });
+    let verifier = Arc::new(DeviceVerifier {
+        inner,
+        revoked,
+        ca: ca.clone(),
+    });
     let config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(BrokerError::Tls)?

@@ -8,10 +8,9 @@ use std::path::{Path, PathBuf};
 
 use ::time::{Duration, OffsetDateTime};
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateRevocationListParams,
-    CertificateSigningRequestParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevocationReason, RevokedCertParams,
-    SerialNumber,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
+    PublicKeyData, RevocationReason, RevokedCertParams, SerialNumber,
 };
 use rustls_pki_types::CertificateDer;
 use tms_model::DeviceSerial;
@@ -263,29 +262,26 @@ impl Ca {
                             what: "device certificate",
                             source,
                         })?;
+                self.check_issued(cert.der(), &key.subject_public_key_info())?;
                 (cert, Some(key.serialize_pem()))
             }
             DeviceKey::Csr(pem) => {
-                let csr =
-                    CertificateSigningRequestParams::from_pem(&pem).map_err(CertError::Csr)?;
-                let found = csr
-                    .params
-                    .distinguished_name
-                    .get(&DnType::CommonName)
-                    .map(dn_text)
-                    .unwrap_or_default();
-                if found != serial.as_str() {
+                let csr = crate::csr::check(&pem)?;
+                // Exactly one CN, the serial: a second CN would be a second identity that
+                // some TLS stacks read instead of the first.
+                if csr.common_names.len() != 1 || csr.common_names[0] != serial.as_str() {
                     return Err(CertError::CsrSubject {
                         expected: serial.to_string(),
-                        found,
+                        found: csr.common_names.join(", "),
                     });
                 }
-                let cert = params
-                    .signed_by(&csr.public_key, &self.issuer)
-                    .map_err(|source| CertError::Generate {
+                let cert = params.signed_by(&csr.key, &self.issuer).map_err(|source| {
+                    CertError::Generate {
                         what: "device certificate",
                         source,
-                    })?;
+                    }
+                })?;
+                self.check_issued(cert.der(), &csr.key.spki_der)?;
                 (cert, None)
             }
         };
@@ -334,6 +330,7 @@ impl Ca {
                 what: "server certificate",
                 source,
             })?;
+        self.check_issued(cert.der(), &key.subject_public_key_info())?;
         Ok(ServerCert {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
@@ -390,6 +387,38 @@ impl Ca {
             0o644,
         )?;
         Ok(cert)
+    }
+
+    /// Reads a certificate just signed back as any verifier would, before anyone records or
+    /// receives it: it must parse, name this CA as issuer, carry a signature that verifies
+    /// with the CA's key, and hold exactly the public key `spki_der` it was issued for.
+    fn check_issued(&self, der: &[u8], spki_der: &[u8]) -> Result<(), CertError> {
+        let failed = |what: &'static str| move |source| CertError::IssuedCheck { what, source };
+        let (rest, cert) = parse_x509_certificate(der).map_err(|e| {
+            failed("it does not parse")(match e {
+                nom::Err::Error(e) | nom::Err::Failure(e) => e,
+                nom::Err::Incomplete(_) => X509Error::InvalidCertificate,
+            })
+        })?;
+        let (_, ca) = parse_x509_certificate(&self.cert_der).map_err(|_| {
+            failed("the CA certificate does not parse")(X509Error::InvalidCertificate)
+        })?;
+        if !rest.is_empty() {
+            return Err(failed("trailing data")(X509Error::InvalidCertificate));
+        }
+        if cert.issuer() != ca.subject() {
+            return Err(failed("its issuer is not the CA")(
+                X509Error::InvalidCertificate,
+            ));
+        }
+        cert.verify_signature(Some(ca.public_key()))
+            .map_err(failed("its signature does not verify with the CA key"))?;
+        if cert.public_key().raw != spki_der {
+            return Err(failed("its public key differs from the requested one")(
+                X509Error::InvalidCertificate,
+            ));
+        }
+        Ok(())
     }
 
     fn server_cert_still_fits(
@@ -474,16 +503,6 @@ impl Ca {
             what: "certificate revocation list PEM",
             source,
         })
-    }
-}
-
-fn dn_text(value: &rcgen::DnValue) -> String {
-    match value {
-        rcgen::DnValue::PrintableString(s) => s.as_str().to_owned(),
-        rcgen::DnValue::Utf8String(s) => s.clone(),
-        rcgen::DnValue::Ia5String(s) => s.as_str().to_owned(),
-        rcgen::DnValue::TeletexString(s) => s.as_str().to_owned(),
-        other => format!("{other:?}"),
     }
 }
 
@@ -661,6 +680,10 @@ mod tests {
             .issue_device(&serial("RE4A000123"), DeviceKey::Generate, now, lease_end)
             .unwrap();
         assert_ne!(a.serial_number, b.serial_number);
+        assert!(crate::issued_by(&a.certificate_der, ca.cert_der()));
+        let other = tempfile::tempdir().unwrap();
+        let (foreign, _) = Ca::load_or_create(other.path(), now).unwrap();
+        assert!(!crate::issued_by(&a.certificate_der, foreign.cert_der()));
         assert!(a.serial_number.len() >= 16, "{}", a.serial_number);
         let id = identity(&a.certificate_der).unwrap();
         assert_eq!(id.common_name.as_deref(), Some("RE4A000123"));
@@ -722,6 +745,185 @@ mod tests {
             )
             .unwrap_err();
         assert!(matches!(err, CertError::Csr(_)), "{err}");
+    }
+
+    /// Runs openssl in `dir`; panics with its stderr when it fails.
+    fn openssl(dir: &Path, args: &[&str]) -> String {
+        let out = std::process::Command::new("openssl")
+            .current_dir(dir)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// A CSR for CN=RE4A1 made by `openssl req` from a key made by `genpkey_args`.
+    fn openssl_csr(dir: &Path, name: &str, genpkey_args: &[&str], digest: Option<&str>) -> String {
+        let key = format!("{name}.key");
+        let csr = format!("{name}.csr");
+        let mut args = vec!["genpkey"];
+        args.extend_from_slice(genpkey_args);
+        args.extend_from_slice(&["-out", &key]);
+        openssl(dir, &args);
+        let mut args = vec![
+            "req",
+            "-new",
+            "-key",
+            &key,
+            "-subj",
+            "/CN=RE4A1",
+            "-out",
+            &csr,
+        ];
+        if let Some(d) = digest {
+            args.push(d);
+        }
+        openssl(dir, &args);
+        fs::read_to_string(dir.join(csr)).unwrap()
+    }
+
+    #[test]
+    fn csr_keys_of_every_accepted_type_are_certified_as_they_are() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = OffsetDateTime::now_utc();
+        let (ca, _) = Ca::load_or_create(&dir.path().join("ca"), now).unwrap();
+        let cases: [(&str, &[&str], Option<&str>); 6] = [
+            // OpenSSL's default for a P-384 key: signed with SHA-256.
+            (
+                "p384-sha256",
+                &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-384"],
+                None,
+            ),
+            (
+                "p384-sha384",
+                &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-384"],
+                Some("-sha384"),
+            ),
+            (
+                "p256-sha384",
+                &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"],
+                Some("-sha384"),
+            ),
+            ("ed25519", &["-algorithm", "ED25519"], None),
+            (
+                "rsa2048",
+                &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"],
+                None,
+            ),
+            (
+                "rsa3072-sha512",
+                &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:3072"],
+                Some("-sha512"),
+            ),
+        ];
+        for (name, genpkey, digest) in cases {
+            let csr = openssl_csr(dir.path(), name, genpkey, digest);
+            let issued = ca
+                .issue_device(
+                    &serial("RE4A1"),
+                    DeviceKey::Csr(csr),
+                    now,
+                    now + Duration::days(30),
+                )
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            let pem = format!("{name}.pem");
+            fs::write(dir.path().join(&pem), &issued.certificate_pem).unwrap();
+            // OpenSSL reads the key out of the certificate, it is the CSR's, and the
+            // certificate verifies against the CA.
+            let in_cert = openssl(dir.path(), &["x509", "-in", &pem, "-noout", "-pubkey"]);
+            let in_csr = openssl(
+                dir.path(),
+                &["req", "-in", &format!("{name}.csr"), "-noout", "-pubkey"],
+            );
+            assert_eq!(in_cert, in_csr, "{name}");
+            let in_key = openssl(
+                dir.path(),
+                &["pkey", "-in", &format!("{name}.key"), "-pubout"],
+            );
+            assert_eq!(in_cert, in_key, "{name}");
+            openssl(dir.path(), &["verify", "-CAfile", "ca/ca.pem", &pem]);
+        }
+    }
+
+    #[test]
+    fn csrs_the_gateway_cannot_stand_behind_are_refused_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = OffsetDateTime::now_utc();
+        let (ca, _) = Ca::load_or_create(&dir.path().join("ca"), now).unwrap();
+        let refuse = |csr: String| {
+            ca.issue_device(
+                &serial("RE4A1"),
+                DeviceKey::Csr(csr),
+                now,
+                now + Duration::days(30),
+            )
+            .unwrap_err()
+        };
+        let rsa1024 = openssl_csr(
+            dir.path(),
+            "rsa1024",
+            &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:1024"],
+            None,
+        );
+        let err = refuse(rsa1024);
+        assert!(
+            matches!(err, CertError::Csr(CsrError::RsaSize { bits: 1024 })),
+            "{err}"
+        );
+        assert!(err.to_string().contains("1024 bits"), "{err}");
+
+        let p521 = openssl_csr(
+            dir.path(),
+            "p521",
+            &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-521"],
+            None,
+        );
+        let err = refuse(p521);
+        assert!(
+            matches!(err, CertError::Csr(CsrError::Curve { .. })),
+            "{err}"
+        );
+        assert!(err.to_string().contains("P-521"), "{err}");
+
+        let sha1 = openssl_csr(
+            dir.path(),
+            "rsa-sha1",
+            &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"],
+            Some("-sha1"),
+        );
+        let err = refuse(sha1);
+        assert!(
+            matches!(err, CertError::Csr(CsrError::SignatureAlgorithm { .. })),
+            "{err}"
+        );
+        assert!(err.to_string().contains("sha1WithRSAEncryption"), "{err}");
+
+        let ed448 = openssl_csr(dir.path(), "ed448", &["-algorithm", "ED448"], None);
+        let err = refuse(ed448);
+        assert!(
+            matches!(err, CertError::Csr(CsrError::KeyType { .. })),
+            "{err}"
+        );
+        assert!(err.to_string().contains("Ed448"), "{err}");
+
+        // A CSR whose signature is not made by its key: change one base64 digit inside the
+        // last 48 bytes, which are all Ed25519 signature (64 raw bytes, no structure).
+        let good = openssl_csr(dir.path(), "ed25519-bad", &["-algorithm", "ED25519"], None);
+        let mut lines: Vec<String> = good.lines().map(str::to_owned).collect();
+        let at = lines.len() - 3;
+        let line = &mut lines[at];
+        let c = line.pop().unwrap();
+        line.push(if c == 'A' { 'B' } else { 'A' });
+        let err = refuse(lines.join("\n"));
+        assert!(
+            matches!(err, CertError::Csr(CsrError::Signature(_))),
+            "{err}"
+        );
     }
 
     #[test]
@@ -787,5 +989,6 @@ mod tests {
         assert_eq!(listed, vec![cert.serial_number]);
     }
 
+    use crate::CsrError;
     use rustls_pki_types::pem::PemObject;
 }

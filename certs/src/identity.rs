@@ -39,6 +39,18 @@ pub fn identity(der: &[u8]) -> Result<CertIdentity, CertError> {
     })
 }
 
+/// True when `der` names the CA certificate `ca_der` as its issuer and its signature
+/// verifies with that CA's key: the certificate is the gateway's own, whatever else is wrong
+/// with it (expired, revoked). Anyone can make a certificate that merely *says* our CA.
+pub fn issued_by(der: &[u8], ca_der: &[u8]) -> bool {
+    let (Ok((_, cert)), Ok((_, ca))) =
+        (parse_x509_certificate(der), parse_x509_certificate(ca_der))
+    else {
+        return false;
+    };
+    cert.issuer() == ca.subject() && cert.verify_signature(Some(ca.public_key())).is_ok()
+}
+
 /// SHA-256 of the DER encoding, lower-case hex without separators.
 pub fn fingerprint_sha256(der: &[u8]) -> String {
     hex::encode(Sha256::digest(der))

@@ -1,17 +1,20 @@
 //! The gateway's built-in certificate authority.
 //!
 //! Creates and reloads the CA (ECDSA P-256), issues the broker's server certificate and device
-//! certificates (from a key pair it generates, or from a CSR), reads the identity out of a
+//! certificates (from a key pair it generates, or from a CSR with a P-256, P-384, Ed25519 or
+//! RSA key; each read back and verified before it is returned), reads the identity out of a
 //! presented certificate, and signs revocation lists. Synchronous and free of MQTT and HTTP:
 //! callers run it on a blocking thread and keep the records.
 
 mod authority;
+mod csr;
 mod identity;
 mod keyfile;
 mod pem;
 
 pub use authority::{Ca, CaInfo, DeviceKey, IssuedCert, Revoked, ServerCert};
-pub use identity::{CertIdentity, fingerprint_sha256, identity};
+pub use csr::CsrError;
+pub use identity::{CertIdentity, fingerprint_sha256, identity, issued_by};
 pub use pem::{parse_certificates, parse_private_key};
 
 use std::path::PathBuf;
@@ -39,8 +42,9 @@ pub enum CertError {
         #[source]
         source: rcgen::Error,
     },
-    #[error("the certificate signing request is invalid")]
-    Csr(#[source] rcgen::Error),
+    /// The CSR was refused; the message says why (key type, size, signature algorithm).
+    #[error(transparent)]
+    Csr(#[from] CsrError),
     #[error("the CSR names {found:?} as its subject CN, but the device serial is {expected:?}")]
     CsrSubject { expected: String, found: String },
     #[error("the certificate is not valid X.509: {0}")]
@@ -53,6 +57,14 @@ pub enum CertError {
     KeyPassphrase { path: PathBuf },
     #[error("encrypting the CA key")]
     KeyEncryption,
+    /// A certificate just signed failed to read back as issued by this CA for the requested
+    /// key; it was neither recorded nor handed out.
+    #[error("the certificate just issued failed its check: {what}")]
+    IssuedCheck {
+        what: &'static str,
+        #[source]
+        source: x509_parser::error::X509Error,
+    },
     #[error("the validity would end before it starts (not after {not_after})")]
     EmptyValidity { not_after: time::OffsetDateTime },
 }
