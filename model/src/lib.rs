@@ -86,6 +86,11 @@ impl Mac {
             value: value.to_owned(),
             why,
         };
+        // Everything below indexes bytes: a non-ASCII character would put a slice boundary
+        // inside it (a panic), so it is refused first.
+        if !value.is_ascii() {
+            return Err(err("only hex digits 0-9 and A-F are allowed"));
+        }
         let hex: String = match value.len() {
             12 => value.to_owned(),
             17 => {
@@ -105,6 +110,10 @@ impl Mac {
                 ));
             }
         };
+        // `from_str_radix` alone would take a leading '+' as a sign.
+        if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(err("only hex digits 0-9 and A-F are allowed"));
+        }
         let mut octets = [0u8; 6];
         for (i, octet) in octets.iter_mut().enumerate() {
             *octet = u8::from_str_radix(&hex[i * 2..i * 2 + 2], 16)
@@ -236,6 +245,10 @@ mod tests {
             "00:1B:2C:3D:4E",
             "00:1B-2C:3D:4E:5F",
             "GG1B2C3D4E5F",
+            "0é123456789",
+            "0é:1B:2C:3D:4E:5",
+            "00:1B:2C:3D:4E:5é",
+            "+1B2C3D4E5F0",
         ] {
             assert!(Mac::parse(bad).is_err(), "{bad:?} accepted");
         }
