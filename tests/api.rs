@@ -982,3 +982,114 @@ async fn web_pages_are_served_with_a_strict_policy_and_no_cookie() {
     let missing = http.get(gw.url("/assets/nope.js")).send().await.unwrap();
     assert_eq!(missing.status(), StatusCode::NOT_FOUND);
 }
+
+/// Permission bits of a file or directory.
+fn mode(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_at_rest_are_private_and_delivered_mails_forget_their_text() {
+    use sqlx::Row;
+    // A umask that leaves new files world-readable, as most shells and services have.
+    let gw = TestGateway::start_with_umask("022", &[]).await;
+    let api = Api::new();
+    provider(&gw);
+    let provider_token = api.token(&gw, PROVIDER, PROVIDER_PASSWORD).await;
+    let email = "ana@example.com";
+    let (status, body) = api
+        .call(
+            "POST",
+            gw.url("/api/v1/registrations"),
+            Some(&provider_token),
+            Some(registration(
+                "RE4A000070",
+                "00:1B:2C:3D:4E:70",
+                email,
+                "Acme",
+            )),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (activation, password) = emails_for(&gw, email).await;
+
+    // Delivered: the queue keeps recipient, subject and time, not the text.
+    sqlx::any::install_default_drivers();
+    let db = gw.data_dir().join("tms.db");
+    let pool = sqlx::AnyPool::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    let rows = wait_for("both mails marked sent", Duration::from_secs(10), || {
+        let conn = &pool;
+        async move {
+            let rows = sqlx::query(
+                "SELECT recipient, subject, message, sent_at FROM mail_queue WHERE recipient = $1",
+            )
+            .bind(email)
+            .fetch_all(conn)
+            .await
+            .unwrap();
+            let sent = rows
+                .iter()
+                .filter(|r| r.get::<Option<i64>, _>("sent_at").is_some())
+                .count();
+            (rows.len() == 2 && sent == 2).then_some(rows)
+        }
+    })
+    .await;
+    let mut subjects: Vec<String> = rows.iter().map(|r| r.get("subject")).collect();
+    subjects.sort();
+    assert_eq!(
+        subjects,
+        [
+            "Activate your UPS monitoring account",
+            "Your temporary password"
+        ]
+    );
+    for row in &rows {
+        let message: String = row.get("message");
+        assert_eq!(message, "", "a delivered mail kept its text");
+    }
+    let anywhere: Vec<String> = sqlx::query("SELECT message FROM mail_queue")
+        .fetch_all(&pool)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get("message"))
+        .collect();
+    assert!(
+        !anywhere
+            .iter()
+            .any(|m| m.contains(&password) || m.contains(&activation)),
+        "the temporary password or the activation token is still in mail_queue"
+    );
+    pool.close().await;
+
+    // Files: private whatever the umask.
+    let data = gw.data_dir();
+    for dir in ["", "ca", "server", "outbox"] {
+        assert_eq!(mode(&data.join(dir)), 0o700, "{dir:?}");
+    }
+    for file in [
+        "tms.db",
+        "tms.db-wal",
+        "tms.db-shm",
+        "ca/ca.key",
+        "server/server.key",
+    ] {
+        assert_eq!(mode(&data.join(file)), 0o600, "{file}");
+    }
+    let mails: Vec<_> = std::fs::read_dir(data.join("outbox"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(mails.len(), 2, "{mails:?}");
+    for mail in &mails {
+        assert_eq!(mode(mail), 0o600, "{}", mail.display());
+    }
+}

@@ -67,6 +67,7 @@ impl Composer {
         Ok(OutgoingMail {
             kind: kind.to_owned(),
             recipient: to.to_owned(),
+            subject: subject.to_owned(),
             message: String::from_utf8_lossy(&message.formatted()).into_owned(),
         })
     }
@@ -282,18 +283,46 @@ impl Mailer {
         delivered
     }
 
+    /// Writes one `.eml` readable by the gateway's user only (it may hold a temporary
+    /// password), durably before the mail is marked sent: the queue drops the text then, so
+    /// this file is the only copy.
     async fn write_outbox(&self, mail: &QueuedMail) -> Result<(), String> {
-        tokio::fs::create_dir_all(&self.outbox_dir)
+        use std::os::unix::fs::PermissionsExt;
+        use tokio::io::AsyncWriteExt;
+
+        let dir = &self.outbox_dir;
+        tokio::fs::create_dir_all(dir)
             .await
-            .map_err(|e| format!("creating {}: {e}", self.outbox_dir.display()))?;
+            .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        tokio::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .await
+            .map_err(|e| format!("making {} private: {e}", dir.display()))?;
         let name = format!("{:08}-{}.eml", mail.id, mail.kind);
-        let tmp = self.outbox_dir.join(format!(".{name}.tmp"));
-        tokio::fs::write(&tmp, mail.message.as_bytes())
+        let tmp = dir.join(format!(".{name}.tmp"));
+        let write = async {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            let mut file = tokio::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)
+                .await?;
+            // `mode` is filtered by the umask; say it once more whatever the umask is.
+            file.set_permissions(std::fs::Permissions::from_mode(0o600))
+                .await?;
+            file.write_all(mail.message.as_bytes()).await?;
+            file.sync_all().await
+        };
+        write
             .await
             .map_err(|e| format!("writing {}: {e}", tmp.display()))?;
-        tokio::fs::rename(&tmp, self.outbox_dir.join(&name))
+        tokio::fs::rename(&tmp, dir.join(&name))
             .await
-            .map_err(|e| format!("writing {name}: {e}"))
+            .map_err(|e| format!("writing {name}: {e}"))?;
+        // The rename itself must survive a crash too.
+        let sync = async { tokio::fs::File::open(dir).await?.sync_all().await };
+        sync.await
+            .map_err(|e| format!("syncing {}: {e}", dir.display()))
     }
 
     async fn send_smtp(

@@ -3,7 +3,7 @@
 use std::fs;
 use std::io::Write;
 use std::net::IpAddr;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use ::time::{Duration, OffsetDateTime};
@@ -98,10 +98,10 @@ impl Ca {
     ) -> Result<(Ca, bool), CertError> {
         let cert_path = ca_dir.join("ca.pem");
         let key_path = ca_dir.join("ca.key");
+        create_private_dir(ca_dir)?;
         if cert_path.exists() || key_path.exists() {
             return Ok((Self::load_with(ca_dir, passphrase)?, false));
         }
-        create_private_dir(ca_dir)?;
         let key = KeyPair::generate().map_err(|source| CertError::Generate {
             what: "CA key pair",
             source,
@@ -347,6 +347,7 @@ impl Ca {
         hostnames: &[String],
         now: OffsetDateTime,
     ) -> Result<(ServerCert, bool), CertError> {
+        create_private_dir(server_dir)?;
         let cert_path = server_dir.join("server.pem");
         let key_path = server_dir.join("server.key");
         if let (Ok(cert_pem), Ok(key_pem)) = (
@@ -527,11 +528,22 @@ fn read_string(path: &Path) -> Result<String, CertError> {
     })
 }
 
+/// Creates `dir` (and missing parents) and makes it mode 0700 whatever the umask, also when
+/// it already existed looser: it holds private keys.
 fn create_private_dir(dir: &Path) -> Result<(), CertError> {
-    fs::create_dir_all(dir).map_err(|source| CertError::Write {
+    let err = |source| CertError::Write {
         path: dir.to_owned(),
         source,
-    })
+    };
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(err)?;
+    if fs::metadata(dir).map_err(err)?.permissions().mode() & 0o077 != 0 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(err)?;
+    }
+    Ok(())
 }
 
 /// Writes through a temporary file created with `mode`, then renames: a reader never sees a

@@ -53,8 +53,7 @@ pub struct App {
 
 /// Opens the store and loads (or creates) the CA: what every command needs.
 pub async fn open_parts(config: &Config) -> Result<(Store, Arc<Ca>)> {
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+    create_private_dir(&config.data_dir)?;
     let store = Store::open(&config.database_url).await.with_context(|| {
         format!(
             "opening the store at {}",
@@ -74,6 +73,26 @@ pub async fn open_parts(config: &Config) -> Result<(Store, Arc<Ca>)> {
         tracing::info!(fingerprint = %ca.info().sha256_fingerprint, "created a new CA");
     }
     Ok((store, Arc::new(ca)))
+}
+
+/// Creates the data directory mode 0700, and tightens one found looser: it holds the
+/// database, the CA key and mails with temporary passwords.
+fn create_private_dir(dir: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating data directory {}", dir.display()))?;
+    let mode = std::fs::metadata(dir)
+        .with_context(|| format!("reading data directory {}", dir.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("making data directory {} private", dir.display()))?;
+    }
+    Ok(())
 }
 
 fn node_id() -> String {

@@ -9,6 +9,11 @@ use clap::Parser;
 use tms_config::{Config, ConfigError};
 
 fn main() -> ExitCode {
+    // Everything the gateway creates in its data directory is private (the database and its
+    // -wal/-shm, mails with temporary passwords, keys), and so is anything a library creates
+    // there later, which no explicit mode can reach. Set before any thread or file exists;
+    // the places that create files also set their modes, for files made by an older version.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let args = cli::Args::parse();
     let config = match Config::load(args.config.as_deref()) {
         Ok(c) => c,

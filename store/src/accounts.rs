@@ -28,7 +28,9 @@ pub enum RegistrationCompany {
 pub struct OutgoingMail {
     pub kind: String,
     pub recipient: String,
-    /// The whole RFC 5322 message.
+    /// Kept after delivery, with the recipient and the time, unlike the message.
+    pub subject: String,
+    /// The whole RFC 5322 message; dropped from the queue once delivered.
     pub message: String,
 }
 
@@ -64,10 +66,11 @@ pub struct QueuedMail {
 
 async fn queue_mail(conn: &mut AnyConnection, mail: &OutgoingMail, now_ms: i64) -> Result<()> {
     sqlx::query(
-        "INSERT INTO mail_queue (kind, recipient, message, created_at, next_attempt_at) VALUES ($1, $2, $3, $4, $4)",
+        "INSERT INTO mail_queue (kind, recipient, subject, message, created_at, next_attempt_at) VALUES ($1, $2, $3, $4, $5, $5)",
     )
     .bind(&mail.kind)
     .bind(&mail.recipient)
+    .bind(&mail.subject)
     .bind(&mail.message)
     .bind(now_ms)
     .execute(&mut *conn)
@@ -359,8 +362,11 @@ impl Store {
             .map_err(query_err("reading the mail queue"))
     }
 
+    /// Marks a mail delivered and drops its text: the temporary password or activation link
+    /// in it has reached the recipient, and a copy in the database would only outlive it.
+    /// Recipient, subject and times stay.
     pub async fn mail_sent(&self, id: i64, now_ms: i64) -> Result<()> {
-        sqlx::query("UPDATE mail_queue SET sent_at = $1, attempts = attempts + 1, last_error = NULL WHERE id = $2")
+        sqlx::query("UPDATE mail_queue SET sent_at = $1, message = '', attempts = attempts + 1, last_error = NULL WHERE id = $2")
             .bind(now_ms)
             .bind(id)
             .execute(self.pool())

@@ -64,6 +64,12 @@ pub enum StoreError {
     Url(#[source] sqlx::Error),
     #[error("connecting to the database")]
     Connect(#[source] sqlx::Error),
+    #[error("keeping the database file {path} private")]
+    FileMode {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("migrating the {backend} schema")]
     Migrate {
         backend: &'static str,
@@ -181,8 +187,52 @@ pub struct Store {
     write_fault: Arc<Mutex<Option<StoreFault>>>,
 }
 
+/// The database file of a SQLite URL; `None` for an in-memory database.
+fn sqlite_file(url: &str) -> Result<Option<std::path::PathBuf>> {
+    let options = sqlx::sqlite::SqliteConnectOptions::from_str(url).map_err(StoreError::Url)?;
+    let path = options.get_filename();
+    let in_memory = url.contains(":memory:") || url.contains("mode=memory");
+    Ok((!in_memory && !path.as_os_str().is_empty()).then(|| path.to_owned()))
+}
+
+/// Creates the SQLite file empty with mode 0600 before SQLite does (it would use 0644 less
+/// the umask), so the database and the -wal and -shm files SQLite derives from it are
+/// readable by the gateway's user only: they hold password hashes and tokens.
+fn create_private(path: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => tighten(path),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => tighten(path),
+        // A missing directory and the like: SQLite reports it better when it connects.
+        Err(_) => Ok(()),
+    }
+}
+
+/// Sets mode 0600 on `path` if it exists and anyone but its owner may use it.
+fn tighten(path: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let err = |source| StoreError::FileMode {
+        path: path.to_owned(),
+        source,
+    };
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.permissions().mode() & 0o077 != 0 => {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)
+        }
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(err(e)),
+    }
+}
+
 impl Store {
-    /// Connects, creating the SQLite file if needed, and applies pending migrations.
+    /// Connects, creating the SQLite file if needed (mode 0600), and applies pending
+    /// migrations.
     pub async fn open(url: &str) -> Result<Store> {
         sqlx::any::install_default_drivers();
         let backend = if url.starts_with("sqlite:") {
@@ -195,6 +245,13 @@ impl Store {
             _ => url.to_owned(),
         };
         let options = AnyConnectOptions::from_str(&url).map_err(StoreError::Url)?;
+        let db_file = match backend {
+            Backend::Sqlite => sqlite_file(&url)?,
+            Backend::Postgres => None,
+        };
+        if let Some(path) = &db_file {
+            create_private(path)?;
+        }
         let pool = AnyPoolOptions::new()
             .max_connections(match backend {
                 Backend::Sqlite => 4,
@@ -216,6 +273,10 @@ impl Store {
                         // them beside the writers instead (`Store::checkpoint`); the last
                         // connection to close checkpoints too.
                         conn.execute("PRAGMA wal_autocheckpoint = 0").await?;
+                        // Text an UPDATE or DELETE removes (a delivered mail's password) is
+                        // zeroed in its page rather than left in free space; FAST costs no
+                        // extra I/O.
+                        conn.execute("PRAGMA secure_delete = FAST").await?;
                     }
                     Ok(())
                 })
@@ -234,6 +295,15 @@ impl Store {
                 backend: backend.as_str(),
                 source,
             })?;
+        if let Some(path) = &db_file {
+            // SQLite gives -wal and -shm the database file's mode when it creates them; files
+            // left by an older version (or another umask) are tightened here.
+            for suffix in ["", "-wal", "-shm"] {
+                let mut name = path.clone().into_os_string();
+                name.push(suffix);
+                tighten(std::path::Path::new(&name))?;
+            }
+        }
         Ok(Store {
             pool,
             backend,

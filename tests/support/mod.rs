@@ -61,6 +61,8 @@ pub struct TestGateway {
     pub ports: PortsFile,
     child: Option<Child>,
     env: Vec<(String, String)>,
+    /// When set, every command runs under `sh -c 'umask U; exec …'`.
+    umask: Option<String>,
 }
 
 impl TestGateway {
@@ -70,6 +72,16 @@ impl TestGateway {
 
     /// Starts `serve` with extra `TMS_*` variables.
     pub async fn start_with(extra: &[(&str, &str)]) -> Self {
+        Self::start_full(extra, None).await
+    }
+
+    /// Starts `serve`, and runs every CLI command, with this umask (e.g. "022"), as a
+    /// shell or service manager with that umask would.
+    pub async fn start_with_umask(umask: &str, extra: &[(&str, &str)]) -> Self {
+        Self::start_full(extra, Some(umask.to_owned())).await
+    }
+
+    async fn start_full(extra: &[(&str, &str)], umask: Option<String>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut env: Vec<(String, String)> = vec![
             (
@@ -97,6 +109,7 @@ impl TestGateway {
             },
             child: None,
             env,
+            umask,
         };
         gw.spawn().await;
         gw
@@ -136,7 +149,17 @@ impl TestGateway {
     }
 
     fn command(&self) -> Command {
-        let mut cmd = Command::new(BIN);
+        let mut cmd = match &self.umask {
+            // `exec` keeps the pid, so stop() and kill() still reach the gateway itself.
+            Some(umask) => {
+                let mut cmd = Command::new("sh");
+                cmd.arg("-c")
+                    .arg(format!("umask {umask}; exec \"$0\" \"$@\""))
+                    .arg(BIN);
+                cmd
+            }
+            None => Command::new(BIN),
+        };
         cmd.env_clear();
         for key in ["PATH", "HOME"] {
             if let Ok(v) = std::env::var(key) {
