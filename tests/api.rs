@@ -1093,3 +1093,429 @@ async fn secrets_at_rest_are_private_and_delivered_mails_forget_their_text() {
         assert_eq!(mode(mail), 0o600, "{}", mail.display());
     }
 }
+
+/// Issue #12 row 1: a NUL (or another control character) in a registration field, a query or
+/// a login email is refused by name before it reaches the store — on PostgreSQL too, which
+/// cannot hold a NUL in text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_characters_are_refused_by_name_before_the_store() {
+    let mut backends = vec![None];
+    if let Some(url) = fresh_postgres_url("nul").await {
+        backends.push(Some(url));
+    }
+    for url in backends {
+        let extra: Vec<(&str, &str)> = url
+            .as_deref()
+            .map(|u| vec![("TMS_DATABASE_URL", u)])
+            .unwrap_or_default();
+        let gw = TestGateway::start_with(&extra).await;
+        let backend = if url.is_some() { "postgres" } else { "sqlite" };
+        let api = Api::new();
+        provider(&gw);
+        let token = api.token(&gw, PROVIDER, PROVIDER_PASSWORD).await;
+        for (field, path) in [
+            ("user.new.first_name", &["user", "new", "first_name"][..]),
+            ("user.new.email", &["user", "new", "email"][..]),
+            ("company.new.name", &["company", "new", "name"][..]),
+            ("ups.serial", &["ups", "serial"][..]),
+            ("sales_order", &["sales_order"][..]),
+        ] {
+            let mut body =
+                registration("RE4ANUL1", "00:1B:2C:3D:4E:70", "nul@example.com", "Nul Co");
+            let mut slot = &mut body;
+            for key in path {
+                slot = &mut slot[*key];
+            }
+            *slot = json!("Ana\u{0}Ruiz@example.com");
+            let (status, answer) = api
+                .call(
+                    "POST",
+                    gw.url("/api/v1/registrations"),
+                    Some(&token),
+                    Some(body),
+                )
+                .await;
+            assert_eq!(
+                status,
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "{backend} {field}: {answer}"
+            );
+            assert_eq!(answer["error"]["code"], "validation_failed", "{answer}");
+            assert!(
+                answer["error"]["fields"][field].is_string(),
+                "{backend}: {field} not named in {answer}"
+            );
+        }
+        // A tab or an escape sequence has no place in a one-line field either.
+        let mut body = registration("RE4ANUL1", "00:1B:2C:3D:4E:70", "nul@example.com", "Nul Co");
+        body["user"]["new"]["last_name"] = json!("Ruiz\u{1b}[2J");
+        let (status, answer) = api
+            .call(
+                "POST",
+                gw.url("/api/v1/registrations"),
+                Some(&token),
+                Some(body),
+            )
+            .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
+        assert!(
+            answer["error"]["fields"]["user.new.last_name"].is_string(),
+            "{answer}"
+        );
+
+        let (status, answer) = api
+            .call(
+                "GET",
+                gw.url("/api/v1/devices?q=RE4A%00"),
+                Some(&token),
+                None,
+            )
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{backend}: {answer}");
+        assert_eq!(answer["error"]["code"], "bad_request");
+        assert!(answer["error"]["fields"]["q"].is_string(), "{answer}");
+
+        let (status, answer) = api.login(&gw, "provider\u{0}@example.com", "x").await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{backend}: {answer}");
+        assert_eq!(answer["error"]["code"], "invalid_credentials");
+
+        // Nothing was stored, and the store still answers.
+        let (status, devices) = api
+            .call("GET", gw.url("/api/v1/devices"), Some(&token), None)
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(devices, json!([]), "{backend}");
+        assert!(!gw.log().contains("22021"), "{backend}: {}", gw.log());
+    }
+}
+
+/// Issue #12 row 11: a MAC holding a multi-byte character is a 422 naming `device.mac`, not a
+/// handler panic; the CLI says so and exits 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mac_with_a_multibyte_character_is_refused_not_a_panic() {
+    let gw = TestGateway::start().await;
+    let api = Api::new();
+    provider(&gw);
+    let token = api.token(&gw, PROVIDER, PROVIDER_PASSWORD).await;
+    for mac in ["0é123456789", "00:1B:2C:3D:4E:5é", "é0:1B:2C:3D:4E:5"] {
+        let (status, answer) = api
+            .call(
+                "POST",
+                gw.url("/api/v1/registrations"),
+                Some(&token),
+                Some(registration("RE4AMAC1", mac, "mac@example.com", "Mac Co")),
+            )
+            .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{mac}: {answer}");
+        assert!(
+            answer["error"]["fields"]["device.mac"]
+                .as_str()
+                .is_some_and(|m| m.contains("hex digits")),
+            "{answer}"
+        );
+    }
+    let out = gw.cli_output(&[
+        "device",
+        "add",
+        "--serial",
+        "RE4AMAC2",
+        "--mac",
+        "0é123456789",
+        "--company",
+        "Mac Co",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("MAC address"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// Issue #12 row 7: a flood of logins for unknown emails costs bounded memory; what the
+/// argon2 workers and their line cannot take is answered 429 at once, with Retry-After.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_flood_stays_bounded_in_memory_and_excess_is_turned_away_quickly() {
+    let gw = TestGateway::start().await;
+    let api = Api::new();
+    provider(&gw);
+    let pid = gw.pid();
+    let url = gw.url("/api/v1/auth/login");
+    let flood_for = Duration::from_secs(6);
+    let started = std::time::Instant::now();
+    let clients: Vec<_> = (0..64)
+        .map(|i| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let http = reqwest::Client::new();
+                // (status, code, has Retry-After, seconds to answer)
+                let mut answers = Vec::new();
+                while started.elapsed() < flood_for {
+                    let sent = std::time::Instant::now();
+                    let resp = http
+                        .post(&url)
+                        .json(&json!({"email": format!("nobody{i}@example.com"), "password": "guess-guess-1"}))
+                        .send()
+                        .await
+                        .unwrap();
+                    let status = resp.status();
+                    let retry_after = resp.headers().contains_key("retry-after");
+                    let body: Value = resp.json().await.unwrap();
+                    let code = body["error"]["code"].as_str().unwrap_or("").to_owned();
+                    answers.push((status, code, retry_after, sent.elapsed().as_secs_f64()));
+                }
+                answers
+            })
+        })
+        .collect();
+    let mut peak_mib = 0;
+    while started.elapsed() < flood_for {
+        peak_mib = peak_mib.max(rss_mib(pid));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut answers = Vec::new();
+    for c in clients {
+        answers.extend(c.await.unwrap());
+    }
+    peak_mib = peak_mib.max(rss_mib(pid));
+    let busy: Vec<_> = answers
+        .iter()
+        .filter(|a| a.0 == StatusCode::TOO_MANY_REQUESTS)
+        .collect();
+    let evaluated = answers
+        .iter()
+        .filter(|a| a.0 == StatusCode::UNAUTHORIZED)
+        .count();
+    eprintln!(
+        "{} answers: {evaluated} evaluated, {} turned away; peak RSS {peak_mib} MiB",
+        answers.len(),
+        busy.len()
+    );
+    assert!(peak_mib < 400, "RSS reached {peak_mib} MiB under the flood");
+    assert_eq!(
+        evaluated + busy.len(),
+        answers.len(),
+        "only 401 or 429: {answers:?}"
+    );
+    assert!(evaluated > 0, "some logins were still checked");
+    assert!(
+        !busy.is_empty(),
+        "64 at once exceed the workers and their line"
+    );
+    for (_, code, retry_after, secs) in &busy {
+        assert_eq!(code, "busy");
+        assert!(retry_after, "429 without Retry-After");
+        assert!(*secs < 1.0, "a turned-away login took {secs:.2} s");
+    }
+    // The flood over, a real login works at once.
+    api.token(&gw, PROVIDER, PROVIDER_PASSWORD).await;
+}
+
+/// Issue #12 row 9: 40 wrong passwords at once for one account: exactly five are checked,
+/// every other answer is 429, and the right password is locked out too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_wrong_passwords_get_exactly_five_checks_then_the_lock() {
+    let gw = TestGateway::start().await;
+    provider(&gw);
+    let url = gw.url("/api/v1/auth/login");
+    let guesses: Vec<_> = (0..40)
+        .map(|i| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let resp = reqwest::Client::new()
+                    .post(url)
+                    .json(&json!({"email": PROVIDER, "password": format!("wrong-guess-{i}")}))
+                    .send()
+                    .await
+                    .unwrap();
+                resp.status()
+            })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for g in guesses {
+        statuses.push(g.await.unwrap());
+    }
+    let checked = statuses
+        .iter()
+        .filter(|s| **s == StatusCode::UNAUTHORIZED)
+        .count();
+    assert_eq!(checked, 5, "{statuses:?}");
+    assert!(
+        statuses
+            .iter()
+            .all(|s| *s == StatusCode::UNAUTHORIZED || *s == StatusCode::TOO_MANY_REQUESTS),
+        "{statuses:?}"
+    );
+    let resp = reqwest::Client::new()
+        .post(&url)
+        .json(&json!({"email": PROVIDER, "password": PROVIDER_PASSWORD}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry_after: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (800..=900).contains(&retry_after),
+        "Retry-After {retry_after}"
+    );
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "too_many_attempts");
+}
+
+/// Issue #12 row 10: clients that trickle header lines are cut off after
+/// `http.header_timeout_secs`; beyond `http.max_connections` connections wait unaccepted, so
+/// they hold no descriptor of the gateway and a device still connects over MQTT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_http_clients_are_cut_off_and_cannot_crowd_out_devices() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = TestGateway::start_with(&[
+        ("TMS_HTTP_MAX_CONNECTIONS", "8"),
+        ("TMS_HTTP_HEADER_TIMEOUT_SECS", "2"),
+        ("TMS_HTTP_REQUEST_TIMEOUT_SECS", "2"),
+    ])
+    .await;
+    let files = gw.provision("RE4ASLOW1", "00:1B:2C:3D:4E:71");
+    let pid = gw.pid();
+    let fds_before = open_fds(pid);
+    let started = std::time::Instant::now();
+    let slow: Vec<_> = (0..40)
+        .map(|_| {
+            let addr = gw.ports.http;
+            tokio::spawn(async move {
+                let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+                tcp.write_all(b"GET /healthz HTTP/1.1\r\n").await.unwrap();
+                let mut buf = [0u8; 256];
+                loop {
+                    // One more header line every 300 ms, never the blank line that ends them.
+                    match tokio::time::timeout(Duration::from_millis(300), tcp.read(&mut buf)).await
+                    {
+                        Ok(Ok(0) | Err(_)) => return started.elapsed(),
+                        Ok(Ok(_)) => {}
+                        Err(_) => {
+                            if tcp.write_all(b"X-Slow: 1\r\n").await.is_err() {
+                                return started.elapsed();
+                            }
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let fds_during = open_fds(pid);
+    assert!(
+        fds_during <= fds_before + 8 + 4,
+        "40 slow clients took {} descriptors (cap 8)",
+        fds_during - fds_before
+    );
+    let (_client, mut eventloop) = device_client(&gw, &files);
+    assert_eq!(
+        connack(&mut eventloop).await,
+        Ok(ConnectReturnCode::Success),
+        "a device connects while HTTP is flooded"
+    );
+    let mut closed_after = Vec::new();
+    for s in slow {
+        let after = tokio::time::timeout(Duration::from_secs(30), s)
+            .await
+            .expect("a slow client was never cut off")
+            .unwrap();
+        closed_after.push(after);
+    }
+    closed_after.sort();
+    eprintln!(
+        "descriptors {fds_before} -> {fds_during} with 40 slow clients; cut off after {:?} .. {:?}",
+        closed_after[0],
+        closed_after[closed_after.len() - 1]
+    );
+    assert!(
+        closed_after[0] < Duration::from_secs(4),
+        "the first slow clients are cut off after the 2 s header timeout: {closed_after:?}"
+    );
+
+    // A body that never comes: 408 in the JSON shape after the request timeout.
+    let mut tcp = tokio::net::TcpStream::connect(gw.ports.http).await.unwrap();
+    tcp.write_all(
+        b"POST /api/v1/auth/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{",
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut answer))
+        .await
+        .expect("answered within the request timeout")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains(r#""code":"request_timeout""#), "{answer}");
+
+    let health = reqwest::get(gw.url("/healthz")).await.unwrap();
+    assert_eq!(
+        health.status(),
+        StatusCode::OK,
+        "served again once they are gone"
+    );
+}
+
+/// Issue #12 row 16: the answers axum makes by itself — 413, 405, 400 for a bad query, 404 —
+/// are in the JSON error shape like every other error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_error_answer_is_in_the_json_error_shape() {
+    let gw = TestGateway::start().await;
+    let token = admin_token(&gw).await;
+    let http = reqwest::Client::new();
+    let check = |resp: reqwest::Response, status: StatusCode, code: &'static str| async move {
+        assert_eq!(resp.status(), status);
+        let content_type = resp.headers()["content-type"].to_str().unwrap().to_owned();
+        assert!(
+            content_type.starts_with("application/json"),
+            "{content_type}"
+        );
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["error"]["code"], code, "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{body}"
+        );
+    };
+    let big = format!(
+        r#"{{"email": "a@example.com", "password": "{}"}}"#,
+        "x".repeat(100_000)
+    );
+    let resp = http
+        .post(gw.url("/api/v1/auth/login"))
+        .header("content-type", "application/json")
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    check(resp, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large").await;
+
+    let resp = http.delete(gw.url("/healthz")).send().await.unwrap();
+    assert!(resp.headers().contains_key("allow"), "Allow kept");
+    check(resp, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed").await;
+
+    let resp = http
+        .get(gw.url("/api/v1/devices?q=a&q=b"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    check(resp, StatusCode::BAD_REQUEST, "bad_request").await;
+
+    let resp = http.get(gw.url("/no/such/route")).send().await.unwrap();
+    check(resp, StatusCode::NOT_FOUND, "not_found").await;
+
+    let resp = http
+        .post(gw.url("/api/v1/auth/login"))
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    check(resp, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed").await;
+}

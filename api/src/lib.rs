@@ -8,6 +8,7 @@ pub mod auth;
 pub mod mail;
 pub mod monitoring;
 pub mod provisioning;
+pub mod server;
 pub mod views;
 
 mod web;

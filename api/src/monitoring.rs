@@ -52,6 +52,10 @@ fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
     describe_gauge!("tms_broker_connections", "Devices connected right now");
     describe_counter!(
+        "tms_api_password_checks_refused_total",
+        "Logins, password changes and registrations turned away (429) because every argon2 worker and place in line was taken"
+    );
+    describe_counter!(
         "tms_broker_connects_accepted_total",
         "Sessions established (CONNACK sent)"
     );

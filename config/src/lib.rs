@@ -87,6 +87,14 @@ pub struct Http {
     /// Base-map tiles for the web map (`https://tiles.example/{z}/{x}/{y}.png`); `None` means
     /// the country outlines shipped in the binary, which need no network.
     pub map_tile_url: Option<String>,
+    /// Connections served at once; more wait in the kernel's backlog, so HTTP never takes
+    /// the file descriptors that devices need.
+    pub max_connections: usize,
+    /// A client must send a whole request head within this long, also between the requests
+    /// of a kept-alive connection (which bounds idle keep-alive).
+    pub header_timeout: Duration,
+    /// Bound on reading the body and answering one request.
+    pub request_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -212,6 +220,9 @@ const KEYS: &[(&str, &str)] = &[
     ("http", "listen"),
     ("http", "public_url"),
     ("http", "map_tile_url"),
+    ("http", "max_connections"),
+    ("http", "header_timeout_secs"),
+    ("http", "request_timeout_secs"),
     ("metrics", "listen"),
     ("mail", "outbox_dir"),
     ("mail", "smtp_url"),
@@ -546,6 +557,10 @@ fn build(b: &mut Builder) -> Config {
         }
     });
 
+    let http_max_connections = b.int("http.max_connections", 1024, 1, 1_000_000) as usize;
+    let header_timeout = Duration::from_secs(b.int("http.header_timeout_secs", 10, 1, 600));
+    let request_timeout = Duration::from_secs(b.int("http.request_timeout_secs", 30, 1, 3600));
+
     let metrics_listen = b.parsed("metrics.listen", None, |s| parse_addr(s).map(Some));
 
     let outbox_dir = b
@@ -622,6 +637,9 @@ fn build(b: &mut Builder) -> Config {
             listen: http_listen,
             public_url,
             map_tile_url,
+            max_connections: http_max_connections,
+            header_timeout,
+            request_timeout,
         },
         metrics: Metrics {
             listen: metrics_listen,
@@ -670,6 +688,9 @@ mod tests {
         assert_eq!(c.mqtt.max_packet_bytes, 65_536);
         assert_eq!(c.certs.rotation_overlap, Duration::from_secs(7 * 86_400));
         assert_eq!(c.presence.offline_after, None);
+        assert_eq!(c.http.max_connections, 1024);
+        assert_eq!(c.http.header_timeout, Duration::from_secs(10));
+        assert_eq!(c.http.request_timeout, Duration::from_secs(30));
     }
 
     #[test]
@@ -703,6 +724,8 @@ mod tests {
                 ("TMS_DATABASE_URL", "mysql://u:pw@h/db"),
                 ("TMS_HTTP_MAP_TILE_URL", "https://tiles.example/{z}/{x}.png"),
                 ("TMS_METRICS_LISTEN", "9100"),
+                ("TMS_HTTP_MAX_CONNECTIONS", "0"),
+                ("TMS_HTTP_HEADER_TIMEOUT_SECS", "soon"),
             ]),
         )
         .unwrap_err();
@@ -719,6 +742,8 @@ mod tests {
             "database.url",
             "http.map_tile_url",
             "metrics.listen",
+            "http.max_connections",
+            "http.header_timeout_secs",
         ] {
             assert!(keys.contains(&key), "{key} not reported in {keys:?}");
         }

@@ -283,18 +283,28 @@ impl App {
                 .first()
                 .cloned()
                 .unwrap_or_else(|| "localhost".to_owned()),
+            passwords: tms_api::auth::PasswordGate::for_this_machine(),
         };
         let api = tms_api::router(state.clone(), metrics.is_none());
         let http_stop = stop.clone();
         let metrics_stop = stop.clone();
-        let mut http_task: JoinHandle<std::io::Result<()>> = tokio::spawn(async move {
-            let main = axum::serve(http, api).with_graceful_shutdown(http_stop.cancelled_owned());
+        let limits = tms_api::server::Limits {
+            max_connections: config.http.max_connections,
+            header_timeout: config.http.header_timeout,
+            request_timeout: config.http.request_timeout,
+        };
+        let mut http_task: JoinHandle<()> = tokio::spawn(async move {
+            let main = tms_api::server::serve(http, api, limits, http_stop);
             match metrics {
                 None => main.await,
                 Some(listener) => {
-                    let metrics = axum::serve(listener, tms_api::metrics_router(state))
-                        .with_graceful_shutdown(metrics_stop.cancelled_owned());
-                    tokio::try_join!(main, metrics).map(|_| ())
+                    let metrics = tms_api::server::serve(
+                        listener,
+                        tms_api::metrics_router(state),
+                        limits,
+                        metrics_stop,
+                    );
+                    tokio::join!(main, metrics);
                 }
             }
         });
@@ -344,7 +354,7 @@ impl App {
                 broker_done = Some(());
             }
             r = &mut http_task => {
-                failure = Some(part_failed("http", r.map(|r| r.map_err(anyhow::Error::from))));
+                failure = Some(part_failed("http", r.map(|()| Ok(()))));
                 http_done = Some(());
             }
             r = &mut ingest_task => failure = Some(part_failed("ingest", r.map(|()| Ok(())))),
@@ -359,9 +369,9 @@ impl App {
             tracing::error!(error = %e, "broker stopped with an error");
         }
         if http_done.is_none()
-            && let Ok(Err(e)) = http_task.await
+            && let Err(e) = http_task.await
         {
-            tracing::error!(error = %e, "http stopped with an error");
+            tracing::error!(error = %e, "http task panicked");
         }
         revocation_task.abort();
         mailer_task.abort();

@@ -276,24 +276,37 @@ impl Store {
         Ok(())
     }
 
-    /// Counts a failed login; after `limit` failures the account is locked until `lock_until`.
-    pub async fn record_login_failure(
+    /// Reserves one password check for the account, counted as a failure until
+    /// [`Store::reset_login_failures`] says it succeeded: the check and the count are one
+    /// conditional `UPDATE`, so concurrent logins cannot all slip in under the limit. The
+    /// `limit`-th reservation locks the account until `lock_until`; while it is locked
+    /// nothing is reserved and `false` is returned. A lock that has run out starts the count
+    /// afresh. At most `limit` checks happen per lock window, however many arrive at once.
+    pub async fn reserve_login_attempt(
         &self,
         user_id: i64,
         limit: i64,
+        now_ms: i64,
         lock_until: i64,
-    ) -> Result<()> {
-        sqlx::query(
-            "UPDATE users SET failed_logins = failed_logins + 1, \
-             locked_until = CASE WHEN failed_logins + 1 >= $1 THEN $2 ELSE locked_until END WHERE id = $3",
+    ) -> Result<bool> {
+        // Every right-hand side sees the row as it was before this UPDATE (SQLite and
+        // PostgreSQL alike); PostgreSQL re-checks the WHERE against a row another
+        // transaction changed meanwhile, SQLite runs one writer at a time.
+        let reserved = sqlx::query(
+            "UPDATE users SET \
+             failed_logins = CASE WHEN locked_until IS NOT NULL AND locked_until <= $1 THEN 1 ELSE failed_logins + 1 END, \
+             locked_until = CASE WHEN (CASE WHEN locked_until IS NOT NULL AND locked_until <= $1 THEN 1 ELSE failed_logins + 1 END) >= $2 \
+             THEN $3 ELSE NULL END \
+             WHERE id = $4 AND (locked_until IS NULL OR locked_until <= $1) RETURNING id",
         )
+        .bind(now_ms)
         .bind(limit)
         .bind(lock_until)
         .bind(user_id)
-        .execute(self.pool())
+        .fetch_optional(self.pool())
         .await
-        .map_err(query_err("counting a failed login"))?;
-        Ok(())
+        .map_err(query_err("reserving a login attempt"))?;
+        Ok(reserved.is_some())
     }
 
     pub async fn reset_login_failures(&self, user_id: i64) -> Result<()> {

@@ -364,3 +364,55 @@ async fn certificates_and_accounts() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_login_attempts_reserve_at_most_the_limit_per_lock_window() {
+    for store in backends().await.stores {
+        let user = NewUser {
+            email: "locked@example.com".into(),
+            role: "provider".into(),
+            password_hash: "$argon2id$x".into(),
+            first_name: None,
+            last_name: None,
+            phone: None,
+            company_id: None,
+            active: true,
+            must_change_password: false,
+        };
+        let id = store.add_user(&user, 1).await.unwrap();
+        let attempts: Vec<_> = (0..40)
+            .map(|_| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    store
+                        .reserve_login_attempt(id, 5, 1_000, 2_000)
+                        .await
+                        .unwrap()
+                })
+            })
+            .collect();
+        let mut reserved = 0;
+        for a in attempts {
+            reserved += usize::from(a.await.unwrap());
+        }
+        assert_eq!(reserved, 5, "{:?}", store.backend());
+        let locked = store.user_by_id(id).await.unwrap().unwrap();
+        assert_eq!(locked.locked_until, Some(2_000));
+        assert!(
+            !store
+                .reserve_login_attempt(id, 5, 1_999, 9_000)
+                .await
+                .unwrap()
+        );
+        // The lock ran out: the count starts afresh.
+        assert!(
+            store
+                .reserve_login_attempt(id, 5, 2_000, 9_000)
+                .await
+                .unwrap()
+        );
+        let after = store.user_by_id(id).await.unwrap().unwrap();
+        assert_eq!(after.locked_until, None);
+        store.reset_login_failures(id).await.unwrap();
+    }
+}

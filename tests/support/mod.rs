@@ -115,13 +115,13 @@ impl TestGateway {
         gw
     }
 
-    pub fn data_dir(&self) -> PathBuf {
-        self.data.clone()
+    /// The process id of the running `serve`.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("serve is running").id()
     }
 
-    /// The process id of the running `serve`.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+    pub fn data_dir(&self) -> PathBuf {
+        self.data.clone()
     }
 
     /// SIGTERM, then waits at most `within` for the exit: `Err` (after SIGKILL) if it hangs.
@@ -559,4 +559,42 @@ pub async fn admin_token(gw: &TestGateway) -> String {
         .await
         .unwrap();
     resp["token"].as_str().unwrap().to_owned()
+}
+
+/// Resident memory of a process in MiB (`VmRSS` of `/proc/<pid>/status`).
+pub fn rss_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("VmRSS in /proc/<pid>/status");
+    kib / 1024
+}
+
+/// How many file descriptors a process holds open.
+pub fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// A `postgres://` URL on a fresh, empty schema of `TMS_TEST_DATABASE_URL`, or `None` when
+/// that is not set (PostgreSQL tests then run on SQLite only).
+pub async fn fresh_postgres_url(name: &str) -> Option<String> {
+    use sqlx::{Connection, Executor};
+    let base = std::env::var("TMS_TEST_DATABASE_URL").ok()?;
+    sqlx::any::install_default_drivers();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let schema = format!("t_{name}_{}_{nanos}", std::process::id());
+    let mut conn = sqlx::AnyConnection::connect(&base).await.unwrap();
+    conn.execute(format!("CREATE SCHEMA {schema}").as_str())
+        .await
+        .unwrap();
+    let sep = if base.contains('?') { '&' } else { '?' };
+    Some(format!("{base}{sep}options=-c%20search_path%3D{schema}"))
 }

@@ -12,13 +12,18 @@ use serde_json::{Value, json};
 use tms_model::now_ms;
 use tms_store::UserRecord;
 
+use super::input::{body, has_control};
 use super::{ApiError, ApiState};
-use crate::auth::{hash_password, new_token, token_hash, verify_password};
+use crate::auth::{
+    Busy, Ticket, hash_password, hash_password_with, new_token, token_hash, verify_password_with,
+};
 
 /// Failed logins before an account is locked, and for how long.
 const LOCK_AFTER_FAILURES: i64 = 5;
 const LOCK_MS: i64 = 15 * 60 * 1000;
 pub(crate) const MIN_PASSWORD_CHARS: usize = 10;
+/// Longer than any email an account can have (`registration::valid_email`).
+const MAX_EMAIL_BYTES: usize = 254;
 
 /// An authenticated caller whose password is not temporary.
 pub(crate) struct Caller {
@@ -87,32 +92,51 @@ impl Caller {
     }
 }
 
-/// Parses a JSON body into `T`, answering 422 that names the problem.
-pub(crate) fn body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(bytes).map_err(|e| {
-        let mut fields = std::collections::BTreeMap::new();
-        fields.insert("body".to_owned(), e.to_string());
-        ApiError::validation(fields)
-    })
-}
-
 /// A hash to verify against when the account does not exist, so that the answer takes as
-/// long as for a wrong password and does not reveal which emails have accounts.
+/// long as for a wrong password and does not reveal which emails have accounts. Made on a
+/// blocking thread the first time (it is itself an argon2 hash).
 fn dummy_hash() -> &'static str {
     static HASH: OnceLock<String> = OnceLock::new();
     HASH.get_or_init(|| hash_password("not a real password").unwrap_or_default())
 }
 
-/// argon2id off the async executor.
-pub(crate) async fn hash(password: String) -> Result<String, ApiError> {
-    tokio::task::spawn_blocking(move || hash_password(&password))
+/// 429 when the [`PasswordGate`](crate::auth::PasswordGate) is full: the gateway is busy, the
+/// request was not looked at.
+fn busy(_: Busy) -> ApiError {
+    metrics::counter!("tms_api_password_checks_refused_total").increment(1);
+    ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "busy",
+        "too many password checks in progress; try again in a second",
+    )
+    .retry_after(1)
+}
+
+/// A place in line for argon2 work, or 429 at once.
+pub(crate) fn password_ticket(s: &ApiState) -> Result<Ticket, ApiError> {
+    s.passwords.enter().map_err(busy)
+}
+
+/// argon2id off the async executor, under the caller's ticket.
+pub(crate) async fn hash(ticket: &Ticket, password: String) -> Result<String, ApiError> {
+    ticket
+        .run(move |memory| hash_password_with(memory, &password))
         .await
         .map_err(|e| ApiError::internal("password hashing task", &e))?
         .map_err(|e| ApiError::internal("password hashing", &e))
 }
 
-async fn verify(password: String, hash: String) -> Result<bool, ApiError> {
-    tokio::task::spawn_blocking(move || verify_password(&password, &hash))
+/// Checks `password` against `stored`, or against a dummy hash when there is no account.
+async fn verify(
+    ticket: &Ticket,
+    password: String,
+    stored: Option<String>,
+) -> Result<bool, ApiError> {
+    ticket
+        .run(move |memory| match stored {
+            Some(hash) => verify_password_with(memory, &password, &hash),
+            None => verify_password_with(memory, &password, dummy_hash()).map(|_| false),
+        })
         .await
         .map_err(|e| ApiError::internal("password check task", &e))?
         .map_err(|e| ApiError::internal("password check", &e))
@@ -128,8 +152,6 @@ pub(super) async fn login(
     State(s): State<ApiState>,
     bytes: bytes::Bytes,
 ) -> Result<Response, ApiError> {
-    let Login { email, password } = body(&bytes)?;
-    let now = now_ms();
     let bad = || {
         ApiError::new(
             StatusCode::UNAUTHORIZED,
@@ -137,23 +159,42 @@ pub(super) async fn login(
             "wrong email or password",
         )
     };
-    let Some(user) = s.store.user_by_email(email.trim()).await? else {
-        verify(password, dummy_hash().to_owned()).await?;
+    // Not `input::body`: whatever is wrong with the credentials, the answer is the same 401.
+    let Login { email, password } = serde_json::from_slice(&bytes).map_err(|e| {
+        let mut fields = std::collections::BTreeMap::new();
+        fields.insert("body".to_owned(), e.to_string());
+        ApiError::validation(fields)
+    })?;
+    let email = email.trim();
+    // No account has such an email (registration refuses it), so the store need not be
+    // asked — and PostgreSQL would refuse a NUL in the query.
+    if has_control(email) || email.len() > MAX_EMAIL_BYTES {
+        return Err(bad());
+    }
+    let ticket = password_ticket(&s)?;
+    let now = now_ms();
+    let Some(user) = s.store.user_by_email(email).await? else {
+        verify(&ticket, password, None).await?;
         return Err(bad());
     };
-    if user.locked_until.is_some_and(|t| t > now) {
+    // Counted before the check, in one statement: concurrent guesses cannot outrun the lock.
+    if !s
+        .store
+        .reserve_login_attempt(user.id, LOCK_AFTER_FAILURES, now, now + LOCK_MS)
+        .await?
+    {
+        let left_ms = user.locked_until.map_or(LOCK_MS, |t| (t - now).max(0));
         return Err(ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "too_many_attempts",
             "too many failed logins; try again in 15 minutes",
-        ));
+        )
+        .retry_after(u64::try_from(left_ms / 1000).unwrap_or(1)));
     }
-    if !verify(password, user.password_hash.clone()).await? {
-        s.store
-            .record_login_failure(user.id, LOCK_AFTER_FAILURES, now + LOCK_MS)
-            .await?;
+    if !verify(&ticket, password, Some(user.password_hash.clone())).await? {
         return Err(bad());
     }
+    drop(ticket);
     if !user.active {
         return Err(ApiError::forbidden(
             "account_inactive",
@@ -312,13 +353,21 @@ pub(super) async fn change_password(
     if !fields.is_empty() {
         return Err(ApiError::validation(fields));
     }
-    if !verify(current_password, caller.user.password_hash.clone()).await? {
+    let ticket = password_ticket(&s)?;
+    if !verify(
+        &ticket,
+        current_password,
+        Some(caller.user.password_hash.clone()),
+    )
+    .await?
+    {
         return Err(ApiError::forbidden(
             "invalid_credentials",
             "the current password is wrong",
         ));
     }
-    let hash = hash(new_password).await?;
+    let hash = hash(&ticket, new_password).await?;
+    drop(ticket);
     s.store
         .set_password(
             caller.user.id,

@@ -6,7 +6,7 @@
 
 use std::io::Write;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -16,7 +16,8 @@ use tms_certs::DeviceKey;
 use tms_model::{ConnState, DeviceSerial, now_ms};
 use tms_store::{DeviceFilter, DeviceView};
 
-use super::accounts::{Caller, body};
+use super::accounts::Caller;
+use super::input::{Query, body};
 use super::{ApiError, ApiState};
 use crate::provisioning::{ProvisioningError, issue_device_certificate};
 use crate::views;

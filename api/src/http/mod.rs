@@ -4,6 +4,7 @@
 mod accounts;
 mod devices;
 mod error;
+mod input;
 mod openapi;
 mod public;
 mod registration;
@@ -15,11 +16,16 @@ use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use axum::Router;
+use axum::extract::DefaultBodyLimit;
 use axum::handler::Handler;
 use axum::routing::{MethodFilter, MethodRouter, get, on};
 use tms_certs::Ca;
 use tms_store::Store;
 use tokio::sync::Notify;
+
+/// Largest request body read (413 beyond): the biggest legitimate one, a registration or a
+/// CSR, is a few KiB.
+const MAX_BODY_BYTES: usize = 64 * 1024;
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -40,6 +46,8 @@ pub struct ApiState {
     pub map_tile_url: Option<String>,
     /// The MQTT host name devices are told to connect to (the first of `mqtt.hostnames`).
     pub mqtt_host: String,
+    /// Bounds the argon2 work of logins, password changes and registrations.
+    pub passwords: crate::auth::PasswordGate,
 }
 
 /// Who may call a route (documented in the OpenAPI document; enforced by the extractors).
@@ -270,6 +278,8 @@ pub fn router(state: ApiState, with_metrics: bool) -> Router {
         .route("/api/v1/openapi.json", get(openapi::document))
         .merge(crate::web::routes())
         .fallback(public::not_found)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(error::json_errors))
         .layer(axum::middleware::from_fn(crate::monitoring::track_http))
         .with_state(state)
 }
@@ -279,5 +289,6 @@ pub fn metrics_router(state: ApiState) -> Router {
     Router::new()
         .route("/metrics", get(public::metrics))
         .fallback(public::not_found)
+        .layer(axum::middleware::from_fn(error::json_errors))
         .with_state(state)
 }

@@ -49,7 +49,10 @@ impl<'a> Fields<'a> {
             None => None,
             Some(Value::String(s)) => {
                 let s = s.trim();
-                if s.is_empty() {
+                if super::input::has_control(s) {
+                    self.fail(path, "must not contain control characters");
+                    None
+                } else if s.is_empty() {
                     if required {
                         self.fail(path, "must not be empty");
                     }
@@ -322,7 +325,7 @@ pub(super) async fn register(
             "only providers and admins register devices",
         ));
     }
-    let body: Value = super::accounts::body(&bytes)?;
+    let body: Value = super::input::body(&bytes)?;
     let Validated {
         registration: mut reg,
         contact,
@@ -334,7 +337,9 @@ pub(super) async fn register(
     if let RegistrationUser::New(user) = &mut reg.user {
         let password = generate_password();
         let for_hash = password.clone();
-        user.password_hash = super::accounts::hash(for_hash).await?;
+        let ticket = super::accounts::password_ticket(&s)?;
+        user.password_hash = super::accounts::hash(&ticket, for_hash).await?;
+        drop(ticket);
         let (token, hash) = new_token();
         reg.activation = Some((hash, now + s.activation_ttl.as_millis() as i64));
         let activation = s
