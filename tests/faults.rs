@@ -564,6 +564,28 @@ async fn read_to_close<S: AsyncReadExt + Unpin>(
     }
 }
 
+/// The server closes the connection and the device's session ends as `protocol_error`.
+async fn closed_as_protocol_error<S: AsyncReadExt + Unpin>(
+    s: &mut S,
+    store: &tms_store::Store,
+    serial: &str,
+    what: &str,
+) {
+    read_to_close(s, Duration::from_secs(5)).await;
+    let st = wait_state(
+        store,
+        serial,
+        tms_model::ConnState::Offline,
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(
+        st.last_disconnect_reason.as_deref(),
+        Some("protocol_error"),
+        "{what}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn malformed_and_oversized_packets_are_refused_before_they_are_buffered() {
     let gw = TestGateway::start().await;
@@ -626,15 +648,7 @@ async fn malformed_and_oversized_packets_are_refused_before_they_are_buffered() 
             break;
         }
     }
-    read_to_close(&mut s, Duration::from_secs(5)).await;
-    let st = wait_state(
-        &store,
-        &files.serial,
-        tms_model::ConnState::Offline,
-        Duration::from_secs(5),
-    )
-    .await;
-    assert_eq!(st.last_disconnect_reason.as_deref(), Some("protocol_error"));
+    closed_as_protocol_error(&mut s, &store, &files.serial, "a 50 MB PUBLISH header").await;
     let after = rss_mib(pid);
     assert!(
         after < before + 20,
@@ -676,19 +690,7 @@ async fn packets_only_a_server_sends_end_the_session_with_its_will_and_no_phanto
         )
         .await;
         s.write_all(packet).await.unwrap();
-        read_to_close(&mut s, Duration::from_secs(5)).await;
-        let st = wait_state(
-            &store,
-            &files.serial,
-            tms_model::ConnState::Offline,
-            Duration::from_secs(5),
-        )
-        .await;
-        assert_eq!(
-            st.last_disconnect_reason.as_deref(),
-            Some("protocol_error"),
-            "{what}"
-        );
+        closed_as_protocol_error(&mut s, &store, &files.serial, what).await;
         wait_for("the will stored", Duration::from_secs(5), || async {
             let st = status(&store, &files.serial).await;
             (st.reported_status.as_deref() == Some(will.as_str())).then_some(())
