@@ -564,6 +564,17 @@ async fn read_to_close<S: AsyncReadExt + Unpin>(
     }
 }
 
+/// Keeps writing (up to 1 MiB) what a hostile client streams after a huge length field,
+/// until the server stops reading.
+async fn stream_junk<S: AsyncWriteExt + Unpin>(s: &mut S) {
+    let junk = vec![0x41u8; 64 * 1024];
+    for _ in 0..16 {
+        if s.write_all(&junk).await.is_err() {
+            break;
+        }
+    }
+}
+
 /// The server closes the connection and the device's session ends as `protocol_error`.
 async fn closed_as_protocol_error<S: AsyncReadExt + Unpin>(
     s: &mut S,
@@ -597,12 +608,7 @@ async fn malformed_and_oversized_packets_are_refused_before_they_are_buffered() 
     // CONNECT claiming a remaining length of FF FF FF FF, then streaming.
     let mut s = raw_tls(&gw, &files).await;
     s.write_all(&[0x10, 0xff, 0xff, 0xff, 0xff]).await.unwrap();
-    let junk = vec![0x41u8; 64 * 1024];
-    for _ in 0..16 {
-        if s.write_all(&junk).await.is_err() {
-            break;
-        }
-    }
+    stream_junk(&mut s).await;
     let (_, took) = read_to_close(&mut s, Duration::from_secs(5)).await;
     assert!(
         took < Duration::from_secs(5),
@@ -643,11 +649,7 @@ async fn malformed_and_oversized_packets_are_refused_before_they_are_buffered() 
     let mut publish = vec![0x30];
     remaining_length(50 * 1024 * 1024, &mut publish);
     s.write_all(&publish).await.unwrap();
-    for _ in 0..16 {
-        if s.write_all(&junk).await.is_err() {
-            break;
-        }
-    }
+    stream_junk(&mut s).await;
     closed_as_protocol_error(&mut s, &store, &files.serial, "a 50 MB PUBLISH header").await;
     let after = rss_mib(pid);
     assert!(

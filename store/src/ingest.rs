@@ -3,7 +3,7 @@
 
 use sqlx::Connection;
 
-use crate::{Backend, Result, Store, query_err};
+use crate::{Backend, Result, SQLITE_BEGIN_WRITE, Store, query_err};
 
 /// Everything ingest collected since its last flush, applied in one transaction.
 #[derive(Debug, Default, Clone)]
@@ -241,7 +241,7 @@ impl Store {
         batch: &WriteBatch,
     ) -> Result<()> {
         let mut tx = match self.backend() {
-            Backend::Sqlite => conn.begin_with("BEGIN IMMEDIATE").await,
+            Backend::Sqlite => conn.begin_with(SQLITE_BEGIN_WRITE).await,
             Backend::Postgres => conn.begin().await,
         }
         .map_err(query_err("starting an ingest transaction"))?;

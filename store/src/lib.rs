@@ -88,6 +88,10 @@ pub enum StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// How every write transaction starts on SQLite: with the write lock taken at once, so
+/// `busy_timeout` queues it behind other writers (see `Store::begin_write`).
+pub(crate) const SQLITE_BEGIN_WRITE: &str = "BEGIN IMMEDIATE";
+
 /// Why the database cannot take writes right now: a condition of the store, not of the data,
 /// that goes away by itself (space freed, database back). Writes are retried, never split.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -333,7 +337,7 @@ impl Store {
         self.write_fault.lock().ok().and_then(|f| *f)
     }
 
-    /// Starts a write transaction. On SQLite it takes the write lock at once (`BEGIN
+    /// Starts a write transaction ([`SQLITE_BEGIN_WRITE`] on SQLite). On SQLite it takes the write lock at once (`BEGIN
     /// IMMEDIATE`), so `busy_timeout` queues it behind other writers; a deferred transaction
     /// that reads first would fail with "database is locked" when another writer committed
     /// in between, whatever the timeout.
@@ -342,7 +346,7 @@ impl Store {
         op: &'static str,
     ) -> Result<sqlx::Transaction<'static, sqlx::Any>> {
         match self.backend {
-            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
+            Backend::Sqlite => self.pool.begin_with(SQLITE_BEGIN_WRITE).await,
             Backend::Postgres => self.pool.begin().await,
         }
         .map_err(query_err(op))
