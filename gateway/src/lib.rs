@@ -7,5 +7,5 @@ mod revocation;
 mod server_cert;
 pub mod simulate;
 
-pub use app::{App, PortsFile, open_parts};
+pub use app::{App, PortsFile, open_parts, views};
 pub use tms_config::Config;

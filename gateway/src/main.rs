@@ -32,7 +32,6 @@ fn main() -> ExitCode {
         }
     };
     cli::init_logging(&args.command, config.log.format);
-    tms_api::views::set_silent_after_intervals(config.presence.silent_after_intervals);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
