@@ -71,6 +71,14 @@ for figure in connect qos0 qos1; do
     done
 done
 
+# Rows per ingest commit: with a durable PUBACK the commit is what a QoS 1 message waits for,
+# and how many messages share one decides the CPU per message.
+BATCH=$(curl -sf "http://$GW_HTTP/metrics" | python3 -c "
+import sys
+m = {l.split()[0]: float(l.split()[1]) for l in sys.stdin if l.startswith('tms_ingest_batch_rows_')}
+print(f\"{m.get('tms_ingest_batch_rows_sum', 0) / max(m.get('tms_ingest_batch_rows_count', 1), 1):.1f}\")" || echo "?")
+echo "rows per ingest commit (whole run): $BATCH" >&2
+
 STORED=$(python3 - <<PY
 import sqlite3
 print(sqlite3.connect("$TMS_DATA_DIR/tms.db").execute("select count(*) from telemetry where serial='BENCH0001'").fetchone()[0])

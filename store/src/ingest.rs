@@ -3,7 +3,8 @@
 
 use sqlx::Connection;
 
-use crate::{Backend, Result, SQLITE_BEGIN_WRITE, Store, query_err};
+use crate::script::Writer;
+use crate::{Backend, Result, Store, query_err};
 
 /// Everything ingest collected since its last flush, applied in one transaction.
 #[derive(Debug, Default, Clone)]
@@ -195,17 +196,6 @@ pub struct RefusalRow {
     pub attempts: i64,
 }
 
-async fn lease_ended(conn: &mut sqlx::AnyConnection, serial: &str, at: i64) -> Result<bool> {
-    let row =
-        sqlx::query("SELECT 1 AS ended FROM devices WHERE serial = $1 AND lease_ends_at <= $2")
-            .bind(serial)
-            .bind(at)
-            .fetch_optional(&mut *conn)
-            .await
-            .map_err(query_err("checking a lease"))?;
-    Ok(row.is_some())
-}
-
 /// Rows per multi-row INSERT: far below SQLite's and PostgreSQL's parameter limits.
 const CHUNK: usize = 200;
 /// Refusals of the same reason this close together extend one record instead of adding one.
@@ -219,7 +209,7 @@ impl Store {
             tokio::time::sleep(delay).await;
         }
         let mut conn = self
-            .pool()
+            .ingest_pool()
             .acquire()
             .await
             .map_err(query_err("starting an ingest transaction"))?;
@@ -240,11 +230,7 @@ impl Store {
         conn: &mut sqlx::AnyConnection,
         batch: &WriteBatch,
     ) -> Result<()> {
-        let mut tx = match self.backend() {
-            Backend::Sqlite => conn.begin_with(SQLITE_BEGIN_WRITE).await,
-            Backend::Postgres => conn.begin().await,
-        }
-        .map_err(query_err("starting an ingest transaction"))?;
+        let mut w = Writer::begin(conn, self.backend(), "starting an ingest transaction").await?;
 
         for chunk in batch.telemetry.chunks(CHUNK) {
             let mut sql = String::from(
@@ -275,84 +261,46 @@ impl Store {
                     }
                 }
             }
-            let mut q = sqlx::query(&sql);
-            for t in chunk {
-                q = q
-                    .bind(&t.serial)
-                    .bind(t.ts)
-                    .bind(t.received_at)
-                    .bind(t.mode.as_deref())
-                    .bind(t.load_pct)
-                    .bind(t.battery_charge_pct)
-                    .bind(&t.payload);
-            }
-            q.execute(&mut *tx)
-                .await
-                .map_err(query_err("storing telemetry"))?;
+            w.execute_positional("storing telemetry", &sql, |b| {
+                for t in chunk {
+                    b.bind(&t.serial)
+                        .bind(t.ts)
+                        .bind(t.received_at)
+                        .bind(t.mode.as_deref())
+                        .bind(t.load_pct)
+                        .bind(t.battery_charge_pct)
+                        .bind(&t.payload);
+                }
+            })
+            .await?;
         }
 
         for row in &batch.quarantine {
-            sqlx::query(
-                "INSERT INTO quarantine (serial, topic, payload, error, received_at) VALUES ($1, $2, $3, $4, $5)",
-            )
-            .bind(&row.serial)
-            .bind(&row.topic)
-            .bind(&row.payload)
-            .bind(&row.error)
-            .bind(row.received_at)
-            .execute(&mut *tx)
-            .await
-            .map_err(query_err("quarantining a payload"))?;
+            w.execute("quarantining a payload", "INSERT INTO quarantine (serial, topic, payload, error, received_at) VALUES ($1, $2, $3, $4, $5)", |b| { b.bind(&row.serial).bind(&row.topic).bind(&row.payload).bind(&row.error).bind(row.received_at); }).await?;
         }
 
         for l in &batch.locations {
-            sqlx::query(
-                "INSERT INTO locations (serial, lat, lon, accuracy_m, source, updated_at) VALUES ($1, $2, $3, $4, $5, $6) \
+            w.execute("storing a location", "INSERT INTO locations (serial, lat, lon, accuracy_m, source, updated_at) VALUES ($1, $2, $3, $4, $5, $6) \
                  ON CONFLICT (serial, source) DO UPDATE SET lat = excluded.lat, lon = excluded.lon, \
-                 accuracy_m = excluded.accuracy_m, updated_at = excluded.updated_at",
-            )
-            .bind(&l.serial)
-            .bind(l.lat)
-            .bind(l.lon)
-            .bind(l.accuracy_m)
-            .bind(&l.source)
-            .bind(l.at)
-            .execute(&mut *tx)
-            .await
-            .map_err(query_err("storing a location"))?;
+                 accuracy_m = excluded.accuracy_m, updated_at = excluded.updated_at", |b| { b.bind(&l.serial).bind(l.lat).bind(l.lon).bind(l.accuracy_m).bind(&l.source).bind(l.at); }).await?;
         }
 
         for i in &batch.infos {
-            sqlx::query(
-                "INSERT INTO device_info (serial, system_name, firmware, payload, updated_at) VALUES ($1, $2, $3, $4, $5) \
+            w.execute("storing device info", "INSERT INTO device_info (serial, system_name, firmware, payload, updated_at) VALUES ($1, $2, $3, $4, $5) \
                  ON CONFLICT (serial) DO UPDATE SET system_name = excluded.system_name, \
-                 firmware = excluded.firmware, payload = excluded.payload, updated_at = excluded.updated_at",
-            )
-            .bind(&i.serial)
-            .bind(i.system_name.as_deref())
-            .bind(i.firmware.as_deref())
-            .bind(&i.payload)
-            .bind(i.at)
-            .execute(&mut *tx)
-            .await
-            .map_err(query_err("storing device info"))?;
+                 firmware = excluded.firmware, payload = excluded.payload, updated_at = excluded.updated_at", |b| { b.bind(&i.serial).bind(i.system_name.as_deref()).bind(i.firmware.as_deref()).bind(&i.payload).bind(i.at); }).await?;
             // Seed step 2: the device's System Name should be "<UPS model> <rating> <UPS serial>"
             // of the UPS it was registered with; a mismatch is flagged, not accepted silently.
-            sqlx::query(
-                "UPDATE device_info SET identity_mismatch = (SELECT CASE \
+            w.execute("checking the UPS identity", "UPDATE device_info SET identity_mismatch = (SELECT CASE \
                  WHEN d.ups_model IS NULL OR d.ups_serial IS NULL OR device_info.system_name IS NULL THEN NULL \
                  WHEN LOWER(device_info.system_name) LIKE LOWER(d.ups_model) || ' %' \
                   AND LOWER(device_info.system_name) LIKE '% ' || LOWER(d.ups_serial) THEN 0 ELSE 1 END \
-                 FROM devices d WHERE d.serial = device_info.serial) WHERE serial = $1",
-            )
-            .bind(&i.serial)
-            .execute(&mut *tx)
-            .await
-            .map_err(query_err("checking the UPS identity"))?;
+                 FROM devices d WHERE d.serial = device_info.serial) WHERE serial = $1", |b| { b.bind(&i.serial); }).await?;
         }
 
         for event in &batch.status {
-            let q = match event {
+            const OP: &str = "updating device status";
+            match event {
                 StatusEvent::Connected {
                     serial,
                     session_id,
@@ -361,67 +309,88 @@ impl Store {
                     keep_alive_secs,
                     cert_serial,
                     node_id,
-                } => sqlx::query(
-                    "INSERT INTO device_status (serial, state, since, last_seen, peer_addr, session_id, \
-                     keep_alive_secs, cert_serial, node_id) VALUES ($1, 'online', $2, $2, $3, $4, $5, $6, $7) \
-                     ON CONFLICT (serial) DO UPDATE SET state = 'online', since = excluded.since, \
-                     last_seen = excluded.last_seen, peer_addr = excluded.peer_addr, \
-                     session_id = excluded.session_id, keep_alive_secs = excluded.keep_alive_secs, \
-                     cert_serial = excluded.cert_serial, node_id = excluded.node_id, \
-                     last_disconnect_reason = NULL",
-                )
-                .bind(serial)
-                .bind(*at)
-                .bind(peer_addr)
-                .bind(session_id)
-                .bind(*keep_alive_secs)
-                .bind(cert_serial)
-                .bind(node_id),
+                } => {
+                    w.execute(
+                        OP,
+                        "INSERT INTO device_status (serial, state, since, last_seen, peer_addr, session_id, \
+                         keep_alive_secs, cert_serial, node_id) VALUES ($1, 'online', $2, $2, $3, $4, $5, $6, $7) \
+                         ON CONFLICT (serial) DO UPDATE SET state = 'online', since = excluded.since, \
+                         last_seen = excluded.last_seen, peer_addr = excluded.peer_addr, \
+                         session_id = excluded.session_id, keep_alive_secs = excluded.keep_alive_secs, \
+                         cert_serial = excluded.cert_serial, node_id = excluded.node_id, \
+                         last_disconnect_reason = NULL",
+                        |b| {
+                            b.bind(serial)
+                                .bind(*at)
+                                .bind(peer_addr)
+                                .bind(session_id)
+                                .bind(*keep_alive_secs)
+                                .bind(cert_serial)
+                                .bind(node_id);
+                        },
+                    )
+                    .await?
+                }
                 StatusEvent::Disconnected {
                     serial,
                     session_id,
                     at,
                     reason,
-                } => sqlx::query(
-                    "UPDATE device_status SET state = 'offline', since = $1, last_disconnect_reason = $2 \
-                     WHERE serial = $3 AND session_id = $4 AND state = 'online'",
-                )
-                .bind(*at)
-                .bind(reason)
-                .bind(serial)
-                .bind(session_id),
-                StatusEvent::Seen { serial, session_id, at } => sqlx::query(
-                    "UPDATE device_status SET last_seen = $1 WHERE serial = $2 AND session_id = $3 AND last_seen < $1",
-                )
-                .bind(*at)
-                .bind(serial)
-                .bind(session_id),
+                } => {
+                    w.execute(
+                        OP,
+                        "UPDATE device_status SET state = 'offline', since = $1, last_disconnect_reason = $2 \
+                         WHERE serial = $3 AND session_id = $4 AND state = 'online'",
+                        |b| {
+                            b.bind(*at).bind(reason).bind(serial).bind(session_id);
+                        },
+                    )
+                    .await?
+                }
+                StatusEvent::Seen {
+                    serial,
+                    session_id,
+                    at,
+                } => {
+                    w.execute(
+                        OP,
+                        "UPDATE device_status SET last_seen = $1 WHERE serial = $2 AND session_id = $3 AND last_seen < $1",
+                        |b| {
+                            b.bind(*at).bind(serial).bind(session_id);
+                        },
+                    )
+                    .await?
+                }
                 StatusEvent::Telemetry {
                     serial,
                     first_at,
                     last_at,
                     count,
-                } => sqlx::query(
-                    // The usual interval: a running average (weight 1/4) of the gaps seen.
-                    "UPDATE device_status SET telemetry_interval_ms = CASE \
-                     WHEN last_telemetry_at IS NULL THEN (CASE WHEN $4 > 1 THEN ($2 - $3) / ($4 - 1) ELSE NULL END) \
-                     ELSE (COALESCE(telemetry_interval_ms, ($2 - last_telemetry_at) / $4) * 3 + ($2 - last_telemetry_at) / $4) / 4 END, \
-                     last_telemetry_at = $2 WHERE serial = $1 AND (last_telemetry_at IS NULL OR last_telemetry_at < $2)",
-                )
-                .bind(serial)
-                .bind(*last_at)
-                .bind(*first_at)
-                .bind(*count),
-                StatusEvent::Reported { serial, text, at } => sqlx::query(
-                    "UPDATE device_status SET reported_status = $1, reported_status_at = $2 WHERE serial = $3",
-                )
-                .bind(text)
-                .bind(*at)
-                .bind(serial),
-            };
-            q.execute(&mut *tx)
-                .await
-                .map_err(query_err("updating device status"))?;
+                } => {
+                    w.execute(
+                        OP,
+                        // The usual interval: a running average (weight 1/4) of the gaps seen.
+                        "UPDATE device_status SET telemetry_interval_ms = CASE \
+                         WHEN last_telemetry_at IS NULL THEN (CASE WHEN $4 > 1 THEN ($2 - $3) / ($4 - 1) ELSE NULL END) \
+                         ELSE (COALESCE(telemetry_interval_ms, ($2 - last_telemetry_at) / $4) * 3 + ($2 - last_telemetry_at) / $4) / 4 END, \
+                         last_telemetry_at = $2 WHERE serial = $1 AND (last_telemetry_at IS NULL OR last_telemetry_at < $2)",
+                        |b| {
+                            b.bind(serial).bind(*last_at).bind(*first_at).bind(*count);
+                        },
+                    )
+                    .await?
+                }
+                StatusEvent::Reported { serial, text, at } => {
+                    w.execute(
+                        OP,
+                        "UPDATE device_status SET reported_status = $1, reported_status_at = $2 WHERE serial = $3",
+                        |b| {
+                            b.bind(text).bind(*at).bind(serial);
+                        },
+                    )
+                    .await?
+                }
+            }
             if let StatusEvent::Connected {
                 serial,
                 cert_serial,
@@ -430,17 +399,16 @@ impl Store {
             } = event
             {
                 // Rotation: the first connect with a newer certificate ends the older ones.
-                sqlx::query(
+                w.execute(
+                    "superseding older certificates",
                     "UPDATE certificates SET revoked_at = $1, revocation_reason = 'superseded' \
                      WHERE device_serial = $2 AND revoked_at IS NULL AND serial_number <> $3 \
                      AND issued_at < (SELECT issued_at FROM certificates WHERE serial_number = $3)",
+                    |b| {
+                        b.bind(*at).bind(serial).bind(cert_serial);
+                    },
                 )
-                .bind(*at)
-                .bind(serial)
-                .bind(cert_serial)
-                .execute(&mut *tx)
-                .await
-                .map_err(query_err("superseding older certificates"))?;
+                .await?;
             }
             match event {
                 StatusEvent::Connected {
@@ -451,18 +419,8 @@ impl Store {
                     node_id,
                     ..
                 } => {
-                    sqlx::query(
-                        "INSERT INTO device_sessions (session_id, serial, node_id, peer_addr, started_at) \
-                         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (session_id) DO NOTHING",
-                    )
-                    .bind(session_id)
-                    .bind(serial)
-                    .bind(node_id)
-                    .bind(peer_addr)
-                    .bind(*at)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(query_err("recording a session"))?;
+                    w.execute("recording a session", "INSERT INTO device_sessions (session_id, serial, node_id, peer_addr, started_at) \
+                         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (session_id) DO NOTHING", |b| { b.bind(session_id).bind(serial).bind(node_id).bind(peer_addr).bind(*at); }).await?;
                 }
                 StatusEvent::Disconnected {
                     session_id,
@@ -470,15 +428,7 @@ impl Store {
                     reason,
                     ..
                 } => {
-                    sqlx::query(
-                        "UPDATE device_sessions SET ended_at = $1, end_reason = $2 WHERE session_id = $3 AND ended_at IS NULL",
-                    )
-                    .bind(*at)
-                    .bind(reason)
-                    .bind(session_id)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(query_err("ending a session"))?;
+                    w.execute("ending a session", "UPDATE device_sessions SET ended_at = $1, end_reason = $2 WHERE session_id = $3 AND ended_at IS NULL", |b| { b.bind(*at).bind(reason).bind(session_id); }).await?;
                 }
                 _ => {}
             }
@@ -487,63 +437,41 @@ impl Store {
         for r in &batch.refusals {
             // An expired certificate of a device whose lease has ended is the lease's doing.
             let reason: &str =
-                if r.reason == "expired" && lease_ended(&mut tx, &r.serial, r.last_at).await? {
+                if r.reason == "expired" && lease_ended(&mut w, &r.serial, r.last_at).await? {
                     "lease_expired"
                 } else {
                     &r.reason
                 };
             // Only devices in the registry get records: a stranger presenting certificates
             // with made-up names must not be able to grow the database.
-            sqlx::query(
-                "INSERT INTO device_status (serial, state, last_connect_error, last_connect_error_detail, \
+            w.execute("recording a refused connection", "INSERT INTO device_status (serial, state, last_connect_error, last_connect_error_detail, \
                  last_connect_error_at) SELECT $1, 'never_connected', $2, $3, $4 \
                  WHERE EXISTS (SELECT 1 FROM devices WHERE serial = $1) \
                  ON CONFLICT (serial) DO UPDATE SET last_connect_error = excluded.last_connect_error, \
                  last_connect_error_detail = excluded.last_connect_error_detail, \
-                 last_connect_error_at = excluded.last_connect_error_at",
-            )
-            .bind(&r.serial)
-            .bind(reason)
-            .bind(&r.detail)
-            .bind(r.last_at)
-            .execute(&mut *tx)
-            .await
-            .map_err(query_err("recording a refused connection"))?;
-            let extended = sqlx::query(
-                "UPDATE connect_refusals SET last_at = $1, attempts = attempts + $2, detail = $3, peer_addr = $4 \
+                 last_connect_error_at = excluded.last_connect_error_at", |b| { b.bind(&r.serial).bind(reason).bind(&r.detail).bind(r.last_at); }).await?;
+            let extended = w.execute_now("recording a refused connection", "UPDATE connect_refusals SET last_at = $1, attempts = attempts + $2, detail = $3, peer_addr = $4 \
                  WHERE id = (SELECT id FROM connect_refusals WHERE serial = $5 ORDER BY last_at DESC, id DESC LIMIT 1) \
-                 AND reason = $6 AND last_at >= $7",
-            )
-            .bind(r.last_at)
-            .bind(r.attempts)
-            .bind(&r.detail)
-            .bind(r.peer_addr.as_deref())
-            .bind(&r.serial)
-            .bind(reason)
-            .bind(r.first_at - REFUSAL_COALESCE_MS)
-            .execute(&mut *tx)
-            .await
-            .map_err(query_err("recording a refused connection"))?;
-            if extended.rows_affected() == 0 {
-                sqlx::query(
-                    "INSERT INTO connect_refusals (serial, reason, detail, peer_addr, first_at, last_at, attempts) \
-                     SELECT $1, $2, $3, $4, $5, $6, $7 WHERE EXISTS (SELECT 1 FROM devices WHERE serial = $1)",
-                )
-                .bind(&r.serial)
-                .bind(reason)
-                .bind(&r.detail)
-                .bind(r.peer_addr.as_deref())
-                .bind(r.first_at)
-                .bind(r.last_at)
-                .bind(r.attempts)
-                .execute(&mut *tx)
-                .await
-                .map_err(query_err("recording a refused connection"))?;
+                 AND reason = $6 AND last_at >= $7", |b| { b.bind(r.last_at).bind(r.attempts).bind(&r.detail).bind(r.peer_addr.as_deref()).bind(&r.serial).bind(reason).bind(r.first_at - REFUSAL_COALESCE_MS); }).await?;
+            if extended == 0 {
+                w.execute("recording a refused connection", "INSERT INTO connect_refusals (serial, reason, detail, peer_addr, first_at, last_at, attempts) \
+                     SELECT $1, $2, $3, $4, $5, $6, $7 WHERE EXISTS (SELECT 1 FROM devices WHERE serial = $1)", |b| { b.bind(&r.serial).bind(reason).bind(&r.detail).bind(r.peer_addr.as_deref()).bind(r.first_at).bind(r.last_at).bind(r.attempts); }).await?;
             }
         }
 
-        tx.commit()
-            .await
-            .map_err(query_err("committing an ingest batch"))
+        w.commit("committing an ingest batch").await
     }
+}
+
+async fn lease_ended<'c>(w: &mut Writer<'c>, serial: &'c str, at: i64) -> Result<bool> {
+    let row = w
+        .fetch_now(
+            "checking a lease",
+            "SELECT 1 AS ended FROM devices WHERE serial = $1 AND lease_ends_at <= $2",
+            |b| {
+                b.bind(serial).bind(at);
+            },
+        )
+        .await?;
+    Ok(row.is_some())
 }

@@ -11,6 +11,7 @@ mod accounts;
 mod certificates;
 mod devices;
 mod ingest;
+mod script;
 mod users;
 
 pub use accounts::{
@@ -183,6 +184,8 @@ pub(crate) fn unique_err(
 #[derive(Clone)]
 pub struct Store {
     pool: AnyPool,
+    /// Where ingest batches are written (see `Store::open`).
+    ingest: AnyPool,
     backend: Backend,
     /// Deliberate slowness before each ingest batch, for tests of back-pressure. Zero in
     /// production; there is no configuration key for it.
@@ -234,6 +237,40 @@ fn tighten(path: &std::path::Path) -> Result<()> {
     }
 }
 
+/// The pool settings of both backends; on SQLite every connection gets the same pragmas.
+fn pool_options(backend: Backend, max: u32) -> AnyPoolOptions {
+    AnyPoolOptions::new()
+        .max_connections(max)
+        .acquire_timeout(Duration::from_secs(10))
+        // A ping before each acquire is a round trip to SQLite's worker thread that finds
+        // nothing: a SQLite file does not drop connections. A statement that fails for a
+        // cause of the store is handled where it fails (the ingest connection is closed).
+        .test_before_acquire(backend == Backend::Postgres)
+        .after_connect(move |conn, _| {
+            Box::pin(async move {
+                if backend == Backend::Sqlite {
+                    // WAL lets readers (API, CLI) run beside the ingest writer; NORMAL
+                    // sync is durable across process crashes, and busy_timeout queues
+                    // writers from other processes (the CLI) instead of failing them.
+                    conn.execute("PRAGMA journal_mode = WAL").await?;
+                    conn.execute("PRAGMA synchronous = NORMAL").await?;
+                    conn.execute("PRAGMA busy_timeout = 10000").await?;
+                    conn.execute("PRAGMA foreign_keys = ON").await?;
+                    // No checkpoint inside a commit: it would fsync the database file
+                    // while every device waiting for a PUBACK waits too. The gateway runs
+                    // them beside the writers instead (`Store::checkpoint`); the last
+                    // connection to close checkpoints too.
+                    conn.execute("PRAGMA wal_autocheckpoint = 0").await?;
+                    // Text an UPDATE or DELETE removes (a delivered mail's password) is
+                    // zeroed in its page rather than left in free space; FAST costs no
+                    // extra I/O.
+                    conn.execute("PRAGMA secure_delete = FAST").await?;
+                }
+                Ok(())
+            })
+        })
+}
+
 impl Store {
     /// Connects, creating the SQLite file if needed (mode 0600), and applies pending
     /// migrations.
@@ -256,38 +293,16 @@ impl Store {
         if let Some(path) = &db_file {
             create_private(path)?;
         }
-        let pool = AnyPoolOptions::new()
-            .max_connections(match backend {
+        let pool = pool_options(
+            backend,
+            match backend {
                 Backend::Sqlite => 4,
                 Backend::Postgres => 10,
-            })
-            .acquire_timeout(Duration::from_secs(10))
-            .after_connect(move |conn, _| {
-                Box::pin(async move {
-                    if backend == Backend::Sqlite {
-                        // WAL lets readers (API, CLI) run beside the ingest writer; NORMAL
-                        // sync is durable across process crashes, and busy_timeout queues
-                        // writers from other processes (the CLI) instead of failing them.
-                        conn.execute("PRAGMA journal_mode = WAL").await?;
-                        conn.execute("PRAGMA synchronous = NORMAL").await?;
-                        conn.execute("PRAGMA busy_timeout = 10000").await?;
-                        conn.execute("PRAGMA foreign_keys = ON").await?;
-                        // No checkpoint inside a commit: it would fsync the database file
-                        // while every device waiting for a PUBACK waits too. The gateway runs
-                        // them beside the writers instead (`Store::checkpoint`); the last
-                        // connection to close checkpoints too.
-                        conn.execute("PRAGMA wal_autocheckpoint = 0").await?;
-                        // Text an UPDATE or DELETE removes (a delivered mail's password) is
-                        // zeroed in its page rather than left in free space; FAST costs no
-                        // extra I/O.
-                        conn.execute("PRAGMA secure_delete = FAST").await?;
-                    }
-                    Ok(())
-                })
-            })
-            .connect_with(options)
-            .await
-            .map_err(StoreError::Connect)?;
+            },
+        )
+        .connect_with(options.clone())
+        .await
+        .map_err(StoreError::Connect)?;
         let migrator = match backend {
             Backend::Sqlite => &SQLITE_MIGRATIONS,
             Backend::Postgres => &POSTGRES_MIGRATIONS,
@@ -308,8 +323,20 @@ impl Store {
                 tighten(std::path::Path::new(&name))?;
             }
         }
+        // Ingest's writes on SQLite go through a connection of their own: the same one each
+        // time, so its page cache stays warm (a pool hands out connections in turn, and each
+        // finds the pages the others changed stale and reads them again) and its statement
+        // cache holds ingest's scripts only. On PostgreSQL ingest shares the pool.
+        let ingest = match backend {
+            Backend::Sqlite => pool_options(backend, 1)
+                .connect_with(options)
+                .await
+                .map_err(StoreError::Connect)?,
+            Backend::Postgres => pool.clone(),
+        };
         Ok(Store {
             pool,
+            ingest,
             backend,
             write_delay_ms: Arc::new(AtomicU64::new(0)),
             write_fault: Arc::new(Mutex::new(None)),
@@ -395,8 +422,13 @@ impl Store {
         &self.pool
     }
 
+    pub(crate) fn ingest_pool(&self) -> &AnyPool {
+        &self.ingest
+    }
+
     /// Waits for running queries and closes every connection.
     pub async fn close(&self) {
+        self.ingest.close().await;
         self.pool.close().await;
     }
 }
