@@ -9,7 +9,7 @@ use time::OffsetDateTime;
 use tms_api::{auth, provisioning, views};
 use tms_certs::DeviceKey;
 use tms_config::Config;
-use tms_gateway::{App, open_parts};
+use tms_gateway::{App, absolute, create_parts, open_parts};
 use tms_model::{ConnState, DeviceSerial, Mac};
 use tms_store::{DeviceFilter, NewDevice, NewUser};
 use tokio_util::sync::CancellationToken;
@@ -32,6 +32,9 @@ pub struct Args {
 pub enum Command {
     /// Run the broker (8883, mutual TLS), ingest and the HTTP API in one process.
     Serve,
+    /// Create the data directory, database, CA and server certificate, as the first `serve`
+    /// does, and exit (for provisioning before the first start). Other commands create nothing.
+    Init,
     /// Staff accounts.
     User {
         #[command(subcommand)]
@@ -183,6 +186,7 @@ pub fn init_logging(command: &Command, format: tms_config::LogFormat) {
 pub async fn run(command: Command, config: Config) -> Result<()> {
     match command {
         Command::Serve => serve(config).await,
+        Command::Init => init(config).await,
         Command::User {
             command:
                 UserCommand::Add {
@@ -272,7 +276,7 @@ pub async fn run(command: Command, config: Config) -> Result<()> {
             );
             println!(
                 "certificate:  {}",
-                config.data_dir.join("ca/ca.pem").display()
+                absolute(&config.data_dir.join("ca/ca.pem")).display()
             );
             Ok(())
         }
@@ -285,6 +289,25 @@ fn colon_hex(hex: &str) -> String {
         .map(|c| String::from_utf8_lossy(c).to_uppercase())
         .collect::<Vec<_>>()
         .join(":")
+}
+
+async fn init(config: Config) -> Result<()> {
+    let existed = config.data_dir.join("ca/ca.pem").is_file();
+    let (store, ca) = create_parts(&config).await?;
+    ca.ensure_server_cert(
+        &config.data_dir.join("server"),
+        &config.mqtt.hostnames,
+        OffsetDateTime::now_utc(),
+    )
+    .context("preparing the broker's server certificate")?;
+    store.close().await;
+    println!(
+        "{} gateway data at {}",
+        if existed { "found" } else { "created" },
+        absolute(&config.data_dir).display()
+    );
+    println!("CA sha256:    {}", colon_hex(&ca.info().sha256_fingerprint));
+    Ok(())
 }
 
 async fn serve(config: Config) -> Result<()> {

@@ -7,5 +7,7 @@ mod revocation;
 mod server_cert;
 pub mod simulate;
 
-pub use app::{App, PortsFile, open_parts};
+pub use app::{
+    App, DataDirLock, NoGatewayData, PortsFile, absolute, create_parts, lock_data_dir, open_parts,
+};
 pub use tms_config::Config;

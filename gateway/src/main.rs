@@ -47,7 +47,8 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::from(if e.is::<cli::UsageError>() { 2 } else { 1 })
+            let usage = e.is::<cli::UsageError>() || e.is::<tms_gateway::NoGatewayData>();
+            ExitCode::from(if usage { 2 } else { 1 })
         }
     }
 }

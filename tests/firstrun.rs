@@ -1,0 +1,140 @@
+//! A first run as an operator makes it, through the real binary: a second `serve` harms
+//! nothing, commands run in the wrong folder create nothing.
+
+#![expect(clippy::unwrap_used, reason = "test helpers fail the test loudly")]
+
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use rumqttc::ConnectReturnCode;
+use support::*;
+use tms_model::ConnState;
+
+/// The binary with a clean environment (PATH and HOME only) plus `env`, run in `cwd`.
+fn run_in(cwd: &Path, env: &[(&str, &str)], args: &[&str]) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.env_clear().current_dir(cwd);
+    for key in ["PATH", "HOME"] {
+        if let Ok(v) = std::env::var(key) {
+            cmd.env(key, v);
+        }
+    }
+    cmd.envs(env.iter().copied()).args(args).output().unwrap()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_serve_exits_1_naming_the_first_and_its_devices_stay_online() {
+    let gw = TestGateway::start().await;
+    let files = gw.provision("RE4A001300", "00:1B:2C:3D:4F:30");
+    let store = gw.store().await;
+    let (client, mut el) = device_client(&gw, &files);
+    assert_eq!(connack(&mut el).await, Ok(ConnectReturnCode::Success));
+    let _driver = drive(el);
+    wait_state(
+        &store,
+        "RE4A001300",
+        ConnState::Online,
+        Duration::from_secs(5),
+    )
+    .await;
+    let ports_before = std::fs::read_to_string(gw.data_dir().join("ports.json")).unwrap();
+
+    let second = gw.cli_output(&["serve"]);
+    let err = stderr(&second);
+    assert_eq!(second.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("another tms-gateway serve (pid {})", gw.pid())),
+        "the refusal names the running serve: {err}"
+    );
+    assert!(
+        err.contains(&gw.data_dir().display().to_string()),
+        "and the data directory: {err}"
+    );
+    assert!(!err.contains("gateway_restart"), "{err}");
+
+    // Nothing of the running gateway was touched: the device is online, still publishing,
+    // and ports.json still names the first gateway.
+    let s = status(&store, "RE4A001300").await;
+    assert_eq!(s.state, ConnState::Online, "{s:?}");
+    assert_eq!(s.last_disconnect_reason, None);
+    publish(&client, "RE4A001300", "telemetry", TELEMETRY).await;
+    wait_for("telemetry stored", Duration::from_secs(5), || async {
+        let t = store.telemetry("RE4A001300", 1).await.unwrap();
+        (!t.is_empty()).then_some(())
+    })
+    .await;
+    assert_eq!(
+        std::fs::read_to_string(gw.data_dir().join("ports.json")).unwrap(),
+        ports_before
+    );
+    assert!(!gw.log().contains("gateway_restart"), "{}", gw.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_run_where_no_gateway_ran_create_nothing_and_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let expected = format!(
+        "no gateway data at {}; pass --config or TMS_DATA_DIR",
+        dir.path().join("tms-data").display()
+    );
+    for args in [
+        &["device", "list"][..],
+        &["device", "show", "RE4A000123"],
+        &[
+            "device",
+            "add",
+            "--serial",
+            "RE4A000123",
+            "--mac",
+            "00:1B:2C:3D:4E:5F",
+            "--company",
+            "Acme Hospital",
+        ],
+        &["ca", "show"],
+    ] {
+        // The default data directory, ./tms-data, in a folder where no gateway ever ran.
+        let out = run_in(dir.path(), &[], args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(&expected),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "{args:?} created something"
+        );
+    }
+    // A data directory without its database (e.g. another data_dir's folder) is no gateway.
+    std::fs::create_dir_all(dir.path().join("elsewhere/ca")).unwrap();
+    let out = run_in(
+        dir.path(),
+        &[("TMS_DATA_DIR", "elsewhere")],
+        &["device", "list"],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(!dir.path().join("elsewhere/tms.db").exists());
+
+    // `init` makes one on purpose; then the same command works there.
+    let out = run_in(dir.path(), &[], &["init"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shown.contains(&format!(
+            "created gateway data at {}",
+            dir.path().join("tms-data").display()
+        )),
+        "{shown}"
+    );
+    let out = run_in(dir.path(), &[], &["device", "list"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("0 device(s)"));
+}
