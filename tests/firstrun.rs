@@ -1,5 +1,7 @@
 //! A first run as an operator makes it, through the real binary: a second `serve` harms
-//! nothing, commands run in the wrong folder create nothing.
+//! nothing, commands run in the wrong folder create nothing, the defaults are reachable by
+//! IP, logs are words (no colour codes, no `Debug`) and misspelt settings are
+//! named.
 
 #![expect(clippy::unwrap_used, reason = "test helpers fail the test loudly")]
 
@@ -137,4 +139,106 @@ async fn commands_run_where_no_gateway_ran_create_nothing_and_exit_2() {
     let out = run_in(dir.path(), &[], &["device", "list"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("0 device(s)"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_server_certificate_is_valid_by_ip_and_names_what_it_holds() {
+    let gw = TestGateway::start_with_default_hostnames(&[]).await;
+    let files = gw.provision("RE4A001310", "00:1B:2C:3D:4F:31");
+    // mosquitto_pub verifies the server's name against its certificate (no --insecure).
+    let out = gw.mosquitto_pub(
+        "127.0.0.1",
+        &files,
+        "RE4A001310",
+        "tms/RE4A001310/telemetry",
+        TELEMETRY,
+    );
+    assert!(
+        out.status.success(),
+        "connecting by 127.0.0.1 with the default hostnames: {}",
+        stderr(&out)
+    );
+    let out = gw.mosquitto_pub(
+        "localhost",
+        &files,
+        "RE4A001310",
+        "tms/RE4A001310/telemetry",
+        TELEMETRY,
+    );
+    assert!(out.status.success(), "by localhost: {}", stderr(&out));
+
+    let shown = gw.cli(&["ca", "show"]);
+    let names = shown
+        .lines()
+        .find_map(|l| l.strip_prefix("server names:"))
+        .unwrap_or_else(|| panic!("ca show names the server certificate's names: {shown}"));
+    let names: Vec<&str> = names.split(',').map(str::trim).collect();
+    for name in ["localhost", "127.0.0.1", "::1"] {
+        assert!(names.contains(&name), "{name} missing from {names:?}");
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let host = host.trim().to_ascii_lowercase();
+    if host != "localhost" && !host.contains('_') {
+        assert!(
+            names.contains(&host.as_str()),
+            "{host} missing from {names:?}"
+        );
+    }
+    assert!(
+        gw.log().contains("localhost, 127.0.0.1, ::1"),
+        "the start-up log names them too: {}",
+        gw.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_are_words_and_misspelt_settings_are_named() {
+    let gw = TestGateway::start_with(&[("TMS_MQTT_LISTN", "127.0.0.1:1883")]).await;
+    let log = gw.log();
+    // stderr is a file here, not a terminal: no colour codes, whatever the terminal type.
+    assert!(!log.contains('\u{1b}'), "ANSI escape in the log: {log:?}");
+    assert!(
+        log.contains(
+            "TMS_MQTT_LISTN is not a tms-gateway setting and is ignored; did you mean TMS_MQTT_LISTEN?"
+        ),
+        "{log}"
+    );
+    let listening = log
+        .lines()
+        .find(|l| l.contains("listening"))
+        .unwrap_or_else(|| panic!("no listening line: {log}"));
+    for debug in ["None", "Some(", "[\""] {
+        assert!(!listening.contains(debug), "Debug output: {listening}");
+    }
+
+    // A CLI command's stderr, piped: no colour either, and a bad variable is named as set.
+    let out = gw.cli_output(&["device", "list", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!out.stderr.contains(&0x1b), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("did you mean TMS_MQTT_LISTEN?"),
+        "{}",
+        stderr(&out)
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = run_in(
+        dir.path(),
+        &[
+            ("TMS_MQTT_LISTEN", "everywhere"),
+            ("TMS_LOG_FORMAT", "JSON"),
+        ],
+        &["device", "list"],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("TMS_MQTT_LISTEN = \"everywhere\""),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        !stderr(&out).contains("TMS_LOG_FORMAT"),
+        "JSON is a format: {}",
+        stderr(&out)
+    );
 }

@@ -205,8 +205,11 @@ impl App {
         let (server, reissued) = ca
             .ensure_server_cert(&config.data_dir.join("server"), &config.mqtt.hostnames, now)
             .context("preparing the broker's server certificate")?;
+        let names = crate::server_cert::names(&server.cert_pem).join(", ");
         if reissued {
-            tracing::info!(hostnames = ?config.mqtt.hostnames, "issued the broker's server certificate");
+            tracing::info!(names = %names, "issued the broker's server certificate; devices may connect by any of its names");
+        } else {
+            tracing::info!(names = %names, "server certificate; devices may connect by any of its names");
         }
         let chain =
             tms_certs::parse_certificates(&server.cert_pem).context("reading server.pem")?;
@@ -287,7 +290,15 @@ impl App {
             );
         }
         write_ports(&config.ports_file(), &ports)?;
-        tracing::info!(mqtt = %ports.mqtt, http = %ports.http, metrics = ?ports.metrics, data_dir = %absolute(&config.data_dir).display(), "listening");
+        let data_dir = absolute(&config.data_dir);
+        match ports.metrics {
+            Some(metrics) => {
+                tracing::info!(mqtt = %ports.mqtt, http = %ports.http, metrics = %metrics, data_dir = %data_dir.display(), "listening")
+            }
+            None => {
+                tracing::info!(mqtt = %ports.mqtt, http = %ports.http, data_dir = %data_dir.display(), "listening")
+            }
+        }
         Ok(App {
             config,
             store,

@@ -174,8 +174,13 @@ pub fn init_logging(command: &Command, format: tms_config::LogFormat) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // Colour codes only for a person at a terminal: under journald or in a file they are
+    // noise ("blob data"), and NO_COLOR (https://no-color.org) turns them off everywhere.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     match format {
         tms_config::LogFormat::Text => builder.init(),
@@ -278,6 +283,13 @@ pub async fn run(command: Command, config: Config) -> Result<()> {
                 "certificate:  {}",
                 absolute(&config.data_dir.join("ca/ca.pem")).display()
             );
+            // What devices may use as the broker address (the server certificate's names).
+            if let Ok(pem) = std::fs::read_to_string(config.data_dir.join("server/server.pem")) {
+                println!(
+                    "server names: {}",
+                    tms_gateway::server_cert_names(&pem).join(", ")
+                );
+            }
             Ok(())
         }
     }
@@ -294,12 +306,13 @@ fn colon_hex(hex: &str) -> String {
 async fn init(config: Config) -> Result<()> {
     let existed = config.data_dir.join("ca/ca.pem").is_file();
     let (store, ca) = create_parts(&config).await?;
-    ca.ensure_server_cert(
-        &config.data_dir.join("server"),
-        &config.mqtt.hostnames,
-        OffsetDateTime::now_utc(),
-    )
-    .context("preparing the broker's server certificate")?;
+    let (server, _) = ca
+        .ensure_server_cert(
+            &config.data_dir.join("server"),
+            &config.mqtt.hostnames,
+            OffsetDateTime::now_utc(),
+        )
+        .context("preparing the broker's server certificate")?;
     store.close().await;
     println!(
         "{} gateway data at {}",
@@ -307,6 +320,10 @@ async fn init(config: Config) -> Result<()> {
         absolute(&config.data_dir).display()
     );
     println!("CA sha256:    {}", colon_hex(&ca.info().sha256_fingerprint));
+    println!(
+        "server names: {}",
+        tms_gateway::server_cert_names(&server.cert_pem).join(", ")
+    );
     Ok(())
 }
 

@@ -32,6 +32,12 @@ fn main() -> ExitCode {
         }
     };
     cli::init_logging(&args.command, config.log.format);
+    let env: std::collections::HashMap<String, String> = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().unwrap_or_default())))
+        .collect();
+    for unknown in tms_config::unknown_variables(&env) {
+        tracing::warn!("{unknown}");
+    }
     tms_api::views::set_silent_after_intervals(config.presence.silent_after_intervals);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
