@@ -1,7 +1,7 @@
 //! A first run as an operator makes it, through the real binary: a second `serve` harms
 //! nothing, commands run in the wrong folder create nothing, the defaults are reachable by
-//! IP, logs are words (no colour codes, no `Debug`) and misspelt settings are
-//! named.
+//! IP, logs are words (no colour codes, no `Debug`), misspelt settings are named, and
+//! `/metrics` has the `process_*` series.
 
 #![expect(clippy::unwrap_used, reason = "test helpers fail the test loudly")]
 
@@ -240,5 +240,37 @@ async fn logs_are_words_and_misspelt_settings_are_named() {
         !stderr(&out).contains("TMS_LOG_FORMAT"),
         "JSON is a format: {}",
         stderr(&out)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_carry_the_process_series() {
+    let gw = TestGateway::start().await;
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let m = scrape(&gw).await;
+    let get = |name: &str| {
+        *m.get(name)
+            .unwrap_or_else(|| panic!("{name} missing from /metrics"))
+    };
+    assert!(get("process_cpu_seconds_total") > 0.0);
+    let rss = get("process_resident_memory_bytes");
+    let measured = rss_mib(gw.pid()) as f64 * 1024.0 * 1024.0;
+    assert!(
+        rss > 4.0 * 1024.0 * 1024.0 && (rss - measured).abs() < 64.0 * 1024.0 * 1024.0,
+        "rss {rss} vs /proc {measured}"
+    );
+    let fds = get("process_open_fds");
+    let measured = open_fds(gw.pid()) as f64;
+    assert!(
+        fds >= 5.0 && (fds - measured).abs() < 32.0,
+        "{fds} open descriptors, /proc says {measured}"
+    );
+    let started = get("process_start_time_seconds");
+    assert!(
+        started <= wall + 1.0 && started > wall - 120.0,
+        "started {started}, now {wall}"
     );
 }

@@ -249,6 +249,11 @@ const KEYS: &[(&str, &str)] = &[
     ("log", "format"),
 ];
 
+/// Every configuration key as written in the file (`data_dir`, `mqtt.listen`, …).
+pub fn keys() -> impl Iterator<Item = String> {
+    KEYS.iter().map(|(section, key)| dotted(section, key))
+}
+
 fn parse_addr(s: &str) -> Result<SocketAddr, String> {
     s.parse()
         .map_err(|_| "expected IP:PORT, e.g. 0.0.0.0:8883 (port 0 picks a free port)".to_owned())
@@ -993,5 +998,33 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.mqtt.hostnames, vec!["gw.example"]);
+    }
+
+    /// `deploy/config.example.toml` sets every key to its default, or shows it commented out
+    /// when its default is "unset" or depends on the machine: it loads, means exactly the
+    /// defaults, and names every key there is.
+    #[test]
+    fn the_example_configuration_names_every_key_with_its_default() {
+        let text = include_str!("../../deploy/config.example.toml");
+        let example = Config::from_sources(Some(text), &HashMap::new()).unwrap();
+        let defaults = Config::from_sources(None, &HashMap::new()).unwrap();
+        assert_eq!(example, defaults);
+
+        let mut section = String::new();
+        let mut written = Vec::new();
+        for line in text.lines() {
+            let line = line.trim().trim_start_matches('#').trim();
+            if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                section = name.to_owned();
+            } else if let Some((key, _)) = line.split_once(" = ") {
+                written.push(dotted(&section, key.trim()));
+            }
+        }
+        for key in keys() {
+            assert!(
+                written.contains(&key),
+                "{key} is missing from deploy/config.example.toml"
+            );
+        }
     }
 }

@@ -195,6 +195,7 @@ fn node_id() -> String {
 impl App {
     pub async fn build(config: Config) -> Result<App> {
         tms_api::monitoring::install();
+        crate::process_metrics::install();
         tms_api::views::set_silent_after_intervals(config.presence.silent_after_intervals);
         tms_api::monitoring::record_process(env!("CARGO_PKG_VERSION"), env!("TMS_GIT_COMMIT"));
         // Before anything else is touched: another `serve` may be running on this data.
@@ -423,6 +424,7 @@ impl App {
             broker.clone(),
             stop.clone(),
         ));
+        let process_metrics_task = tokio::spawn(crate::process_metrics::run(stop.clone()));
         // SQLite checkpoints beside the writers, never inside a commit (see Store::checkpoint).
         let checkpoint_store = store.clone();
         let checkpoint_stop = stop.clone();
@@ -484,6 +486,7 @@ impl App {
         mailer_task.abort();
         server_cert_task.abort();
         checkpoint_task.abort();
+        process_metrics_task.abort();
         drop(broker);
         // Every session has reported its disconnect; now write everything that is queued.
         drain.cancel();
