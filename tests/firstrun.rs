@@ -255,7 +255,12 @@ async fn metrics_carry_the_process_series() {
         *m.get(name)
             .unwrap_or_else(|| panic!("{name} missing from /metrics"))
     };
-    assert!(get("process_cpu_seconds_total") > 0.0);
+    // Counted in clock ticks and refreshed every second: a just-started process may show 0.
+    wait_for("CPU time counted", Duration::from_secs(5), || async {
+        let m = scrape(&gw).await;
+        (m.get("process_cpu_seconds_total").copied().unwrap_or(0.0) > 0.0).then_some(())
+    })
+    .await;
     let rss = get("process_resident_memory_bytes");
     let measured = rss_mib(gw.pid()) as f64 * 1024.0 * 1024.0;
     assert!(

@@ -206,7 +206,7 @@ impl App {
         let (server, reissued) = ca
             .ensure_server_cert(&config.data_dir.join("server"), &config.mqtt.hostnames, now)
             .context("preparing the broker's server certificate")?;
-        let names = crate::server_cert::names(&server.cert_pem).join(", ");
+        let names = tms_certs::certificate_names(&server.cert_pem).join(", ");
         if reissued {
             tracing::info!(names = %names, "issued the broker's server certificate; devices may connect by any of its names");
         } else {

@@ -75,34 +75,3 @@ pub(crate) async fn watch(
         }
     }
 }
-
-/// The DNS names and IP addresses (SANs) the server certificate in `pem` holds, as written
-/// in it: what a device may put in its broker address and still pass TLS verification.
-pub fn names(pem: &str) -> Vec<String> {
-    use x509_parser::extensions::GeneralName;
-    let Some(der) = tms_certs::parse_certificates(pem)
-        .ok()
-        .and_then(|c| c.into_iter().next())
-    else {
-        return Vec::new();
-    };
-    let Ok((_, cert)) = x509_parser::parse_x509_certificate(&der) else {
-        return Vec::new();
-    };
-    let Ok(Some(san)) = cert.subject_alternative_name() else {
-        return Vec::new();
-    };
-    san.value
-        .general_names
-        .iter()
-        .filter_map(|name| match name {
-            GeneralName::DNSName(d) => Some((*d).to_owned()),
-            GeneralName::IPAddress(b) => match b.len() {
-                4 => Some(std::net::IpAddr::from(<[u8; 4]>::try_from(*b).ok()?).to_string()),
-                16 => Some(std::net::IpAddr::from(<[u8; 16]>::try_from(*b).ok()?).to_string()),
-                _ => None,
-            },
-            _ => None,
-        })
-        .collect()
-}
