@@ -279,3 +279,40 @@ async fn metrics_carry_the_process_series() {
         "started {started}, now {wall}"
     );
 }
+
+/// On a terminal (a pseudo-terminal made by util-linux `script`) log lines are coloured,
+/// unless NO_COLOR is set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn colour_only_on_a_terminal_and_never_with_no_color() {
+    if !Command::new("sh")
+        .args(["-c", "command -v script"])
+        .output()
+        .unwrap()
+        .status
+        .success()
+    {
+        eprintln!("skipped: util-linux `script` is not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let on_a_terminal = |no_color: Option<&str>| {
+        let mut env = vec![("TMS_MQTT_LISTN", "1")];
+        if let Some(v) = no_color {
+            env.push(("NO_COLOR", v));
+        }
+        let cmd = format!("{BIN} device list");
+        let out = Command::new("script")
+            .args(["-qec", &cmd, "/dev/null"])
+            .current_dir(dir.path())
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(text.contains("did you mean TMS_MQTT_LISTEN?"), "{text}");
+        text.contains('\u{1b}')
+    };
+    assert!(on_a_terminal(None), "a terminal gets colour");
+    assert!(!on_a_terminal(Some("1")), "NO_COLOR=1 turns it off");
+}
