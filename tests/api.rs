@@ -890,7 +890,7 @@ async fn customers_are_told_once_when_a_lease_ends_within_30_days() {
     let provider_token = api.token(&gw, PROVIDER, PROVIDER_PASSWORD).await;
     // A 12-month lease that started 12 months less 10 days ago ends in 10 days.
     let today = time::OffsetDateTime::now_utc().date();
-    let start = tms_api::provisioning::lease_end(today, -12) + time::Duration::days(10);
+    let start = tms_registry::provisioning::lease_end(today, -12) + time::Duration::days(10);
     let mut body = registration("RE4A000070", "00:1B:2C:3D:4E:70", "ana@example.com", "Acme");
     body["start_date"] = json!(start.to_string());
     let token = onboard_with(&api, &gw, &provider_token, body, "ana@example.com").await;

@@ -1,15 +1,12 @@
-//! The operator-facing side of the gateway: HTTP (axum), and the workflows that the HTTP API
-//! and the command line share — password hashing, certificate issuance, the JSON views.
+//! The operator-facing side of the gateway: HTTP only (axum) — routes, web pages, `/metrics`,
+//! health. The workflows behind the routes (certificate issuance, passwords, mail, the JSON
+//! views) live in `tms-registry`, shared with the command line.
 //!
-//! It never speaks MQTT: it reads the store, asks the CA to sign, and tells the broker only
+//! It never speaks MQTT: it reads the store, calls the registry, and tells the broker only
 //! which certificates were revoked.
 
-pub mod auth;
-pub mod mail;
 pub mod monitoring;
-pub mod provisioning;
 pub mod server;
-pub mod views;
 
 mod web;
 

@@ -1,35 +1,7 @@
 //! Which topics a device may use: publish to `tms/<serial>/{telemetry,location,info,status}`,
 //! subscribe below `tms/<serial>/cmd/`. Everything else is denied.
 
-use tms_model::DeviceSerial;
-
-/// What a device-published message is, from its topic.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum TopicKind {
-    Telemetry,
-    Location,
-    Info,
-    Status,
-}
-
-impl TopicKind {
-    /// Every kind, in discriminant order (`kind as usize` indexes this).
-    pub const ALL: [TopicKind; 4] = [
-        TopicKind::Telemetry,
-        TopicKind::Location,
-        TopicKind::Info,
-        TopicKind::Status,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TopicKind::Telemetry => "telemetry",
-            TopicKind::Location => "location",
-            TopicKind::Info => "info",
-            TopicKind::Status => "status",
-        }
-    }
-}
+use tms_model::{DeviceSerial, TopicKind};
 
 /// The kind of `topic` if `serial` may publish to it.
 pub fn publish_kind(serial: &DeviceSerial, topic: &[u8]) -> Option<TopicKind> {

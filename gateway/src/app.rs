@@ -10,11 +10,12 @@ use anyhow::{Context, Result, anyhow, bail};
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
-use tms_api::mail::{Composer, Mailer};
 use tms_broker::{Broker, BrokerSettings, RevokedSet};
 use tms_certs::Ca;
 use tms_config::Config;
 use tms_ingest::{Ingest, IngestSettings};
+use tms_registry::mail::{Composer, Mailer};
+use tms_registry::views::Views;
 use tms_store::Store;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc};
@@ -50,6 +51,13 @@ pub struct App {
     metrics: Option<TcpListener>,
     ports: PortsFile,
     lock: DataDirLock,
+}
+
+/// The JSON views as the configuration's `presence.*` settings have them judge presence.
+pub fn views(config: &Config) -> Views {
+    Views {
+        silent_after_intervals: config.presence.silent_after_intervals,
+    }
 }
 
 /// The configuration points where no gateway has run: the CLI creates nothing there
@@ -196,7 +204,6 @@ impl App {
     pub async fn build(config: Config) -> Result<App> {
         tms_api::monitoring::install();
         crate::process_metrics::install();
-        tms_api::views::set_silent_after_intervals(config.presence.silent_after_intervals);
         tms_api::monitoring::record_process(env!("CARGO_PKG_VERSION"), env!("TMS_GIT_COMMIT"));
         // Before anything else is touched: another `serve` may be running on this data.
         create_private_dir(&config.data_dir)?;
@@ -391,7 +398,8 @@ impl App {
                 .first()
                 .cloned()
                 .unwrap_or_else(|| "localhost".to_owned()),
-            passwords: tms_api::auth::PasswordGate::for_this_machine(),
+            passwords: tms_registry::auth::PasswordGate::for_this_machine(),
+            views: views(&config),
         };
         let api = tms_api::router(state.clone(), metrics.is_none());
         let http_stop = stop.clone();

@@ -6,11 +6,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use time::OffsetDateTime;
-use tms_api::{auth, provisioning, views};
 use tms_certs::DeviceKey;
 use tms_config::Config;
 use tms_gateway::{App, absolute, create_parts, open_parts};
 use tms_model::{ConnState, DeviceSerial, Mac};
+use tms_registry::{auth, provisioning, views};
 use tms_store::{DeviceFilter, NewDevice, NewUser};
 use tokio_util::sync::CancellationToken;
 
@@ -488,7 +488,8 @@ async fn device(config: Config, command: DeviceCommand) -> Result<()> {
             };
             let devices = store.devices(&filter).await.context("listing devices")?;
             if json {
-                let list: Vec<_> = devices.iter().map(views::device).collect();
+                let views = tms_gateway::views(&config);
+                let list: Vec<_> = devices.iter().map(|d| views.device(d)).collect();
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
                 println!(
@@ -521,7 +522,12 @@ async fn device(config: Config, command: DeviceCommand) -> Result<()> {
             let locations = store.locations_of(serial.as_str()).await?;
             let certificates = store.certificates_of(serial.as_str()).await?;
             let refusals = store.refusals(serial.as_str(), 10).await?;
-            let detail = views::device_detail(&view, &locations, &certificates, &refusals);
+            let detail = tms_gateway::views(&config).device_detail(
+                &view,
+                &locations,
+                &certificates,
+                &refusals,
+            );
             if json {
                 println!("{}", serde_json::to_string_pretty(&detail)?);
             } else {

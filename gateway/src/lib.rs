@@ -10,6 +10,7 @@ pub mod simulate;
 
 pub use app::{
     App, DataDirLock, NoGatewayData, PortsFile, absolute, create_parts, lock_data_dir, open_parts,
+    views,
 };
 pub use tms_certs::certificate_names as server_cert_names;
 pub use tms_config::Config;

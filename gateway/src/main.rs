@@ -38,7 +38,6 @@ fn main() -> ExitCode {
     for unknown in tms_config::unknown_variables(&env) {
         tracing::warn!("{unknown}");
     }
-    tms_api::views::set_silent_after_intervals(config.presence.silent_after_intervals);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
 use time::OffsetDateTime;
-use tms_api::provisioning;
 use tms_certs::DeviceKey;
 use tms_config::Config;
 use tms_model::{DeviceSerial, Mac};
+use tms_registry::provisioning;
 use tms_store::NewDevice;
 use tokio_util::sync::CancellationToken;
 

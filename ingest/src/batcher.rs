@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use metrics::Counter;
-use tms_broker::{Acks, BrokerEvent, DeviceMessage, TopicKind};
+use tms_model::{Acks, BrokerEvent, DeviceMessage, TopicKind};
 use tms_store::{
     InfoRow, LocationRow, QuarantineRow, RefusalRow, StatusEvent, TelemetryRow, WriteBatch,
 };
@@ -386,8 +386,8 @@ impl Batcher {
 mod tests {
     use super::*;
     use bytes::Bytes;
-    use tms_broker::RefusalReason;
     use tms_model::DeviceSerial;
+    use tms_model::RefusalReason;
 
     fn msg(kind: TopicKind, payload: &'static str, at: i64) -> BrokerEvent {
         BrokerEvent::Message(DeviceMessage {

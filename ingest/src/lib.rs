@@ -26,7 +26,7 @@ pub use payload::{
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tms_broker::{Acks, BrokerEvent};
+use tms_model::{Acks, BrokerEvent};
 use tms_store::{Split, Store, StoreError, WriteBatch};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;

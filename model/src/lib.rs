@@ -4,6 +4,10 @@
 //! these types once, at the edge; inside, a `DeviceSerial` is proof that the value is safe to
 //! use as an MQTT topic level, a file name and a certificate CN. No I/O here.
 
+mod events;
+
+pub use events::{Acks, BrokerEvent, DeviceMessage, DisconnectReason, RefusalReason, TopicKind};
+
 use std::fmt;
 use std::str::FromStr;
 use std::time::{SystemTime, UNIX_EPOCH};

@@ -10,13 +10,13 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tms_model::now_ms;
+use tms_registry::auth::{
+    Busy, Ticket, hash_password, hash_password_with, new_token, token_hash, verify_password_with,
+};
 use tms_store::UserRecord;
 
 use super::input::{body, has_control};
 use super::{ApiError, ApiState};
-use crate::auth::{
-    Busy, Ticket, hash_password, hash_password_with, new_token, token_hash, verify_password_with,
-};
 
 /// Failed logins before an account is locked, and for how long.
 const LOCK_AFTER_FAILURES: i64 = 5;
@@ -100,7 +100,7 @@ fn dummy_hash() -> &'static str {
     HASH.get_or_init(|| hash_password("not a real password").unwrap_or_default())
 }
 
-/// 429 when the [`PasswordGate`](crate::auth::PasswordGate) is full: the gateway is busy, the
+/// 429 when the [`PasswordGate`](tms_registry::auth::PasswordGate) is full: the gateway is busy, the
 /// request was not looked at.
 fn busy(_: Busy) -> ApiError {
     metrics::counter!("tms_api_password_checks_refused_total").increment(1);
@@ -210,7 +210,7 @@ pub(super) async fn login(
     Ok(axum::Json(json!({
         "token": token,
         "must_change_password": user.must_change_password,
-        "expires_at": crate::views::time(Some(expires_at)),
+        "expires_at": tms_registry::views::time(Some(expires_at)),
     }))
     .into_response())
 }
@@ -315,7 +315,7 @@ pub(crate) fn account_json(u: &UserRecord) -> Value {
         "company_id": u.company_id,
         "active": u.active,
         "must_change_password": u.must_change_password,
-        "created_at": crate::views::time(Some(u.created_at)),
+        "created_at": tms_registry::views::time(Some(u.created_at)),
     })
 }
 

@@ -14,13 +14,13 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 use tms_certs::DeviceKey;
 use tms_model::{ConnState, DeviceSerial, now_ms};
+use tms_registry::provisioning::{ProvisioningError, issue_device_certificate};
+use tms_registry::views;
 use tms_store::{DeviceFilter, DeviceView};
 
 use super::accounts::Caller;
 use super::input::{Query, body};
 use super::{ApiError, ApiState};
-use crate::provisioning::{ProvisioningError, issue_device_certificate};
-use crate::views;
 
 /// The devices a caller may see.
 pub(crate) fn scope(caller: &Caller) -> DeviceFilter {
@@ -84,7 +84,13 @@ pub(super) async fn list(
         })?);
     }
     let devices = s.store.devices(&filter).await?;
-    Ok(axum::Json(devices.iter().map(views::device).collect::<Vec<_>>()).into_response())
+    Ok(axum::Json(
+        devices
+            .iter()
+            .map(|d| s.views.device(d))
+            .collect::<Vec<_>>(),
+    )
+    .into_response())
 }
 
 pub(super) async fn detail(
@@ -96,12 +102,10 @@ pub(super) async fn detail(
     let locations = s.store.locations_of(serial.as_str()).await?;
     let certificates = s.store.certificates_of(serial.as_str()).await?;
     let refusals = s.store.refusals(serial.as_str(), 10).await?;
-    Ok(axum::Json(views::device_detail(
-        &view,
-        &locations,
-        &certificates,
-        &refusals,
-    ))
+    Ok(axum::Json(
+        s.views
+            .device_detail(&view, &locations, &certificates, &refusals),
+    )
     .into_response())
 }
 
@@ -111,7 +115,7 @@ pub(super) async fn status(
     Path(serial): Path<String>,
 ) -> Result<Response, ApiError> {
     let (_, view) = visible_device(&s, &caller, &serial).await?;
-    Ok(axum::Json(views::status(&view.status)).into_response())
+    Ok(axum::Json(s.views.status(&view.status)).into_response())
 }
 
 #[derive(Deserialize)]
@@ -369,7 +373,7 @@ pub(super) async fn renew_lease(
             .into(),
         ));
     }
-    let ends = crate::provisioning::renew_lease(&s.store, &serial, months)
+    let ends = tms_registry::provisioning::renew_lease(&s.store, &serial, months)
         .await
         .map_err(|e| match e {
             ProvisioningError::Store(e) => ApiError::from(e),

@@ -35,7 +35,7 @@ pub struct ApiState {
     /// Set while the MQTT listener accepts connections.
     pub broker_listening: Arc<AtomicBool>,
     /// Sender and link base of emails.
-    pub mail: crate::mail::Composer,
+    pub mail: tms_registry::mail::Composer,
     /// Wakes the mailer when mail is queued.
     pub mail_queued: Arc<Notify>,
     /// Wakes the revocation watcher so the broker enforces a revocation at once.
@@ -47,7 +47,9 @@ pub struct ApiState {
     /// The MQTT host name devices are told to connect to (the first of `mqtt.hostnames`).
     pub mqtt_host: String,
     /// Bounds the argon2 work of logins, password changes and registrations.
-    pub passwords: crate::auth::PasswordGate,
+    pub passwords: tms_registry::auth::PasswordGate,
+    /// The JSON views of devices, with the presence settings they judge by.
+    pub views: tms_registry::views::Views,
 }
 
 /// Who may call a route (documented in the OpenAPI document; enforced by the extractors).

@@ -9,14 +9,14 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 use tms_model::{DeviceSerial, Mac, now_ms};
+use tms_registry::auth::{generate_password, new_token};
+use tms_registry::provisioning::parse_date;
 use tms_store::{
     NewDevice, NewUser, Registration, RegistrationCompany, RegistrationUser, StoreError,
 };
 
 use super::accounts::Caller;
 use super::{ApiError, ApiState};
-use crate::auth::{generate_password, new_token};
-use crate::provisioning::parse_date;
 
 /// Collects field errors while reading a JSON body.
 struct Fields<'a> {
@@ -295,8 +295,11 @@ fn validate(body: &Value) -> Result<Validated, ApiError> {
                 company: company_name,
                 device_type,
                 lease_months,
-                lease_ends_at: crate::provisioning::lease_ends_at_ms(&start_date, lease_months)
-                    .unwrap_or(0),
+                lease_ends_at: tms_registry::provisioning::lease_ends_at_ms(
+                    &start_date,
+                    lease_months,
+                )
+                .unwrap_or(0),
                 start_date,
                 ups_model,
                 ups_model_number,
