@@ -14,6 +14,7 @@ trap 'kill $GW_PID $MQ_PID 2>/dev/null || true; rm -rf "$WORK"' EXIT
 
 export TMS_DATA_DIR=$WORK/gw TMS_MQTT_LISTEN=127.0.0.1:0 TMS_HTTP_LISTEN=127.0.0.1:0 TMS_MQTT_HOSTNAMES=localhost
 export TMS_MQTT_MAX_CONNECTIONS=20000 RUST_LOG=warn
+"$BIN" init >/dev/null   # the scripts provision devices before the first start
 
 free_port() { python3 -c "import socket;s=socket.socket();s.bind(('127.0.0.1',0));print(s.getsockname()[1])"; }
 

@@ -601,6 +601,8 @@ async fn a_slow_store_pushes_back_and_every_acknowledged_message_is_stored() {
     const MESSAGES: usize = 300;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
+    // Provisioned before the first start: only `init` (or `serve`) creates a data directory.
+    cli_in(&data, &["init"]);
     let mut devices = Vec::new();
     for i in 0..DEVICES {
         let serial = format!("RE4B{i:06}");

@@ -81,6 +81,42 @@ pub struct Revoked {
     pub revoked_at: OffsetDateTime,
 }
 
+/// The DNS names and IP addresses (subject alternative names) of a certificate, IP
+/// addresses in their usual text form; `None` when it has no such extension.
+fn san_names(cert: &X509Certificate<'_>) -> Option<Vec<String>> {
+    match cert.subject_alternative_name() {
+        Ok(Some(san)) => Some(
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|name| match name {
+                    GeneralName::DNSName(d) => Some((*d).to_owned()),
+                    GeneralName::IPAddress(b) => match b.len() {
+                        4 => Some(IpAddr::from(<[u8; 4]>::try_from(*b).ok()?).to_string()),
+                        16 => Some(IpAddr::from(<[u8; 16]>::try_from(*b).ok()?).to_string()),
+                        _ => None,
+                    },
+                    _ => None,
+                })
+                .collect(),
+        ),
+        _ => None,
+    }
+}
+
+/// The names a server certificate (the first of `pem`) holds: what a device may put in its
+/// broker address and still pass TLS verification. Empty when it cannot be read.
+pub fn certificate_names(pem: &str) -> Vec<String> {
+    parse_certificates(pem)
+        .ok()
+        .and_then(|certs| certs.into_iter().next())
+        .and_then(|der| {
+            let (_, cert) = parse_x509_certificate(&der).ok()?;
+            san_names(&cert)
+        })
+        .unwrap_or_default()
+}
+
 impl Ca {
     /// Loads the CA from `ca_dir` (`ca.pem`, `ca.key`), creating it on first use. Returns the CA
     /// and whether it was created now. The key file is kept at mode 0600.
@@ -438,23 +474,7 @@ impl Ca {
         if not_after - now < SERVER_RENEW_BEFORE {
             return None;
         }
-        let mut have: Vec<String> = match cert.subject_alternative_name() {
-            Ok(Some(san)) => san
-                .value
-                .general_names
-                .iter()
-                .filter_map(|name| match name {
-                    GeneralName::DNSName(d) => Some((*d).to_owned()),
-                    GeneralName::IPAddress(b) => match b.len() {
-                        4 => Some(IpAddr::from(<[u8; 4]>::try_from(*b).ok()?).to_string()),
-                        16 => Some(IpAddr::from(<[u8; 16]>::try_from(*b).ok()?).to_string()),
-                        _ => None,
-                    },
-                    _ => None,
-                })
-                .collect(),
-            _ => return None,
-        };
+        let mut have = san_names(&cert)?;
         let mut want: Vec<String> = hostnames
             .iter()
             .map(|h| {

@@ -18,11 +18,21 @@ pub struct KeyError {
     pub key: String,
     pub value: String,
     pub problem: String,
+    /// The environment variable the value came from, when it did not come from the file:
+    /// the message then names what the user actually set.
+    pub env: Option<String>,
 }
 
 impl fmt::Display for KeyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} = {:?}: {}", self.key, self.value, self.problem)
+        match &self.env {
+            Some(var) => write!(
+                f,
+                "{var} = {:?} (sets {}): {}",
+                self.value, self.key, self.problem
+            ),
+            None => write!(f, "{} = {:?}: {}", self.key, self.value, self.problem),
+        }
     }
 }
 
@@ -239,6 +249,11 @@ const KEYS: &[(&str, &str)] = &[
     ("log", "format"),
 ];
 
+/// Every configuration key as written in the file (`data_dir`, `mqtt.listen`, …).
+pub fn keys() -> impl Iterator<Item = String> {
+    KEYS.iter().map(|(section, key)| dotted(section, key))
+}
+
 fn parse_addr(s: &str) -> Result<SocketAddr, String> {
     s.parse()
         .map_err(|_| "expected IP:PORT, e.g. 0.0.0.0:8883 (port 0 picks a free port)".to_owned())
@@ -279,14 +294,21 @@ impl Raw {
 struct Builder {
     raw: BTreeMap<String, Raw>,
     errors: Vec<KeyError>,
+    /// This machine's name, for the default `mqtt.hostnames`.
+    host_name: Option<String>,
 }
 
 impl Builder {
     fn fail(&mut self, key: &str, value: String, problem: impl Into<String>) {
+        let env = match self.raw.get(key) {
+            Some(Raw::Env(_)) => Some(format!("TMS_{}", key.replace('.', "_").to_uppercase())),
+            _ => None,
+        };
         self.errors.push(KeyError {
             key: key.to_owned(),
             value,
             problem: problem.into(),
+            env,
         });
     }
 
@@ -374,6 +396,107 @@ impl Builder {
     }
 }
 
+/// The names a device on this machine or the local network can reach the broker by, with
+/// nothing configured: the loopback names and addresses, and the machine's own name.
+fn default_hostnames(host_name: Option<&str>) -> Vec<String> {
+    let mut names: Vec<String> = ["localhost", "127.0.0.1", "::1"]
+        .map(str::to_owned)
+        .to_vec();
+    if let Some(host) = host_name.map(|h| h.trim().to_ascii_lowercase())
+        && valid_hostname(&host)
+        && !host.contains('*')
+        && !names.contains(&host)
+    {
+        names.push(host);
+    }
+    names
+}
+
+/// This machine's host name (the kernel's, else `/etc/hostname`), if it has one.
+fn machine_host_name() -> Option<String> {
+    ["/proc/sys/kernel/hostname", "/etc/hostname"]
+        .iter()
+        .filter_map(|path| std::fs::read_to_string(path).ok())
+        .map(|text| text.trim().to_owned())
+        .find(|name| !name.is_empty())
+}
+
+/// Environment variables that are not configuration keys but are still ours.
+const OTHER_VARIABLES: &[&str] = &[
+    // The CA key's passphrase: environment only (see `Certs::ca_key_passphrase`).
+    "TMS_CA_KEY_PASSPHRASE",
+    // The PostgreSQL server of the test suite (scripts/test).
+    "TMS_TEST_DATABASE_URL",
+];
+
+/// A `TMS_*` environment variable that sets nothing, most likely a misspelling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownVariable {
+    pub name: String,
+    /// The known variable it is closest to, when one is close enough to be meant.
+    pub suggestion: Option<String>,
+}
+
+impl fmt::Display for UnknownVariable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} is not a tms-gateway setting and is ignored",
+            self.name
+        )?;
+        if let Some(s) = &self.suggestion {
+            write!(f, "; did you mean {s}?")?;
+        }
+        Ok(())
+    }
+}
+
+/// The `TMS_*` variables of `env` that configure nothing, sorted by name, each with the known
+/// variable it most likely meant.
+pub fn unknown_variables(env: &HashMap<String, String>) -> Vec<UnknownVariable> {
+    let known: Vec<String> = KEYS
+        .iter()
+        .map(|(section, key)| env_var(section, key))
+        .chain(OTHER_VARIABLES.iter().map(|v| (*v).to_owned()))
+        .collect();
+    let mut unknown: Vec<UnknownVariable> = env
+        .keys()
+        .filter(|name| name.starts_with("TMS_") && !known.contains(name))
+        .map(|name| {
+            let suggestion = known
+                .iter()
+                .map(|k| (edit_distance(&name.to_ascii_uppercase(), k), k))
+                .min()
+                .filter(|(d, k)| *d <= (k.len() / 4).max(2))
+                .map(|(_, k)| k.clone());
+            UnknownVariable {
+                name: name.clone(),
+                suggestion,
+            }
+        })
+        .collect();
+    unknown.sort_by(|a, b| a.name.cmp(&b.name));
+    unknown
+}
+
+/// Levenshtein distance: insertions, deletions and substitutions of one character each.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (diagonal + usize::from(ca != *cb))
+                .min(row[j] + 1)
+                .min(above + 1);
+            diagonal = above;
+        }
+    }
+    row[b.len()]
+}
+
 fn valid_hostname(h: &str) -> bool {
     if h.parse::<IpAddr>().is_ok() {
         return true;
@@ -407,25 +530,40 @@ impl Config {
         };
         let env: HashMap<String, String> = std::env::vars().collect();
         let origin = file.map(|p| p.display().to_string()).unwrap_or_default();
-        Self::from_sources_named(&origin, text.as_deref(), &env)
+        let host = machine_host_name();
+        Self::from_sources_named(&origin, text.as_deref(), &env, host.as_deref())
     }
 
     /// Builds the configuration from a TOML text and an environment map (for tests and tools).
+    /// The default `mqtt.hostnames` then holds the loopback names only, whatever machine the
+    /// test runs on.
     pub fn from_sources(
         toml_text: Option<&str>,
         env: &HashMap<String, String>,
     ) -> Result<Config, ConfigError> {
-        Self::from_sources_named("<string>", toml_text, env)
+        Self::from_sources_named("<string>", toml_text, env, None)
+    }
+
+    /// [`Config::from_sources`] on a machine called `host_name`, which the default
+    /// `mqtt.hostnames` then includes.
+    pub fn from_sources_on_host(
+        toml_text: Option<&str>,
+        env: &HashMap<String, String>,
+        host_name: &str,
+    ) -> Result<Config, ConfigError> {
+        Self::from_sources_named("<string>", toml_text, env, Some(host_name))
     }
 
     fn from_sources_named(
         origin: &str,
         toml_text: Option<&str>,
         env: &HashMap<String, String>,
+        host_name: Option<&str>,
     ) -> Result<Config, ConfigError> {
         let mut b = Builder {
             raw: BTreeMap::new(),
             errors: Vec::new(),
+            host_name: host_name.map(str::to_owned),
         };
         if let Some(text) = toml_text {
             let table: toml::Table =
@@ -523,7 +661,7 @@ fn build(b: &mut Builder) -> Config {
             }
             list
         }
-        None => vec!["localhost".to_owned()],
+        None => default_hostnames(b.host_name.as_deref()),
     };
     let mqtt = Mqtt {
         listen: mqtt_listen,
@@ -622,10 +760,12 @@ fn build(b: &mut Builder) -> Config {
         drain_timeout: Duration::from_secs(b.int("ingest.drain_timeout_secs", 10, 1, 3600)),
     };
 
-    let format = b.parsed("log.format", LogFormat::Text, |s| match s {
-        "text" => Ok(LogFormat::Text),
-        "json" => Ok(LogFormat::Json),
-        _ => Err("expected \"text\" or \"json\"".to_owned()),
+    let format = b.parsed("log.format", LogFormat::Text, |s| {
+        match s.to_ascii_lowercase().as_str() {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err("expected \"text\" or \"json\"".to_owned()),
+        }
     });
 
     Config {
@@ -680,7 +820,7 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from("./tms-data"));
         assert_eq!(c.database_url, "sqlite://./tms-data/tms.db");
         assert_eq!(c.mqtt.listen, "0.0.0.0:8883".parse().unwrap());
-        assert_eq!(c.mqtt.hostnames, vec!["localhost"]);
+        assert_eq!(c.mqtt.hostnames, vec!["localhost", "127.0.0.1", "::1"]);
         assert_eq!(c.http.listen, "127.0.0.1:8080".parse().unwrap());
         assert_eq!(c.mail.outbox_dir, PathBuf::from("./tms-data/outbox"));
         assert_eq!(c.mqtt.max_connections, 50_000);
@@ -785,5 +925,106 @@ mod tests {
         let shown = format!("{c:?}");
         assert!(!shown.contains("s3cret"), "{shown}");
         assert!(shown.contains("postgres://tms:***@db:5432/tms"), "{shown}");
+    }
+
+    #[test]
+    fn an_environment_error_names_the_variable_that_was_set() {
+        let err = Config::from_sources(
+            Some("[http]\nlisten = \"here\"\n"),
+            &env(&[("TMS_MQTT_LISTEN", "nowhere")]),
+        )
+        .unwrap_err();
+        let shown = err.to_string();
+        assert!(
+            shown.contains("TMS_MQTT_LISTEN = \"nowhere\" (sets mqtt.listen): expected IP:PORT"),
+            "{shown}"
+        );
+        // From the file, the key as written there.
+        assert!(
+            shown.contains("http.listen = \"here\": expected"),
+            "{shown}"
+        );
+        assert!(!shown.contains("TMS_HTTP_LISTEN"), "{shown}");
+    }
+
+    #[test]
+    fn unknown_tms_variables_are_named_with_the_closest_known_one() {
+        let unknown = unknown_variables(&env(&[
+            ("TMS_MQTT_LISTN", "127.0.0.1:0"),
+            ("TMS_LOG_FORMAT", "json"),
+            ("TMS_CA_KEY_PASSPHRASE", "x"),
+            ("TMS_DATADIR", "/srv/tms"),
+            ("TMS_COMPLETELY_DIFFERENT", "1"),
+            ("HOME", "/root"),
+        ]));
+        let shown: Vec<String> = unknown.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown,
+            vec![
+                "TMS_COMPLETELY_DIFFERENT is not a tms-gateway setting and is ignored",
+                "TMS_DATADIR is not a tms-gateway setting and is ignored; did you mean TMS_DATA_DIR?",
+                "TMS_MQTT_LISTN is not a tms-gateway setting and is ignored; did you mean TMS_MQTT_LISTEN?",
+            ]
+        );
+    }
+
+    #[test]
+    fn choices_are_case_insensitive() {
+        let c = Config::from_sources(Some("[log]\nformat = \"JSON\"\n"), &HashMap::new()).unwrap();
+        assert_eq!(c.log.format, LogFormat::Json);
+        let c = Config::from_sources(None, &env(&[("TMS_LOG_FORMAT", "Text")])).unwrap();
+        assert_eq!(c.log.format, LogFormat::Text);
+        let err = Config::from_sources(None, &env(&[("TMS_LOG_FORMAT", "yaml")])).unwrap_err();
+        assert!(err.to_string().contains("TMS_LOG_FORMAT"), "{err}");
+    }
+
+    #[test]
+    fn default_hostnames_reach_the_machine_by_loopback_and_by_name() {
+        let c = Config::from_sources_on_host(None, &HashMap::new(), "Gateway-7\n").unwrap();
+        assert_eq!(
+            c.mqtt.hostnames,
+            vec!["localhost", "127.0.0.1", "::1", "gateway-7"]
+        );
+        // A name no certificate can carry is left out, not an error.
+        let c = Config::from_sources_on_host(None, &HashMap::new(), "my_box").unwrap();
+        assert_eq!(c.mqtt.hostnames, vec!["localhost", "127.0.0.1", "::1"]);
+        let c = Config::from_sources_on_host(None, &HashMap::new(), "localhost").unwrap();
+        assert_eq!(c.mqtt.hostnames, vec!["localhost", "127.0.0.1", "::1"]);
+        // Configured names replace the defaults.
+        let c = Config::from_sources_on_host(
+            None,
+            &env(&[("TMS_MQTT_HOSTNAMES", "gw.example")]),
+            "gateway-7",
+        )
+        .unwrap();
+        assert_eq!(c.mqtt.hostnames, vec!["gw.example"]);
+    }
+
+    /// `deploy/config.example.toml` sets every key to its default, or shows it commented out
+    /// when its default is "unset" or depends on the machine: it loads, means exactly the
+    /// defaults, and names every key there is.
+    #[test]
+    fn the_example_configuration_names_every_key_with_its_default() {
+        let text = include_str!("../../deploy/config.example.toml");
+        let example = Config::from_sources(Some(text), &HashMap::new()).unwrap();
+        let defaults = Config::from_sources(None, &HashMap::new()).unwrap();
+        assert_eq!(example, defaults);
+
+        let mut section = String::new();
+        let mut written = Vec::new();
+        for line in text.lines() {
+            let line = line.trim().trim_start_matches('#').trim();
+            if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                section = name.to_owned();
+            } else if let Some((key, _)) = line.split_once(" = ") {
+                written.push(dotted(&section, key.trim()));
+            }
+        }
+        for key in keys() {
+            assert!(
+                written.contains(&key),
+                "{key} is missing from deploy/config.example.toml"
+            );
+        }
     }
 }

@@ -2,11 +2,11 @@
 //! listeners stop -> sessions report their disconnects -> ingest drains -> store closes.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -50,6 +50,7 @@ pub struct App {
     http: TcpListener,
     metrics: Option<TcpListener>,
     ports: PortsFile,
+    lock: DataDirLock,
 }
 
 /// The JSON views as the configuration's `presence.*` settings have them judge presence.
@@ -59,8 +60,45 @@ pub fn views(config: &Config) -> Views {
     }
 }
 
-/// Opens the store and loads (or creates) the CA: what every command needs.
+/// The configuration points where no gateway has run: the CLI creates nothing there
+/// (a typo in a path must not start a second, empty fleet). Exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "no gateway data at {}; pass --config or TMS_DATA_DIR (`tms-gateway serve` or `tms-gateway init` creates it)",
+    .0.display()
+)]
+pub struct NoGatewayData(pub PathBuf);
+
+/// `path` made absolute against the current directory, for messages: a relative data
+/// directory means a different one in every folder a command is run from.
+pub fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_owned())
+}
+
+/// The database file of a `sqlite:` URL (`None` for other databases and in-memory ones).
+fn sqlite_file(url: &str) -> Option<PathBuf> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split('?').next().unwrap_or(rest);
+    (!path.is_empty() && path != ":memory:").then(|| PathBuf::from(path))
+}
+
+/// Opens the store and loads the CA of a gateway that has run here before: what every
+/// command but `serve` and `init` needs. Creates nothing; [`NoGatewayData`] when there is
+/// no CA or no SQLite database where the configuration points.
 pub async fn open_parts(config: &Config) -> Result<(Store, Arc<Ca>)> {
+    let has_ca = config.data_dir.join("ca").join("ca.pem").is_file();
+    let has_db = sqlite_file(&config.database_url).is_none_or(|f| f.is_file());
+    if !has_ca || !has_db {
+        return Err(NoGatewayData(absolute(&config.data_dir)).into());
+    }
+    create_parts(config).await
+}
+
+/// Opens the store and loads the CA, creating the data directory, the database and the CA
+/// when they do not exist yet (first start).
+pub async fn create_parts(config: &Config) -> Result<(Store, Arc<Ca>)> {
     create_private_dir(&config.data_dir)?;
     let store = Store::open(&config.database_url).await.with_context(|| {
         format!(
@@ -81,6 +119,57 @@ pub async fn open_parts(config: &Config) -> Result<(Store, Arc<Ca>)> {
         tracing::info!(fingerprint = %ca.info().sha256_fingerprint, "created a new CA");
     }
     Ok((store, Arc::new(ca)))
+}
+
+/// The exclusive hold of one `serve` on its data directory, for the life of the process:
+/// a second `serve` there stops before it touches the database, the CA or any session.
+/// The kernel releases it when the process ends, however it ends.
+#[derive(Debug)]
+pub struct DataDirLock {
+    _file: std::fs::File,
+}
+
+/// Takes `<data_dir>/gateway.lock` (flock, exclusive, without waiting) and writes our pid
+/// into it; fails naming the pid of the `serve` that holds it.
+pub fn lock_data_dir(dir: &Path) -> Result<DataDirLock> {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join("gateway.lock");
+    // Not truncated on open: the holder's pid must stay readable to whoever is refused.
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("opening {}", absolute(&path).display()))?;
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => {}
+        Err(e) if e == rustix::io::Errno::WOULDBLOCK => {
+            let mut text = String::new();
+            let holder = match file
+                .read_to_string(&mut text)
+                .map(|_| text.trim().parse::<u32>())
+            {
+                Ok(Ok(pid)) => format!("pid {pid}"),
+                _ => "a process still starting".to_owned(),
+            };
+            bail!(
+                "another tms-gateway serve ({holder}) is running on the data directory {}; \
+                 stop it first, or give this one its own data_dir (--config or TMS_DATA_DIR)",
+                absolute(dir).display()
+            );
+        }
+        Err(e) => {
+            return Err(std::io::Error::from(e))
+                .with_context(|| format!("locking {}", absolute(&path).display()));
+        }
+    }
+    file.set_len(0)
+        .and_then(|()| file.write_all(format!("{}\n", std::process::id()).as_bytes()))
+        .with_context(|| format!("writing {}", absolute(&path).display()))?;
+    Ok(DataDirLock { _file: file })
 }
 
 /// Creates the data directory mode 0700, and tightens one found looser: it holds the
@@ -114,14 +203,21 @@ fn node_id() -> String {
 impl App {
     pub async fn build(config: Config) -> Result<App> {
         tms_api::monitoring::install();
+        crate::process_metrics::install();
         tms_api::monitoring::record_process(env!("CARGO_PKG_VERSION"), env!("TMS_GIT_COMMIT"));
-        let (store, ca) = open_parts(&config).await?;
+        // Before anything else is touched: another `serve` may be running on this data.
+        create_private_dir(&config.data_dir)?;
+        let lock = lock_data_dir(&config.data_dir)?;
+        let (store, ca) = create_parts(&config).await?;
         let now = OffsetDateTime::now_utc();
         let (server, reissued) = ca
             .ensure_server_cert(&config.data_dir.join("server"), &config.mqtt.hostnames, now)
             .context("preparing the broker's server certificate")?;
+        let names = tms_certs::certificate_names(&server.cert_pem).join(", ");
         if reissued {
-            tracing::info!(hostnames = ?config.mqtt.hostnames, "issued the broker's server certificate");
+            tracing::info!(names = %names, "issued the broker's server certificate; devices may connect by any of its names");
+        } else {
+            tracing::info!(names = %names, "server certificate; devices may connect by any of its names");
         }
         let chain =
             tms_certs::parse_certificates(&server.cert_pem).context("reading server.pem")?;
@@ -138,18 +234,6 @@ impl App {
         let mut boot = [0u8; 4];
         rand::fill(&mut boot);
         let boot_id = hex::encode(boot);
-        // Before anyone can connect: sessions an earlier process left "online" are over.
-        let ended = store
-            .end_stale_sessions(&node_id, tms_model::now_ms(), "gateway_restart")
-            .await
-            .context("ending sessions of an earlier run")?;
-        if ended > 0 {
-            tracing::info!(
-                devices = ended,
-                "marked devices of an earlier run offline (gateway_restart)"
-            );
-        }
-
         let (events_tx, events_rx) = mpsc::channel(config.ingest.queue_capacity);
         let broker = Broker::new(
             BrokerSettings {
@@ -172,7 +256,7 @@ impl App {
                 batch_max_rows: config.ingest.batch_max_rows,
                 flush_interval: config.ingest.flush_interval,
                 drain_timeout: config.ingest.drain_timeout,
-                node_id,
+                node_id: node_id.clone(),
             },
         )
         .on_abuse(Box::new(move |serial| {
@@ -201,8 +285,28 @@ impl App {
                 None => None,
             },
         };
+        // Only now, holding the data directory and both listeners, and before the broker
+        // accepts anyone: sessions an earlier run of this node left "online" are over.
+        let ended = store
+            .end_stale_sessions(&node_id, tms_model::now_ms(), "gateway_restart")
+            .await
+            .context("ending sessions of an earlier run")?;
+        if ended > 0 {
+            tracing::info!(
+                devices = ended,
+                "marked devices of an earlier run offline (gateway_restart)"
+            );
+        }
         write_ports(&config.ports_file(), &ports)?;
-        tracing::info!(mqtt = %ports.mqtt, http = %ports.http, metrics = ?ports.metrics, data_dir = %config.data_dir.display(), "listening");
+        let data_dir = absolute(&config.data_dir);
+        match ports.metrics {
+            Some(metrics) => {
+                tracing::info!(mqtt = %ports.mqtt, http = %ports.http, metrics = %metrics, data_dir = %data_dir.display(), "listening")
+            }
+            None => {
+                tracing::info!(mqtt = %ports.mqtt, http = %ports.http, data_dir = %data_dir.display(), "listening")
+            }
+        }
         Ok(App {
             config,
             store,
@@ -214,6 +318,7 @@ impl App {
             http,
             metrics,
             ports,
+            lock,
         })
     }
 
@@ -242,7 +347,10 @@ impl App {
             mqtt,
             http,
             metrics,
+            lock,
         } = self;
+        // Held until every part has stopped and the store is closed.
+        let _lock = lock;
         let stop = shutdown.child_token();
         let drain = CancellationToken::new();
         let listening = Arc::new(AtomicBool::new(true));
@@ -324,6 +432,7 @@ impl App {
             broker.clone(),
             stop.clone(),
         ));
+        let process_metrics_task = tokio::spawn(crate::process_metrics::run(stop.clone()));
         // SQLite checkpoints beside the writers, never inside a commit (see Store::checkpoint).
         let checkpoint_store = store.clone();
         let checkpoint_stop = stop.clone();
@@ -385,6 +494,7 @@ impl App {
         mailer_task.abort();
         server_cert_task.abort();
         checkpoint_task.abort();
+        process_metrics_task.abort();
         drop(broker);
         // Every session has reported its disconnect; now write everything that is queued.
         drain.cancel();

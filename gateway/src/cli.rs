@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use time::OffsetDateTime;
 use tms_certs::DeviceKey;
 use tms_config::Config;
-use tms_gateway::{App, open_parts};
+use tms_gateway::{App, absolute, create_parts, open_parts};
 use tms_model::{ConnState, DeviceSerial, Mac};
 use tms_registry::{auth, provisioning, views};
 use tms_store::{DeviceFilter, NewDevice, NewUser};
@@ -32,6 +32,9 @@ pub struct Args {
 pub enum Command {
     /// Run the broker (8883, mutual TLS), ingest and the HTTP API in one process.
     Serve,
+    /// Create the data directory, database, CA and server certificate, as the first `serve`
+    /// does, and exit (for provisioning before the first start). Other commands create nothing.
+    Init,
     /// Staff accounts.
     User {
         #[command(subcommand)]
@@ -171,8 +174,13 @@ pub fn init_logging(command: &Command, format: tms_config::LogFormat) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // Colour codes only for a person at a terminal: under journald or in a file they are
+    // noise ("blob data"), and NO_COLOR (https://no-color.org) turns them off everywhere.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     match format {
         tms_config::LogFormat::Text => builder.init(),
@@ -183,6 +191,7 @@ pub fn init_logging(command: &Command, format: tms_config::LogFormat) {
 pub async fn run(command: Command, config: Config) -> Result<()> {
     match command {
         Command::Serve => serve(config).await,
+        Command::Init => init(config).await,
         Command::User {
             command:
                 UserCommand::Add {
@@ -272,8 +281,15 @@ pub async fn run(command: Command, config: Config) -> Result<()> {
             );
             println!(
                 "certificate:  {}",
-                config.data_dir.join("ca/ca.pem").display()
+                absolute(&config.data_dir.join("ca/ca.pem")).display()
             );
+            // What devices may use as the broker address (the server certificate's names).
+            if let Ok(pem) = std::fs::read_to_string(config.data_dir.join("server/server.pem")) {
+                println!(
+                    "server names: {}",
+                    tms_gateway::server_cert_names(&pem).join(", ")
+                );
+            }
             Ok(())
         }
     }
@@ -285,6 +301,30 @@ fn colon_hex(hex: &str) -> String {
         .map(|c| String::from_utf8_lossy(c).to_uppercase())
         .collect::<Vec<_>>()
         .join(":")
+}
+
+async fn init(config: Config) -> Result<()> {
+    let existed = config.data_dir.join("ca/ca.pem").is_file();
+    let (store, ca) = create_parts(&config).await?;
+    let (server, _) = ca
+        .ensure_server_cert(
+            &config.data_dir.join("server"),
+            &config.mqtt.hostnames,
+            OffsetDateTime::now_utc(),
+        )
+        .context("preparing the broker's server certificate")?;
+    store.close().await;
+    println!(
+        "{} gateway data at {}",
+        if existed { "found" } else { "created" },
+        absolute(&config.data_dir).display()
+    );
+    println!("CA sha256:    {}", colon_hex(&ca.info().sha256_fingerprint));
+    println!(
+        "server names: {}",
+        tms_gateway::server_cert_names(&server.cert_pem).join(", ")
+    );
+    Ok(())
 }
 
 async fn serve(config: Config) -> Result<()> {

@@ -3,9 +3,14 @@
 //! `App` in-process when they need to reach inside (e.g. to slow the store down).
 
 mod app;
+mod process_metrics;
 mod revocation;
 mod server_cert;
 pub mod simulate;
 
-pub use app::{App, PortsFile, open_parts, views};
+pub use app::{
+    App, DataDirLock, NoGatewayData, PortsFile, absolute, create_parts, lock_data_dir, open_parts,
+    views,
+};
+pub use tms_certs::certificate_names as server_cert_names;
 pub use tms_config::Config;

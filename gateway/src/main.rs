@@ -32,6 +32,12 @@ fn main() -> ExitCode {
         }
     };
     cli::init_logging(&args.command, config.log.format);
+    let env: std::collections::HashMap<String, String> = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().unwrap_or_default())))
+        .collect();
+    for unknown in tms_config::unknown_variables(&env) {
+        tracing::warn!("{unknown}");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -46,7 +52,8 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::from(if e.is::<cli::UsageError>() { 2 } else { 1 })
+            let usage = e.is::<cli::UsageError>() || e.is::<tms_gateway::NoGatewayData>();
+            ExitCode::from(if usage { 2 } else { 1 })
         }
     }
 }

@@ -81,7 +81,17 @@ impl TestGateway {
         Self::start_full(extra, Some(umask.to_owned())).await
     }
 
+    /// Starts `serve` with the default `mqtt.hostnames` (what an operator who sets nothing
+    /// gets), and extra `TMS_*` variables.
+    pub async fn start_with_default_hostnames(extra: &[(&str, &str)]) -> Self {
+        Self::start_env(extra, None, &["TMS_MQTT_HOSTNAMES"]).await
+    }
+
     async fn start_full(extra: &[(&str, &str)], umask: Option<String>) -> Self {
+        Self::start_env(extra, umask, &[]).await
+    }
+
+    async fn start_env(extra: &[(&str, &str)], umask: Option<String>, unset: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut env: Vec<(String, String)> = vec![
             (
@@ -92,6 +102,7 @@ impl TestGateway {
             ("TMS_HTTP_LISTEN".into(), "127.0.0.1:0".into()),
             ("TMS_MQTT_HOSTNAMES".into(), "localhost,127.0.0.1".into()),
         ];
+        env.retain(|(k, _)| !unset.contains(&k.as_str()));
         env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let data = env
             .iter()
