@@ -385,7 +385,7 @@ pages.register = async () => {
   });
 };
 
-pages.devices = () => {
+pages.devices = (me) => {
   const form = $('#filter');
   const params = new URLSearchParams(location.search);
   form.q.value = params.get('q') || '';
@@ -408,6 +408,20 @@ pages.devices = () => {
     $('#empty').hidden = devices.length > 0;
     $('#updated').textContent = `${devices.length} device${devices.length === 1 ? '' : 's'} · updated ${new Date().toLocaleTimeString()}`;
     $('#form-error').textContent = '';
+    if (me && me.role === 'admin') await refreshPeers();
+  };
+  // Attempts that named no device of ours, per peer address: admins only (no customer owns them).
+  const refreshPeers = async () => {
+    const peers = await api('GET', '/api/v1/refusals?limit=50');
+    $('#no-peers').hidden = peers.length > 0;
+    $('#peers').hidden = peers.length === 0;
+    $('#peers tbody').replaceChildren(...peers.map((p) => el('tr', { 'data-peer': p.peer_ip, 'data-reason': p.reason },
+      el('td', {}, el('code', { text: p.peer_ip })),
+      el('td', {}, el('strong', { text: REFUSAL_TEXT[p.reason] || p.reason }), el('br'), el('code', { text: p.reason })),
+      el('td', { class: 'detail', text: p.detail }),
+      el('td', { text: String(p.attempts) }),
+      el('td', {}, timeEl(p.last_at)),
+    )));
   };
   const changed = () => {
     const query = new URLSearchParams();
@@ -472,6 +486,7 @@ const REFUSAL_TEXT = {
   no_client_certificate: 'No client certificate',
   invalid_certificate: 'Certificate unreadable',
   invalid_identity: 'Certificate has no usable serial (CN)',
+  server_name_mismatch: 'Client refused the server certificate (broker name?)',
 };
 
 pages.device = () => {

@@ -21,8 +21,9 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
-use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
 use rustls::{
     CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig,
     SignatureScheme,
@@ -38,6 +39,80 @@ pub(crate) struct HandshakeNote {
     /// issued by our CA and not shown to be used without its key (see the module header).
     pub identity: Option<CertIdentity>,
     pub refusal: Option<(RefusalReason, String)>,
+    /// Set when the server certificate was chosen (it is sent next).
+    pub server_cert: Option<SentCert>,
+}
+
+/// The server certificate a handshake got, and the name the client asked for.
+#[derive(Debug)]
+pub(crate) struct SentCert {
+    /// The client's SNI; clients connecting by IP address send none.
+    pub sni: Option<String>,
+    /// The names the server certificate holds.
+    pub names: Arc<[String]>,
+}
+
+/// Hands out the server certificate and notes the name the client asked for, so a client
+/// that then gives up on the certificate can be told which name it used.
+#[derive(Debug)]
+struct NotingResolver {
+    key: Arc<CertifiedKey>,
+    names: Arc<[String]>,
+}
+
+impl ResolvesServerCert for NotingResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let sent = SentCert {
+            sni: hello.server_name().map(str::to_owned),
+            names: self.names.clone(),
+        };
+        note(|n| n.server_cert = Some(sent));
+        Some(self.key.clone())
+    }
+}
+
+/// A client that ends the handshake with an alert after the server certificate was sent and
+/// before showing its own did not accept the server certificate — almost always because it
+/// connects by a name the certificate does not hold. `None` for any other failure.
+pub(crate) fn server_cert_refused(
+    e: &rustls::Error,
+    identity: Option<&CertIdentity>,
+    sent: Option<&SentCert>,
+) -> Option<(RefusalReason, String)> {
+    let rustls::Error::AlertReceived(alert) = e else {
+        return None;
+    };
+    let sent = sent.filter(|_| identity.is_none())?;
+    let names = sent.names.join(", ");
+    let alert = alert_words(&format!("{alert:?}"));
+    let detail = match &sent.sni {
+        Some(sni) if !sent.names.iter().any(|n| n.eq_ignore_ascii_case(sni)) => format!(
+            "the client connects as \"{sni}\", a name the server certificate does not hold \
+             (it holds {names}); add the name to mqtt.hostnames or set the device's broker to \
+             one of those (the client ended the handshake: {alert})"
+        ),
+        Some(sni) => format!(
+            "the client connects as \"{sni}\" and did not accept the server certificate \
+             (it ended the handshake: {alert}); check that it trusts this gateway's CA (ca.pem)"
+        ),
+        None => format!(
+            "the client sent no server name (it connects by IP address) and did not accept the \
+             server certificate (it ended the handshake: {alert}); the certificate holds {names}"
+        ),
+    };
+    Some((RefusalReason::ServerNameMismatch, detail))
+}
+
+/// `BadCertificate` → "bad certificate": an alert's name as words.
+fn alert_words(name: &str) -> String {
+    let mut out = String::with_capacity(name.len() + 4);
+    for (i, c) in name.chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            out.push(' ');
+        }
+        out.push(c.to_ascii_lowercase());
+    }
+    out
 }
 
 tokio::task_local! {
@@ -235,6 +310,16 @@ pub fn server_config(
     revoked: RevokedSet,
 ) -> Result<Arc<ServerConfig>, BrokerError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let names: Arc<[String]> = chain
+        .first()
+        .map(|c| tms_certs::certificate_names_der(c))
+        .unwrap_or_default()
+        .into();
+    let key = CertifiedKey::from_der(chain, key, &provider).map_err(BrokerError::Tls)?;
+    let resolver = Arc::new(NotingResolver {
+        key: Arc::new(key),
+        names,
+    });
     let mut roots = RootCertStore::empty();
     roots.add(ca.clone()).map_err(BrokerError::Tls)?;
     let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
@@ -249,7 +334,6 @@ pub fn server_config(
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(BrokerError::Tls)?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)
-        .map_err(BrokerError::Tls)?;
+        .with_cert_resolver(resolver);
     Ok(Arc::new(config))
 }

@@ -110,10 +110,15 @@ pub fn certificate_names(pem: &str) -> Vec<String> {
     parse_certificates(pem)
         .ok()
         .and_then(|certs| certs.into_iter().next())
-        .and_then(|der| {
-            let (_, cert) = parse_x509_certificate(&der).ok()?;
-            san_names(&cert)
-        })
+        .map(|der| certificate_names_der(&der))
+        .unwrap_or_default()
+}
+
+/// [`certificate_names`] of one DER certificate.
+pub fn certificate_names_der(der: &[u8]) -> Vec<String> {
+    parse_x509_certificate(der)
+        .ok()
+        .and_then(|(_, cert)| san_names(&cert))
         .unwrap_or_default()
 }
 

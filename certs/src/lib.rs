@@ -12,7 +12,10 @@ mod identity;
 mod keyfile;
 mod pem;
 
-pub use authority::{Ca, CaInfo, DeviceKey, IssuedCert, Revoked, ServerCert, certificate_names};
+pub use authority::{
+    Ca, CaInfo, DeviceKey, IssuedCert, Revoked, ServerCert, certificate_names,
+    certificate_names_der,
+};
 pub use csr::CsrError;
 pub use identity::{CertIdentity, fingerprint_sha256, identity, issued_by};
 pub use pem::{parse_certificates, parse_private_key};

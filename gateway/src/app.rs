@@ -392,12 +392,7 @@ impl App {
             token_ttl: TOKEN_TTL,
             activation_ttl: ACTIVATION_TTL,
             map_tile_url: config.http.map_tile_url.clone(),
-            mqtt_host: config
-                .mqtt
-                .hostnames
-                .first()
-                .cloned()
-                .unwrap_or_else(|| "localhost".to_owned()),
+            mqtt_host: config.mqtt.public_host().to_owned(),
             passwords: tms_registry::auth::PasswordGate::for_this_machine(),
             views: views(&config),
         };

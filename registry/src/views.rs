@@ -5,7 +5,8 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tms_store::{
-    CertificateRecord, DeviceStatus, DeviceView, LocationRecord, Refusal, SessionRecord,
+    CertificateRecord, DeviceStatus, DeviceView, LocationRecord, PeerRefusal, Refusal,
+    SessionRecord,
 };
 
 /// Unix ms as RFC 3339 (UTC), or null.
@@ -140,6 +141,19 @@ pub fn refusal(r: &Refusal) -> Value {
         "reason": r.reason,
         "detail": r.detail,
         "peer_addr": r.peer_addr,
+        "first_at": time(Some(r.first_at)),
+        "last_at": time(Some(r.last_at)),
+        "attempts": r.attempts,
+    })
+}
+
+/// A peer whose attempts named no device of ours (fleet view, admins only).
+pub fn peer_refusal(r: &PeerRefusal) -> Value {
+    json!({
+        "peer_ip": r.peer_ip,
+        "peer_addr": r.peer_addr,
+        "reason": r.reason,
+        "detail": r.detail,
         "first_at": time(Some(r.first_at)),
         "last_at": time(Some(r.last_at)),
         "attempts": r.attempts,
