@@ -264,7 +264,8 @@ fn webpki_words(e: &webpki::Error) -> String {
         W::InvalidSignatureForPublicKey | W::SignatureAlgorithmMismatch => {
             "the certificate's signature does not verify".into()
         }
-        W::UnsupportedSignatureAlgorithm | W::UnsupportedSignatureAlgorithmForPublicKey => {
+        W::UnsupportedSignatureAlgorithmContext(_)
+        | W::UnsupportedSignatureAlgorithmForPublicKeyContext(_) => {
             "the certificate is signed with an algorithm the gateway does not accept".into()
         }
         W::RequiredEkuNotFoundContext(_) | W::EmptyEkuExtension => {
