@@ -645,7 +645,27 @@ pages.certificates = () => {
     e.preventDefault();
     if (form.serial.value.trim()) load(form.serial.value.trim());
   });
-  $('#generate').addEventListener('click', (e) => issue(e.currentTarget));
+  // Replacing a working certificate starts its retirement: ask first.
+  const confirmGenerate = $('#confirm-generate');
+  let pendingCsr;
+  const askOrIssue = (button, body) => {
+    const c = device.certificate;
+    if (!c) {
+      issue(button, body);
+      return;
+    }
+    pendingCsr = { button, body };
+    $('#confirm-generate-serial').textContent = device.serial;
+    $('#confirm-generate-old').textContent = c.serial_number;
+    const days = device.rotation_overlap_days;
+    $('#confirm-generate-days').textContent = days ? `${days} day${days === 1 ? '' : 's'}` : 'a minute (no rotation overlap is configured)';
+    confirmGenerate.showModal();
+  };
+  confirmGenerate.addEventListener('close', () => {
+    if (confirmGenerate.returnValue === 'generate' && pendingCsr) issue(pendingCsr.button, pendingCsr.body);
+    pendingCsr = undefined;
+  });
+  $('#generate').addEventListener('click', (e) => askOrIssue(e.currentTarget));
   $('#sign-csr').addEventListener('click', (e) => {
     const csr = $('#csr');
     csr.removeAttribute('aria-invalid');
@@ -654,7 +674,7 @@ pages.certificates = () => {
       showError('Paste a PEM certificate signing request (-----BEGIN CERTIFICATE REQUEST-----).');
       return;
     }
-    issue(e.currentTarget, { csr_pem: csr.value });
+    askOrIssue(e.currentTarget, { csr_pem: csr.value });
   });
   const dialog = $('#confirm-revoke');
   $('#revoke').addEventListener('click', () => {

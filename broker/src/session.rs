@@ -131,7 +131,7 @@ pub(crate) async fn run(
             "the certificate has no subject CN".to_owned(),
         )),
         Some(Err(e)) => Err((RefusalReason::InvalidIdentity, e.to_string())),
-        Some(Ok(serial)) if connect.client_id != serial.as_str() => Err((
+        Some(Ok(serial)) if !connect.client_id.eq_ignore_ascii_case(serial.as_str()) => Err((
             RefusalReason::ClientIdMismatch,
             format!(
                 "client id {:?} differs from the certificate CN {:?}",

@@ -84,7 +84,7 @@ pub(crate) fn server_cert_refused(
     };
     let sent = sent.filter(|_| identity.is_none())?;
     let names = sent.names.join(", ");
-    let alert = alert_words(&format!("{alert:?}"));
+    let alert = spoken(&format!("{alert:?}"));
     let detail = match &sent.sni {
         Some(sni) if !sent.names.iter().any(|n| n.eq_ignore_ascii_case(sni)) => format!(
             "the client connects as \"{sni}\", a name the server certificate does not hold \
@@ -104,7 +104,7 @@ pub(crate) fn server_cert_refused(
 }
 
 /// `BadCertificate` → "bad certificate": an alert's name as words.
-fn alert_words(name: &str) -> String {
+fn spoken(name: &str) -> String {
     let mut out = String::with_capacity(name.len() + 4);
     for (i, c) in name.chars().enumerate() {
         if c.is_ascii_uppercase() && i > 0 {
@@ -295,10 +295,92 @@ pub(crate) fn classify(e: &rustls::Error, id: Option<&CertIdentity>) -> (Refusal
                 ),
             ),
             C::Revoked => (RefusalReason::Revoked, "the certificate was revoked".into()),
-            other => (RefusalReason::InvalidCertificate, format!("{other:?}")),
+            other => (RefusalReason::InvalidCertificate, certificate_words(other)),
         },
+        rustls::Error::AlertReceived(alert) => (RefusalReason::TlsError, alert_words(*alert)),
         other => (RefusalReason::TlsError, other.to_string()),
     }
+}
+
+/// A certificate failure without a reason of its own, as a sentence (rustls and webpki
+/// print these with `Debug`, which a person cannot act on).
+fn certificate_words(e: &CertificateError) -> String {
+    use CertificateError as C;
+    match e {
+        C::BadEncoding => "the certificate is not valid DER".into(),
+        C::UnhandledCriticalExtension => {
+            "the certificate has a critical extension the gateway does not know".into()
+        }
+        C::InvalidPurpose | C::InvalidPurposeContext { .. } => {
+            "the certificate is not for TLS client authentication".into()
+        }
+        C::NotValidForName | C::NotValidForNameContext { .. } => {
+            "the certificate is not valid for this name".into()
+        }
+        C::Other(other) => match other.0.downcast_ref::<webpki::Error>() {
+            Some(e) => webpki_words(e),
+            None => format!("the certificate was refused: {}", other.0),
+        },
+        _ => "the certificate cannot be verified".into(),
+    }
+}
+
+fn webpki_words(e: &webpki::Error) -> String {
+    use webpki::Error as W;
+    match e {
+        W::CaUsedAsEndEntity => {
+            "the client presented a CA certificate (for example ca.pem) instead of its device \
+             certificate; load <SERIAL>.pem as the device certificate"
+                .into()
+        }
+        W::EndEntityUsedAsCa => "a device certificate was used to issue another one".into(),
+        W::BadDer | W::BadDerTime | W::TrailingData(_) => "the certificate is not valid DER".into(),
+        W::UnsupportedCertVersion => "the certificate is not an X.509 v3 certificate".into(),
+        W::InvalidSignatureForPublicKey | W::SignatureAlgorithmMismatch => {
+            "the certificate's signature does not verify".into()
+        }
+        W::UnsupportedSignatureAlgorithmContext(_)
+        | W::UnsupportedSignatureAlgorithmForPublicKeyContext(_) => {
+            "the certificate is signed with an algorithm the gateway does not accept".into()
+        }
+        W::RequiredEkuNotFoundContext(_) | W::EmptyEkuExtension => {
+            "the certificate is not for TLS client authentication".into()
+        }
+        W::PathLenConstraintViolated
+        | W::MaximumPathDepthExceeded
+        | W::MaximumPathBuildCallsExceeded
+        | W::MaximumSignatureChecksExceeded => {
+            "the certificate chain is too long or not one this gateway issued".into()
+        }
+        W::InvalidCertValidity => "the certificate's validity period is invalid".into(),
+        W::MalformedExtensions | W::ExtensionValueInvalid => {
+            "the certificate has a malformed extension".into()
+        }
+        _ => "the certificate cannot be verified".into(),
+    }
+}
+
+/// The TLS alert a client aborted the handshake with, and what usually causes it.
+fn alert_words(alert: rustls::AlertDescription) -> String {
+    use rustls::AlertDescription as A;
+    let why = match alert {
+        A::UnknownCA => {
+            "it does not trust the gateway's CA: load ca.pem (or the .pem file) on the device"
+        }
+        A::BadCertificate | A::CertificateUnknown | A::InternalError => {
+            "it rejected the gateway's server certificate: often the host name it connects to \
+             is not in mqtt.hostnames, or it trusts another CA"
+        }
+        A::CertificateExpired => {
+            "it finds the gateway's server certificate expired (check its clock)"
+        }
+        A::HandshakeFailure | A::ProtocolVersion | A::InsufficientSecurity => {
+            "it shares no TLS version or cipher suite with the gateway (TLS 1.2 or 1.3 is required)"
+        }
+        A::DecryptError => "the handshake could not be verified",
+        _ => "the handshake failed on the client's side",
+    };
+    format!("the client aborted the TLS handshake: {why}")
 }
 
 /// Builds the listener's TLS configuration: TLS 1.2 and 1.3, client certificate required and
@@ -336,4 +418,40 @@ pub fn server_config(
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(resolver);
     Ok(Arc::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A person reads the detail on the device page: sentences, never `Debug` names.
+    #[test]
+    fn refusal_details_are_sentences() {
+        let ca_as_device = rustls::Error::InvalidCertificate(CertificateError::Other(
+            rustls::OtherError(Arc::new(webpki::Error::CaUsedAsEndEntity)),
+        ));
+        let alert = rustls::Error::AlertReceived(rustls::AlertDescription::InternalError);
+        let bad_der = rustls::Error::InvalidCertificate(CertificateError::BadEncoding);
+        for e in [ca_as_device, alert, bad_der] {
+            let (_, detail) = classify(&e, None);
+            for debug in [
+                "Other(",
+                "OtherError",
+                "CaUsedAsEndEntity",
+                "InternalError",
+                "BadEncoding",
+            ] {
+                assert!(!detail.contains(debug), "{detail}");
+            }
+            assert!(detail.starts_with("the "), "{detail}");
+        }
+        let (reason, detail) = classify(
+            &rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(
+                Arc::new(webpki::Error::CaUsedAsEndEntity),
+            ))),
+            None,
+        );
+        assert_eq!(reason, RefusalReason::InvalidCertificate);
+        assert!(detail.contains("CA certificate"), "{detail}");
+    }
 }

@@ -418,16 +418,27 @@ impl Ca {
     ) -> Result<ServerCert, CertError> {
         create_private_dir(server_dir)?;
         let cert = self.issue_server(hostnames, now)?;
-        write_file(
+        // Both files are written before either replaces the old one: a failure on the way
+        // (disk full) leaves the working pair, never a new key beside the old certificate.
+        let key = stage_file(
             &server_dir.join("server.key"),
             cert.key_pem.as_bytes(),
             0o600,
         )?;
-        write_file(
+        let pem = match stage_file(
             &server_dir.join("server.pem"),
             cert.cert_pem.as_bytes(),
             0o644,
-        )?;
+        ) {
+            Ok(pem) => pem,
+            Err(e) => {
+                let _ = fs::remove_file(&key);
+                return Err(e);
+            }
+        };
+        // The watcher reloads on a new server.pem, so the key goes in place first.
+        move_into_place(&key, &server_dir.join("server.key"))?;
+        move_into_place(&pem, &server_dir.join("server.pem"))?;
         Ok(cert)
     }
 
@@ -574,7 +585,16 @@ fn create_private_dir(dir: &Path) -> Result<(), CertError> {
 /// Writes through a temporary file created with `mode`, then renames: a reader never sees a
 /// half-written key, and a key file is never briefly world-readable.
 fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), CertError> {
-    let tmp: PathBuf = path.with_extension("tmp");
+    let tmp = stage_file(path, contents, mode)?;
+    move_into_place(&tmp, path)
+}
+
+/// Writes `contents` durably beside `path` (`NAME.tmp`, one per file: `server.key` and
+/// `server.pem` are staged together); returns the staging path.
+fn stage_file(path: &Path, contents: &[u8], mode: u32) -> Result<PathBuf, CertError> {
+    let mut name = path.file_name().unwrap_or_default().to_owned();
+    name.push(".tmp");
+    let tmp: PathBuf = path.with_file_name(name);
     let err = |source| CertError::Write {
         path: path.to_owned(),
         source,
@@ -586,9 +606,18 @@ fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), CertError> 
         .mode(mode)
         .open(&tmp)
         .map_err(err)?;
-    file.write_all(contents).map_err(err)?;
-    file.sync_all().map_err(err)?;
-    fs::rename(&tmp, path).map_err(err)
+    if let Err(e) = file.write_all(contents).and_then(|()| file.sync_all()) {
+        let _ = fs::remove_file(&tmp);
+        return Err(err(e));
+    }
+    Ok(tmp)
+}
+
+fn move_into_place(tmp: &Path, path: &Path) -> Result<(), CertError> {
+    fs::rename(tmp, path).map_err(|source| CertError::Write {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 #[cfg(test)]

@@ -57,6 +57,7 @@ pub struct App {
 pub fn views(config: &Config) -> Views {
     Views {
         silent_after_intervals: config.presence.silent_after_intervals,
+        rotation_overlap: config.certs.rotation_overlap,
     }
 }
 
