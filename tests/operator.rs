@@ -240,11 +240,26 @@ async fn the_migration_gives_old_rows_one_spelling_and_stops_on_a_clash() {
     add_old_device(&pool, "RE4A000401", "00:1B:2C:3D:4E:81", 1).await;
     add_old_device(&pool, "re4a000401", "00:1B:2C:3D:4E:82", 1).await;
     pool.close().await;
+    // `serve` opens (and upgrades) the store; other commands refuse a data dir without a CA.
     let out = std::process::Command::new(BIN)
         .env("TMS_DATA_DIR", &data)
-        .args(["device", "list"])
-        .output()
+        .env("TMS_MQTT_LISTEN", "127.0.0.1:0")
+        .env("TMS_HTTP_LISTEN", "127.0.0.1:0")
+        .args(["serve"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    let mut child = out;
+    let started = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > std::time::Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!("serve started on a database whose upgrade must stop");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(

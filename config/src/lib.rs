@@ -444,6 +444,8 @@ const OTHER_VARIABLES: &[&str] = &[
     "TMS_CA_KEY_PASSPHRASE",
     // The PostgreSQL server of the test suite (scripts/test).
     "TMS_TEST_DATABASE_URL",
+    // Set by gateway/build.rs for the build; `cargo test` passes it on to what it runs.
+    "TMS_GIT_COMMIT",
 ];
 
 /// A `TMS_*` environment variable that sets nothing, most likely a misspelling.
