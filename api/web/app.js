@@ -37,6 +37,14 @@ class ApiFailure extends Error {
 
 const token = () => localStorage.getItem(TOKEN_KEY);
 
+/** Names each cell after its column (`data-label`), for tables shown as cards on phones. */
+function labelCells(table) {
+  const names = [...table.querySelectorAll('thead th')].map((th) => th.textContent);
+  for (const tr of table.querySelectorAll('tbody tr')) {
+    [...tr.children].forEach((td, i) => td.setAttribute('data-label', names[i] || ''));
+  }
+}
+
 function toLogin() {
   localStorage.removeItem(TOKEN_KEY);
   location.assign('/login?next=' + encodeURIComponent(location.pathname + location.search));
@@ -405,6 +413,7 @@ pages.devices = (me) => {
       el('td', {}, days(d.certificate_days_left, d.certificate_not_after)),
       el('td', {}, days(d.lease_days_left, d.lease_end)),
     )));
+    labelCells($('#devices'));
     $('#empty').hidden = devices.length > 0;
     $('#updated').textContent = `${devices.length} device${devices.length === 1 ? '' : 's'} · updated ${new Date().toLocaleTimeString()}`;
     $('#form-error').textContent = '';
@@ -422,6 +431,7 @@ pages.devices = (me) => {
       el('td', { text: String(p.attempts) }),
       el('td', {}, timeEl(p.last_at)),
     )));
+    labelCells($('#peers'));
   };
   const changed = () => {
     const query = new URLSearchParams();
@@ -526,9 +536,10 @@ pages.device = () => {
     $('#refusals').hidden = refusals.length === 0;
     $('#refusals tbody').replaceChildren(...refusals.map((r) => el('tr', { 'data-reason': r.reason },
       el('td', {}, el('strong', { text: REFUSAL_TEXT[r.reason] || r.reason }), el('br'), el('code', { text: r.reason })),
-      el('td', { text: r.detail || '' }),
+      el('td', { class: 'detail', text: r.detail || '' }),
       el('td', {}, timeEl(r.last_at), el('br'), el('span', { class: 'muted', text: `${r.attempts} attempt${r.attempts === 1 ? '' : 's'}${r.peer_addr ? ` from ${r.peer_addr}` : ''}` })),
     )));
+    labelCells($('#refusals'));
     facts($('#registration'), [
       ['Device type', d.device_type],
       ['MAC', d.mac],
