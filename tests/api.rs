@@ -1519,3 +1519,67 @@ async fn every_error_answer_is_in_the_json_error_shape() {
         .unwrap();
     check(resp, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed").await;
 }
+
+/// Twenty Generate Certificate requests for one device at once give twenty certificates, each
+/// recorded with its own issue time (rotation orders a device's certificates by it), and ten
+/// lease renewals at once all count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_issues_are_strictly_ordered_and_concurrent_renewals_all_count() {
+    let gw = TestGateway::start().await;
+    let out = gw.device_add(
+        "RE4A000060",
+        "00:1B:2C:3D:4E:90",
+        "Acme",
+        &["--lease-months", "12"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = admin_token(&gw).await;
+    // Each request from a task of its own, all at once.
+    let all_at_once = |n: usize, method: &'static str, path: &str, body: Option<Value>| {
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..n {
+            let (url, token, body) = (gw.url(path), token.clone(), body.clone());
+            set.spawn(async move { Api::new().call(method, url, Some(&token), body).await });
+        }
+        set.join_all()
+    };
+    for (status, body) in
+        all_at_once(20, "POST", "/api/v1/devices/RE4A000060/certificate", None).await
+    {
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+    let store = gw.store().await;
+    let certs = store.certificates_of("RE4A000060").await.unwrap();
+    assert_eq!(certs.len(), 20, "every request recorded its certificate");
+    let serials: std::collections::HashSet<_> = certs.iter().map(|c| &c.serial_number).collect();
+    assert_eq!(serials.len(), 20, "twenty distinct certificates");
+    let mut times: Vec<i64> = certs.iter().map(|c| c.issued_at).collect();
+    times.sort_unstable();
+    times.dedup();
+    assert_eq!(times.len(), 20, "no two share an issue time: {times:?}");
+
+    let before = store.device("RE4A000060").await.unwrap().unwrap().device;
+    let renewals = all_at_once(
+        10,
+        "POST",
+        "/api/v1/devices/RE4A000060/lease",
+        Some(json!({"months": 1})),
+    );
+    for (status, body) in renewals.await {
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let after = store.device("RE4A000060").await.unwrap().unwrap().device;
+    assert_eq!(
+        after.lease_months,
+        before.lease_months + 10,
+        "no renewal lost"
+    );
+    let end = |ms: i64| time::OffsetDateTime::from_unix_timestamp(ms / 1000).unwrap();
+    let (from, to) = (end(before.lease_ends_at), end(after.lease_ends_at));
+    let months = (to.year() - from.year()) * 12 + (to.month() as i32 - from.month() as i32);
+    assert_eq!(months, 10, "the end moved by ten months: {from} -> {to}");
+}

@@ -145,16 +145,11 @@ pub async fn sign_device_certificate(
         tokio::task::spawn_blocking(move || ca.issue_device(&owned_serial, key, now, not_after))
             .await
             .map_err(ProvisioningError::Task)??;
-    // Issue times order a device's certificates (rotation supersedes the older ones), so
-    // they are strictly increasing per device even for two issued in the same millisecond.
+    // The store makes issue times strictly increasing per device when it records them
+    // (`Store::add_certificate`), even for two issued in the same millisecond.
     let now_ms = i64::try_from(now.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX);
     let certificates = store.certificates_of(serial.as_str()).await?;
-    let latest = certificates
-        .iter()
-        .map(|c| c.issued_at)
-        .max()
-        .unwrap_or(i64::MIN);
-    let issued_at = now_ms.max(latest.saturating_add(1));
+    let issued_at = now_ms;
     let earlier = certificates
         .into_iter()
         .filter(|c| c.revoked_at.is_none() && c.not_after > now_ms)

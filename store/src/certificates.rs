@@ -35,7 +35,28 @@ const COLUMNS: &str = "serial_number, device_serial, sha256_fingerprint, not_bef
     issued_at, revoked_at, revocation_reason";
 
 impl Store {
-    pub async fn add_certificate(&self, c: &CertificateRecord) -> Result<()> {
+    /// Records a certificate; returns the issue time recorded (see below).
+    pub async fn add_certificate(&self, c: &CertificateRecord) -> Result<i64> {
+        // Issue times order a device's certificates (rotation supersedes the older ones), so
+        // the time recorded is `c.issued_at` or one past the device's newest, whichever is
+        // later — decided in the same write transaction as the insert, so two issued at once
+        // cannot share a time or pass each other.
+        let mut tx = self.begin_write("starting to record a certificate").await?;
+        if self.backend() == crate::Backend::Postgres {
+            // Serializes issues per device (SQLite's BEGIN IMMEDIATE already serializes all).
+            sqlx::query("SELECT serial FROM devices WHERE serial = $1 FOR UPDATE")
+                .bind(&c.device_serial)
+                .execute(&mut *tx)
+                .await
+                .map_err(query_err("recording a certificate"))?;
+        }
+        let newest: Option<i64> =
+            sqlx::query_scalar("SELECT MAX(issued_at) FROM certificates WHERE device_serial = $1")
+                .bind(&c.device_serial)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(query_err("recording a certificate"))?;
+        let issued_at = newest.map_or(c.issued_at, |n| c.issued_at.max(n.saturating_add(1)));
         sqlx::query(
             "INSERT INTO certificates (serial_number, device_serial, sha256_fingerprint, not_before, \
              not_after, issued_at, revoked_at, revocation_reason) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
@@ -45,13 +66,16 @@ impl Store {
         .bind(&c.sha256_fingerprint)
         .bind(c.not_before)
         .bind(c.not_after)
-        .bind(c.issued_at)
+        .bind(issued_at)
         .bind(c.revoked_at)
         .bind(c.revocation_reason.as_deref())
-        .execute(self.pool())
+        .execute(&mut *tx)
         .await
         .map_err(query_err("recording a certificate"))?;
-        Ok(())
+        tx.commit()
+            .await
+            .map_err(query_err("recording a certificate"))?;
+        Ok(issued_at)
     }
 
     /// Every certificate issued to a device, newest first.

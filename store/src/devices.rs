@@ -4,7 +4,7 @@ use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
 use tms_model::{ConnState, DeviceSerial, Mac};
 
-use crate::{Result, Store, StoreError, query_err, unique_err};
+use crate::{Backend, Result, Store, StoreError, query_err, unique_err};
 
 /// A device to register. The company is found by name or created.
 #[derive(Debug, Clone)]
@@ -413,22 +413,32 @@ impl Store {
         now_ms: i64,
         extend: impl Fn(i64) -> i64,
     ) -> Result<i64> {
-        let current: i64 = sqlx::query("SELECT lease_ends_at FROM devices WHERE serial = $1")
-            .bind(serial)
-            .fetch_optional(self.pool())
-            .await
-            .map_err(query_err("reading a lease"))?
-            .ok_or(StoreError::NotFound { what: "device" })?
-            .try_get("lease_ends_at")
-            .map_err(query_err("reading a lease"))?;
+        // Read and update in one write transaction (the row locked on PostgreSQL): two
+        // renewals at once both count.
+        let mut tx = self.begin_write("starting a lease renewal").await?;
+        let lock = match self.backend() {
+            Backend::Postgres => " FOR UPDATE",
+            Backend::Sqlite => "",
+        };
+        let current: i64 = sqlx::query(&format!(
+            "SELECT lease_ends_at FROM devices WHERE serial = $1{lock}"
+        ))
+        .bind(serial)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(query_err("reading a lease"))?
+        .ok_or(StoreError::NotFound { what: "device" })?
+        .try_get("lease_ends_at")
+        .map_err(query_err("reading a lease"))?;
         let ends = extend(current.max(now_ms));
         sqlx::query("UPDATE devices SET lease_ends_at = $1, lease_months = lease_months + $2, lease_notice_sent_at = NULL WHERE serial = $3")
             .bind(ends)
             .bind(months)
             .bind(serial)
-            .execute(self.pool())
+            .execute(&mut *tx)
             .await
             .map_err(query_err("renewing a lease"))?;
+        tx.commit().await.map_err(query_err("renewing a lease"))?;
         Ok(ends)
     }
 
