@@ -183,6 +183,17 @@ async fn the_default_server_certificate_is_valid_by_ip_and_names_what_it_holds()
             names.contains(&host.as_str()),
             "{host} missing from {names:?}"
         );
+        // The certificate page tells the customer a name other machines can reach.
+        let page = reqwest::get(gw.url("/certificates"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            page.contains(&format!("data-mqtt-host=\"{host}\"")),
+            "the certificate page's broker host is {host}, not localhost"
+        );
     }
     assert!(
         gw.log().contains("localhost, 127.0.0.1, ::1"),
