@@ -6,16 +6,23 @@
 //! presented certificate, and signs revocation lists. Synchronous and free of MQTT and HTTP:
 //! callers run it on a blocking thread and keep the records.
 
+mod at_rest;
 mod authority;
+mod crl;
 mod csr;
 mod identity;
+mod issue;
 mod keyfile;
 mod pem;
+mod server_cert;
 
-pub use authority::{Ca, CaInfo, DeviceKey, IssuedCert, Revoked, ServerCert, certificate_names};
+pub use authority::{Ca, CaInfo};
+pub use crl::Revoked;
 pub use csr::CsrError;
 pub use identity::{CertIdentity, fingerprint_sha256, identity, issued_by};
+pub use issue::{DeviceKey, IssuedCert};
 pub use pem::{parse_certificates, parse_private_key};
+pub use server_cert::{ServerCert, certificate_names};
 
 use std::path::PathBuf;
 
