@@ -107,14 +107,15 @@ impl Ca {
                 },
             )?;
         }
-        let bad_key = || CertError::BadFile {
+        let bad_key = |source: rcgen::Error| CertError::BadFile {
             path: key_path.clone(),
             what: "private key",
+            source: source.into(),
         };
         let key = match crate::keyfile::decrypt(&key_pem, passphrase, &key_path)? {
-            Some(der) => KeyPair::try_from(der.as_slice()).map_err(|_| bad_key())?,
+            Some(der) => KeyPair::try_from(der.as_slice()).map_err(bad_key)?,
             None => {
-                let key = KeyPair::from_pem(&key_pem).map_err(|_| bad_key())?;
+                let key = KeyPair::from_pem(&key_pem).map_err(bad_key)?;
                 if passphrase.is_some() {
                     // A passphrase was set for a CA made without one: encrypt the key now.
                     let encrypted = crate::keyfile::encode(&key.serialize_der(), passphrase)?;
@@ -124,15 +125,18 @@ impl Ca {
             }
         };
         let cert_der = parse_certificates(&cert_pem)
-            .map_err(|_| CertError::BadFile {
+            .map_err(|source| CertError::BadFile {
                 path: cert_path.clone(),
                 what: "certificate",
+                source: source.into(),
             })?
             .remove(0);
-        let issuer = Issuer::from_ca_cert_der(&cert_der, key).map_err(|_| CertError::BadFile {
-            path: cert_path.clone(),
-            what: "CA certificate",
-        })?;
+        let issuer =
+            Issuer::from_ca_cert_der(&cert_der, key).map_err(|source| CertError::BadFile {
+                path: cert_path.clone(),
+                what: "CA certificate",
+                source: source.into(),
+            })?;
         let id = identity(&cert_der)?;
         let (_, parsed) =
             parse_x509_certificate(&cert_der).map_err(|e| CertError::Parse(e.to_string()))?;
@@ -309,5 +313,32 @@ mod tests {
             again.info().sha256_fingerprint
         );
         assert!(ca.info().not_after - now > Duration::days(3649));
+    }
+
+    #[test]
+    fn an_unreadable_key_file_is_reported_with_its_cause() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_dir = dir.path().join("ca");
+        Ca::load_or_create(&ca_dir, OffsetDateTime::now_utc()).unwrap();
+        fs::write(
+            ca_dir.join("ca.key"),
+            "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        let err = Ca::load(&ca_dir).err().unwrap();
+        assert!(
+            matches!(
+                err,
+                CertError::BadFile {
+                    what: "private key",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(
+            std::error::Error::source(&err).is_some(),
+            "the reason the key was refused is kept: {err:?}"
+        );
     }
 }

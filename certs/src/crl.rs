@@ -24,17 +24,24 @@ impl Ca {
         crl_number: u64,
         now: OffsetDateTime,
     ) -> Result<String, CertError> {
+        // A serial that cannot be read fails the list: leaving it out would sign a CRL
+        // on which a revoked certificate looks valid.
         let revoked_certs = revoked
             .iter()
-            .filter_map(|r| {
-                Some(RevokedCertParams {
-                    serial_number: SerialNumber::from_slice(&hex::decode(&r.serial_number).ok()?),
+            .map(|r| {
+                let serial =
+                    hex::decode(&r.serial_number).map_err(|source| CertError::RevokedSerial {
+                        serial: r.serial_number.clone(),
+                        source,
+                    })?;
+                Ok(RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(&serial),
                     revocation_time: r.revoked_at,
                     reason_code: Some(RevocationReason::Unspecified),
                     invalidity_date: None,
                 })
             })
-            .collect();
+            .collect::<Result<_, CertError>>()?;
         let params = CertificateRevocationListParams {
             this_update: now - Duration::minutes(5),
             next_update: now + Duration::days(1),
@@ -100,5 +107,23 @@ mod tests {
             .map(|r| serial_hex(r.raw_serial()))
             .collect();
         assert_eq!(listed, vec![cert.serial_number]);
+    }
+
+    #[test]
+    fn a_serial_that_is_not_hex_fails_the_list_instead_of_being_left_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = OffsetDateTime::now_utc();
+        let (ca, _) = Ca::load_or_create(dir.path(), now).unwrap();
+        let err = ca
+            .crl_pem(
+                &[Revoked {
+                    serial_number: "not-hex".to_owned(),
+                    revoked_at: now,
+                }],
+                1,
+                now,
+            )
+            .unwrap_err();
+        assert!(matches!(err, CertError::RevokedSerial { .. }), "{err}");
     }
 }

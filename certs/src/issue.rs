@@ -119,15 +119,10 @@ impl Ca {
     /// with the CA's key, and hold exactly the public key `spki_der` it was issued for.
     pub(crate) fn check_issued(&self, der: &[u8], spki_der: &[u8]) -> Result<(), CertError> {
         let failed = |what: &'static str| move |source| CertError::IssuedCheck { what, source };
-        let (rest, cert) = parse_x509_certificate(der).map_err(|e| {
-            failed("it does not parse")(match e {
-                nom::Err::Error(e) | nom::Err::Failure(e) => e,
-                nom::Err::Incomplete(_) => X509Error::InvalidCertificate,
-            })
-        })?;
-        let (_, ca) = parse_x509_certificate(&self.cert_der).map_err(|_| {
-            failed("the CA certificate does not parse")(X509Error::InvalidCertificate)
-        })?;
+        let (rest, cert) =
+            parse_x509_certificate(der).map_err(|e| failed("it does not parse")(x509_error(e)))?;
+        let (_, ca) = parse_x509_certificate(&self.cert_der)
+            .map_err(|e| failed("the CA certificate does not parse")(x509_error(e)))?;
         if !rest.is_empty() {
             return Err(failed("trailing data")(X509Error::InvalidCertificate));
         }
@@ -144,6 +139,14 @@ impl Ca {
             ));
         }
         Ok(())
+    }
+}
+
+/// The error inside a parser's result; an input that ended early is an invalid certificate.
+fn x509_error(e: nom::Err<X509Error>) -> X509Error {
+    match e {
+        nom::Err::Error(e) | nom::Err::Failure(e) => e,
+        nom::Err::Incomplete(_) => X509Error::InvalidCertificate,
     }
 }
 
