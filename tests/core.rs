@@ -102,6 +102,125 @@ async fn mosquitto_pub_connects_by_name_and_by_ip_literal() {
     );
 }
 
+/// A device that connects by a name the server certificate does not hold gives up during the
+/// handshake, before it shows its own certificate: the gateway cannot know which device it is,
+/// so the attempt is recorded against the peer, with the name it asked for, for admins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_refuses_the_server_certificate_is_shown_per_peer_with_its_name() {
+    let gw = TestGateway::start().await;
+    let files = gw.provision("RE4A000210", "00:1B:2C:3D:4E:70");
+    // mosquitto_pub by the machine's own name, when that name is loopback and not in the
+    // certificate (TestGateway's holds localhost and 127.0.0.1).
+    let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+    let host = host.trim();
+    let by_name = !host.is_empty()
+        && host != "localhost"
+        && std::net::ToSocketAddrs::to_socket_addrs(&(host, 1))
+            .is_ok_and(|mut a| a.all(|a| a.ip().is_loopback()));
+    if by_name {
+        let out = gw.mosquitto_pub(
+            host,
+            &files,
+            "RE4A000210",
+            "tms/RE4A000210/telemetry",
+            TELEMETRY,
+        );
+        assert!(!out.status.success(), "TLS must fail for -h {host}");
+    }
+    // rustls, asking for a name the certificate does not hold.
+    let tls = client_tls(&files.ca, Some((&files.pem, &files.key)));
+    let tcp = tokio::net::TcpStream::connect(gw.ports.mqtt).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("broker.wrong.example").unwrap();
+    let err = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .expect_err("the client must refuse the server certificate");
+    assert!(err.to_string().contains("not valid for name"), "{err}");
+
+    let token = admin_token(&gw).await;
+    let http = reqwest::Client::new();
+    let peers: serde_json::Value = wait_for(
+        "the refused peer recorded",
+        Duration::from_secs(3),
+        || async {
+            let v: serde_json::Value = http
+                .get(gw.url("/api/v1/refusals"))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            let attempts = if by_name { 2 } else { 1 };
+            v.as_array()?
+                .iter()
+                .any(|p| {
+                    p["reason"] == "server_name_mismatch"
+                        && p["attempts"].as_i64() == Some(attempts)
+                })
+                .then_some(v)
+        },
+    )
+    .await;
+    let p = peers
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["reason"] == "server_name_mismatch")
+        .unwrap();
+    assert_eq!(p["peer_ip"], "127.0.0.1");
+    let detail = p["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("\"broker.wrong.example\"") && detail.contains("mqtt.hostnames"),
+        "names the name asked for and what to change: {detail}"
+    );
+    assert!(
+        !detail.contains("Error"),
+        "words, not Rust debug text: {detail}"
+    );
+    // The device's own record is untouched: nobody proved to be it.
+    let s = status(&gw.store().await, "RE4A000210").await;
+    assert_eq!(s.last_connect_error, None);
+    let metrics = scrape(&gw).await;
+    assert!(
+        metrics
+            .get(r#"tms_broker_connects_refused_total{reason="server_name_mismatch"}"#)
+            .is_some_and(|n| *n >= 1.0),
+        "counted in /metrics"
+    );
+    // Peers belong to no customer: a provider may not list them.
+    gw.cli_stdin(
+        &[
+            "user",
+            "add",
+            "--email",
+            "prov@example.com",
+            "--role",
+            "provider",
+            "--password-stdin",
+        ],
+        "provider-password-1\n",
+    );
+    let login: serde_json::Value = http
+        .post(gw.url("/api/v1/auth/login"))
+        .json(&serde_json::json!({"email": "prov@example.com", "password": "provider-password-1"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let provider = login["token"].as_str().unwrap();
+    let resp = http
+        .get(gw.url("/api/v1/refusals"))
+        .bearer_auth(provider)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_connections_are_recorded_against_the_device_with_their_reason() {
     let gw = TestGateway::start().await;

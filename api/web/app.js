@@ -37,6 +37,14 @@ class ApiFailure extends Error {
 
 const token = () => localStorage.getItem(TOKEN_KEY);
 
+/** Names each cell after its column (`data-label`), for tables shown as cards on phones. */
+function labelCells(table) {
+  const names = [...table.querySelectorAll('thead th')].map((th) => th.textContent);
+  for (const tr of table.querySelectorAll('tbody tr')) {
+    [...tr.children].forEach((td, i) => td.setAttribute('data-label', names[i] || ''));
+  }
+}
+
 function toLogin() {
   localStorage.removeItem(TOKEN_KEY);
   location.assign('/login?next=' + encodeURIComponent(location.pathname + location.search));
@@ -385,7 +393,7 @@ pages.register = async () => {
   });
 };
 
-pages.devices = () => {
+pages.devices = (me) => {
   const form = $('#filter');
   const params = new URLSearchParams(location.search);
   form.q.value = params.get('q') || '';
@@ -405,9 +413,25 @@ pages.devices = () => {
       el('td', {}, days(d.certificate_days_left, d.certificate_not_after)),
       el('td', {}, days(d.lease_days_left, d.lease_end)),
     )));
+    labelCells($('#devices'));
     $('#empty').hidden = devices.length > 0;
     $('#updated').textContent = `${devices.length} device${devices.length === 1 ? '' : 's'} · updated ${new Date().toLocaleTimeString()}`;
     $('#form-error').textContent = '';
+    if (me && me.role === 'admin') await refreshPeers();
+  };
+  // Attempts that named no device of ours, per peer address: admins only (no customer owns them).
+  const refreshPeers = async () => {
+    const peers = await api('GET', '/api/v1/refusals?limit=50');
+    $('#no-peers').hidden = peers.length > 0;
+    $('#peers').hidden = peers.length === 0;
+    $('#peers tbody').replaceChildren(...peers.map((p) => el('tr', { 'data-peer': p.peer_ip, 'data-reason': p.reason },
+      el('td', {}, el('code', { text: p.peer_ip })),
+      el('td', {}, el('strong', { text: REFUSAL_TEXT[p.reason] || p.reason }), el('br'), el('code', { text: p.reason })),
+      el('td', { class: 'detail', text: p.detail }),
+      el('td', { text: String(p.attempts) }),
+      el('td', {}, timeEl(p.last_at)),
+    )));
+    labelCells($('#peers'));
   };
   const changed = () => {
     const query = new URLSearchParams();
@@ -472,6 +496,7 @@ const REFUSAL_TEXT = {
   no_client_certificate: 'No client certificate',
   invalid_certificate: 'Certificate unreadable',
   invalid_identity: 'Certificate has no usable serial (CN)',
+  server_name_mismatch: 'Client refused the server certificate (broker name?)',
 };
 
 pages.device = () => {
@@ -511,9 +536,10 @@ pages.device = () => {
     $('#refusals').hidden = refusals.length === 0;
     $('#refusals tbody').replaceChildren(...refusals.map((r) => el('tr', { 'data-reason': r.reason },
       el('td', {}, el('strong', { text: REFUSAL_TEXT[r.reason] || r.reason }), el('br'), el('code', { text: r.reason })),
-      el('td', { text: r.detail || '' }),
+      el('td', { class: 'detail', text: r.detail || '' }),
       el('td', {}, timeEl(r.last_at), el('br'), el('span', { class: 'muted', text: `${r.attempts} attempt${r.attempts === 1 ? '' : 's'}${r.peer_addr ? ` from ${r.peer_addr}` : ''}` })),
     )));
+    labelCells($('#refusals'));
     facts($('#registration'), [
       ['Device type', d.device_type],
       ['MAC', d.mac],
@@ -630,7 +656,27 @@ pages.certificates = () => {
     e.preventDefault();
     if (form.serial.value.trim()) load(form.serial.value.trim());
   });
-  $('#generate').addEventListener('click', (e) => issue(e.currentTarget));
+  // Replacing a working certificate starts its retirement: ask first.
+  const confirmGenerate = $('#confirm-generate');
+  let pendingCsr;
+  const askOrIssue = (button, body) => {
+    const c = device.certificate;
+    if (!c) {
+      issue(button, body);
+      return;
+    }
+    pendingCsr = { button, body };
+    $('#confirm-generate-serial').textContent = device.serial;
+    $('#confirm-generate-old').textContent = c.serial_number;
+    const days = device.rotation_overlap_days;
+    $('#confirm-generate-days').textContent = days ? `${days} day${days === 1 ? '' : 's'}` : 'a minute (no rotation overlap is configured)';
+    confirmGenerate.showModal();
+  };
+  confirmGenerate.addEventListener('close', () => {
+    if (confirmGenerate.returnValue === 'generate' && pendingCsr) issue(pendingCsr.button, pendingCsr.body);
+    pendingCsr = undefined;
+  });
+  $('#generate').addEventListener('click', (e) => askOrIssue(e.currentTarget));
   $('#sign-csr').addEventListener('click', (e) => {
     const csr = $('#csr');
     csr.removeAttribute('aria-invalid');
@@ -639,7 +685,7 @@ pages.certificates = () => {
       showError('Paste a PEM certificate signing request (-----BEGIN CERTIFICATE REQUEST-----).');
       return;
     }
-    issue(e.currentTarget, { csr_pem: csr.value });
+    askOrIssue(e.currentTarget, { csr_pem: csr.value });
   });
   const dialog = $('#confirm-revoke');
   $('#revoke').addEventListener('click', () => {

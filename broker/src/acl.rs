@@ -1,12 +1,14 @@
 //! Which topics a device may use: publish to `tms/<serial>/{telemetry,location,info,status}`,
 //! subscribe below `tms/<serial>/cmd/`. Everything else is denied.
+//!
+//! The `<serial>` level matches in either case: serials have one (upper-case) spelling, and a
+//! device whose certificate was issued before that still names itself in lower case.
 
 use tms_model::{DeviceSerial, TopicKind};
 
 /// The kind of `topic` if `serial` may publish to it.
 pub fn publish_kind(serial: &DeviceSerial, topic: &[u8]) -> Option<TopicKind> {
-    let rest = topic.strip_prefix(b"tms/")?;
-    let rest = rest.strip_prefix(serial.as_str().as_bytes())?;
+    let rest = strip_serial(topic.strip_prefix(b"tms/")?, serial)?;
     match rest {
         b"/telemetry" => Some(TopicKind::Telemetry),
         b"/location" => Some(TopicKind::Location),
@@ -19,11 +21,22 @@ pub fn publish_kind(serial: &DeviceSerial, topic: &[u8]) -> Option<TopicKind> {
 /// Whether `serial` may subscribe to `filter`: only `tms/<serial>/cmd/#`, `tms/<serial>/cmd`
 /// or filters below it, with wildcards only inside that subtree.
 pub fn may_subscribe(serial: &DeviceSerial, filter: &str) -> bool {
-    let prefix = format!("tms/{}/cmd", serial.as_str());
-    let Some(rest) = filter.strip_prefix(&prefix) else {
+    let Some(rest) = filter
+        .as_bytes()
+        .strip_prefix(b"tms/")
+        .and_then(|rest| strip_serial(rest, serial))
+        .and_then(|rest| rest.strip_prefix(b"/cmd"))
+    else {
         return false;
     };
-    rest.is_empty() || rest.starts_with('/')
+    rest.is_empty() || rest.starts_with(b"/")
+}
+
+/// `topic` without its leading `serial` level, matched in either case.
+fn strip_serial<'t>(topic: &'t [u8], serial: &DeviceSerial) -> Option<&'t [u8]> {
+    let serial = serial.as_str().as_bytes();
+    let (level, rest) = topic.split_at_checked(serial.len())?;
+    level.eq_ignore_ascii_case(serial).then_some(rest)
 }
 
 #[cfg(test)]
@@ -59,6 +72,9 @@ mod tests {
         assert!(may_subscribe(&s, "tms/RE4A1/cmd/#"));
         assert!(may_subscribe(&s, "tms/RE4A1/cmd/reboot"));
         assert!(may_subscribe(&s, "tms/RE4A1/cmd"));
+        // A certificate issued before serials had one spelling names the device in lower case.
+        assert_eq!(publish_kind(&s, b"tms/re4a1/info"), Some(TopicKind::Info));
+        assert!(may_subscribe(&s, "tms/re4a1/cmd/#"));
         for bad in [
             "tms/#",
             "tms/+/cmd/#",

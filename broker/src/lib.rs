@@ -302,6 +302,12 @@ impl Broker {
     ) {
         metrics::counter!("tms_broker_connects_refused_total", "reason" => reason.as_str())
             .increment(1);
+        // A CN that is a serial is filed under the serial's one spelling, where the device's
+        // page looks for it.
+        let common_name = common_name.map(|cn| match tms_model::DeviceSerial::parse(&cn) {
+            Ok(serial) => serial.as_str().to_owned(),
+            Err(_) => cn,
+        });
         tracing::info!(device.serial = common_name.as_deref().unwrap_or("-"), peer.addr = %peer, reason = reason.as_str(), detail = %detail, "connection refused");
         let event = BrokerEvent::Refused {
             common_name,

@@ -24,7 +24,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::codec::{Codec, next_connect, next_packet};
-use crate::tls::{HandshakeNote, NOTE, classify};
+use crate::tls::{self, HandshakeNote, NOTE, classify};
 use crate::{
     Acks, Broker, BrokerEvent, DeviceMessage, DisconnectReason, LinkRequest, RefusalReason,
     SessionControl, TopicKind, acl,
@@ -68,7 +68,12 @@ pub(crate) async fn run(
         Some(Ok(Err(io))) => {
             let (reason, detail) = note.refusal.unwrap_or_else(|| {
                 match io.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
-                    Some(tls) => classify(tls, note.identity.as_ref()),
+                    Some(e) => tls::server_cert_refused(
+                        e,
+                        note.identity.as_ref(),
+                        note.server_cert.as_ref(),
+                    )
+                    .unwrap_or_else(|| classify(e, note.identity.as_ref())),
                     None => (RefusalReason::TlsError, io.to_string()),
                 }
             });
@@ -126,7 +131,7 @@ pub(crate) async fn run(
             "the certificate has no subject CN".to_owned(),
         )),
         Some(Err(e)) => Err((RefusalReason::InvalidIdentity, e.to_string())),
-        Some(Ok(serial)) if connect.client_id != serial.as_str() => Err((
+        Some(Ok(serial)) if !connect.client_id.eq_ignore_ascii_case(serial.as_str()) => Err((
             RefusalReason::ClientIdMismatch,
             format!(
                 "client id {:?} differs from the certificate CN {:?}",

@@ -21,8 +21,9 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
-use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
 use rustls::{
     CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig,
     SignatureScheme,
@@ -38,6 +39,80 @@ pub(crate) struct HandshakeNote {
     /// issued by our CA and not shown to be used without its key (see the module header).
     pub identity: Option<CertIdentity>,
     pub refusal: Option<(RefusalReason, String)>,
+    /// Set when the server certificate was chosen (it is sent next).
+    pub server_cert: Option<SentCert>,
+}
+
+/// The server certificate a handshake got, and the name the client asked for.
+#[derive(Debug)]
+pub(crate) struct SentCert {
+    /// The client's SNI; clients connecting by IP address send none.
+    pub sni: Option<String>,
+    /// The names the server certificate holds.
+    pub names: Arc<[String]>,
+}
+
+/// Hands out the server certificate and notes the name the client asked for, so a client
+/// that then gives up on the certificate can be told which name it used.
+#[derive(Debug)]
+struct NotingResolver {
+    key: Arc<CertifiedKey>,
+    names: Arc<[String]>,
+}
+
+impl ResolvesServerCert for NotingResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let sent = SentCert {
+            sni: hello.server_name().map(str::to_owned),
+            names: self.names.clone(),
+        };
+        note(|n| n.server_cert = Some(sent));
+        Some(self.key.clone())
+    }
+}
+
+/// A client that ends the handshake with an alert after the server certificate was sent and
+/// before showing its own did not accept the server certificate — almost always because it
+/// connects by a name the certificate does not hold. `None` for any other failure.
+pub(crate) fn server_cert_refused(
+    e: &rustls::Error,
+    identity: Option<&CertIdentity>,
+    sent: Option<&SentCert>,
+) -> Option<(RefusalReason, String)> {
+    let rustls::Error::AlertReceived(alert) = e else {
+        return None;
+    };
+    let sent = sent.filter(|_| identity.is_none())?;
+    let names = sent.names.join(", ");
+    let alert = spoken(&format!("{alert:?}"));
+    let detail = match &sent.sni {
+        Some(sni) if !sent.names.iter().any(|n| n.eq_ignore_ascii_case(sni)) => format!(
+            "the client connects as \"{sni}\", a name the server certificate does not hold \
+             (it holds {names}); add the name to mqtt.hostnames or set the device's broker to \
+             one of those (the client ended the handshake: {alert})"
+        ),
+        Some(sni) => format!(
+            "the client connects as \"{sni}\" and did not accept the server certificate \
+             (it ended the handshake: {alert}); check that it trusts this gateway's CA (ca.pem)"
+        ),
+        None => format!(
+            "the client sent no server name (it connects by IP address) and did not accept the \
+             server certificate (it ended the handshake: {alert}); the certificate holds {names}"
+        ),
+    };
+    Some((RefusalReason::ServerNameMismatch, detail))
+}
+
+/// `BadCertificate` → "bad certificate": an alert's name as words.
+fn spoken(name: &str) -> String {
+    let mut out = String::with_capacity(name.len() + 4);
+    for (i, c) in name.chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            out.push(' ');
+        }
+        out.push(c.to_ascii_lowercase());
+    }
+    out
 }
 
 tokio::task_local! {
@@ -220,10 +295,92 @@ pub(crate) fn classify(e: &rustls::Error, id: Option<&CertIdentity>) -> (Refusal
                 ),
             ),
             C::Revoked => (RefusalReason::Revoked, "the certificate was revoked".into()),
-            other => (RefusalReason::InvalidCertificate, format!("{other:?}")),
+            other => (RefusalReason::InvalidCertificate, certificate_words(other)),
         },
+        rustls::Error::AlertReceived(alert) => (RefusalReason::TlsError, alert_words(*alert)),
         other => (RefusalReason::TlsError, other.to_string()),
     }
+}
+
+/// A certificate failure without a reason of its own, as a sentence (rustls and webpki
+/// print these with `Debug`, which a person cannot act on).
+fn certificate_words(e: &CertificateError) -> String {
+    use CertificateError as C;
+    match e {
+        C::BadEncoding => "the certificate is not valid DER".into(),
+        C::UnhandledCriticalExtension => {
+            "the certificate has a critical extension the gateway does not know".into()
+        }
+        C::InvalidPurpose | C::InvalidPurposeContext { .. } => {
+            "the certificate is not for TLS client authentication".into()
+        }
+        C::NotValidForName | C::NotValidForNameContext { .. } => {
+            "the certificate is not valid for this name".into()
+        }
+        C::Other(other) => match other.0.downcast_ref::<webpki::Error>() {
+            Some(e) => webpki_words(e),
+            None => format!("the certificate was refused: {}", other.0),
+        },
+        _ => "the certificate cannot be verified".into(),
+    }
+}
+
+fn webpki_words(e: &webpki::Error) -> String {
+    use webpki::Error as W;
+    match e {
+        W::CaUsedAsEndEntity => {
+            "the client presented a CA certificate (for example ca.pem) instead of its device \
+             certificate; load <SERIAL>.pem as the device certificate"
+                .into()
+        }
+        W::EndEntityUsedAsCa => "a device certificate was used to issue another one".into(),
+        W::BadDer | W::BadDerTime | W::TrailingData(_) => "the certificate is not valid DER".into(),
+        W::UnsupportedCertVersion => "the certificate is not an X.509 v3 certificate".into(),
+        W::InvalidSignatureForPublicKey | W::SignatureAlgorithmMismatch => {
+            "the certificate's signature does not verify".into()
+        }
+        W::UnsupportedSignatureAlgorithmContext(_)
+        | W::UnsupportedSignatureAlgorithmForPublicKeyContext(_) => {
+            "the certificate is signed with an algorithm the gateway does not accept".into()
+        }
+        W::RequiredEkuNotFoundContext(_) | W::EmptyEkuExtension => {
+            "the certificate is not for TLS client authentication".into()
+        }
+        W::PathLenConstraintViolated
+        | W::MaximumPathDepthExceeded
+        | W::MaximumPathBuildCallsExceeded
+        | W::MaximumSignatureChecksExceeded => {
+            "the certificate chain is too long or not one this gateway issued".into()
+        }
+        W::InvalidCertValidity => "the certificate's validity period is invalid".into(),
+        W::MalformedExtensions | W::ExtensionValueInvalid => {
+            "the certificate has a malformed extension".into()
+        }
+        _ => "the certificate cannot be verified".into(),
+    }
+}
+
+/// The TLS alert a client aborted the handshake with, and what usually causes it.
+fn alert_words(alert: rustls::AlertDescription) -> String {
+    use rustls::AlertDescription as A;
+    let why = match alert {
+        A::UnknownCA => {
+            "it does not trust the gateway's CA: load ca.pem (or the .pem file) on the device"
+        }
+        A::BadCertificate | A::CertificateUnknown | A::InternalError => {
+            "it rejected the gateway's server certificate: often the host name it connects to \
+             is not in mqtt.hostnames, or it trusts another CA"
+        }
+        A::CertificateExpired => {
+            "it finds the gateway's server certificate expired (check its clock)"
+        }
+        A::HandshakeFailure | A::ProtocolVersion | A::InsufficientSecurity => {
+            "it shares no TLS version or cipher suite with the gateway (TLS 1.2 or 1.3 is required)"
+        }
+        A::DecryptError => "the handshake could not be verified",
+        _ => "the handshake failed on the client's side",
+    };
+    format!("the client aborted the TLS handshake: {why}")
 }
 
 /// Builds the listener's TLS configuration: TLS 1.2 and 1.3, client certificate required and
@@ -235,6 +392,16 @@ pub fn server_config(
     revoked: RevokedSet,
 ) -> Result<Arc<ServerConfig>, BrokerError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let names: Arc<[String]> = chain
+        .first()
+        .map(|c| tms_certs::certificate_names_der(c))
+        .unwrap_or_default()
+        .into();
+    let key = CertifiedKey::from_der(chain, key, &provider).map_err(BrokerError::Tls)?;
+    let resolver = Arc::new(NotingResolver {
+        key: Arc::new(key),
+        names,
+    });
     let mut roots = RootCertStore::empty();
     roots.add(ca.clone()).map_err(BrokerError::Tls)?;
     let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
@@ -249,7 +416,42 @@ pub fn server_config(
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(BrokerError::Tls)?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)
-        .map_err(BrokerError::Tls)?;
+        .with_cert_resolver(resolver);
     Ok(Arc::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A person reads the detail on the device page: sentences, never `Debug` names.
+    #[test]
+    fn refusal_details_are_sentences() {
+        let ca_as_device = rustls::Error::InvalidCertificate(CertificateError::Other(
+            rustls::OtherError(Arc::new(webpki::Error::CaUsedAsEndEntity)),
+        ));
+        let alert = rustls::Error::AlertReceived(rustls::AlertDescription::InternalError);
+        let bad_der = rustls::Error::InvalidCertificate(CertificateError::BadEncoding);
+        for e in [ca_as_device, alert, bad_der] {
+            let (_, detail) = classify(&e, None);
+            for debug in [
+                "Other(",
+                "OtherError",
+                "CaUsedAsEndEntity",
+                "InternalError",
+                "BadEncoding",
+            ] {
+                assert!(!detail.contains(debug), "{detail}");
+            }
+            assert!(detail.starts_with("the "), "{detail}");
+        }
+        let (reason, detail) = classify(
+            &rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(
+                Arc::new(webpki::Error::CaUsedAsEndEntity),
+            ))),
+            None,
+        );
+        assert_eq!(reason, RefusalReason::InvalidCertificate);
+        assert!(detail.contains("CA certificate"), "{detail}");
+    }
 }

@@ -183,7 +183,16 @@ pub(crate) fn create_private_dir(dir: &Path) -> Result<(), CertError> {
 /// Writes through a temporary file created with `mode`, then renames: a reader never sees a
 /// half-written key, and a key file is never briefly world-readable.
 pub(crate) fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), CertError> {
-    let tmp: PathBuf = path.with_extension("tmp");
+    let tmp = stage_file(path, contents, mode)?;
+    move_into_place(&tmp, path)
+}
+
+/// Writes `contents` durably beside `path` (`NAME.tmp`, one per file: `server.key` and
+/// `server.pem` are staged together); returns the staging path.
+pub(crate) fn stage_file(path: &Path, contents: &[u8], mode: u32) -> Result<PathBuf, CertError> {
+    let mut name = path.file_name().unwrap_or_default().to_owned();
+    name.push(".tmp");
+    let tmp: PathBuf = path.with_file_name(name);
     let err = |source| CertError::Write {
         path: path.to_owned(),
         source,
@@ -195,9 +204,18 @@ pub(crate) fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), 
         .mode(mode)
         .open(&tmp)
         .map_err(err)?;
-    file.write_all(contents).map_err(err)?;
-    file.sync_all().map_err(err)?;
-    fs::rename(&tmp, path).map_err(err)
+    if let Err(e) = file.write_all(contents).and_then(|()| file.sync_all()) {
+        let _ = fs::remove_file(&tmp);
+        return Err(err(e));
+    }
+    Ok(tmp)
+}
+
+pub(crate) fn move_into_place(tmp: &Path, path: &Path) -> Result<(), CertError> {
+    fs::rename(tmp, path).map_err(|source| CertError::Write {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 #[cfg(test)]

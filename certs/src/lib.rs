@@ -22,7 +22,7 @@ pub use csr::CsrError;
 pub use identity::{CertIdentity, fingerprint_sha256, identity, issued_by};
 pub use issue::{DeviceKey, IssuedCert};
 pub use pem::{parse_certificates, parse_private_key};
-pub use server_cert::{ServerCert, certificate_names};
+pub use server_cert::{ServerCert, certificate_names, certificate_names_der};
 
 use std::path::PathBuf;
 

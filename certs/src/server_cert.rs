@@ -13,7 +13,7 @@ use rcgen::{
 use x509_parser::prelude::*;
 
 use crate::CertError;
-use crate::at_rest::{create_private_dir, write_file};
+use crate::at_rest::{create_private_dir, move_into_place, stage_file};
 use crate::authority::{Ca, random_serial};
 use crate::pem::parse_certificates;
 
@@ -58,10 +58,15 @@ pub fn certificate_names(pem: &str) -> Vec<String> {
     parse_certificates(pem)
         .ok()
         .and_then(|certs| certs.into_iter().next())
-        .and_then(|der| {
-            let (_, cert) = parse_x509_certificate(&der).ok()?;
-            san_names(&cert)
-        })
+        .map(|der| certificate_names_der(&der))
+        .unwrap_or_default()
+}
+
+/// [`certificate_names`] of one DER certificate.
+pub fn certificate_names_der(der: &[u8]) -> Vec<String> {
+    parse_x509_certificate(der)
+        .ok()
+        .and_then(|(_, cert)| san_names(&cert))
         .unwrap_or_default()
 }
 
@@ -146,16 +151,27 @@ impl Ca {
     ) -> Result<ServerCert, CertError> {
         create_private_dir(server_dir)?;
         let cert = self.issue_server(hostnames, now)?;
-        write_file(
+        // Both files are written before either replaces the old one: a failure on the way
+        // (disk full) leaves the working pair, never a new key beside the old certificate.
+        let key = stage_file(
             &server_dir.join("server.key"),
             cert.key_pem.as_bytes(),
             0o600,
         )?;
-        write_file(
+        let pem = match stage_file(
             &server_dir.join("server.pem"),
             cert.cert_pem.as_bytes(),
             0o644,
-        )?;
+        ) {
+            Ok(pem) => pem,
+            Err(e) => {
+                let _ = fs::remove_file(&key);
+                return Err(e);
+            }
+        };
+        // The watcher reloads on a new server.pem, so the key goes in place first.
+        move_into_place(&key, &server_dir.join("server.key"))?;
+        move_into_place(&pem, &server_dir.join("server.pem"))?;
         Ok(cert)
     }
 

@@ -89,6 +89,23 @@ pub struct Mqtt {
     pub max_packet_bytes: usize,
 }
 
+impl Mqtt {
+    /// The name to tell devices to connect to: the first of `hostnames` that other machines
+    /// can reach (not `localhost` or a loopback address), else the first.
+    pub fn public_host(&self) -> &str {
+        let loopback = |h: &str| {
+            h.eq_ignore_ascii_case("localhost")
+                || h.parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        };
+        self.hostnames
+            .iter()
+            .find(|h| !loopback(h))
+            .or(self.hostnames.first())
+            .map_or("localhost", String::as_str)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Http {
     pub listen: SocketAddr,
@@ -427,6 +444,8 @@ const OTHER_VARIABLES: &[&str] = &[
     "TMS_CA_KEY_PASSPHRASE",
     // The PostgreSQL server of the test suite (scripts/test).
     "TMS_TEST_DATABASE_URL",
+    // Set by gateway/build.rs for the build; `cargo test` passes it on to what it runs.
+    "TMS_GIT_COMMIT",
 ];
 
 /// A `TMS_*` environment variable that sets nothing, most likely a misspelling.
@@ -976,6 +995,23 @@ mod tests {
         assert_eq!(c.log.format, LogFormat::Text);
         let err = Config::from_sources(None, &env(&[("TMS_LOG_FORMAT", "yaml")])).unwrap_err();
         assert!(err.to_string().contains("TMS_LOG_FORMAT"), "{err}");
+    }
+
+    #[test]
+    fn devices_are_told_a_name_other_machines_can_reach() {
+        let on = |names: &[&str]| Mqtt {
+            hostnames: names.iter().map(|n| (*n).to_owned()).collect(),
+            ..Config::from_sources(None, &HashMap::new()).unwrap().mqtt
+        };
+        assert_eq!(
+            on(&["localhost", "127.0.0.1", "::1", "gw-7"]).public_host(),
+            "gw-7"
+        );
+        assert_eq!(
+            on(&["mqtt.example.com", "localhost"]).public_host(),
+            "mqtt.example.com"
+        );
+        assert_eq!(on(&["localhost", "127.0.0.1"]).public_host(), "localhost");
     }
 
     #[test]

@@ -59,6 +59,7 @@ pub struct App {
 pub fn views(config: &Config) -> Views {
     Views {
         silent_after_intervals: config.presence.silent_after_intervals,
+        rotation_overlap: config.certs.rotation_overlap,
     }
 }
 
@@ -408,12 +409,7 @@ impl App {
             token_ttl: TOKEN_TTL,
             activation_ttl: ACTIVATION_TTL,
             map_tile_url: config.http.map_tile_url.clone(),
-            mqtt_host: config
-                .mqtt
-                .hostnames
-                .first()
-                .cloned()
-                .unwrap_or_else(|| "localhost".to_owned()),
+            mqtt_host: config.mqtt.public_host().to_owned(),
             passwords: tms_registry::auth::PasswordGate::for_this_machine(),
             views: views(&config),
         };

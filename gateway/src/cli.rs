@@ -546,42 +546,9 @@ async fn device(config: Config, command: DeviceCommand) -> Result<()> {
                 None => DeviceKey::Generate,
             };
             let (store, ca) = open_parts(&config).await?;
-            let issued = provisioning::issue_device_certificate(
-                &store,
-                ca.clone(),
-                &serial,
-                key,
-                OffsetDateTime::now_utc(),
-            )
-            .await
-            .with_context(|| format!("issuing a certificate for {serial}"))?;
-            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-            if let Some(key_pem) = &issued.private_key_pem {
-                write_private(&out.join(format!("{serial}.key")), key_pem)?;
-            }
-            let chain = format!("{}{}", issued.certificate_pem, ca.cert_pem());
-            std::fs::write(out.join(format!("{serial}.pem")), chain)
-                .context("writing the certificate")?;
-            std::fs::write(out.join("ca.pem"), ca.cert_pem()).context("writing ca.pem")?;
-            println!("issued certificate {} for {serial}", issued.serial_number);
-            println!(
-                "valid until {}",
-                views::time(Some(issued.not_after.unix_timestamp() * 1000))
-                    .as_str()
-                    .unwrap_or("?")
-            );
-            println!(
-                "files in {}: {}{}.pem, ca.pem",
-                out.display(),
-                if issued.private_key_pem.is_some() {
-                    format!("{serial}.key, ")
-                } else {
-                    String::new()
-                },
-                serial
-            );
+            let result = device_cert(&config, &store, ca, &serial, key, &out).await;
             store.close().await;
-            Ok(())
+            result
         }
         DeviceCommand::Renew { serial, months } => {
             let serial = serial_arg(&serial)?;
@@ -617,18 +584,141 @@ async fn device(config: Config, command: DeviceCommand) -> Result<()> {
     }
 }
 
-/// Writes a private key readable by its owner only.
-fn write_private(path: &Path, contents: &str) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    f.write_all(contents.as_bytes())
-        .with_context(|| format!("writing {}", path.display()))
+/// `device cert`: all or nothing. The files are staged (the folder created, each file opened
+/// beside its final name) before anything is signed, written before the certificate is
+/// recorded, and put in place last; a failure on the way removes what was staged and
+/// records nothing, so the device's working certificate is never superseded by one whose
+/// key was lost.
+async fn device_cert(
+    config: &Config,
+    store: &tms_store::Store,
+    ca: std::sync::Arc<tms_certs::Ca>,
+    serial: &DeviceSerial,
+    key: DeviceKey,
+    out: &Path,
+) -> Result<()> {
+    if store.device(serial.as_str()).await?.is_none() {
+        bail!("device {serial} is not registered");
+    }
+    let with_key = matches!(key, DeviceKey::Generate);
+    let mut files = StagedFiles::default();
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let key_file = if with_key {
+        Some(files.stage(&out.join(format!("{serial}.key")), 0o600)?)
+    } else {
+        None
+    };
+    let pem_file = files.stage(&out.join(format!("{serial}.pem")), 0o644)?;
+    let ca_file = files.stage(&out.join("ca.pem"), 0o644)?;
+    let signed = provisioning::sign_device_certificate(
+        store,
+        ca.clone(),
+        serial,
+        key,
+        OffsetDateTime::now_utc(),
+    )
+    .await
+    .with_context(|| format!("issuing a certificate for {serial}"))?;
+    if let (Some(i), Some(key_pem)) = (key_file, &signed.issued.private_key_pem) {
+        files.write(i, key_pem)?;
+    }
+    files.write(
+        pem_file,
+        &format!("{}{}", signed.issued.certificate_pem, ca.cert_pem()),
+    )?;
+    files.write(ca_file, ca.cert_pem())?;
+    let issued_at = signed.issued_at();
+    let earlier = signed.earlier.clone();
+    let issued = signed
+        .record(store)
+        .await
+        .with_context(|| format!("recording the certificate of {serial}"))?;
+    files.commit()?;
+    println!("issued certificate {} for {serial}", issued.serial_number);
+    println!(
+        "valid until {}",
+        views::time(Some(issued.not_after.unix_timestamp() * 1000))
+            .as_str()
+            .unwrap_or("?")
+    );
+    let retired = provisioning::retired_by(issued_at, config.certs.rotation_overlap);
+    for old in &earlier {
+        println!(
+            "earlier certificate {} stays valid until the device connects with the new one, \
+             at the latest until {}; then it is revoked",
+            old.serial_number,
+            views::time(Some(retired)).as_str().unwrap_or("?")
+        );
+    }
+    println!(
+        "files in {}: {}{serial}.pem, ca.pem",
+        out.display(),
+        if with_key {
+            format!("{serial}.key, ")
+        } else {
+            String::new()
+        },
+    );
+    Ok(())
+}
+
+/// Files written beside their final names (`.NAME.partial`) and renamed into place together
+/// by [`StagedFiles::commit`]; dropped uncommitted, they leave nothing behind.
+#[derive(Default)]
+struct StagedFiles {
+    /// `(staging path, final path, open file)`.
+    files: Vec<(PathBuf, PathBuf, std::fs::File)>,
+}
+
+impl StagedFiles {
+    /// Creates the staging file for `target` (readable by its owner only when `mode` says
+    /// so): proof that the folder takes files, before anything is signed.
+    fn stage(&mut self, target: &Path, mode: u32) -> Result<usize> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let name = target
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let staging = target.with_file_name(format!(".{name}.partial"));
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&staging)
+            .with_context(|| format!("cannot write {}", target.display()))?;
+        self.files.push((staging, target.to_owned(), file));
+        Ok(self.files.len() - 1)
+    }
+
+    fn write(&mut self, index: usize, contents: &str) -> Result<()> {
+        let (_, target, file) = &mut self.files[index];
+        file.write_all(contents.as_bytes())
+            .and_then(|()| file.sync_all())
+            .with_context(|| format!("writing {}", target.display()))
+    }
+
+    /// Puts every file in place.
+    fn commit(mut self) -> Result<()> {
+        for (staging, target, _) in std::mem::take(&mut self.files) {
+            std::fs::rename(&staging, &target).with_context(|| {
+                format!(
+                    "the certificate is recorded, but moving {} to {} failed",
+                    staging.display(),
+                    target.display()
+                )
+            })?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for StagedFiles {
+    fn drop(&mut self) {
+        for (staging, _, _) in &self.files {
+            let _ = std::fs::remove_file(staging);
+        }
+    }
 }
 
 fn print_tree(v: &serde_json::Value, indent: &str) {

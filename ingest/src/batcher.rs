@@ -1,13 +1,15 @@
 //! Turns broker events into one [`WriteBatch`], coalescing what need not be written twice.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use metrics::Counter;
 use tms_model::{Acks, BrokerEvent, DeviceMessage, TopicKind};
 use tms_store::{
-    InfoRow, LocationRow, QuarantineRow, RefusalRow, StatusEvent, TelemetryRow, WriteBatch,
+    InfoRow, LocationRow, PeerRefusal, QuarantineRow, RefusalRow, StatusEvent, TelemetryRow,
+    WriteBatch,
 };
 
 use crate::payload::{parse_info, parse_location, parse_status, parse_telemetry};
@@ -22,9 +24,9 @@ pub struct Batcher {
     seen: HashMap<Arc<str>, (String, i64)>,
     /// Telemetry per device in this batch: (first, last, count), for data freshness.
     fresh: HashMap<String, (i64, i64, i64)>,
-    /// Refusals per (device, reason), written at most once per [`REFUSAL_WINDOW`]: a device
-    /// retrying in a tight loop costs one row update a second, not one per attempt.
-    refusals: HashMap<(String, &'static str), PendingRefusal>,
+    /// Refusals per (device or peer, reason), written at most once per [`REFUSAL_WINDOW`]: a
+    /// device retrying in a tight loop costs one row update a second, not one per attempt.
+    refusals: HashMap<(Refused, &'static str), PendingRefusal>,
     /// Messages whose PUBACK waits for this batch, per session: released after the commit.
     acks: HashMap<Arc<str>, (Arc<Acks>, u64)>,
     /// Malformed payloads kept per device in the current minute, so one device sending
@@ -76,6 +78,14 @@ impl KindCounters {
 
 /// Refusals of one device for one reason are written at most this often.
 pub const REFUSAL_WINDOW: Duration = Duration::from_secs(1);
+
+/// Whose refused attempts: a device's (the certificate was ours and named it), or those of
+/// a peer address that named no device of ours.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Refused {
+    Device(String),
+    Peer(IpAddr),
+}
 
 struct PendingRefusal {
     /// Attempts since the last write; `attempts == 0` means nothing to write.
@@ -163,11 +173,18 @@ impl Batcher {
                 detail,
                 at_ms,
             } => {
-                // Without a name there is no device to attribute it to; the broker counted it.
-                let Some(serial) = common_name else { return };
+                // Without a name of one of our devices, the attempts are the peer's.
+                let who = match common_name {
+                    Some(serial) => Refused::Device(serial),
+                    None => Refused::Peer(peer.ip()),
+                };
+                let serial = match &who {
+                    Refused::Device(serial) => serial.clone(),
+                    Refused::Peer(ip) => ip.to_string(),
+                };
                 let pending = self
                     .refusals
-                    .entry((serial.clone(), reason.as_str()))
+                    .entry((who, reason.as_str()))
                     .or_insert_with(|| PendingRefusal {
                         row: RefusalRow {
                             serial,
@@ -345,12 +362,24 @@ impl Batcher {
                 count,
             });
         }
-        for pending in self.refusals.values_mut() {
+        for ((who, _), pending) in self.refusals.iter_mut() {
             let due = pending
                 .written_at
                 .is_none_or(|w| now.duration_since(w) >= REFUSAL_WINDOW);
             if pending.row.attempts > 0 && (all || due) {
-                self.batch.refusals.push(pending.row.clone());
+                let row = pending.row.clone();
+                match who {
+                    Refused::Device(_) => self.batch.refusals.push(row),
+                    Refused::Peer(_) => self.batch.peer_refusals.push(PeerRefusal {
+                        peer_addr: row.peer_addr.unwrap_or_default(),
+                        peer_ip: row.serial,
+                        reason: row.reason,
+                        detail: row.detail,
+                        first_at: row.first_at,
+                        last_at: row.last_at,
+                        attempts: row.attempts,
+                    }),
+                }
                 pending.row.attempts = 0;
                 pending.written_at = Some(now);
             }
@@ -488,7 +517,7 @@ mod tests {
     }
 
     #[test]
-    fn refusals_without_a_name_are_not_recorded() {
+    fn refusals_without_a_name_are_the_peers_not_a_devices() {
         let mut b = Batcher::new("n1".into());
         for i in 0..1000 {
             b.add(BrokerEvent::Refused {
@@ -499,19 +528,28 @@ mod tests {
                 at_ms: i,
             });
         }
-        b.add(BrokerEvent::Refused {
-            common_name: None,
-            peer: "10.0.0.1:1".parse().unwrap(),
-            reason: RefusalReason::NoClientCertificate,
-            detail: String::new(),
-            at_ms: 5,
-        });
+        for port in [5, 6, 7] {
+            b.add(BrokerEvent::Refused {
+                common_name: None,
+                peer: format!("10.0.0.2:{port}").parse().unwrap(),
+                reason: RefusalReason::ServerNameMismatch,
+                detail: format!("try {port}"),
+                at_ms: i64::from(port),
+            });
+        }
         let batch = b.take(Instant::now(), true);
-        assert_eq!(
-            batch.refusals.len(),
-            1,
-            "named refusals are kept, the unnamed one is not"
-        );
+        assert_eq!(batch.refusals.len(), 1, "only the named device's");
         assert_eq!(batch.refusals[0].attempts, 1000);
+        assert_eq!(
+            batch.peer_refusals.len(),
+            1,
+            "one row per peer IP and reason"
+        );
+        let p = &batch.peer_refusals[0];
+        assert_eq!(
+            (p.peer_ip.as_str(), p.peer_addr.as_str(), p.attempts),
+            ("10.0.0.2", "10.0.0.2:7", 3)
+        );
+        assert_eq!((p.first_at, p.last_at, p.detail.as_str()), (5, 7, "try 7"));
     }
 }

@@ -55,6 +55,9 @@ pub enum RefusalReason {
     TlsError,
     ConnectionLimit,
     Superseded,
+    /// The client gave up on the server certificate (an alert before it sent its own):
+    /// usually it connects by a name the certificate does not hold.
+    ServerNameMismatch,
 }
 
 impl RefusalReason {
@@ -74,6 +77,7 @@ impl RefusalReason {
             Self::TlsError => "tls_error",
             Self::ConnectionLimit => "connection_limit",
             Self::Superseded => "superseded",
+            Self::ServerNameMismatch => "server_name_mismatch",
         }
     }
 }

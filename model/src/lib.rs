@@ -30,6 +30,9 @@ pub enum ParseError {
 ///
 /// Only characters that are safe in a topic level, a file name and an X.509 CN are allowed, so
 /// that `tms/<serial>/…` can never be widened by `+`, `#` or `/` in a serial.
+///
+/// One spelling per device: letters are upper-cased here, so `re4a000123` typed in a form, a
+/// command or a certificate CN is the device `RE4A000123`, never a second one beside it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(transparent)]
 pub struct DeviceSerial(String);
@@ -46,7 +49,7 @@ impl DeviceSerial {
             && value != "."
             && value != "..";
         if ok {
-            Ok(Self(value.to_owned()))
+            Ok(Self(value.to_ascii_uppercase()))
         } else {
             Err(ParseError::Serial {
                 value: value.to_owned(),
@@ -229,6 +232,17 @@ mod tests {
         assert_eq!(
             DeviceSerial::parse("RE4A000123").unwrap().as_str(),
             "RE4A000123"
+        );
+    }
+
+    #[test]
+    fn serial_has_one_spelling() {
+        for s in ["re4a000123", "Re4A000123", "RE4A000123"] {
+            assert_eq!(DeviceSerial::parse(s).unwrap().as_str(), "RE4A000123");
+        }
+        assert_eq!(
+            DeviceSerial::parse("sim-a.b_c").unwrap().to_string(),
+            "SIM-A.B_C"
         );
     }
 

@@ -87,14 +87,47 @@ pub fn lease_not_after(device: &DeviceRecord) -> Result<OffsetDateTime, Provisio
     })
 }
 
-/// Issues a certificate for a registered device and records it (never its private key).
-pub async fn issue_device_certificate(
+/// A certificate signed for a device but not yet recorded. Until [`SignedCertificate::record`]
+/// nothing is known of it: a caller that cannot hand it out (files it cannot write, a
+/// response it cannot build) drops it, and the device's working certificate is untouched.
+#[derive(Debug)]
+pub struct SignedCertificate {
+    pub issued: IssuedCert,
+    /// The device's certificates that are valid now; recording this one starts their
+    /// rotation overlap (CONTRACT §5).
+    pub earlier: Vec<CertificateRecord>,
+    record: CertificateRecord,
+}
+
+impl SignedCertificate {
+    /// When the issue is recorded (Unix ms): the rotation overlap of `earlier` counts from it.
+    pub fn issued_at(&self) -> i64 {
+        self.record.issued_at
+    }
+
+    /// Records the certificate (never its private key): from now on it is the device's newest.
+    pub async fn record(self, store: &Store) -> Result<IssuedCert, ProvisioningError> {
+        store.add_certificate(&self.record).await?;
+        metrics::counter!("tms_certs_issued_total").increment(1);
+        Ok(self.issued)
+    }
+}
+
+/// When an earlier certificate is revoked as superseded at the latest, Unix ms: `overlap`
+/// after the newer one was issued (sooner if the device connects with the newer one).
+pub fn retired_by(newer_issued_at: i64, overlap: std::time::Duration) -> i64 {
+    newer_issued_at.saturating_add(i64::try_from(overlap.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Signs a certificate for a registered device without recording it: see
+/// [`SignedCertificate`].
+pub async fn sign_device_certificate(
     store: &Store,
     ca: Arc<Ca>,
     serial: &DeviceSerial,
     key: DeviceKey,
     now: OffsetDateTime,
-) -> Result<IssuedCert, ProvisioningError> {
+) -> Result<SignedCertificate, ProvisioningError> {
     let device = store
         .device(serial.as_str())
         .await?
@@ -115,28 +148,47 @@ pub async fn issue_device_certificate(
     // Issue times order a device's certificates (rotation supersedes the older ones), so
     // they are strictly increasing per device even for two issued in the same millisecond.
     let now_ms = i64::try_from(now.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX);
-    let latest = store
-        .certificates_of(serial.as_str())
-        .await?
+    let certificates = store.certificates_of(serial.as_str()).await?;
+    let latest = certificates
         .iter()
         .map(|c| c.issued_at)
         .max()
         .unwrap_or(i64::MIN);
     let issued_at = now_ms.max(latest.saturating_add(1));
-    store
-        .add_certificate(&CertificateRecord {
-            serial_number: issued.serial_number.clone(),
-            device_serial: serial.to_string(),
-            sha256_fingerprint: issued.sha256_fingerprint.clone(),
-            not_before: issued.not_before.unix_timestamp() * 1000,
-            not_after: issued.not_after.unix_timestamp() * 1000,
-            issued_at,
-            revoked_at: None,
-            revocation_reason: None,
-        })
-        .await?;
-    metrics::counter!("tms_certs_issued_total").increment(1);
-    Ok(issued)
+    let earlier = certificates
+        .into_iter()
+        .filter(|c| c.revoked_at.is_none() && c.not_after > now_ms)
+        .collect();
+    let record = CertificateRecord {
+        serial_number: issued.serial_number.clone(),
+        device_serial: device.serial,
+        sha256_fingerprint: issued.sha256_fingerprint.clone(),
+        not_before: issued.not_before.unix_timestamp() * 1000,
+        not_after: issued.not_after.unix_timestamp() * 1000,
+        issued_at,
+        revoked_at: None,
+        revocation_reason: None,
+    };
+    Ok(SignedCertificate {
+        issued,
+        earlier,
+        record,
+    })
+}
+
+/// Signs and records a certificate for a registered device, for callers with nothing left
+/// that can fail once it is signed (keys kept in memory).
+pub async fn issue_device_certificate(
+    store: &Store,
+    ca: Arc<Ca>,
+    serial: &DeviceSerial,
+    key: DeviceKey,
+    now: OffsetDateTime,
+) -> Result<IssuedCert, ProvisioningError> {
+    sign_device_certificate(store, ca, serial, key, now)
+        .await?
+        .record(store)
+        .await
 }
 
 #[cfg(test)]

@@ -5,7 +5,8 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tms_store::{
-    CertificateRecord, DeviceStatus, DeviceView, LocationRecord, Refusal, SessionRecord,
+    CertificateRecord, DeviceStatus, DeviceView, LocationRecord, PeerRefusal, Refusal,
+    SessionRecord,
 };
 
 /// Unix ms as RFC 3339 (UTC), or null.
@@ -22,6 +23,9 @@ pub struct Views {
     /// `presence.silent_after_intervals`: an online device is "silent" after this many of its
     /// usual telemetry intervals without telemetry.
     pub silent_after_intervals: f64,
+    /// `certs.rotation_overlap_days`: how long an earlier certificate stays valid at most
+    /// once a newer one is issued (said on the page before Generate replaces one).
+    pub rotation_overlap: std::time::Duration,
 }
 
 impl Views {
@@ -109,6 +113,7 @@ impl Views {
         out["certificate"] = current.map_or(Value::Null, certificate);
         out["certificates"] = certificates.iter().map(certificate).collect();
         out["recent_refusals"] = refusals.iter().map(refusal).collect();
+        out["rotation_overlap_days"] = json!(self.rotation_overlap.as_secs() / 86_400);
         out
     }
 }
@@ -140,6 +145,19 @@ pub fn refusal(r: &Refusal) -> Value {
         "reason": r.reason,
         "detail": r.detail,
         "peer_addr": r.peer_addr,
+        "first_at": time(Some(r.first_at)),
+        "last_at": time(Some(r.last_at)),
+        "attempts": r.attempts,
+    })
+}
+
+/// A peer whose attempts named no device of ours (fleet view, admins only).
+pub fn peer_refusal(r: &PeerRefusal) -> Value {
+    json!({
+        "peer_ip": r.peer_ip,
+        "peer_addr": r.peer_addr,
+        "reason": r.reason,
+        "detail": r.detail,
         "first_at": time(Some(r.first_at)),
         "last_at": time(Some(r.last_at)),
         "attempts": r.attempts,
@@ -221,9 +239,11 @@ mod tests {
         let now = 100_000;
         let strict = Views {
             silent_after_intervals: 3.0,
+            rotation_overlap: std::time::Duration::ZERO,
         };
         let lenient = Views {
             silent_after_intervals: 5.0,
+            rotation_overlap: std::time::Duration::ZERO,
         };
         assert!(strict.is_silent(&status, now));
         assert!(!lenient.is_silent(&status, now));

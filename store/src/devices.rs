@@ -239,15 +239,27 @@ pub(crate) async fn company_id(
     create: bool,
     now_ms: i64,
 ) -> Result<Option<i64>> {
-    if create {
-        sqlx::query("INSERT INTO companies (name, created_at) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING")
-            .bind(name)
-            .bind(now_ms)
-            .execute(&mut *conn)
-            .await
-            .map_err(query_err("creating a company"))?;
+    // One company per name, whatever its case or surrounding spaces: `acme hospital ` is the
+    // existing "Acme Hospital", which keeps the spelling it was first registered with (the
+    // unique index `companies_name_folded` holds the same rule in the schema).
+    let name = name.trim();
+    if let Some(id) = find_company(conn, name).await? {
+        return Ok(Some(id));
     }
-    let row = sqlx::query("SELECT id FROM companies WHERE name = $1")
+    if !create {
+        return Ok(None);
+    }
+    sqlx::query("INSERT INTO companies (name, created_at) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+        .bind(name)
+        .bind(now_ms)
+        .execute(&mut *conn)
+        .await
+        .map_err(query_err("creating a company"))?;
+    find_company(conn, name).await
+}
+
+async fn find_company(conn: &mut AnyConnection, name: &str) -> Result<Option<i64>> {
+    let row = sqlx::query("SELECT id FROM companies WHERE LOWER(name) = LOWER($1)")
         .bind(name)
         .fetch_optional(&mut *conn)
         .await

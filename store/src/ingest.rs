@@ -3,6 +3,7 @@
 
 use sqlx::Connection;
 
+use crate::peers::{self, PeerRefusal};
 use crate::script::Writer;
 use crate::{Backend, Result, Store, query_err};
 
@@ -16,6 +17,8 @@ pub struct WriteBatch {
     /// Applied in order: a device's connect, last-seen and disconnect keep their sequence.
     pub status: Vec<StatusEvent>,
     pub refusals: Vec<RefusalRow>,
+    /// Refused attempts that belong to no device, per peer.
+    pub peer_refusals: Vec<PeerRefusal>,
 }
 
 impl WriteBatch {
@@ -26,6 +29,7 @@ impl WriteBatch {
             && self.infos.is_empty()
             && self.status.is_empty()
             && self.refusals.is_empty()
+            && self.peer_refusals.is_empty()
     }
 
     /// Rows (or row updates) this batch writes.
@@ -36,6 +40,7 @@ impl WriteBatch {
             + self.infos.len()
             + self.status.len()
             + self.refusals.len()
+            + self.peer_refusals.len()
     }
 
     /// Splits the batch into two of about half its rows each, keeping the order of each kind
@@ -59,6 +64,7 @@ impl WriteBatch {
         take(&mut self.locations, &mut first.locations, &mut left);
         take(&mut self.infos, &mut first.infos, &mut left);
         take(&mut self.refusals, &mut first.refusals, &mut left);
+        take(&mut self.peer_refusals, &mut first.peer_refusals, &mut left);
         Split::Halves(first, self)
     }
 
@@ -457,6 +463,19 @@ impl Store {
                 w.execute("recording a refused connection", "INSERT INTO connect_refusals (serial, reason, detail, peer_addr, first_at, last_at, attempts) \
                      SELECT $1, $2, $3, $4, $5, $6, $7 WHERE EXISTS (SELECT 1 FROM devices WHERE serial = $1)", |b| { b.bind(&r.serial).bind(reason).bind(&r.detail).bind(r.peer_addr.as_deref()).bind(r.first_at).bind(r.last_at).bind(r.attempts); }).await?;
             }
+        }
+
+        for p in &batch.peer_refusals {
+            w.execute("recording a refused peer", peers::UPSERT, |b| {
+                b.bind(&p.peer_ip)
+                    .bind(&p.reason)
+                    .bind(&p.detail)
+                    .bind(&p.peer_addr)
+                    .bind(p.first_at)
+                    .bind(p.last_at)
+                    .bind(p.attempts);
+            })
+            .await?;
         }
 
         w.commit("committing an ingest batch").await

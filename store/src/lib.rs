@@ -11,6 +11,7 @@ mod accounts;
 mod certificates;
 mod devices;
 mod ingest;
+mod peers;
 mod script;
 mod users;
 
@@ -25,6 +26,7 @@ pub use devices::{
 pub use ingest::{
     InfoRow, LocationRow, QuarantineRow, RefusalRow, Split, StatusEvent, TelemetryRow, WriteBatch,
 };
+pub use peers::PeerRefusal;
 pub use users::{NewUser, UserRecord};
 
 use std::str::FromStr;

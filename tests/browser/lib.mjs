@@ -43,6 +43,29 @@ export async function accessible(page, name) {
   console.log(`   axe ${name}: ${result.passes.length} rules pass, ${result.violations.length} violations`);
 }
 
+/**
+ * The page fits its viewport: nothing scrolls sideways except inside a .table-wrap, no card or
+ * header runs past the right edge, and no card's content is wider than the card.
+ */
+export async function fits(page, name) {
+  const bad = await page.evaluate(() => {
+    const out = [];
+    const vw = document.documentElement.clientWidth;
+    const width = document.documentElement.scrollWidth;
+    if (width > vw + 1) out.push(`the page is ${width}px wide in a ${vw}px viewport`);
+    for (const el of document.querySelectorAll('header.top, main .card, main .table-wrap, main form')) {
+      if (el.offsetParent === null) continue;
+      const what = `${el.tagName.toLowerCase()}${el.id ? '#' + el.id : ''}${el.className ? '.' + el.className.split(' ').join('.') : ''}`;
+      const right = el.getBoundingClientRect().right;
+      if (right > vw + 1) out.push(`${what} ends at ${Math.round(right)}px`);
+      if (!el.classList.contains('table-wrap') && el.scrollWidth > el.clientWidth + 1) out.push(`content overflows ${what} by ${el.scrollWidth - el.clientWidth}px`);
+    }
+    return out;
+  });
+  for (const b of bad) problems.push(`layout ${name}: ${b}`);
+  console.log(`   layout ${name}: ${bad.length ? bad.length + ' problems' : 'fits'}`);
+}
+
 export async function shot(page, name) {
   await page.screenshot({ path: join(process.env.SCREENSHOTS, `${name}.png`) });
 }

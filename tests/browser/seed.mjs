@@ -2,7 +2,8 @@
 // provider registers a device -> customer activates from the outbox link -> changes the
 // temporary password -> generates the certificate and downloads the files -> a device
 // connects with them (mosquitto_pub) -> it turns online in the open list without a reload
-// -> it appears on the map. Every page gets an axe-core check and a 1280x800 screenshot.
+// -> it appears on the map. Every page gets an axe-core check, a layout check and a 1280x800
+// screenshot; the signed-in pages are checked and shot at 390x844 (a phone) too.
 //
 // Run by tests/web.rs, which starts the gateway and passes: BASE_URL, MQTT_PORT, OUTBOX,
 // PROVIDER_EMAIL, PROVIDER_PASSWORD, SCREENSHOTS, WORK.
@@ -10,7 +11,7 @@ import { readFileSync, readdirSync, existsSync } from 'node:fs';
 import { spawn, spawnSync } from 'node:child_process';
 import { join } from 'node:path';
 import assert from 'node:assert/strict';
-import { accessible, launch, newPage as open, run, shot, step } from './lib.mjs';
+import { accessible, fits, launch, newPage as open, run, shot, step } from './lib.mjs';
 
 const env = process.env;
 const BASE = env.BASE_URL;
@@ -144,6 +145,7 @@ const listing = spawnSync('python3', ['-m', 'zipfile', '-l', files.zip], { encod
 assert.equal(listing.status, 0, `the zip opens: ${listing.stderr}`);
 for (const name of [`${SERIAL}.key`, `${SERIAL}.pem`, 'ca.pem']) assert.ok(listing.stdout.includes(name), listing.stdout);
 await accessible(customer, 'certificate');
+await fits(customer, 'certificate at 1280x800');
 await shot(customer, '06-certificate');
 
 // ---- 4. the device connects; the open list turns it green without a reload -------------------
@@ -163,6 +165,7 @@ await row.locator('[data-state="online"]').waitFor({ timeout: 20000 });
 assert.equal(navigations, 0, 'the list turned green without a reload');
 assert.deepEqual(await customer.locator('#devices tbody tr').evaluateAll((rows) => rows.map((r) => r.dataset.serial)), [SERIAL], 'the list shows only this customer\'s device');
 await accessible(customer, 'devices');
+await fits(customer, 'devices at 1280x800');
 await shot(customer, '07-devices');
 
 // ---- 5. the map, the popup, the device page ---------------------------------------------------
@@ -179,6 +182,7 @@ assert.ok(popup.includes(SERIAL) && popup.includes('1600XP') && popup.includes('
 assert.equal(await customer.locator('#markers circle').count(), 1, 'one marker: the other company\'s located device is not on this map');
 assert.ok(!(await customer.content()).includes(env.FOREIGN), 'nothing of the other company in the page');
 await accessible(customer, 'map');
+await fits(customer, 'map at 1280x800');
 await shot(customer, '08-map');
 
 step('device page: status, refused attempts, telemetry');
@@ -190,7 +194,37 @@ await customer.locator('#chart polyline.load').waitFor();
 assert.match(await customer.textContent('#latest'), /34 %/);
 assert.match(await customer.textContent('#location'), /29\.76040, -95\.36980/);
 await accessible(customer, 'device');
+await fits(customer, 'device at 1280x800');
+assert.ok(
+  await customer.locator('#refusals').evaluate((t) => t.parentElement.scrollWidth <= t.parentElement.clientWidth + 1),
+  'the refused-attempts table fits its card at 1280x800: Detail and Last attempt are on screen',
+);
 await shot(customer, '09-device');
+
+step('the same pages on a phone (390x844)');
+await customer.setViewportSize({ width: 390, height: 844 });
+for (const [path, name, ready] of [
+  ['/devices', 'devices', `tr[data-serial="${SERIAL}"] [data-state]`],
+  [`/devices/${SERIAL}`, 'device', '#status [data-state]'],
+  ['/map', 'map', `#markers circle[data-serial="${SERIAL}"]`],
+  [`/certificates?serial=${SERIAL}`, 'certificate', '#cert-device'],
+  ['/profile', 'profile', '#password-form'],
+]) {
+  await customer.goto(`${BASE}${path}`);
+  await customer.locator(ready).first().waitFor();
+  await fits(customer, `${name} at 390x844`);
+  await accessible(customer, `${name} at 390x844`);
+  await shot(customer, `phone-${name}`);
+}
+const brand = await customer.locator('header .brand').boundingBox();
+const links = await customer.locator('header nav').boundingBox();
+assert.ok(links.y >= brand.y + brand.height - 1, 'on a phone the links go below the title, not beside it');
+await customer.goto(`${BASE}/devices`);
+const status = await customer.locator(`tr[data-serial="${SERIAL}"] [data-state]`).boundingBox();
+assert.ok(status.x + status.width <= 390, `the Status column is on the screen (ends at ${status.x + status.width}px)`);
+const search = await customer.locator('#q').boundingBox();
+assert.ok(search.x + search.width <= 390, 'the search box fits the screen');
+await customer.setViewportSize({ width: 1280, height: 800 });
 
 // ---- 6. revoke with confirmation: the device is cut off --------------------------------------
 step('customer revokes the certificate; the device goes offline');

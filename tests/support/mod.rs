@@ -261,7 +261,23 @@ impl TestGateway {
 
     /// Registers a device and issues its certificate files through the CLI.
     pub fn provision(&self, serial: &str, mac: &str) -> DeviceFiles {
-        self.cli(&[
+        let out = self.device_add(
+            serial,
+            mac,
+            "Acme Hospital",
+            &["--ups-model", "1600XP", "--ups-serial", "160300007"],
+        );
+        assert!(
+            out.status.success(),
+            "device add {serial}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.issue(serial)
+    }
+
+    /// `device add` with these flags, whatever its outcome.
+    pub fn device_add(&self, serial: &str, mac: &str, company: &str, more: &[&str]) -> Output {
+        let mut args = vec![
             "device",
             "add",
             "--serial",
@@ -269,13 +285,10 @@ impl TestGateway {
             "--mac",
             mac,
             "--company",
-            "Acme Hospital",
-            "--ups-model",
-            "1600XP",
-            "--ups-serial",
-            "160300007",
-        ]);
-        self.issue(serial)
+            company,
+        ];
+        args.extend_from_slice(more);
+        self.cli_output(&args)
     }
 
     /// Issues (another) certificate for a registered device into its own folder.
@@ -580,6 +593,18 @@ pub async fn admin_token(gw: &TestGateway) -> String {
         .await
         .unwrap();
     resp["token"].as_str().unwrap().to_owned()
+}
+
+/// `GET path` with a bearer token: the status and the JSON body (`Null` when it has none).
+pub async fn api_get(gw: &TestGateway, token: &str, path: &str) -> (u16, serde_json::Value) {
+    let resp = reqwest::Client::new()
+        .get(gw.url(path))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(serde_json::Value::Null))
 }
 
 /// Resident memory of a process in MiB (`VmRSS` of `/proc/<pid>/status`).

@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 use tms_certs::DeviceKey;
 use tms_model::{ConnState, DeviceSerial, now_ms};
-use tms_registry::provisioning::{ProvisioningError, issue_device_certificate};
+use tms_registry::provisioning::{ProvisioningError, sign_device_certificate};
 use tms_registry::views;
 use tms_store::{DeviceFilter, DeviceView};
 
@@ -241,7 +241,7 @@ pub(super) async fn generate_certificate(
         let CsrBody { csr_pem } = body(&bytes)?;
         DeviceKey::Csr(csr_pem)
     };
-    let issued = match issue_device_certificate(
+    let signed = match sign_device_certificate(
         &s.store,
         s.ca.clone(),
         &serial,
@@ -250,7 +250,7 @@ pub(super) async fn generate_certificate(
     )
     .await
     {
-        Ok(issued) => issued,
+        Ok(signed) => signed,
         Err(ProvisioningError::Cert(
             e @ (tms_certs::CertError::Csr(_) | tms_certs::CertError::CsrSubject { .. }),
         )) => {
@@ -268,11 +268,13 @@ pub(super) async fn generate_certificate(
         Err(ProvisioningError::Store(e)) => return Err(e.into()),
         Err(e) => return Err(ApiError::internal("issuing a certificate", &e)),
     };
-    tracing::info!(device.serial = %serial, cert.serial = %issued.serial_number, by = caller.user.id, "certificate issued");
     let ca_pem = s.ca.cert_pem();
     // The private key exists only in this response: never cache it anywhere.
     let no_store = [(header::CACHE_CONTROL, "no-store")];
-    if wants_zip(&headers) {
+    // The answer is built before the certificate is recorded: if building it fails, the
+    // device's earlier certificate stays its newest and nothing starts its retirement.
+    let issued = &signed.issued;
+    let response = if wants_zip(&headers) {
         let zip = zip_files(
             &serial,
             issued.private_key_pem.as_deref(),
@@ -281,7 +283,7 @@ pub(super) async fn generate_certificate(
         )
         .map_err(|e| ApiError::internal("building the zip", &e))?;
         let disposition = format!("attachment; filename=\"{serial}.zip\"");
-        return Ok((
+        (
             no_store,
             [
                 (header::CONTENT_TYPE, "application/zip".to_owned()),
@@ -289,22 +291,29 @@ pub(super) async fn generate_certificate(
             ],
             zip,
         )
-            .into_response());
-    }
-    Ok((
-        StatusCode::CREATED,
-        no_store,
-        axum::Json(json!({
-            "private_key_pem": issued.private_key_pem,
-            "certificate_pem": issued.certificate_pem,
-            "ca_pem": ca_pem,
-            "serial_number": issued.serial_number,
-            "not_before": views::time(Some(issued.not_before.unix_timestamp() * 1000)),
-            "not_after": views::time(Some(issued.not_after.unix_timestamp() * 1000)),
-            "sha256_fingerprint": issued.sha256_fingerprint,
-        })),
-    )
-        .into_response())
+            .into_response()
+    } else {
+        (
+            StatusCode::CREATED,
+            no_store,
+            axum::Json(json!({
+                "private_key_pem": issued.private_key_pem,
+                "certificate_pem": issued.certificate_pem,
+                "ca_pem": ca_pem,
+                "serial_number": issued.serial_number,
+                "not_before": views::time(Some(issued.not_before.unix_timestamp() * 1000)),
+                "not_after": views::time(Some(issued.not_after.unix_timestamp() * 1000)),
+                "sha256_fingerprint": issued.sha256_fingerprint,
+            })),
+        )
+            .into_response()
+    };
+    let issued = signed.record(&s.store).await.map_err(|e| match e {
+        ProvisioningError::Store(e) => ApiError::from(e),
+        other => ApiError::internal("recording a certificate", &other),
+    })?;
+    tracing::info!(device.serial = %serial, cert.serial = %issued.serial_number, by = caller.user.id, "certificate issued");
+    Ok(response)
 }
 
 fn zip_files(

@@ -6,6 +6,7 @@ mod devices;
 mod error;
 mod input;
 mod openapi;
+mod peers;
 mod public;
 mod registration;
 
@@ -44,7 +45,7 @@ pub struct ApiState {
     pub activation_ttl: Duration,
     /// Base-map tile URL for the web map; `None`: the built-in country outlines.
     pub map_tile_url: Option<String>,
-    /// The MQTT host name devices are told to connect to (the first of `mqtt.hostnames`).
+    /// The MQTT host name devices are told to connect to (`Mqtt::public_host`).
     pub mqtt_host: String,
     /// Bounds the argon2 work of logins, password changes and registrations.
     pub passwords: tms_registry::auth::PasswordGate,
@@ -190,6 +191,14 @@ fn routes() -> Vec<Route> {
             "Devices the caller may see, with status (?q=, ?state=)",
             None,
             devices::list,
+        ),
+        route(
+            "GET",
+            "/api/v1/refusals",
+            LoggedIn,
+            "Admins: refused connection attempts that named no device, per peer (?limit=1..1000)",
+            None,
+            peers::list,
         ),
         route(
             "GET",
