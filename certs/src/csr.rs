@@ -23,7 +23,7 @@ const RSA_MAX_BITS: usize = 8192;
 #[derive(Debug, thiserror::Error)]
 pub enum CsrError {
     #[error("csr_pem holds no PEM \"CERTIFICATE REQUEST\" block")]
-    Pem,
+    Pem(#[source] rustls_pki_types::pem::Error),
     #[error("the CSR is not a valid PKCS#10 request")]
     Parse(#[source] X509Error),
     #[error(
@@ -117,7 +117,7 @@ pub(crate) struct CheckedCsr {
 /// signature (proof that the requester holds the private key).
 pub(crate) fn check(pem: &str) -> Result<CheckedCsr, CsrError> {
     let der =
-        CertificateSigningRequestDer::from_pem_slice(pem.as_bytes()).map_err(|_| CsrError::Pem)?;
+        CertificateSigningRequestDer::from_pem_slice(pem.as_bytes()).map_err(CsrError::Pem)?;
     let (rest, csr) = X509CertificationRequest::from_der(der.as_ref()).map_err(nom_error)?;
     if !rest.is_empty() {
         return Err(CsrError::Parse(X509Error::InvalidCertificate));

@@ -20,21 +20,40 @@ pub(crate) fn encode(pkcs8_der: &[u8], passphrase: Option<&str>) -> Result<Strin
     };
     let salt: [u8; 16] = crate::authority::random_bytes();
     let iv: [u8; 16] = crate::authority::random_bytes();
-    let cost = scrypt::Params::new(14, 8, 1, 32).map_err(|_| CertError::KeyEncryption)?;
+    // Neither error type implements `std::error::Error` (their crates' `std` features are
+    // off), so their message is what is kept of the cause.
+    let cost = scrypt::Params::new(14, 8, 1, 32).map_err(|e| encryption(Display(e)))?;
     let params = pbes2::Parameters::scrypt_aes256cbc(cost, &salt, &iv)
-        .map_err(|_| CertError::KeyEncryption)?;
-    let info = PrivateKeyInfo::try_from(pkcs8_der).map_err(|_| CertError::KeyEncryption)?;
+        .map_err(|e| encryption(Display(e)))?;
+    let info = PrivateKeyInfo::try_from(pkcs8_der).map_err(encryption)?;
     let encrypted = info
         .encrypt_with_params(params, passphrase)
-        .map_err(|_| CertError::KeyEncryption)?;
+        .map_err(encryption)?;
     pem(ENCRYPTED_LABEL, encrypted.as_bytes())
 }
 
+/// The cause of a failure whose type only implements `Display`, as an error.
+#[derive(Debug)]
+struct Display<E>(E);
+
+impl<E: std::fmt::Display> std::fmt::Display for Display<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl<E: std::fmt::Display + std::fmt::Debug> std::error::Error for Display<E> {}
+
+/// A step of encrypting the key failed: the cause is kept, for the log.
+fn encryption(source: impl std::error::Error + Send + Sync + 'static) -> CertError {
+    CertError::KeyEncryption(Box::new(source))
+}
+
 fn pem(label: &'static str, der: &[u8]) -> Result<String, CertError> {
-    let doc = SecretDocument::try_from(der).map_err(|_| CertError::KeyEncryption)?;
+    let doc = SecretDocument::try_from(der).map_err(encryption)?;
     doc.to_pem(label, LineEnding::LF)
         .map(|p| p.to_string())
-        .map_err(|_| CertError::KeyEncryption)
+        .map_err(encryption)
 }
 
 /// The PKCS#8 DER of the key in `pem` if it is encrypted (`Some`), decrypted with
@@ -52,19 +71,24 @@ pub(crate) fn decrypt(
             path: path.to_owned(),
         });
     };
-    let bad = || CertError::BadFile {
+    let bad = |source: Box<dyn std::error::Error + Send + Sync>| CertError::BadFile {
         path: path.to_owned(),
         what: "encrypted private key",
+        source,
     };
-    let (label, doc) = SecretDocument::from_pem(pem).map_err(|_| bad())?;
+    let (label, doc) = SecretDocument::from_pem(pem).map_err(|e| bad(e.into()))?;
     if label != ENCRYPTED_LABEL {
-        return Err(bad());
+        return Err(bad(format!(
+            "its PEM block is {label:?}, not {ENCRYPTED_LABEL:?}"
+        )
+        .into()));
     }
-    let info = EncryptedPrivateKeyInfo::try_from(doc.as_bytes()).map_err(|_| bad())?;
+    let info = EncryptedPrivateKeyInfo::try_from(doc.as_bytes()).map_err(|e| bad(e.into()))?;
     let plain = info
         .decrypt(passphrase)
-        .map_err(|_| CertError::KeyPassphrase {
+        .map_err(|source| CertError::KeyPassphrase {
             path: path.to_owned(),
+            source,
         })?;
     Ok(Some(plain.as_bytes().to_vec()))
 }

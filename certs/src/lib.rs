@@ -6,19 +6,23 @@
 //! presented certificate, and signs revocation lists. Synchronous and free of MQTT and HTTP:
 //! callers run it on a blocking thread and keep the records.
 
+mod at_rest;
 mod authority;
+mod crl;
 mod csr;
 mod identity;
+mod issue;
 mod keyfile;
 mod pem;
+mod server_cert;
 
-pub use authority::{
-    Ca, CaInfo, DeviceKey, IssuedCert, Revoked, ServerCert, certificate_names,
-    certificate_names_der,
-};
+pub use authority::{Ca, CaInfo};
+pub use crl::Revoked;
 pub use csr::CsrError;
 pub use identity::{CertIdentity, fingerprint_sha256, identity, issued_by};
+pub use issue::{DeviceKey, IssuedCert};
 pub use pem::{parse_certificates, parse_private_key};
+pub use server_cert::{ServerCert, certificate_names, certificate_names_der};
 
 use std::path::PathBuf;
 
@@ -38,7 +42,12 @@ pub enum CertError {
         source: std::io::Error,
     },
     #[error("{path} holds no usable {what}")]
-    BadFile { path: PathBuf, what: &'static str },
+    BadFile {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
     #[error("creating the {what}")]
     Generate {
         what: &'static str,
@@ -54,12 +63,29 @@ pub enum CertError {
     Parse(String),
     #[error("PEM input holds no {0}")]
     Pem(&'static str),
+    #[error("PEM input holds no readable {what}")]
+    PemDecode {
+        what: &'static str,
+        #[source]
+        source: rustls_pki_types::pem::Error,
+    },
     #[error("{path} is encrypted: set TMS_CA_KEY_PASSPHRASE")]
     KeyLocked { path: PathBuf },
     #[error("{path} could not be decrypted with TMS_CA_KEY_PASSPHRASE (wrong passphrase?)")]
-    KeyPassphrase { path: PathBuf },
+    KeyPassphrase {
+        path: PathBuf,
+        #[source]
+        source: pkcs8::Error,
+    },
     #[error("encrypting the CA key")]
-    KeyEncryption,
+    KeyEncryption(#[source] Box<dyn std::error::Error + Send + Sync + 'static>),
+    /// A revoked serial number as recorded is not hex; the list is not signed without it.
+    #[error("the revoked serial number {serial:?} is not hexadecimal")]
+    RevokedSerial {
+        serial: String,
+        #[source]
+        source: hex::FromHexError,
+    },
     /// A certificate just signed failed to read back as issued by this CA for the requested
     /// key; it was neither recorded nor handed out.
     #[error("the certificate just issued failed its check: {what}")]

@@ -1,12 +1,13 @@
 //! Builds the parts from the configuration, runs them, and stops them in order:
 //! listeners stop -> sessions report their disconnects -> ingest drains -> store closes.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -19,10 +20,11 @@ use tms_registry::views::Views;
 use tms_store::Store;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc};
-use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::revocation;
+use crate::supervisor::Parts;
 
 /// Login tokens live this long; activation links this long.
 const TOKEN_TTL: std::time::Duration = std::time::Duration::from_secs(12 * 3600);
@@ -356,8 +358,21 @@ impl App {
         let drain = CancellationToken::new();
         let listening = Arc::new(AtomicBool::new(true));
 
-        let mut broker_task = tokio::spawn(broker.clone().run(mqtt, stop.clone()));
-        let mut ingest_task = tokio::spawn(ingest.run(drain.clone()));
+        // Two sets, stopped in this order: everything that faces the outside and the
+        // background duties, told by `stop`; then ingest, told by `drain` once every
+        // session has reported its disconnect.
+        let mut parts = Parts::new();
+        let mut writer = Parts::new();
+        let broker_stop = stop.clone();
+        let broker_run = broker.clone();
+        parts.spawn("broker", async move {
+            Ok(broker_run.run(mqtt, broker_stop).await?)
+        });
+        let ingest_drain = drain.clone();
+        writer.spawn("ingest", async move {
+            ingest.run(ingest_drain).await;
+            Ok(())
+        });
         let mail_queued = Arc::new(Notify::new());
         let revocations_changed = Arc::new(Notify::new());
         let public_url = config
@@ -378,7 +393,8 @@ impl App {
             from: config.mail.from.clone(),
             public_url: public_url.clone(),
         });
-        let mut mailer_task = tokio::spawn(mailer.run(stop.clone()));
+        let mailer_stop = stop.clone();
+        parts.spawn("mailer", async move { Ok(mailer.run(mailer_stop).await?) });
         let ca_for_certs = ca.clone();
         let state = tms_api::ApiState {
             store: store.clone(),
@@ -398,52 +414,58 @@ impl App {
             views: views(&config),
         };
         let api = tms_api::router(state.clone(), metrics.is_none());
-        let http_stop = stop.clone();
-        let metrics_stop = stop.clone();
         let limits = tms_api::server::Limits {
             max_connections: config.http.max_connections,
             header_timeout: config.http.header_timeout,
             request_timeout: config.http.request_timeout,
         };
-        let mut http_task: JoinHandle<()> = tokio::spawn(async move {
-            let main = tms_api::server::serve(http, api, limits, http_stop);
-            match metrics {
-                None => main.await,
-                Some(listener) => {
-                    let metrics = tms_api::server::serve(
-                        listener,
-                        tms_api::metrics_router(state),
-                        limits,
-                        metrics_stop,
-                    );
-                    tokio::join!(main, metrics);
-                }
-            }
+        let http_stop = stop.clone();
+        parts.spawn("http", async move {
+            tms_api::server::serve(http, api, limits, http_stop).await;
+            Ok(())
         });
-        let server_cert_task = tokio::spawn(crate::server_cert::watch(
+        if let Some(listener) = metrics {
+            let metrics_stop = stop.clone();
+            let router = tms_api::metrics_router(state);
+            parts.spawn("metrics", async move {
+                tms_api::server::serve(listener, router, limits, metrics_stop).await;
+                Ok(())
+            });
+        }
+        let server_cert = crate::server_cert::watch(
             ca_for_certs,
             config.data_dir.join("server"),
             config.mqtt.hostnames.clone(),
             revoked.clone(),
             broker.clone(),
             stop.clone(),
-        ));
-        let process_metrics_task = tokio::spawn(crate::process_metrics::run(stop.clone()));
+        );
+        parts.spawn("server certificate", async move {
+            server_cert.await;
+            Ok(())
+        });
+        let process_metrics = crate::process_metrics::run(stop.clone());
+        parts.spawn("process metrics", async move {
+            process_metrics.await;
+            Ok(())
+        });
         // SQLite checkpoints beside the writers, never inside a commit (see Store::checkpoint).
         let checkpoint_store = store.clone();
         let checkpoint_stop = stop.clone();
-        let checkpoint_task = tokio::spawn(async move {
+        parts.spawn("checkpoint", async move {
             let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
             while tokio::select! {
                 _ = checkpoint_stop.cancelled() => false,
                 _ = tick.tick() => true,
             } {
-                if let Err(e) = checkpoint_store.checkpoint().await {
+                let checkpoint = until_stopped(&checkpoint_stop, checkpoint_store.checkpoint());
+                if let Some(Err(e)) = checkpoint.await {
                     tracing::debug!(error = %e, "checkpoint failed; retried in a second");
                 }
             }
+            Ok(())
         });
-        let mut revocation_task = tokio::spawn(revocation::watch(
+        let revocation = revocation::watch(
             store.clone(),
             revoked,
             broker.clone(),
@@ -451,74 +473,67 @@ impl App {
             config.certs.rotation_overlap,
             config.presence.history_retention,
             stop.clone(),
-        ));
+        );
+        let revocation_stop = stop.clone();
+        parts.spawn("revocation", async move {
+            // Its reads and single-statement updates may be dropped half-way: a store that
+            // has stopped answering must not hold up the drain, where ingest needs the time.
+            until_stopped(&revocation_stop, revocation).await;
+            Ok(())
+        });
 
-        // The first part to end (other than by shutdown) stops the others and is reported.
-        // `biased`: on shutdown the parts end too, and a part that ended because it was told
-        // to must not be reported as a failure — the shutdown branch is checked first.
-        let mut failure: Option<anyhow::Error> = None;
-        let mut broker_done = None;
-        let mut http_done = None;
+        // Serve until told to stop or until the first part ends. `biased`: on shutdown the
+        // parts end too, and the shutdown branch must be seen first; a part that returns
+        // after `stop` is cancelled has done as told (see `report_exit`).
+        let stopping = || stop.is_cancelled();
+        let mut failures = Vec::new();
         tokio::select! {
             biased;
             _ = stop.cancelled() => {}
-            r = &mut broker_task => {
-                failure = Some(part_failed("broker", r.map(|r| r.map_err(anyhow::Error::from))));
-                broker_done = Some(());
-            }
-            r = &mut http_task => {
-                failure = Some(part_failed("http", r.map(|()| Ok(()))));
-                http_done = Some(());
-            }
-            r = &mut ingest_task => failure = Some(part_failed("ingest", r.map(|()| Ok(())))),
-            r = &mut revocation_task => failure = Some(part_failed("revocation", r.map(|()| Ok(())))),
-            r = &mut mailer_task => failure = Some(part_failed("mailer", r.map(|()| Ok(())))),
+            Some(exit) = parts.next(stopping) => failures.extend(exit.failure),
+            Some(exit) = writer.next(stopping) => failures.extend(exit.failure),
         }
         stop.cancel();
         listening.store(false, Ordering::Relaxed);
-        if broker_done.is_none()
-            && let Ok(Err(e)) = broker_task.await
-        {
-            tracing::error!(error = %e, "broker stopped with an error");
-        }
-        if http_done.is_none()
-            && let Err(e) = http_task.await
-        {
-            tracing::error!(error = %e, "http task panicked");
-        }
-        revocation_task.abort();
-        mailer_task.abort();
-        server_cert_task.abort();
-        checkpoint_task.abort();
-        process_metrics_task.abort();
+        // One deadline for the whole drain: a part that talks to a store that no longer
+        // answers must not hold the process past it.
+        let deadline = Instant::now() + config.ingest.drain_timeout + DRAIN_GRACE;
+        // Listeners close, sessions report their disconnects, the mailer finishes its send.
+        let stopped = parts.wait_all(deadline, || true).await;
+        failures.extend(stopped.into_iter().filter_map(|exit| exit.failure));
         drop(broker);
-        // Every session has reported its disconnect; now write everything that is queued.
+        // Now write everything that is queued. Ingest gives up by itself at its drain
+        // deadline while the store fails; the grace is for a store that does not answer.
         drain.cancel();
-        if !ingest_task.is_finished() || failure.is_none() {
-            let _ = ingest_task.await;
+        let drained = writer.wait_all(deadline, || true).await;
+        failures.extend(drained.into_iter().filter_map(|exit| exit.failure));
+        if tokio::time::timeout(STORE_CLOSE, store.close())
+            .await
+            .is_err()
+        {
+            tracing::error!("the store did not close within {STORE_CLOSE:?}; leaving it");
         }
-        store.close().await;
         tracing::info!("stopped");
-        match failure {
+        match failures.into_iter().next() {
             Some(e) if !shutdown.is_cancelled() => Err(e),
             _ => Ok(()),
         }
     }
 }
 
-fn part_failed(name: &str, r: Result<Result<()>, tokio::task::JoinError>) -> anyhow::Error {
-    let e = match r {
-        Ok(Ok(())) => anyhow!("{name} stopped unexpectedly"),
-        Ok(Err(e)) => e.context(format!("{name} failed")),
-        Err(join) => anyhow!(join).context(format!("{name} panicked")),
-    };
-    tracing::error!(
-        part = name,
-        error = format!("{e:#}"),
-        "a part of the gateway stopped; shutting down"
-    );
-    e
+/// Runs `work` until it ends or `stop` is cancelled, whichever comes first.
+async fn until_stopped<T>(stop: &CancellationToken, work: impl Future<Output = T>) -> Option<T> {
+    tokio::select! {
+        _ = stop.cancelled() => None,
+        done = work => Some(done),
+    }
 }
+
+/// How long past `ingest.drain_timeout_secs` the drain may take: ingest's own deadline runs
+/// from when it is told to drain, after the listeners have stopped.
+const DRAIN_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long the store's connections are given to close.
+const STORE_CLOSE: std::time::Duration = std::time::Duration::from_secs(2);
 
 fn write_ports(path: &Path, ports: &PortsFile) -> Result<()> {
     let tmp = path.with_extension("json.tmp");

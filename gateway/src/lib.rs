@@ -7,6 +7,7 @@ mod process_metrics;
 mod revocation;
 mod server_cert;
 pub mod simulate;
+mod supervisor;
 
 pub use app::{
     App, DataDirLock, NoGatewayData, PortsFile, absolute, create_parts, lock_data_dir, open_parts,

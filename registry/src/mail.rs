@@ -24,6 +24,12 @@ pub enum MailError {
     Build(#[source] lettre::error::Error),
     #[error("mail.smtp_url is not usable")]
     SmtpUrl(#[source] lettre::transport::smtp::Error),
+    #[error("the outbox {} cannot be used as a directory", .path.display())]
+    Outbox {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Who mails come from and where their links point.
@@ -227,21 +233,47 @@ impl Mailer {
         }
     }
 
-    pub async fn run(self, stop: CancellationToken) {
-        loop {
+    /// Delivers until `stop`, then returns once the mail being sent is sent (or has failed
+    /// and been kept for retry): a mail is never cut off mid-delivery. Fails at once when
+    /// the outbox (no SMTP configured) cannot be a directory: no mail could ever leave.
+    pub async fn run(self, stop: CancellationToken) -> Result<(), MailError> {
+        if self.smtp.is_none() {
+            self.prepare_outbox().await?;
+        }
+        while !stop.is_cancelled() {
             self.queue_lease_notices().await;
-            self.deliver_due().await;
+            self.deliver(&stop).await;
             tokio::select! {
-                _ = stop.cancelled() => return,
+                _ = stop.cancelled() => {}
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(POLL.min(self.retry_base)) => {}
             }
         }
+        Ok(())
+    }
+
+    /// Creates the outbox directory if needed and makes it private.
+    async fn prepare_outbox(&self) -> Result<(), MailError> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = &self.outbox_dir;
+        let outbox = |source| MailError::Outbox {
+            path: dir.clone(),
+            source,
+        };
+        tokio::fs::create_dir_all(dir).await.map_err(outbox)?;
+        tokio::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .await
+            .map_err(outbox)
     }
 
     /// Tries every mail that is due; returns how many were delivered. A failed mail waits
     /// `retry_base` × 2^attempts (at most an hour) before its next try.
     pub async fn deliver_due(&self) -> usize {
+        self.deliver(&CancellationToken::new()).await
+    }
+
+    /// [`Mailer::deliver_due`], stopping before the next mail once `stop` is cancelled.
+    async fn deliver(&self, stop: &CancellationToken) -> usize {
         let due = match self.store.due_mails(now_ms(), 100).await {
             Ok(due) => due,
             Err(e) => {
@@ -251,6 +283,9 @@ impl Mailer {
         };
         let mut delivered = 0;
         for mail in due {
+            if stop.is_cancelled() {
+                break;
+            }
             let result = match &self.smtp {
                 Some(smtp) => self.send_smtp(smtp, &mail).await,
                 None => self.write_outbox(&mail).await,
@@ -291,12 +326,11 @@ impl Mailer {
         use tokio::io::AsyncWriteExt;
 
         let dir = &self.outbox_dir;
-        tokio::fs::create_dir_all(dir)
-            .await
-            .map_err(|e| format!("creating {}: {e}", dir.display()))?;
-        tokio::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-            .await
-            .map_err(|e| format!("making {} private: {e}", dir.display()))?;
+        // Again for each mail: the directory may have been removed since the start.
+        self.prepare_outbox().await.map_err(|e| {
+            let cause = std::error::Error::source(&e).map(ToString::to_string);
+            format!("{e}: {}", cause.unwrap_or_default())
+        })?;
         let name = format!("{:08}-{}.eml", mail.id, mail.kind);
         let tmp = dir.join(format!(".{name}.tmp"));
         let write = async {

@@ -137,7 +137,7 @@ impl TestGateway {
 
     /// SIGTERM, then waits at most `within` for the exit: `Err` (after SIGKILL) if it hangs.
     pub fn stop_within(&mut self, within: Duration) -> Result<Option<i32>, String> {
-        let Some(mut child) = self.child.take() else {
+        let Some(child) = self.child.as_ref() else {
             return Ok(None);
         };
         Command::new("kill")
@@ -145,6 +145,16 @@ impl TestGateway {
             .arg(child.id().to_string())
             .status()
             .unwrap();
+        self.wait_exit(within)
+            .map_err(|_| format!("serve did not exit within {within:?} of SIGTERM"))
+    }
+
+    /// Waits at most `within` for `serve` to exit by itself: `Err` (after SIGKILL) if it
+    /// is still running then.
+    pub fn wait_exit(&mut self, within: Duration) -> Result<Option<i32>, String> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(None);
+        };
         let start = Instant::now();
         loop {
             if let Some(status) = child.try_wait().unwrap() {
@@ -153,7 +163,7 @@ impl TestGateway {
             if start.elapsed() > within {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!("serve did not exit within {within:?} of SIGTERM"));
+                return Err(format!("serve did not exit by itself within {within:?}"));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
