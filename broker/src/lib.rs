@@ -15,6 +15,7 @@
 
 mod acl;
 mod codec;
+mod pump;
 mod session;
 mod tls;
 

@@ -1,0 +1,443 @@
+//! The packet pump of an admitted session: packets between the device and the router and
+//! ingest, PUBACKs released as ingest commits, until the session ends. Admission (TLS,
+//! CONNECT, identity) is `session.rs`.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::pin;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use rumqttd::Notification;
+use rumqttd::local::{LinkRx, LinkTx};
+use rumqttd::protocol::{
+    Disconnect, DisconnectReasonCode, Packet, PingResp, PubAck, PubAckReason, PubComp,
+    PubCompReason, PubRec, PubRecReason, SubAck, SubscribeReasonCode,
+};
+use tms_model::{DeviceSerial, now_ms};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::codec::{Codec, next_packet};
+use crate::{
+    Acks, Broker, BrokerEvent, DeviceMessage, DisconnectReason, RefusalReason, SessionControl,
+    TopicKind, acl,
+};
+
+use crate::session::{Stream, open_link};
+
+pub(crate) async fn write_out(stream: &mut Stream, wbuf: &mut BytesMut) -> std::io::Result<()> {
+    if wbuf.is_empty() {
+        return Ok(());
+    }
+    stream.write_all(wbuf).await?;
+    wbuf.clear();
+    stream.flush().await
+}
+
+/// Polls `f` once: its value if ready now, else `None` (and `f` is dropped).
+async fn ready_now<F: Future>(f: F) -> Option<F::Output> {
+    let mut f = pin!(f);
+    std::future::poll_fn(|cx| match f.as_mut().poll(cx) {
+        Poll::Ready(v) => Poll::Ready(Some(v)),
+        Poll::Pending => Poll::Ready(None),
+    })
+    .await
+}
+
+pub(crate) struct Session<'a> {
+    broker: &'a Arc<Broker>,
+    serial: &'a DeviceSerial,
+    session_id: &'a Arc<str>,
+    peer: SocketAddr,
+    codec: Codec,
+    max: usize,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    /// QoS 2 packet ids received (PUBREC sent or owed) and not yet released.
+    qos2_pending: HashSet<u16>,
+    /// Ingest's count of this session's messages that are durable.
+    acks: Arc<Acks>,
+    /// How many of those have been acknowledged to the device.
+    released: u64,
+    /// PUBACK/PUBREC owed to the device, in the order its PUBLISHes arrived (MQTT 3.1.1
+    /// §4.6): one waiting for its message to be stored holds back those after it.
+    owed: VecDeque<Owed>,
+    /// SUBSCRIBEs sent to the router without their denied filters: packet id -> positions
+    /// of the denied filters, filled in as failures when the router's SUBACK comes back.
+    partial_subscribes: HashMap<u16, Vec<usize>>,
+    /// `tms_broker_messages_received_total` per kind (`TopicKind as usize`), looked up once
+    /// per session rather than per message.
+    received: [metrics::Counter; 4],
+}
+
+enum Step {
+    Continue,
+    End(DisconnectReason),
+}
+
+/// One acknowledgement owed to the device.
+struct Owed {
+    qos: u8,
+    pkid: u16,
+    reason: PubAckReason,
+    /// Waits until ingest has committed the message.
+    durable: bool,
+}
+
+impl<'a> Session<'a> {
+    /// A session admitted with `codec` (the device's protocol level) and what was read after
+    /// its CONNECT in `rbuf`.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the parts admission hands over, once"
+    )]
+    pub(crate) fn new(
+        broker: &'a Arc<Broker>,
+        serial: &'a DeviceSerial,
+        session_id: &'a Arc<str>,
+        peer: SocketAddr,
+        codec: Codec,
+        max: usize,
+        rbuf: BytesMut,
+        wbuf: BytesMut,
+    ) -> Self {
+        Session {
+            broker,
+            serial,
+            session_id,
+            peer,
+            codec,
+            max,
+            rbuf,
+            wbuf,
+            qos2_pending: HashSet::new(),
+            acks: Arc::new(Acks::default()),
+            released: 0,
+            owed: VecDeque::new(),
+            partial_subscribes: HashMap::new(),
+            received: TopicKind::ALL.map(
+                |k| metrics::counter!("tms_broker_messages_received_total", "kind" => k.as_str()),
+            ),
+        }
+    }
+
+    /// Moves packets between the device and ingest/router until the session ends; returns why.
+    pub(crate) async fn pump(
+        &mut self,
+        stream: &mut Stream,
+        mut link: Option<(LinkTx, LinkRx)>,
+        clean_session: bool,
+        idle_limit: Duration,
+        control: &SessionControl,
+        shutdown: &CancellationToken,
+    ) -> DisconnectReason {
+        let mut to_router: Vec<Packet> = Vec::new();
+        let acks = self.acks.clone();
+        let reason = loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break DisconnectReason::ServerShutdown,
+                _ = control.close.cancelled() => break DisconnectReason::Revoked,
+                // Ingest committed messages of this session: their PUBACKs may go out.
+                _ = acks.wake.notified() => {
+                    self.release_acks();
+                    if write_out(stream, &mut self.wbuf).await.is_err() {
+                        break DisconnectReason::ConnectionLost;
+                    }
+                }
+                read = tokio::time::timeout(idle_limit, stream.read_buf(&mut self.rbuf)) => {
+                    match read {
+                        Err(_) => break DisconnectReason::KeepaliveTimeout,
+                        Ok(Ok(0)) | Ok(Err(_)) => break DisconnectReason::ConnectionLost,
+                        Ok(Ok(n)) => metrics::counter!("tms_broker_bytes_received_total").increment(n as u64),
+                    }
+                    let step = self.read_packets(&mut to_router).await;
+                    self.release_acks();
+                    if write_out(stream, &mut self.wbuf).await.is_err() {
+                        break DisconnectReason::ConnectionLost;
+                    }
+                    if !to_router.is_empty() && link.is_none() {
+                        match open_link(self.broker, self.serial, clean_session).await {
+                            // The router's CONNACK is not sent: the device has ours.
+                            Some((tx, rx, _connack)) => link = Some((tx, rx)),
+                            None => return DisconnectReason::ProtocolError,
+                        }
+                    }
+                    if let Some((link_tx, _)) = link.as_mut()
+                        && !to_router.is_empty()
+                    {
+                        let last = to_router.pop();
+                        link_tx.buffer().extend(to_router.drain(..));
+                        if let Some(last) = last
+                            && link_tx.send(last).await.is_err()
+                        {
+                            return DisconnectReason::ProtocolError;
+                        }
+                    }
+                    if let Step::End(reason) = step {
+                        break reason;
+                    }
+                }
+                notification = async {
+                    match link.as_mut() {
+                        Some((_, rx)) => rx.next().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    let Some((_, link_rx)) = link.as_mut() else { continue };
+                    match notification {
+                        Ok(Some(n)) => {
+                            let mut next = Some(n);
+                            // Everything the router has ready goes out in one TLS write.
+                            while let Some(n) = next.take() {
+                                match n {
+                                    Notification::Unschedule => {
+                                        let _ = link_rx.wake().await;
+                                    }
+                                    Notification::Disconnect(..) => {
+                                        return DisconnectReason::ProtocolError;
+                                    }
+                                    n => {
+                                        if let Some(p) = Option::<Packet>::from(n) {
+                                            let p = self.with_denied_filters(p);
+                                            let _ = self.codec.write(p, &mut self.wbuf);
+                                        }
+                                    }
+                                }
+                                next = ready_now(link_rx.next()).await.and_then(Result::ok).flatten();
+                            }
+                            if write_out(stream, &mut self.wbuf).await.is_err() {
+                                break DisconnectReason::ConnectionLost;
+                            }
+                        }
+                        Ok(None) => {}
+                        // The router dropped the link: a newer session of this device took it.
+                        Err(_) => return DisconnectReason::TakenOver,
+                    }
+                }
+            }
+        };
+        if reason != DisconnectReason::ClientDisconnect
+            && let Some((link_tx, _)) = link.as_mut()
+        {
+            // Tell the router the link is gone so it frees it (and keeps a persistent session).
+            let d = Disconnect {
+                reason_code: DisconnectReasonCode::NormalDisconnection,
+            };
+            let _ = link_tx.send(Packet::Disconnect(d, None)).await;
+        }
+        reason
+    }
+
+    /// Decodes every complete packet in the read buffer and acts on it.
+    async fn read_packets(&mut self, to_router: &mut Vec<Packet>) -> Step {
+        loop {
+            let (packet, header) = match next_packet(self.codec, &mut self.rbuf, self.max) {
+                Ok(Some(p)) => p,
+                Ok(None) => return Step::Continue,
+                Err(detail) => {
+                    self.refuse_in_session(RefusalReason::ProtocolError, detail);
+                    return Step::End(DisconnectReason::ProtocolError);
+                }
+            };
+            match packet {
+                Packet::Publish(publish, _) => {
+                    let (qos, pkid) = header.unwrap_or((0, 0));
+                    match acl::publish_kind(self.serial, &publish.topic) {
+                        Some(kind) => {
+                            // A QoS 2 redelivery of a message not yet released was already queued.
+                            let fresh = qos != 2 || self.qos2_pending.insert(pkid);
+                            if fresh {
+                                self.received[kind as usize].increment(1);
+                                let message = DeviceMessage {
+                                    serial: self.serial.clone(),
+                                    session_id: self.session_id.clone(),
+                                    kind,
+                                    topic: publish.topic,
+                                    payload: publish.payload,
+                                    received_at_ms: now_ms(),
+                                    ack: (qos > 0).then(|| self.acks.clone()),
+                                };
+                                // Waits while ingest is full, and the PUBACK waits until ingest
+                                // has committed the message: a slow or failing store slows
+                                // publishers down and nothing unstored is acknowledged.
+                                if !self.broker.emit(BrokerEvent::Message(message)).await {
+                                    return Step::End(DisconnectReason::IngestClosed);
+                                }
+                            }
+                            self.owe(qos, pkid, PubAckReason::Success, fresh);
+                        }
+                        None => {
+                            metrics::counter!("tms_broker_acl_denied_total", "action" => "publish")
+                                .increment(1);
+                            let topic = String::from_utf8_lossy(&publish.topic).into_owned();
+                            self.refuse_in_session(
+                                RefusalReason::AclDenied,
+                                format!(
+                                    "publish to {topic:?} denied: outside tms/{}/",
+                                    self.serial
+                                ),
+                            );
+                            if qos == 2 {
+                                self.qos2_pending.insert(pkid);
+                            }
+                            // MQTT 3.1.1 has no negative PUBACK: acknowledge and drop, so the
+                            // device does not retry the same forbidden message forever.
+                            self.owe(qos, pkid, PubAckReason::NotAuthorized, false);
+                        }
+                    }
+                }
+                Packet::PubRel(rel, _) => {
+                    self.qos2_pending.remove(&rel.pkid);
+                    let comp = PubComp {
+                        pkid: rel.pkid,
+                        reason: PubCompReason::Success,
+                    };
+                    let _ = self
+                        .codec
+                        .write(Packet::PubComp(comp, None), &mut self.wbuf);
+                }
+                Packet::Subscribe(mut subscribe, props) => {
+                    let denied: Vec<usize> = subscribe
+                        .filters
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, f)| !acl::may_subscribe(self.serial, &f.path))
+                        .map(|(i, _)| i)
+                        .collect();
+                    if let Some(&first) = denied.first() {
+                        metrics::counter!("tms_broker_acl_denied_total", "action" => "subscribe")
+                            .increment(denied.len() as u64);
+                        self.refuse_in_session(
+                            RefusalReason::AclDenied,
+                            format!(
+                                "subscribe to {:?} denied: only tms/{}/cmd/# is allowed",
+                                subscribe.filters[first].path, self.serial
+                            ),
+                        );
+                    }
+                    if denied.len() == subscribe.filters.len() {
+                        let ack = SubAck {
+                            pkid: subscribe.pkid,
+                            return_codes: vec![
+                                SubscribeReasonCode::Failure;
+                                subscribe.filters.len()
+                            ],
+                        };
+                        let _ = self.codec.write(Packet::SubAck(ack, None), &mut self.wbuf);
+                    } else {
+                        // Each filter is answered on its own (MQTT 3.1.1 §3.9.3): the allowed
+                        // ones go to the router, the denied ones are failures in its SUBACK.
+                        if !denied.is_empty() {
+                            for &i in denied.iter().rev() {
+                                subscribe.filters.remove(i);
+                            }
+                            self.partial_subscribes.insert(subscribe.pkid, denied);
+                        }
+                        to_router.push(Packet::Subscribe(subscribe, props));
+                    }
+                }
+                Packet::PingReq(_) => {
+                    let _ = self.codec.write(Packet::PingResp(PingResp), &mut self.wbuf);
+                }
+                Packet::Disconnect(..) => return Step::End(DisconnectReason::ClientDisconnect),
+                p @ (Packet::Unsubscribe(..)
+                | Packet::PubAck(..)
+                | Packet::PubRec(..)
+                | Packet::PubComp(..)) => to_router.push(p),
+                other => {
+                    let name = match other {
+                        Packet::Connect(..) => "a second CONNECT",
+                        _ => "a server-only packet",
+                    };
+                    self.refuse_in_session(
+                        RefusalReason::ProtocolError,
+                        format!("client sent {name}"),
+                    );
+                    return Step::End(DisconnectReason::ProtocolError);
+                }
+            }
+        }
+    }
+
+    /// Records the PUBACK (QoS 1) or PUBREC (QoS 2) a PUBLISH is owed; QoS 0 owes nothing.
+    fn owe(&mut self, qos: u8, pkid: u16, reason: PubAckReason, durable: bool) {
+        if qos > 0 {
+            self.owed.push_back(Owed {
+                qos,
+                pkid,
+                reason,
+                durable,
+            });
+        }
+    }
+
+    /// Writes every owed acknowledgement that may go out now: oldest first, each waiting one
+    /// only once ingest has committed its message.
+    fn release_acks(&mut self) {
+        let durable = self.acks.durable();
+        while let Some(front) = self.owed.front() {
+            if front.durable {
+                if self.released >= durable {
+                    break;
+                }
+                self.released += 1;
+            }
+            if let Some(owed) = self.owed.pop_front() {
+                self.ack_publish(owed.qos, owed.pkid, owed.reason);
+            }
+        }
+    }
+
+    /// Puts the failures for the filters a SUBSCRIBE was sent to the router without into the
+    /// router's SUBACK, so each filter has its own answer in its own position.
+    fn with_denied_filters(&mut self, packet: Packet) -> Packet {
+        match packet {
+            Packet::SubAck(mut ack, props) => {
+                if let Some(denied) = self.partial_subscribes.remove(&ack.pkid) {
+                    for i in denied {
+                        let at = i.min(ack.return_codes.len());
+                        ack.return_codes.insert(at, SubscribeReasonCode::Failure);
+                    }
+                }
+                Packet::SubAck(ack, props)
+            }
+            other => other,
+        }
+    }
+
+    fn ack_publish(&mut self, qos: u8, pkid: u16, reason: PubAckReason) {
+        let v5 = self.codec.is_v5();
+        let packet = match qos {
+            1 => Packet::PubAck(
+                PubAck {
+                    pkid,
+                    reason: if v5 { reason } else { PubAckReason::Success },
+                },
+                None,
+            ),
+            2 => Packet::PubRec(
+                PubRec {
+                    pkid,
+                    reason: if v5 && reason == PubAckReason::NotAuthorized {
+                        PubRecReason::NotAuthorized
+                    } else {
+                        PubRecReason::Success
+                    },
+                },
+                None,
+            ),
+            _ => return,
+        };
+        let _ = self.codec.write(packet, &mut self.wbuf);
+    }
+
+    fn refuse_in_session(&self, reason: RefusalReason, detail: String) {
+        self.broker
+            .emit_refusal(Some(self.serial.to_string()), self.peer, reason, detail);
+    }
+}
