@@ -46,16 +46,21 @@ pub enum Command {
         command: DeviceCommand,
     },
     /// N simulated RemotEye 4 devices connecting over mTLS and publishing telemetry.
+    ///
+    /// Each device (serials SIM0000000, SIM0000001, …) is registered and given a certificate
+    /// in the data directory first; `serve` must be running.
     Simulate {
-        #[arg(long)]
+        /// How many devices to simulate.
+        #[arg(long, value_name = "N")]
         devices: usize,
-        /// Seconds between telemetry messages of one device.
-        #[arg(long, default_value_t = 5.0)]
+        /// Seconds between telemetry messages of one device (0.01 to 3600).
+        #[arg(long, value_name = "SECS", default_value_t = 5.0)]
         interval: f64,
+        /// MQTT quality of service of the telemetry: 0 (at most once) or 1 (at least once).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
         qos: u8,
         /// Stop after this many seconds (default: until Ctrl-C).
-        #[arg(long)]
+        #[arg(long, value_name = "SECS")]
         duration: Option<f64>,
         /// Broker address (default: from <data_dir>/ports.json, else mqtt.listen).
         #[arg(long, value_name = "IP:PORT")]
@@ -72,8 +77,11 @@ pub enum Command {
 pub enum UserCommand {
     /// Create an active staff account; prints a generated password unless --password-stdin.
     Add {
-        #[arg(long)]
+        /// The account's email address; it is also the login name.
+        #[arg(long, value_name = "EMAIL")]
         email: String,
+        /// admin: everything, including staff accounts; provider: registers and manages
+        /// the devices of any company.
         #[arg(long, value_enum)]
         role: StaffRole,
         /// Read the password from the first line of standard input.
@@ -84,7 +92,9 @@ pub enum UserCommand {
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum StaffRole {
+    /// Everything, including staff accounts and the nodes of a cluster.
     Admin,
+    /// Registers devices for customers and manages every company's devices.
     Provider,
 }
 
@@ -92,28 +102,39 @@ pub enum StaffRole {
 pub enum DeviceCommand {
     /// Register a device for a company (created if new), without a customer account.
     Add {
-        #[arg(long)]
+        /// Device S/N, the certificate CN and MQTT client id: 1 to 64 characters of A-Z,
+        /// 0-9, '-', '_' or '.' (letters are stored upper-case).
+        #[arg(long, value_name = "SERIAL")]
         serial: String,
-        #[arg(long)]
+        /// MAC address of the RemotEye card: 00:1B:2C:3D:4E:5F, 00-1B-2C-3D-4E-5F or
+        /// 001B2C3D4E5F (any case; stored as 00:1B:2C:3D:4E:5F).
+        #[arg(long, value_name = "MAC")]
         mac: String,
-        #[arg(long)]
+        /// Customer company; created if new, matched ignoring case and surrounding spaces.
+        #[arg(long, value_name = "NAME")]
         company: String,
-        #[arg(long, default_value_t = 12)]
+        /// Lease length in months (1 to 120); the certificate is valid until the lease ends.
+        #[arg(long, value_name = "MONTHS", default_value_t = 12)]
         lease_months: i64,
         /// Lease start, YYYY-MM-DD; today when omitted.
-        #[arg(long)]
+        #[arg(long, value_name = "DATE")]
         start_date: Option<String>,
-        #[arg(long, default_value = "RemotEye 4")]
+        /// Device type shown in the fleet view.
+        #[arg(long, value_name = "TYPE", default_value = "RemotEye 4")]
         device_type: String,
-        #[arg(long)]
+        /// UPS model the card sits in, e.g. 1600XP.
+        #[arg(long, value_name = "MODEL")]
         ups_model: Option<String>,
-        #[arg(long)]
+        /// UPS model number, e.g. 1600XP-18K.
+        #[arg(long, value_name = "NUMBER")]
         ups_model_number: Option<String>,
-        #[arg(long)]
+        /// UPS serial number, e.g. 160300007.
+        #[arg(long, value_name = "SERIAL")]
         ups_serial: Option<String>,
     },
     /// The fleet with connection status.
     List {
+        /// Print the same JSON objects as `GET /api/v1/devices`.
         #[arg(long)]
         json: bool,
         /// Only devices in this state.
@@ -125,13 +146,17 @@ pub enum DeviceCommand {
     },
     /// One device: registration, status, location, certificates, refused attempts.
     Show {
+        /// Device S/N (either case).
         serial: String,
+        /// Print the same JSON object as `GET /api/v1/devices/{serial}`.
         #[arg(long)]
         json: bool,
     },
     /// Issue a certificate: writes <SERIAL>.key (not with --csr), <SERIAL>.pem and ca.pem.
     Cert {
+        /// Device S/N (either case).
         serial: String,
+        /// Folder for the files (created if missing); nothing is issued if it cannot be written.
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
         /// Sign this PEM certificate signing request instead of generating a key.
@@ -139,11 +164,16 @@ pub enum DeviceCommand {
         csr: Option<PathBuf>,
     },
     /// Revoke every valid certificate of the device; a running gateway closes its session.
-    Revoke { serial: String },
+    Revoke {
+        /// Device S/N (either case).
+        serial: String,
+    },
     /// Extend the device's lease by N months (from its end, or from today if it ended).
     Renew {
+        /// Device S/N (either case).
         serial: String,
-        #[arg(long)]
+        /// Months to add (1 to 120).
+        #[arg(long, value_name = "MONTHS")]
         months: i64,
     },
 }
@@ -740,5 +770,33 @@ fn print_tree(v: &serde_json::Value, indent: &str) {
                 other => println!("{indent}{k}: {other}"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every subcommand, flag and positional argument a person can type says what it is for.
+    #[test]
+    fn every_command_and_argument_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id != "help" && id != "version" && arg.get_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                let name = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() {
+                    missing.push(name.clone());
+                }
+                walk(sub, &name, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&super::Args::command(), "tms-gateway", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:?}");
     }
 }
