@@ -7,7 +7,12 @@ mod support;
 
 use std::process::Command;
 
-use support::BIN;
+use serde_json::Value;
+use support::*;
+
+fn show_json(gw: &TestGateway, serial: &str) -> Value {
+    serde_json::from_str(&gw.cli(&["device", "show", serial, "--json"])).unwrap()
+}
 
 fn help(args: &[&str]) -> String {
     let out = Command::new(BIN).args(args).arg("--help").output().unwrap();
@@ -35,4 +40,92 @@ fn device_add_help_names_the_mac_formats_units_and_defaults() {
     let simulate = help(&["simulate"]);
     assert!(simulate.contains("Seconds between telemetry"), "{simulate}");
     assert!(simulate.contains("[default: 5]"), "{simulate}");
+}
+
+#[tokio::test]
+async fn a_location_set_on_the_command_line_reaches_the_map() {
+    let gw = TestGateway::start().await;
+    let out = gw.device_add(
+        "RE4L000001",
+        "00-1b-2c-3d-4e-01",
+        "Acme Hospital",
+        &["--lat", "-33.8688", "--lon", "151.2093"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let location = &show_json(&gw, "RE4L000001")["location"];
+    assert_eq!(location["lat"], -33.8688);
+    assert_eq!(location["lon"], 151.2093);
+    // Stored as the API's PUT …/location stores it: a location set by hand.
+    assert_eq!(location["source"], "operator");
+
+    let moved = gw.cli(&[
+        "device",
+        "locate",
+        "re4l000001",
+        "--lat",
+        "48.8566",
+        "--lon",
+        "2.3522",
+    ]);
+    assert!(moved.contains("48.8566"), "{moved}");
+    let token = admin_token(&gw).await;
+    let (status, map) = api_get(&gw, &token, "/api/v1/locations").await;
+    assert_eq!(status, 200);
+    let feature = map["features"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["properties"]["serial"] == "RE4L000001")
+        .expect("the device is on the map");
+    assert_eq!(
+        feature["geometry"]["coordinates"],
+        serde_json::json!([2.3522, 48.8566])
+    );
+
+    // Out of range: usage error naming the flag, and nothing changes (nor is a device added).
+    let bad = gw.cli_output(&[
+        "device",
+        "locate",
+        "RE4L000001",
+        "--lat",
+        "91",
+        "--lon",
+        "0",
+    ]);
+    assert_eq!(bad.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("--lat 91 is outside -90..90"), "{err}");
+    let bad = gw.device_add(
+        "RE4L000002",
+        "00:1B:2C:3D:4E:02",
+        "Acme Hospital",
+        &["--lat", "10", "--lon", "-190"],
+    );
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--lon -190 is outside -180..180"));
+    let list = gw.cli(&["device", "list"]);
+    assert!(!list.contains("RE4L000002"), "{list}");
+    // --lat alone is refused by the parser.
+    let half = gw.device_add(
+        "RE4L000003",
+        "00:1B:2C:3D:4E:03",
+        "Acme Hospital",
+        &["--lat", "10"],
+    );
+    assert_eq!(half.status.code(), Some(2));
+    let none = gw.cli_output(&["device", "locate", "RE4L000001"]);
+    assert_eq!(none.status.code(), Some(2));
+    // Without a location, as before.
+    let plain = gw.device_add("RE4L000004", "00:1B:2C:3D:4E:04", "Acme Hospital", &[]);
+    assert!(
+        plain.status.success(),
+        "{}",
+        String::from_utf8_lossy(&plain.stderr)
+    );
+    assert!(show_json(&gw, "RE4L000004")["location"].is_null());
+    assert_eq!(show_json(&gw, "RE4L000001")["location"]["lat"], 48.8566);
 }

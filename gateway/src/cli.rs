@@ -131,6 +131,16 @@ pub enum DeviceCommand {
         /// UPS serial number, e.g. 160300007.
         #[arg(long, value_name = "SERIAL")]
         ups_serial: Option<String>,
+        #[command(flatten)]
+        position: Position,
+    },
+    /// Set where a device is, as the device page's location form does; a location the
+    /// device reports itself is preferred over it.
+    Locate {
+        /// Device S/N (either case).
+        serial: String,
+        #[command(flatten)]
+        position: Position,
     },
     /// The fleet with connection status.
     List {
@@ -176,6 +186,39 @@ pub enum DeviceCommand {
         #[arg(long, value_name = "MONTHS")]
         months: i64,
     },
+}
+
+/// `--lat DEG --lon DEG`, where a device is: both or neither.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct Position {
+    /// Latitude in degrees, -90 to 90 (north positive); needs --lon.
+    #[arg(
+        long,
+        value_name = "DEG",
+        requires = "lon",
+        allow_negative_numbers = true
+    )]
+    lat: Option<f64>,
+    /// Longitude in degrees, -180 to 180 (east positive); needs --lat.
+    #[arg(
+        long,
+        value_name = "DEG",
+        requires = "lat",
+        allow_negative_numbers = true
+    )]
+    lon: Option<f64>,
+}
+
+impl Position {
+    /// The checked position, `None` when neither flag was given (`requires` rules out one).
+    fn checked(self) -> Result<Option<tms_model::LatLon>> {
+        match (self.lat, self.lon) {
+            (Some(lat), Some(lon)) => tms_model::LatLon::new(lat, lon)
+                .map(Some)
+                .map_err(|e| usage(format!("--{e}"))),
+            _ => Ok(None),
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -447,6 +490,22 @@ fn serial_arg(s: &str) -> Result<DeviceSerial> {
     DeviceSerial::parse(s).map_err(|e| usage(e.to_string()))
 }
 
+async fn locate(
+    store: &tms_store::Store,
+    serial: &DeviceSerial,
+    point: tms_model::LatLon,
+) -> Result<()> {
+    provisioning::set_manual_location(store, serial, point, tms_model::now_ms())
+        .await
+        .with_context(|| format!("setting the location of {serial}"))?;
+    println!(
+        "location of {serial}: {}, {} (set by hand)",
+        point.lat(),
+        point.lon()
+    );
+    Ok(())
+}
+
 async fn device(config: Config, command: DeviceCommand) -> Result<()> {
     match command {
         DeviceCommand::Add {
@@ -459,9 +518,11 @@ async fn device(config: Config, command: DeviceCommand) -> Result<()> {
             ups_model,
             ups_model_number,
             ups_serial,
+            position,
         } => {
             let serial = serial_arg(&serial)?;
             let mac = Mac::parse(&mac).map_err(|e| usage(e.to_string()))?;
+            let point = position.checked()?;
             if company.trim().is_empty() {
                 return Err(usage("--company must not be empty"));
             }
@@ -506,8 +567,24 @@ async fn device(config: Config, command: DeviceCommand) -> Result<()> {
                 .await
                 .with_context(|| format!("registering device {serial}"))?;
             println!("registered device {serial} ({mac}) for {company}");
+            if let Some(point) = point {
+                locate(&store, &serial, point).await?;
+            }
             store.close().await;
             Ok(())
+        }
+        DeviceCommand::Locate { serial, position } => {
+            let serial = serial_arg(&serial)?;
+            let Some(point) = position.checked()? else {
+                return Err(usage("device locate needs --lat DEG and --lon DEG"));
+            };
+            let (store, _) = open_parts(&config).await?;
+            if store.device(serial.as_str()).await?.is_none() {
+                bail!("device {serial} is not registered");
+            }
+            let result = locate(&store, &serial, point).await;
+            store.close().await;
+            result
         }
         DeviceCommand::List { json, state, q } => {
             let (store, _) = open_parts(&config).await?;

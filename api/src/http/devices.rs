@@ -169,19 +169,13 @@ pub(super) async fn set_location(
 ) -> Result<Response, ApiError> {
     let (serial, _) = visible_device(&s, &caller, &serial).await?;
     let LocationBody { lat, lon } = body(&bytes)?;
-    let mut fields = std::collections::BTreeMap::new();
-    if !(-90.0..=90.0).contains(&lat) {
-        fields.insert("lat".to_owned(), format!("{lat} is outside -90..90"));
-    }
-    if !(-180.0..=180.0).contains(&lon) {
-        fields.insert("lon".to_owned(), format!("{lon} is outside -180..180"));
-    }
-    if !fields.is_empty() {
-        return Err(ApiError::validation(fields));
-    }
-    s.store
-        .set_location(serial.as_str(), lat, lon, "operator", now_ms())
-        .await?;
+    let point = tms_model::LatLon::new(lat, lon).map_err(|e| {
+        ApiError::validation(std::collections::BTreeMap::from([(
+            e.field().to_owned(),
+            e.to_string(),
+        )]))
+    })?;
+    tms_registry::provisioning::set_manual_location(&s.store, &serial, point, now_ms()).await?;
     let location = s.store.location(serial.as_str()).await?;
     Ok(axum::Json(location.as_ref().map_or(Value::Null, views::location)).into_response())
 }
