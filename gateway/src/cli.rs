@@ -162,6 +162,15 @@ pub enum DeviceCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Malformed payloads the device sent, newest first, with why each was rejected.
+    Quarantine {
+        /// Device S/N (either case).
+        serial: String,
+        /// How many to show, newest first (1 to 1000).
+        #[arg(long, value_name = "N", default_value_t = 20,
+              value_parser = clap::value_parser!(i64).range(1..=1000))]
+        limit: i64,
+    },
     /// Issue a certificate: writes <SERIAL>.key (not with --csr), <SERIAL>.pem and ca.pem.
     Cert {
         /// Device S/N (either case).
@@ -643,6 +652,29 @@ async fn device(config: Config, command: DeviceCommand) -> Result<()> {
             store.close().await;
             Ok(())
         }
+        DeviceCommand::Quarantine { serial, limit } => {
+            let serial = serial_arg(&serial)?;
+            let (store, _) = open_parts(&config).await?;
+            if store.device(serial.as_str()).await?.is_none() {
+                bail!("device {serial} is not registered");
+            }
+            let rows = store.quarantine(serial.as_str(), limit).await?;
+            store.close().await;
+            if rows.is_empty() {
+                println!("no rejected payloads from {serial}: every message it sent could be read");
+            }
+            for q in &rows {
+                println!(
+                    "{}  {}  ({} bytes)",
+                    views::time(Some(q.received_at)).as_str().unwrap_or("?"),
+                    q.topic,
+                    q.payload.len()
+                );
+                println!("  why:     {}", q.error);
+                println!("  payload: {}", printable(&q.payload, 400));
+            }
+            Ok(())
+        }
         DeviceCommand::Cert { serial, out, csr } => {
             let serial = serial_arg(&serial)?;
             let key = match &csr {
@@ -826,6 +858,25 @@ impl Drop for StagedFiles {
             let _ = std::fs::remove_file(staging);
         }
     }
+}
+
+/// What a device sent, safe to print on a terminal: invalid UTF-8 replaced, control
+/// characters (escape sequences, newlines) escaped, at most `max` characters.
+fn printable(bytes: &[u8], max: usize) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let mut out = String::new();
+    for (i, c) in text.chars().enumerate() {
+        if i == max {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn print_tree(v: &serde_json::Value, indent: &str) {
