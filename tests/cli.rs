@@ -1,11 +1,12 @@
 //! The command line as an operator meets it: help that answers the usual questions, and
 //! commands whose output a person can read.
 
-#![expect(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
+#![expect(clippy::unwrap_used, reason = "tests fail loudly")]
 
 mod support;
 
 use std::process::Command;
+use std::time::Duration;
 
 use serde_json::Value;
 use support::*;
@@ -128,4 +129,83 @@ async fn a_location_set_on_the_command_line_reaches_the_map() {
     );
     assert!(show_json(&gw, "RE4L000004")["location"].is_null());
     assert_eq!(show_json(&gw, "RE4L000001")["location"]["lat"], 48.8566);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_show_reads_as_a_summary_status_and_why_first() {
+    let gw = TestGateway::start().await;
+    let files = gw.provision("RE4S000001", "00:1B:2C:3D:4E:51");
+    // A wrong client id: refused, so the device has never connected, and that is why.
+    let (_c, mut el) = mqtt_client(
+        &gw,
+        "RE4S000001-typo",
+        client_tls(&files.ca, Some((&files.pem, &files.key))),
+    );
+    assert!(connack(&mut el).await != Ok(rumqttc::ConnectReturnCode::Success));
+    drop(el);
+    let store = gw.store().await;
+    wait_refusal(&store, "RE4S000001", "client_id_mismatch").await;
+    let text = gw.cli(&["device", "show", "RE4S000001"]);
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("RE4S000001: never connected"), "{text}");
+    let why = lines.next().unwrap();
+    assert!(
+        why.contains("last refused")
+            && why.contains("client_id_mismatch")
+            && why.contains("RE4S000001-typo"),
+        "{text}"
+    );
+
+    // Online, with two certificates (one line each) and a location.
+    let newer = gw.issue("RE4S000001");
+    gw.cli(&[
+        "device",
+        "locate",
+        "RE4S000001",
+        "--lat",
+        "52.52",
+        "--lon",
+        "13.405",
+    ]);
+    let (_client, mut el) = device_client(&gw, &newer);
+    assert_eq!(
+        connack(&mut el).await,
+        Ok(rumqttc::ConnectReturnCode::Success)
+    );
+    let _driver = drive(el);
+    wait_state(
+        &store,
+        "RE4S000001",
+        tms_model::ConnState::Online,
+        Duration::from_secs(5),
+    )
+    .await;
+    let text = gw.cli(&["device", "show", "re4s000001"]);
+    let first = text.lines().next().unwrap();
+    assert!(first.starts_with("RE4S000001: online since "), "{text}");
+    assert!(first.contains(" from 127.0.0.1:"), "{text}");
+    let detail = show_json(&gw, "RE4S000001");
+    let certificates = detail["certificates"].as_array().unwrap();
+    assert_eq!(certificates.len(), 2);
+    assert!(text.contains("\ncertificates (2)\n"), "{text}");
+    for c in certificates {
+        let serial = c["serial_number"].as_str().unwrap();
+        let line = text
+            .lines()
+            .find(|l| l.contains(serial))
+            .unwrap_or_else(|| panic!("no line for certificate {serial}:\n{text}"));
+        assert!(line.contains(c["not_after"].as_str().unwrap()), "{line}");
+        assert!(line.contains("valid") || line.contains("revoked"), "{line}");
+    }
+    assert!(
+        text.contains("location: 52.52000, 13.40500 (operator, "),
+        "{text}"
+    );
+    assert!(text.contains("\nrecent refusals (1)\n"), "{text}");
+    assert!(
+        text.contains("client_id_mismatch  1 attempt(s) from 127.0.0.1:"),
+        "{text}"
+    );
+    // Not the old key dump.
+    assert!(!text.contains("sha256_fingerprint"), "{text}");
 }

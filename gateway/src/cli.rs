@@ -638,16 +638,25 @@ async fn device(config: Config, command: DeviceCommand) -> Result<()> {
             let locations = store.locations_of(serial.as_str()).await?;
             let certificates = store.certificates_of(serial.as_str()).await?;
             let refusals = store.refusals(serial.as_str(), 10).await?;
-            let detail = tms_gateway::views(&config).device_detail(
-                &view,
-                &locations,
-                &certificates,
-                &refusals,
-            );
             if json {
+                let detail = tms_gateway::views(&config).device_detail(
+                    &view,
+                    &locations,
+                    &certificates,
+                    &refusals,
+                );
                 println!("{}", serde_json::to_string_pretty(&detail)?);
             } else {
-                print_tree(&detail, "");
+                let rejected_payloads = store.quarantine(serial.as_str(), 1000).await?.len();
+                let shown = crate::show::Shown {
+                    view: &view,
+                    locations: &locations,
+                    certificates: &certificates,
+                    refusals: &refusals,
+                    rejected_payloads,
+                    now_ms: tms_model::now_ms(),
+                };
+                print!("{}", shown.render());
             }
             store.close().await;
             Ok(())
@@ -877,28 +886,6 @@ fn printable(bytes: &[u8], max: usize) -> String {
         }
     }
     out
-}
-
-fn print_tree(v: &serde_json::Value, indent: &str) {
-    if let serde_json::Value::Object(map) = v {
-        for (k, v) in map {
-            match v {
-                serde_json::Value::Object(_) => {
-                    println!("{indent}{k}:");
-                    print_tree(v, &format!("{indent}  "));
-                }
-                serde_json::Value::Array(items) => {
-                    println!("{indent}{k}: ({})", items.len());
-                    for item in items {
-                        print_tree(item, &format!("{indent}  - "));
-                    }
-                }
-                serde_json::Value::Null => println!("{indent}{k}: -"),
-                serde_json::Value::String(s) => println!("{indent}{k}: {s}"),
-                other => println!("{indent}{k}: {other}"),
-            }
-        }
-    }
 }
 
 #[cfg(test)]
