@@ -209,3 +209,63 @@ async fn device_show_reads_as_a_summary_status_and_why_first() {
     // Not the old key dump.
     assert!(!text.contains("sha256_fingerprint"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulated_devices_report_locations_so_the_demo_map_fills() {
+    let gw = TestGateway::start().await;
+    let simulate = || {
+        let out = gw.cli_output(&[
+            "simulate",
+            "--devices",
+            "6",
+            "--interval",
+            "0.5",
+            "--duration",
+            "1",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    simulate();
+    let store = gw.store().await;
+    let serials: Vec<String> = (0..6).map(|i| format!("SIM{i:07}")).collect();
+    let places = wait_for(
+        "every simulated device located",
+        Duration::from_secs(5),
+        || async {
+            let mut places = Vec::new();
+            for serial in &serials {
+                let l = store.location(serial).await.unwrap()?;
+                places.push((l.lat, l.lon, l.source));
+            }
+            Some(places)
+        },
+    )
+    .await;
+    for (lat, lon, source) in &places {
+        assert_eq!(source, "device", "reported by the device itself");
+        assert!(
+            (34.0..=62.0).contains(lat) && (-10.0..=27.0).contains(lon),
+            "{lat},{lon} in Europe"
+        );
+    }
+    let distinct: std::collections::HashSet<_> = places
+        .iter()
+        .map(|(lat, lon, _)| (lat.to_bits(), lon.to_bits()))
+        .collect();
+    assert!(distinct.len() >= 4, "spread, not one dot: {places:?}");
+
+    let token = admin_token(&gw).await;
+    let (_, map) = api_get(&gw, &token, "/api/v1/locations").await;
+    assert_eq!(map["features"].as_array().unwrap().len(), 6, "{map}");
+
+    // The same place in the next run.
+    simulate();
+    for (serial, (lat, lon, _)) in serials.iter().zip(&places) {
+        let l = store.location(serial).await.unwrap().unwrap();
+        assert_eq!((l.lat, l.lon), (*lat, *lon), "{serial} moved between runs");
+    }
+}
