@@ -134,7 +134,7 @@ pub enum DeviceCommand {
         #[command(flatten)]
         position: Position,
     },
-    /// Set where a device is, as the device page's location form does; a location the
+    /// Set where a device is, as `PUT /api/v1/devices/{serial}/location` does; a location the
     /// device reports itself is preferred over it.
     Locate {
         /// Device S/N (either case).
