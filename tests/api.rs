@@ -401,15 +401,13 @@ async fn seed_workflow_from_registration_to_a_device_on_the_map() {
     assert_eq!(feature["properties"]["ups_model"], "1600XP");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn customers_see_only_their_own_devices() {
-    let gw = TestGateway::start().await;
-    let api = Api::new();
-    provider(&gw);
-    let provider_token = api.token(&gw, PROVIDER, PROVIDER_PASSWORD).await;
+/// Two customers of different companies, onboarded by the provider: Ana owns RE4A000001
+/// (Acme Hospital), Bob RE4A000002 (Globex). Returns their tokens.
+async fn ana_and_bob(api: &Api, gw: &TestGateway) -> (String, String) {
+    let provider_token = api.token(gw, PROVIDER, PROVIDER_PASSWORD).await;
     let ana = onboard(
-        &api,
-        &gw,
+        api,
+        gw,
         &provider_token,
         "RE4A000001",
         "00:1B:2C:3D:4E:01",
@@ -418,8 +416,8 @@ async fn customers_see_only_their_own_devices() {
     )
     .await;
     let bob = onboard(
-        &api,
-        &gw,
+        api,
+        gw,
         &provider_token,
         "RE4A000002",
         "00:1B:2C:3D:4E:02",
@@ -427,11 +425,21 @@ async fn customers_see_only_their_own_devices() {
         "Globex",
     )
     .await;
+    (ana, bob)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn customers_see_only_their_own_devices() {
+    let gw = TestGateway::start().await;
+    let api = Api::new();
+    provider(&gw);
+    let (ana, bob) = ana_and_bob(&api, &gw).await;
 
     let device_routes = [
         ("GET", "/api/v1/devices/RE4A000001", None),
         ("GET", "/api/v1/devices/RE4A000001/status", None),
         ("GET", "/api/v1/devices/RE4A000001/telemetry", None),
+        ("GET", "/api/v1/devices/RE4A000001/quarantine", None),
         (
             "PUT",
             "/api/v1/devices/RE4A000001/location",
@@ -1582,4 +1590,82 @@ async fn concurrent_issues_are_strictly_ordered_and_concurrent_renewals_all_coun
     let (from, to) = (end(before.lease_ends_at), end(after.lease_ends_at));
     let months = (to.year() - from.year()) * 12 + (to.month() as i32 - from.month() as i32);
     assert_eq!(months, 10, "the end moved by ten months: {from} -> {to}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_payload_is_shown_to_its_owner_and_on_the_command_line() {
+    let gw = TestGateway::start().await;
+    let api = Api::new();
+    provider(&gw);
+    let (ana, bob) = ana_and_bob(&api, &gw).await;
+    let files = gw.issue("RE4A000001");
+    let (client, mut el) = device_client(&gw, &files);
+    assert_eq!(connack(&mut el).await, Ok(ConnectReturnCode::Success));
+    let _driver = drive(el);
+    publish(
+        &client,
+        "RE4A000001",
+        "telemetry",
+        r#"{"load_pct": "very high"}"#,
+    )
+    .await;
+    // Not UTF-8 at all: shown with the bad byte replaced, and its true length.
+    client
+        .publish(
+            "tms/RE4A000001/info",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            b"{\"firmware\": \"\xff\"}".to_vec(),
+        )
+        .await
+        .unwrap();
+    let store = gw.store().await;
+    wait_for(
+        "both payloads quarantined",
+        Duration::from_secs(5),
+        || async { (store.quarantined("RE4A000001", 10).await.unwrap().len() == 2).then_some(()) },
+    )
+    .await;
+
+    let url = gw.url("/api/v1/devices/re4a000001/quarantine");
+    let (status, rows) = api.call("GET", url.clone(), Some(&ana), None).await;
+    assert_eq!(status, StatusCode::OK, "{rows}");
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    // Newest first.
+    assert_eq!(rows[0]["topic"], "tms/RE4A000001/info");
+    assert_eq!(rows[0]["payload"], "{\"firmware\": \"\u{fffd}\"}");
+    assert_eq!(rows[0]["payload_bytes"], 17);
+    assert_eq!(rows[1]["topic"], "tms/RE4A000001/telemetry");
+    assert_eq!(rows[1]["payload"], r#"{"load_pct": "very high"}"#);
+    assert!(
+        rows[1]["error"]
+            .as_str()
+            .unwrap()
+            .contains("load_pct must be a number"),
+        "{rows:?}"
+    );
+    assert!(rows[1]["received_at"].is_string());
+    let (status, one) = api
+        .call("GET", format!("{url}?limit=1"), Some(&ana), None)
+        .await;
+    assert_eq!((status, one.as_array().unwrap().len()), (StatusCode::OK, 1));
+    let (status, _) = api
+        .call("GET", format!("{url}?limit=0"), Some(&ana), None)
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    // Another customer cannot tell the device exists.
+    let (status, _) = api.call("GET", url, Some(&bob), None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (_, doc) = api
+        .call("GET", gw.url("/api/v1/openapi.json"), None, None)
+        .await;
+    assert!(doc["paths"]["/api/v1/devices/{serial}/quarantine"]["get"].is_object());
+
+    let cli = gw.cli(&["device", "quarantine", "RE4A000001"]);
+    assert!(cli.contains("load_pct must be a number"), "{cli}");
+    assert!(cli.contains("tms/RE4A000001/telemetry"), "{cli}");
+    assert!(cli.contains("(17 bytes)"), "{cli}");
+    let clean = gw.cli(&["device", "quarantine", "RE4A000002"]);
+    assert!(clean.contains("no rejected payloads"), "{clean}");
 }

@@ -540,6 +540,15 @@ pages.device = () => {
       el('td', {}, timeEl(r.last_at), el('br'), el('span', { class: 'muted', text: `${r.attempts} attempt${r.attempts === 1 ? '' : 's'}${r.peer_addr ? ` from ${r.peer_addr}` : ''}` })),
     )));
     labelCells($('#refusals'));
+    const rejected = await api('GET', `${base}/quarantine?limit=20`);
+    $('#no-quarantine').hidden = rejected.length > 0;
+    $('#quarantine').hidden = rejected.length === 0;
+    $('#quarantine tbody').replaceChildren(...rejected.map((q) => el('tr', {},
+      el('td', { class: 'detail' }, el('strong', { text: q.error }), el('br'), el('code', { text: q.topic })),
+      el('td', { class: 'detail' }, el('code', { text: q.payload }), el('br'), el('span', { class: 'muted', text: `${q.payload_bytes} bytes` })),
+      el('td', {}, timeEl(q.received_at)),
+    )));
+    labelCells($('#quarantine'));
     facts($('#registration'), [
       ['Device type', d.device_type],
       ['MAC', d.mac],

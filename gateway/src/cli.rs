@@ -46,16 +46,21 @@ pub enum Command {
         command: DeviceCommand,
     },
     /// N simulated RemotEye 4 devices connecting over mTLS and publishing telemetry.
+    ///
+    /// Each device (serials SIM0000000, SIM0000001, …) is registered and given a certificate
+    /// in the data directory first; `serve` must be running.
     Simulate {
-        #[arg(long)]
+        /// How many devices to simulate.
+        #[arg(long, value_name = "N")]
         devices: usize,
-        /// Seconds between telemetry messages of one device.
-        #[arg(long, default_value_t = 5.0)]
+        /// Seconds between telemetry messages of one device (0.01 to 3600).
+        #[arg(long, value_name = "SECS", default_value_t = 5.0)]
         interval: f64,
+        /// MQTT quality of service of the telemetry: 0 (at most once) or 1 (at least once).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
         qos: u8,
         /// Stop after this many seconds (default: until Ctrl-C).
-        #[arg(long)]
+        #[arg(long, value_name = "SECS")]
         duration: Option<f64>,
         /// Broker address (default: from <data_dir>/ports.json, else mqtt.listen).
         #[arg(long, value_name = "IP:PORT")]
@@ -72,8 +77,11 @@ pub enum Command {
 pub enum UserCommand {
     /// Create an active staff account; prints a generated password unless --password-stdin.
     Add {
-        #[arg(long)]
+        /// The account's email address; it is also the login name.
+        #[arg(long, value_name = "EMAIL")]
         email: String,
+        /// admin: everything, including staff accounts; provider: registers and manages
+        /// the devices of any company.
         #[arg(long, value_enum)]
         role: StaffRole,
         /// Read the password from the first line of standard input.
@@ -84,7 +92,9 @@ pub enum UserCommand {
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum StaffRole {
+    /// Everything, including staff accounts and the nodes of a cluster.
     Admin,
+    /// Registers devices for customers and manages every company's devices.
     Provider,
 }
 
@@ -92,28 +102,49 @@ pub enum StaffRole {
 pub enum DeviceCommand {
     /// Register a device for a company (created if new), without a customer account.
     Add {
-        #[arg(long)]
+        /// Device S/N, the certificate CN and MQTT client id: 1 to 64 characters of A-Z,
+        /// 0-9, '-', '_' or '.' (letters are stored upper-case).
+        #[arg(long, value_name = "SERIAL")]
         serial: String,
-        #[arg(long)]
+        /// MAC address of the RemotEye card: 00:1B:2C:3D:4E:5F, 00-1B-2C-3D-4E-5F or
+        /// 001B2C3D4E5F (any case; stored as 00:1B:2C:3D:4E:5F).
+        #[arg(long, value_name = "MAC")]
         mac: String,
-        #[arg(long)]
+        /// Customer company; created if new, matched ignoring case and surrounding spaces.
+        #[arg(long, value_name = "NAME")]
         company: String,
-        #[arg(long, default_value_t = 12)]
+        /// Lease length in months (1 to 120); the certificate is valid until the lease ends.
+        #[arg(long, value_name = "MONTHS", default_value_t = 12)]
         lease_months: i64,
         /// Lease start, YYYY-MM-DD; today when omitted.
-        #[arg(long)]
+        #[arg(long, value_name = "DATE")]
         start_date: Option<String>,
-        #[arg(long, default_value = "RemotEye 4")]
+        /// Device type shown in the fleet view.
+        #[arg(long, value_name = "TYPE", default_value = "RemotEye 4")]
         device_type: String,
-        #[arg(long)]
+        /// UPS model the card sits in, e.g. 1600XP.
+        #[arg(long, value_name = "MODEL")]
         ups_model: Option<String>,
-        #[arg(long)]
+        /// UPS model number, e.g. 1600XP-18K.
+        #[arg(long, value_name = "NUMBER")]
         ups_model_number: Option<String>,
-        #[arg(long)]
+        /// UPS serial number, e.g. 160300007.
+        #[arg(long, value_name = "SERIAL")]
         ups_serial: Option<String>,
+        #[command(flatten)]
+        position: Position,
+    },
+    /// Set where a device is, as `PUT /api/v1/devices/{serial}/location` does; a location the
+    /// device reports itself is preferred over it.
+    Locate {
+        /// Device S/N (either case).
+        serial: String,
+        #[command(flatten)]
+        position: Position,
     },
     /// The fleet with connection status.
     List {
+        /// Print the same JSON objects as `GET /api/v1/devices`.
         #[arg(long)]
         json: bool,
         /// Only devices in this state.
@@ -125,13 +156,26 @@ pub enum DeviceCommand {
     },
     /// One device: registration, status, location, certificates, refused attempts.
     Show {
+        /// Device S/N (either case).
         serial: String,
+        /// Print the same JSON object as `GET /api/v1/devices/{serial}`.
         #[arg(long)]
         json: bool,
     },
+    /// Malformed payloads the device sent, newest first, with why each was rejected.
+    Quarantine {
+        /// Device S/N (either case).
+        serial: String,
+        /// How many to show, newest first (1 to 1000).
+        #[arg(long, value_name = "N", default_value_t = 20,
+              value_parser = clap::value_parser!(i64).range(1..=1000))]
+        limit: i64,
+    },
     /// Issue a certificate: writes <SERIAL>.key (not with --csr), <SERIAL>.pem and ca.pem.
     Cert {
+        /// Device S/N (either case).
         serial: String,
+        /// Folder for the files (created if missing); nothing is issued if it cannot be written.
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
         /// Sign this PEM certificate signing request instead of generating a key.
@@ -139,13 +183,51 @@ pub enum DeviceCommand {
         csr: Option<PathBuf>,
     },
     /// Revoke every valid certificate of the device; a running gateway closes its session.
-    Revoke { serial: String },
+    Revoke {
+        /// Device S/N (either case).
+        serial: String,
+    },
     /// Extend the device's lease by N months (from its end, or from today if it ended).
     Renew {
+        /// Device S/N (either case).
         serial: String,
-        #[arg(long)]
+        /// Months to add (1 to 120).
+        #[arg(long, value_name = "MONTHS")]
         months: i64,
     },
+}
+
+/// `--lat DEG --lon DEG`, where a device is: both or neither.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct Position {
+    /// Latitude in degrees, -90 to 90 (north positive); needs --lon.
+    #[arg(
+        long,
+        value_name = "DEG",
+        requires = "lon",
+        allow_negative_numbers = true
+    )]
+    lat: Option<f64>,
+    /// Longitude in degrees, -180 to 180 (east positive); needs --lat.
+    #[arg(
+        long,
+        value_name = "DEG",
+        requires = "lat",
+        allow_negative_numbers = true
+    )]
+    lon: Option<f64>,
+}
+
+impl Position {
+    /// The checked position, `None` when neither flag was given (`requires` rules out one).
+    fn checked(self) -> Result<Option<tms_model::LatLon>> {
+        match (self.lat, self.lon) {
+            (Some(lat), Some(lon)) => tms_model::LatLon::new(lat, lon)
+                .map(Some)
+                .map_err(|e| usage(format!("--{e}"))),
+            _ => Ok(None),
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -417,6 +499,22 @@ fn serial_arg(s: &str) -> Result<DeviceSerial> {
     DeviceSerial::parse(s).map_err(|e| usage(e.to_string()))
 }
 
+async fn locate(
+    store: &tms_store::Store,
+    serial: &DeviceSerial,
+    point: tms_model::LatLon,
+) -> Result<()> {
+    provisioning::set_manual_location(store, serial, point, tms_model::now_ms())
+        .await
+        .with_context(|| format!("setting the location of {serial}"))?;
+    println!(
+        "location of {serial}: {}, {} (set by hand)",
+        point.lat(),
+        point.lon()
+    );
+    Ok(())
+}
+
 async fn device(config: Config, command: DeviceCommand) -> Result<()> {
     match command {
         DeviceCommand::Add {
@@ -429,9 +527,11 @@ async fn device(config: Config, command: DeviceCommand) -> Result<()> {
             ups_model,
             ups_model_number,
             ups_serial,
+            position,
         } => {
             let serial = serial_arg(&serial)?;
             let mac = Mac::parse(&mac).map_err(|e| usage(e.to_string()))?;
+            let point = position.checked()?;
             if company.trim().is_empty() {
                 return Err(usage("--company must not be empty"));
             }
@@ -476,8 +576,24 @@ async fn device(config: Config, command: DeviceCommand) -> Result<()> {
                 .await
                 .with_context(|| format!("registering device {serial}"))?;
             println!("registered device {serial} ({mac}) for {company}");
+            if let Some(point) = point {
+                locate(&store, &serial, point).await?;
+            }
             store.close().await;
             Ok(())
+        }
+        DeviceCommand::Locate { serial, position } => {
+            let serial = serial_arg(&serial)?;
+            let Some(point) = position.checked()? else {
+                return Err(usage("device locate needs --lat DEG and --lon DEG"));
+            };
+            let (store, _) = open_parts(&config).await?;
+            if store.device(serial.as_str()).await?.is_none() {
+                bail!("device {serial} is not registered");
+            }
+            let result = locate(&store, &serial, point).await;
+            store.close().await;
+            result
         }
         DeviceCommand::List { json, state, q } => {
             let (store, _) = open_parts(&config).await?;
@@ -522,18 +638,50 @@ async fn device(config: Config, command: DeviceCommand) -> Result<()> {
             let locations = store.locations_of(serial.as_str()).await?;
             let certificates = store.certificates_of(serial.as_str()).await?;
             let refusals = store.refusals(serial.as_str(), 10).await?;
-            let detail = tms_gateway::views(&config).device_detail(
-                &view,
-                &locations,
-                &certificates,
-                &refusals,
-            );
             if json {
+                let detail = tms_gateway::views(&config).device_detail(
+                    &view,
+                    &locations,
+                    &certificates,
+                    &refusals,
+                );
                 println!("{}", serde_json::to_string_pretty(&detail)?);
             } else {
-                print_tree(&detail, "");
+                let rejected_payloads = store.quarantine(serial.as_str(), 1000).await?.len();
+                let shown = crate::show::Shown {
+                    view: &view,
+                    locations: &locations,
+                    certificates: &certificates,
+                    refusals: &refusals,
+                    rejected_payloads,
+                    now_ms: tms_model::now_ms(),
+                };
+                print!("{}", shown.render());
             }
             store.close().await;
+            Ok(())
+        }
+        DeviceCommand::Quarantine { serial, limit } => {
+            let serial = serial_arg(&serial)?;
+            let (store, _) = open_parts(&config).await?;
+            if store.device(serial.as_str()).await?.is_none() {
+                bail!("device {serial} is not registered");
+            }
+            let rows = store.quarantine(serial.as_str(), limit).await?;
+            store.close().await;
+            if rows.is_empty() {
+                println!("no rejected payloads from {serial}: every message it sent could be read");
+            }
+            for q in &rows {
+                println!(
+                    "{}  {}  ({} bytes)",
+                    views::time(Some(q.received_at)).as_str().unwrap_or("?"),
+                    q.topic,
+                    q.payload.len()
+                );
+                println!("  why:     {}", q.error);
+                println!("  payload: {}", printable(&q.payload, 400));
+            }
             Ok(())
         }
         DeviceCommand::Cert { serial, out, csr } => {
@@ -721,24 +869,49 @@ impl Drop for StagedFiles {
     }
 }
 
-fn print_tree(v: &serde_json::Value, indent: &str) {
-    if let serde_json::Value::Object(map) = v {
-        for (k, v) in map {
-            match v {
-                serde_json::Value::Object(_) => {
-                    println!("{indent}{k}:");
-                    print_tree(v, &format!("{indent}  "));
+/// What a device sent, safe to print on a terminal: invalid UTF-8 replaced, control
+/// characters (escape sequences, newlines) escaped, at most `max` characters.
+fn printable(bytes: &[u8], max: usize) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let mut out = String::new();
+    for (i, c) in text.chars().enumerate() {
+        if i == max {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every subcommand, flag and positional argument a person can type says what it is for.
+    #[test]
+    fn every_command_and_argument_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id != "help" && id != "version" && arg.get_help().is_none() {
+                    missing.push(format!("{path} {id}"));
                 }
-                serde_json::Value::Array(items) => {
-                    println!("{indent}{k}: ({})", items.len());
-                    for item in items {
-                        print_tree(item, &format!("{indent}  - "));
-                    }
+            }
+            for sub in cmd.get_subcommands() {
+                let name = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() {
+                    missing.push(name.clone());
                 }
-                serde_json::Value::Null => println!("{indent}{k}: -"),
-                serde_json::Value::String(s) => println!("{indent}{k}: {s}"),
-                other => println!("{indent}{k}: {other}"),
+                walk(sub, &name, missing);
             }
         }
+        let mut missing = Vec::new();
+        walk(&super::Args::command(), "tms-gateway", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:?}");
     }
 }

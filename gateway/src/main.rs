@@ -2,6 +2,7 @@
 //! Exit codes: 0 success, 2 bad usage or invalid configuration, 1 anything else.
 
 mod cli;
+mod show;
 
 use std::process::ExitCode;
 

@@ -1,7 +1,9 @@
 //! `tms-gateway simulate`: N simulated RemotEye 4 devices, each registered with its own
 //! certificate, connecting over mutual TLS and publishing realistic UPS telemetry — a demo
-//! for newcomers and a load generator. Keys stay in memory; nothing is written but the
-//! device registrations and certificate records a real onboarding would leave.
+//! for newcomers and a load generator. Each device reports a location of its own (spread over
+//! Europe, the same in every run) once it is connected, so the demo map fills. Keys stay in
+//! memory; nothing is written but the device registrations and certificate records a real
+//! onboarding would leave.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -56,6 +58,55 @@ fn telemetry(n: u64, device: usize) -> String {
         "alarms": if on_battery { vec!["utility_failure"] } else { Vec::<&str>::new() },
     })
     .to_string()
+}
+
+/// Cities the simulated fleet is spread over (lat, lon): the demo map shows a fleet across
+/// Europe, on land, instead of one dot or none.
+const CITIES: [(f64, f64); 24] = [
+    (52.52, 13.40), // Berlin
+    (48.86, 2.35),  // Paris
+    (51.51, -0.13), // London
+    (40.42, -3.70), // Madrid
+    (41.90, 12.50), // Rome
+    (52.37, 4.90),  // Amsterdam
+    (50.85, 4.35),  // Brussels
+    (48.21, 16.37), // Vienna
+    (50.08, 14.44), // Prague
+    (52.23, 21.01), // Warsaw
+    (47.50, 19.04), // Budapest
+    (59.33, 18.07), // Stockholm
+    (55.68, 12.57), // Copenhagen
+    (59.91, 10.75), // Oslo
+    (60.17, 24.94), // Helsinki
+    (53.35, -6.26), // Dublin
+    (38.72, -9.14), // Lisbon
+    (37.98, 23.73), // Athens
+    (44.43, 26.10), // Bucharest
+    (47.37, 8.54),  // Zurich
+    (45.46, 9.19),  // Milan
+    (41.39, 2.17),  // Barcelona
+    (53.55, 9.99),  // Hamburg
+    (45.76, 4.84),  // Lyon
+];
+
+/// Where a simulated device is: one of [`CITIES`] and up to ±0.25° around it, both from a
+/// hash of the serial, so a device is in the same place in every run.
+fn location(serial: &DeviceSerial) -> serde_json::Value {
+    // FNV-1a: stable across runs and Rust versions, unlike the std hasher.
+    let hash = serial
+        .as_str()
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+    let (lat, lon) = CITIES[(hash % CITIES.len() as u64) as usize];
+    let jitter = |bits: u64| ((bits & 0xffff) as f64 / 65_535.0 - 0.5) * 0.5;
+    let round = |x: f64| (x * 1e5).round() / 1e5;
+    serde_json::json!({
+        "lat": round(lat + jitter(hash >> 16)),
+        "lon": round(lon + jitter(hash >> 32)),
+        "accuracy_m": 50,
+    })
 }
 
 fn broker_addr(config: &Config, explicit: Option<SocketAddr>) -> SocketAddr {
@@ -252,7 +303,8 @@ async fn device(
                     connected = true;
                     counters.connected.fetch_add(1, Ordering::Relaxed);
                     let info = serde_json::json!({"system_name": format!("1600XP 18kVA 16{index:07}"), "firmware": "RE4 2.1.0-sim"});
-                    for (kind, payload) in [("status", "online".to_owned()), ("info", info.to_string())] {
+                    let place = location(&serial).to_string();
+                    for (kind, payload) in [("status", "online".to_owned()), ("info", info.to_string()), ("location", place)] {
                         if client.try_publish(format!("tms/{serial}/{kind}"), QoS::AtLeastOnce, false, payload).is_ok() {
                             counters.published.fetch_add(1, Ordering::Relaxed);
                         }
@@ -283,4 +335,32 @@ async fn device(
         while eventloop.poll().await.is_ok() {}
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_device_has_its_own_place_in_europe_the_same_every_time() {
+        let places: Vec<(f64, f64)> = (0..50)
+            .map(|i| {
+                let serial = DeviceSerial::parse(&format!("SIM{i:07}")).unwrap();
+                let l = location(&serial);
+                assert_eq!(l, location(&serial), "deterministic");
+                (l["lat"].as_f64().unwrap(), l["lon"].as_f64().unwrap())
+            })
+            .collect();
+        for &(lat, lon) in &places {
+            assert!(
+                (34.0..=62.0).contains(&lat) && (-10.0..=27.0).contains(&lon),
+                "{lat},{lon}"
+            );
+        }
+        let cities: std::collections::HashSet<_> = places
+            .iter()
+            .map(|&(lat, lon)| ((lat * 2.0).round() as i64, (lon * 2.0).round() as i64))
+            .collect();
+        assert!(cities.len() >= 12, "spread over the region: {cities:?}");
+    }
 }

@@ -297,19 +297,14 @@ pub fn parse_location(payload: &[u8]) -> Result<LocationPayload, String> {
     let map = object(payload)?;
     let lat = number(&map, "", "lat")?.ok_or("lat is required")?;
     let lon = number(&map, "", "lon")?.ok_or("lon is required")?;
-    if !(-90.0..=90.0).contains(&lat) {
-        return Err(format!("lat {lat} is outside -90..90"));
-    }
-    if !(-180.0..=180.0).contains(&lon) {
-        return Err(format!("lon {lon} is outside -180..180"));
-    }
+    let point = tms_model::LatLon::new(lat, lon).map_err(|e| e.to_string())?;
     let accuracy_m = number(&map, "", "accuracy_m")?;
     if accuracy_m.is_some_and(|a| a < 0.0) {
         return Err("accuracy_m must not be negative".into());
     }
     Ok(LocationPayload {
-        lat,
-        lon,
+        lat: point.lat(),
+        lon: point.lon(),
         accuracy_m,
     })
 }

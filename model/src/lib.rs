@@ -15,7 +15,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 /// Why a value could not be turned into a domain type; the message says what is allowed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ParseError {
     #[error(
         "device serial {value:?} is invalid: use 1 to 64 characters of A-Z, a-z, 0-9, '-', '_' or '.'"
@@ -23,6 +23,22 @@ pub enum ParseError {
     Serial { value: String },
     #[error("MAC address {value:?} is invalid: {why}")]
     Mac { value: String, why: &'static str },
+    #[error("lat {0} is outside -90..90")]
+    Latitude(f64),
+    #[error("lon {0} is outside -180..180")]
+    Longitude(f64),
+}
+
+impl ParseError {
+    /// The name of the field that holds the bad value (`serial`, `mac`, `lat`, `lon`).
+    pub fn field(&self) -> &'static str {
+        match self {
+            Self::Serial { .. } => "serial",
+            Self::Mac { .. } => "mac",
+            Self::Latitude(_) => "lat",
+            Self::Longitude(_) => "lon",
+        }
+    }
 }
 
 /// A device serial number (the RemotEye "Device S/N"): the certificate CN, the MQTT client id
@@ -142,6 +158,37 @@ impl Mac {
     }
 }
 
+/// A position in degrees (WGS 84): latitude -90..=90 and longitude -180..=180, both finite.
+///
+/// The one range check for a location, whoever gives it: a device's `tms/<serial>/location`,
+/// the registration form, `PUT …/location`, or `device add`/`device locate` on the command line.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LatLon {
+    lat: f64,
+    lon: f64,
+}
+
+impl LatLon {
+    pub fn new(lat: f64, lon: f64) -> Result<Self, ParseError> {
+        // `contains` is false for NaN, so a NaN never passes either check.
+        if !(-90.0..=90.0).contains(&lat) {
+            return Err(ParseError::Latitude(lat));
+        }
+        if !(-180.0..=180.0).contains(&lon) {
+            return Err(ParseError::Longitude(lon));
+        }
+        Ok(Self { lat, lon })
+    }
+
+    pub fn lat(&self) -> f64 {
+        self.lat
+    }
+
+    pub fn lon(&self) -> f64 {
+        self.lon
+    }
+}
+
 impl fmt::Display for Mac {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let o = self.0;
@@ -243,6 +290,28 @@ mod tests {
         assert_eq!(
             DeviceSerial::parse("sim-a.b_c").unwrap().to_string(),
             "SIM-A.B_C"
+        );
+    }
+
+    #[test]
+    fn lat_lon_accepts_the_globe_and_nothing_else() {
+        for (lat, lon) in [(0.0, 0.0), (-90.0, -180.0), (90.0, 180.0), (52.52, 13.405)] {
+            let p = LatLon::new(lat, lon).unwrap();
+            assert_eq!((p.lat(), p.lon()), (lat, lon));
+        }
+        for (lat, lon, field) in [
+            (90.1, 0.0, "lat"),
+            (-91.0, 0.0, "lat"),
+            (f64::NAN, 0.0, "lat"),
+            (0.0, 180.5, "lon"),
+            (0.0, f64::NEG_INFINITY, "lon"),
+        ] {
+            let err = LatLon::new(lat, lon).unwrap_err();
+            assert_eq!(err.field(), field, "({lat}, {lon})");
+        }
+        assert_eq!(
+            LatLon::new(0.0, 200.0).unwrap_err().to_string(),
+            "lon 200 is outside -180..180"
         );
     }
 

@@ -77,6 +77,28 @@ pub async fn renew_lease(
         .await?)
 }
 
+/// The location source of a position set by a person (API `PUT …/location`, `device add
+/// --lat --lon`, `device locate`): ranked below what the device itself reports.
+pub const MANUAL_LOCATION_SOURCE: &str = "operator";
+
+/// Sets a device's location by hand, as the API and the command line both do.
+pub async fn set_manual_location(
+    store: &Store,
+    serial: &DeviceSerial,
+    point: tms_model::LatLon,
+    now_ms: i64,
+) -> Result<(), StoreError> {
+    store
+        .set_location(
+            serial.as_str(),
+            point.lat(),
+            point.lon(),
+            MANUAL_LOCATION_SOURCE,
+            now_ms,
+        )
+        .await
+}
+
 /// When a certificate for this device must stop being valid: the end of its lease (UTC).
 pub fn lease_not_after(device: &DeviceRecord) -> Result<OffsetDateTime, ProvisioningError> {
     OffsetDateTime::from_unix_timestamp(device.lease_ends_at.div_euclid(1000)).map_err(|_| {

@@ -5,8 +5,8 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tms_store::{
-    CertificateRecord, DeviceStatus, DeviceView, LocationRecord, PeerRefusal, Refusal,
-    SessionRecord,
+    CertificateRecord, DeviceStatus, DeviceView, LocationRecord, PeerRefusal, QuarantinedPayload,
+    Refusal, SessionRecord,
 };
 
 /// Unix ms as RFC 3339 (UTC), or null.
@@ -137,6 +137,18 @@ pub fn location(l: &LocationRecord) -> Value {
         "accuracy_m": l.accuracy_m,
         "source": l.source,
         "updated_at": time(Some(l.updated_at)),
+    })
+}
+
+/// A quarantined payload for people: the bytes as text (invalid UTF-8 shown as U+FFFD), and
+/// their true length, since the text may differ from what was sent.
+pub fn quarantined(q: &QuarantinedPayload) -> Value {
+    json!({
+        "topic": q.topic,
+        "error": q.error,
+        "payload": String::from_utf8_lossy(&q.payload),
+        "payload_bytes": q.payload.len(),
+        "received_at": time(Some(q.received_at)),
     })
 }
 

@@ -162,6 +162,18 @@ pub struct FleetCounts {
     pub identity_mismatches: i64,
 }
 
+/// A malformed payload a device sent, kept for inspection (CONTRACT §4).
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct QuarantinedPayload {
+    /// The topic it came on, e.g. `tms/<serial>/telemetry`.
+    pub topic: String,
+    /// Why it was set aside.
+    pub error: String,
+    /// The bytes as received (not necessarily UTF-8).
+    pub payload: Vec<u8>,
+    pub received_at: i64,
+}
+
 /// Refused connection attempts of one device, coalesced by reason.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Refusal {
@@ -608,24 +620,25 @@ impl Store {
         serial: &str,
         limit: i64,
     ) -> Result<Vec<(String, String, Vec<u8>)>> {
-        let rows = sqlx::query(
-            "SELECT topic, error, payload FROM quarantine WHERE serial = $1 ORDER BY received_at DESC, id DESC LIMIT $2",
+        Ok(self
+            .quarantine(serial, limit)
+            .await?
+            .into_iter()
+            .map(|q| (q.topic, q.error, q.payload))
+            .collect())
+    }
+
+    /// Quarantined (malformed) messages of a device, newest first, with when they came.
+    pub async fn quarantine(&self, serial: &str, limit: i64) -> Result<Vec<QuarantinedPayload>> {
+        sqlx::query_as::<_, QuarantinedPayload>(
+            "SELECT topic, error, payload, received_at FROM quarantine WHERE serial = $1 \
+             ORDER BY received_at DESC, id DESC LIMIT $2",
         )
         .bind(serial)
         .bind(limit)
         .fetch_all(self.pool())
         .await
-        .map_err(query_err("reading quarantine"))?;
-        rows.iter()
-            .map(|r| {
-                Ok((
-                    r.try_get("topic")?,
-                    r.try_get("error")?,
-                    r.try_get("payload")?,
-                ))
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(query_err("decoding quarantine"))
+        .map_err(query_err("reading quarantine"))
     }
 
     /// Recent refused connection attempts of a device, newest first.

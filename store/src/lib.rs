@@ -21,7 +21,7 @@ pub use accounts::{
 pub use certificates::CertificateRecord;
 pub use devices::{
     DeviceFilter, DeviceRecord, DeviceStatus, DeviceView, FleetCounts, LocationRecord, NewDevice,
-    Refusal, SessionRecord, TelemetryRecord,
+    QuarantinedPayload, Refusal, SessionRecord, TelemetryRecord,
 };
 pub use ingest::{
     InfoRow, LocationRow, QuarantineRow, RefusalRow, Split, StatusEvent, TelemetryRow, WriteBatch,

@@ -161,6 +161,7 @@ assert.equal(located.status, 0, `location published: ${located.stderr}`);
 device = spawn('mosquitto_pub', [...mqttArgs(files, SERIAL), '-k', '30', '-l', '-t', `tms/${SERIAL}/telemetry`], { stdio: ['pipe', 'inherit', 'inherit'] });
 const telemetry = (load, charge, ago) => JSON.stringify({ ts: Date.now() - ago * 1000, mode: 'online', load_pct: load, battery: { charge_pct: charge, runtime_min: 42, voltage: 54.2, temperature_c: 24 }, input: { voltage: 230, frequency_hz: 50 }, output: { voltage: 230, frequency_hz: 50, current_a: 6.1 }, alarms: [] });
 for (const [load, charge, ago] of [[31, 100, 120], [36, 99, 60], [34, 98, 0]]) device.stdin.write(telemetry(load, charge, ago) + '\n');
+device.stdin.write('{"load_pct": "very high"}\n'); // malformed: shown under Rejected payloads
 await row.locator('[data-state="online"]').waitFor({ timeout: 20000 });
 assert.equal(navigations, 0, 'the list turned green without a reload');
 assert.deepEqual(await customer.locator('#devices tbody tr').evaluateAll((rows) => rows.map((r) => r.dataset.serial)), [SERIAL], 'the list shows only this customer\'s device');
@@ -193,6 +194,8 @@ await customer.locator('#refusals tr[data-reason="client_id_mismatch"]').waitFor
 await customer.locator('#chart polyline.load').waitFor();
 assert.match(await customer.textContent('#latest'), /34 %/);
 assert.match(await customer.textContent('#location'), /29\.76040, -95\.36980/);
+await customer.locator('#quarantine tbody tr').waitFor();
+assert.match(await customer.textContent('#quarantine'), /load_pct must be a number.*very high.*25 bytes/s, 'the rejected payload with its reason');
 await accessible(customer, 'device');
 await fits(customer, 'device at 1280x800');
 assert.ok(

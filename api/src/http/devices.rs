@@ -1,4 +1,4 @@
-//! The fleet: list, detail, status, telemetry, location, and Generate Certificate.
+//! The fleet: list, detail, status, telemetry, quarantine, location, and Generate Certificate.
 //!
 //! Every route goes through [`visible_device`]: a device the caller may not see answers 404
 //! exactly like one that does not exist. Customers see their company's devices, providers
@@ -118,6 +118,7 @@ pub(super) async fn status(
     Ok(axum::Json(s.views.status(&view.status)).into_response())
 }
 
+/// `?limit=1..1000` of the per-device history routes (telemetry, quarantine); 100 if absent.
 #[derive(Deserialize)]
 pub(super) struct TelemetryQuery {
     limit: Option<String>,
@@ -125,28 +126,42 @@ pub(super) struct TelemetryQuery {
 
 const TELEMETRY_MAX: i64 = 1000;
 
+impl TelemetryQuery {
+    /// The device, if the caller may see it, and how many of its rows to answer with.
+    async fn visible(
+        &self,
+        s: &ApiState,
+        caller: &Caller,
+        serial: &str,
+    ) -> Result<(DeviceSerial, i64), ApiError> {
+        let (serial, _) = visible_device(s, caller, serial).await?;
+        Ok((serial, self.limit()?))
+    }
+
+    fn limit(&self) -> Result<i64, ApiError> {
+        match self.limit.as_deref() {
+            None => Ok(100),
+            Some(l) => match l.parse::<i64>() {
+                Ok(n) if (1..=TELEMETRY_MAX).contains(&n) => Ok(n),
+                _ => Err(ApiError::validation(
+                    [(
+                        "limit".to_owned(),
+                        format!("must be a whole number from 1 to {TELEMETRY_MAX}"),
+                    )]
+                    .into(),
+                )),
+            },
+        }
+    }
+}
+
 pub(super) async fn telemetry(
     State(s): State<ApiState>,
     caller: Caller,
     Path(serial): Path<String>,
     Query(query): Query<TelemetryQuery>,
 ) -> Result<Response, ApiError> {
-    let (serial, _) = visible_device(&s, &caller, &serial).await?;
-    let limit = match query.limit.as_deref() {
-        None => 100,
-        Some(l) => match l.parse::<i64>() {
-            Ok(n) if (1..=TELEMETRY_MAX).contains(&n) => n,
-            _ => {
-                return Err(ApiError::validation(
-                    [(
-                        "limit".to_owned(),
-                        format!("must be a whole number from 1 to {TELEMETRY_MAX}"),
-                    )]
-                    .into(),
-                ));
-            }
-        },
-    };
+    let (serial, limit) = query.visible(&s, &caller, &serial).await?;
     let rows = s.store.telemetry(serial.as_str(), limit).await?;
     let out: Vec<Value> = rows
         .iter()
@@ -161,6 +176,20 @@ pub(super) struct LocationBody {
     lon: f64,
 }
 
+/// Malformed payloads the device sent, newest first: each as text (invalid UTF-8 replaced,
+/// so a person can read what came), with its length in bytes, topic, reason and arrival.
+pub(super) async fn quarantine(
+    State(s): State<ApiState>,
+    caller: Caller,
+    Path(serial): Path<String>,
+    Query(query): Query<TelemetryQuery>,
+) -> Result<Response, ApiError> {
+    let (serial, limit) = query.visible(&s, &caller, &serial).await?;
+    let rows = s.store.quarantine(serial.as_str(), limit).await?;
+    let out: Vec<Value> = rows.iter().map(views::quarantined).collect();
+    Ok(axum::Json(out).into_response())
+}
+
 pub(super) async fn set_location(
     State(s): State<ApiState>,
     caller: Caller,
@@ -169,19 +198,13 @@ pub(super) async fn set_location(
 ) -> Result<Response, ApiError> {
     let (serial, _) = visible_device(&s, &caller, &serial).await?;
     let LocationBody { lat, lon } = body(&bytes)?;
-    let mut fields = std::collections::BTreeMap::new();
-    if !(-90.0..=90.0).contains(&lat) {
-        fields.insert("lat".to_owned(), format!("{lat} is outside -90..90"));
-    }
-    if !(-180.0..=180.0).contains(&lon) {
-        fields.insert("lon".to_owned(), format!("{lon} is outside -180..180"));
-    }
-    if !fields.is_empty() {
-        return Err(ApiError::validation(fields));
-    }
-    s.store
-        .set_location(serial.as_str(), lat, lon, "operator", now_ms())
-        .await?;
+    let point = tms_model::LatLon::new(lat, lon).map_err(|e| {
+        ApiError::validation(std::collections::BTreeMap::from([(
+            e.field().to_owned(),
+            e.to_string(),
+        )]))
+    })?;
+    tms_registry::provisioning::set_manual_location(&s.store, &serial, point, now_ms()).await?;
     let location = s.store.location(serial.as_str()).await?;
     Ok(axum::Json(location.as_ref().map_or(Value::Null, views::location)).into_response())
 }

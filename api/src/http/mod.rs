@@ -225,6 +225,14 @@ fn routes() -> Vec<Route> {
             devices::telemetry,
         ),
         route(
+            "GET",
+            "/api/v1/devices/{serial}/quarantine",
+            LoggedIn,
+            "Malformed payloads the device sent, newest first (?limit=1..1000)",
+            None,
+            devices::quarantine,
+        ),
+        route(
             "PUT",
             "/api/v1/devices/{serial}/location",
             LoggedIn,

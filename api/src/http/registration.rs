@@ -257,13 +257,15 @@ fn validate(body: &Value) -> Result<Validated, ApiError> {
     let location = match (f.get("location.lat"), f.get("location.lon")) {
         (None, None) => None,
         (Some(lat), Some(lon)) => match (lat.as_f64(), lon.as_f64()) {
-            (Some(lat), Some(lon))
-                if (-90.0..=90.0).contains(&lat) && (-180.0..=180.0).contains(&lon) =>
-            {
-                Some((lat, lon))
-            }
+            (Some(lat), Some(lon)) => match tms_model::LatLon::new(lat, lon) {
+                Ok(point) => Some((point.lat(), point.lon())),
+                Err(e) => {
+                    f.fail("location", e.to_string());
+                    None
+                }
+            },
             _ => {
-                f.fail("location", "lat must be -90..90 and lon -180..180");
+                f.fail("location", "lat and lon must be numbers");
                 None
             }
         },
