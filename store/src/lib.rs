@@ -10,6 +10,7 @@
 mod accounts;
 mod certificates;
 mod devices;
+mod history;
 mod ingest;
 mod peers;
 mod script;
@@ -19,10 +20,8 @@ pub use accounts::{
     OutgoingMail, QueuedMail, Registration, RegistrationCompany, RegistrationIds, RegistrationUser,
 };
 pub use certificates::CertificateRecord;
-pub use devices::{
-    DeviceFilter, DeviceRecord, DeviceStatus, DeviceView, FleetCounts, LocationRecord, NewDevice,
-    QuarantinedPayload, Refusal, SessionRecord, TelemetryRecord,
-};
+pub use devices::{DeviceFilter, DeviceRecord, DeviceStatus, DeviceView, FleetCounts, NewDevice};
+pub use history::{LocationRecord, QuarantinedPayload, Refusal, SessionRecord, TelemetryRecord};
 pub use ingest::{
     InfoRow, LocationRow, QuarantineRow, RefusalRow, Split, StatusEvent, TelemetryRow, WriteBatch,
 };
