@@ -190,31 +190,10 @@ async fn a_client_that_refuses_the_server_certificate_is_shown_per_peer_with_its
         "counted in /metrics"
     );
     // Peers belong to no customer: a provider may not list them.
-    gw.cli_stdin(
-        &[
-            "user",
-            "add",
-            "--email",
-            "prov@example.com",
-            "--role",
-            "provider",
-            "--password-stdin",
-        ],
-        "provider-password-1\n",
-    );
-    let login: serde_json::Value = http
-        .post(gw.url("/api/v1/auth/login"))
-        .json(&serde_json::json!({"email": "prov@example.com", "password": "provider-password-1"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let provider = login["token"].as_str().unwrap();
+    let provider = staff_token(&gw, "prov@example.com", "provider").await;
     let resp = http
         .get(gw.url("/api/v1/refusals"))
-        .bearer_auth(provider)
+        .bearer_auth(&provider)
         .send()
         .await
         .unwrap();

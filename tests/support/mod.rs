@@ -571,21 +571,28 @@ pub async fn wait_refusal(store: &Store, serial: &str, reason: &str) -> tms_stor
 
 /// Creates an admin through the CLI and logs in; returns the bearer token.
 pub async fn admin_token(gw: &TestGateway) -> String {
+    staff_token(gw, "admin@example.com", "admin").await
+}
+
+/// Creates a staff account (`admin` or `provider`) through the CLI and logs in; returns the
+/// bearer token.
+pub async fn staff_token(gw: &TestGateway, email: &str, role: &str) -> String {
+    let password = format!("{role}-password-1");
     gw.cli_stdin(
         &[
             "user",
             "add",
             "--email",
-            "admin@example.com",
+            email,
             "--role",
-            "admin",
+            role,
             "--password-stdin",
         ],
-        "admin-password-1\n",
+        &format!("{password}\n"),
     );
     let resp: serde_json::Value = reqwest::Client::new()
         .post(gw.url("/api/v1/auth/login"))
-        .json(&serde_json::json!({"email": "admin@example.com", "password": "admin-password-1"}))
+        .json(&serde_json::json!({"email": email, "password": password}))
         .send()
         .await
         .unwrap()
