@@ -28,7 +28,7 @@ pub use tms_model::{Acks, BrokerEvent, DeviceMessage, DisconnectReason, RefusalR
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -109,6 +109,41 @@ pub struct Broker {
     sessions: Mutex<HashMap<DeviceSerial, Arc<SessionControl>>>,
     next_session: AtomicU64,
     permits: Arc<Semaphore>,
+    refusal_log: LogBudget,
+}
+
+/// Refusal log lines written per second at most: a flood of refused handshakes is counted
+/// and recorded (coalesced) in the store, not written to the log line by line.
+const REFUSAL_LOG_PER_SEC: u32 = 20;
+
+/// How many refusal lines this second has written, and how many were held back since the
+/// last one written.
+#[derive(Default)]
+struct LogBudget {
+    second: AtomicU64,
+    used: AtomicU32,
+    held_back: AtomicU64,
+}
+
+impl LogBudget {
+    /// `Some(lines held back before this one)` when this line may be written at `now_s`.
+    fn admit(&self, now_s: u64) -> Option<u64> {
+        let second = self.second.load(Ordering::Relaxed);
+        if second != now_s
+            && self
+                .second
+                .compare_exchange(second, now_s, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.used.store(0, Ordering::Relaxed);
+        }
+        if self.used.fetch_add(1, Ordering::Relaxed) < REFUSAL_LOG_PER_SEC {
+            Some(self.held_back.swap(0, Ordering::Relaxed))
+        } else {
+            self.held_back.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
 }
 
 impl Broker {
@@ -148,6 +183,7 @@ impl Broker {
             sessions: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
             permits,
+            refusal_log: LogBudget::default(),
         }))
     }
 
@@ -309,13 +345,25 @@ impl Broker {
             Ok(serial) => serial.as_str().to_owned(),
             Err(_) => cn,
         });
-        tracing::info!(device.serial = common_name.as_deref().unwrap_or("-"), peer.addr = %peer, reason = reason.as_str(), detail = %detail, "connection refused");
+        let at_ms = tms_model::now_ms();
+        match self
+            .refusal_log
+            .admit(u64::try_from(at_ms / 1000).unwrap_or(0))
+        {
+            Some(0) => {
+                tracing::info!(device.serial = common_name.as_deref().unwrap_or("-"), peer.addr = %peer, reason = reason.as_str(), detail = %detail, "connection refused")
+            }
+            Some(held_back) => {
+                tracing::info!(device.serial = common_name.as_deref().unwrap_or("-"), peer.addr = %peer, reason = reason.as_str(), detail = %detail, held_back, "connection refused (and {held_back} more since the last line, counted in tms_broker_connects_refused_total)")
+            }
+            None => {}
+        }
         let event = BrokerEvent::Refused {
             common_name,
             peer,
             reason,
             detail,
-            at_ms: tms_model::now_ms(),
+            at_ms,
         };
         if self.events.try_send(event).is_err() {
             metrics::counter!("tms_broker_refusal_events_dropped_total").increment(1);
@@ -329,4 +377,22 @@ fn is_transient_accept_error(e: &std::io::Error) -> bool {
         e.kind(),
         ConnectionAborted | ConnectionReset | Interrupted | WouldBlock
     ) || matches!(e.raw_os_error(), Some(23 | 24)) // ENFILE, EMFILE
+}
+
+#[cfg(test)]
+mod log_budget_tests {
+    use super::{LogBudget, REFUSAL_LOG_PER_SEC};
+
+    #[test]
+    fn refusal_lines_are_bounded_per_second_and_the_rest_counted() {
+        let b = LogBudget::default();
+        let written = (0..1000).filter(|_| b.admit(7).is_some()).count();
+        assert_eq!(written, REFUSAL_LOG_PER_SEC as usize);
+        assert_eq!(
+            b.admit(8),
+            Some(1000 - u64::from(REFUSAL_LOG_PER_SEC)),
+            "the next second says how many were held back"
+        );
+        assert_eq!(b.admit(8), Some(0));
+    }
 }

@@ -298,6 +298,20 @@ pub(crate) fn classify(e: &rustls::Error, id: Option<&CertIdentity>) -> (Refusal
             other => (RefusalReason::InvalidCertificate, certificate_words(other)),
         },
         rustls::Error::AlertReceived(alert) => (RefusalReason::TlsError, alert_words(*alert)),
+        rustls::Error::PeerMisbehaved(how) => (
+            RefusalReason::TlsError,
+            format!(
+                "the client broke the TLS handshake's rules ({}); check its TLS settings and the broker name it uses",
+                spoken(&format!("{how:?}"))
+            ),
+        ),
+        rustls::Error::PeerIncompatible(how) => (
+            RefusalReason::TlsError,
+            format!(
+                "the client's TLS cannot work with the gateway's ({}); it needs TLS 1.2 or 1.3",
+                spoken(&format!("{how:?}"))
+            ),
+        ),
         other => (RefusalReason::TlsError, other.to_string()),
     }
 }

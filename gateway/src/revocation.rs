@@ -37,8 +37,6 @@ pub(crate) async fn reload(
 /// How often rotation overlaps are ended and sessions with expired certificates closed.
 const SWEEP: Duration = Duration::from_secs(5);
 /// How often session history past `presence.history_retention_days` is deleted.
-/// Records of refused peers kept at most (the newest); strangers cannot grow the table.
-const PEER_REFUSALS_KEPT: i64 = 1000;
 const PRUNE: Duration = Duration::from_secs(3600);
 
 pub(crate) async fn watch(
@@ -82,7 +80,10 @@ pub(crate) async fn watch(
                     }
                     Err(e) => tracing::warn!(error = %e, "cannot prune session history"),
                 }
-                match store.prune_peer_refusals(before, PEER_REFUSALS_KEPT).await {
+                match store
+                    .prune_peer_refusals(before, tms_store::PEER_REFUSALS_KEPT)
+                    .await
+                {
                     Ok(0) => {}
                     Ok(n) => tracing::info!(peers = n, "pruned records of refused peers"),
                     Err(e) => tracing::warn!(error = %e, "cannot prune refused peers"),

@@ -67,7 +67,10 @@ fn check_depth(payload: &[u8]) -> Result<(), String> {
 /// in text; the others break logs and pages) and at most [`MAX_TEXT_CHARS`] characters.
 pub fn clean_text(field: &str, value: &str) -> Result<(), String> {
     if let Some(c) = value.chars().find(|c| c.is_control()) {
-        return Err(format!("{field} contains the control character {c:?}"));
+        return Err(format!(
+            "{field} contains the control character U+{:04X}",
+            u32::from(c)
+        ));
     }
     let chars = value.chars().count();
     if chars > MAX_TEXT_CHARS {

@@ -477,6 +477,12 @@ impl Store {
             })
             .await?;
         }
+        if !batch.peer_refusals.is_empty() {
+            w.execute("trimming refused peers", peers::TRIM, |b| {
+                b.bind(peers::PEER_REFUSALS_KEPT - 1);
+            })
+            .await?;
+        }
 
         w.commit("committing an ingest batch").await
     }

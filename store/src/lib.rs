@@ -25,7 +25,7 @@ pub use history::{LocationRecord, QuarantinedPayload, Refusal, SessionRecord, Te
 pub use ingest::{
     InfoRow, LocationRow, QuarantineRow, RefusalRow, Split, StatusEvent, TelemetryRow, WriteBatch,
 };
-pub use peers::PeerRefusal;
+pub use peers::{PEER_REFUSALS_KEPT, PeerRefusal};
 pub use users::{NewUser, UserRecord};
 
 use std::str::FromStr;

@@ -22,6 +22,15 @@ pub struct PeerRefusal {
     pub attempts: i64,
 }
 
+/// Records of refused peers kept at most (the newest): each batch that writes some trims the
+/// rest, so strangers with many addresses cannot grow the table.
+pub const PEER_REFUSALS_KEPT: i64 = 1000;
+
+/// Run after the upserts of a batch: everything older than the newest [`PEER_REFUSALS_KEPT`]
+/// goes (nothing while there are fewer).
+pub(crate) const TRIM: &str = "DELETE FROM peer_refusals WHERE last_at < \
+     (SELECT last_at FROM peer_refusals ORDER BY last_at DESC LIMIT 1 OFFSET $1)";
+
 /// The upsert ingest runs for each [`PeerRefusal`] (in its batch's transaction).
 pub(crate) const UPSERT: &str = "INSERT INTO peer_refusals (peer_ip, reason, detail, peer_addr, first_at, last_at, attempts) \
      VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (peer_ip, reason) DO UPDATE SET \

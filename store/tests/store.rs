@@ -416,3 +416,41 @@ async fn concurrent_login_attempts_reserve_at_most_the_limit_per_lock_window() {
         store.reset_login_failures(id).await.unwrap();
     }
 }
+
+#[tokio::test]
+async fn refused_peers_are_coalesced_and_trimmed_as_they_are_written() {
+    for store in backends().await.stores {
+        let peer = |i: i64, attempts| PeerRefusal {
+            peer_ip: format!("10.0.{}.{}", i / 256, i % 256),
+            peer_addr: format!("10.0.{}.{}:4000", i / 256, i % 256),
+            reason: "server_name_mismatch".into(),
+            detail: format!("try {i}"),
+            first_at: i,
+            last_at: i,
+            attempts,
+        };
+        let flood = WriteBatch {
+            peer_refusals: (0..1200).map(|i| peer(i, 1)).collect(),
+            ..WriteBatch::default()
+        };
+        store.write_batch(&flood).await.unwrap();
+        // The same peer again: one row, attempts added up.
+        let again = WriteBatch {
+            peer_refusals: vec![peer(1199, 4)],
+            ..WriteBatch::default()
+        };
+        store.write_batch(&again).await.unwrap();
+        let kept = store.peer_refusals(1000).await.unwrap();
+        assert_eq!(kept.len(), PEER_REFUSALS_KEPT as usize);
+        assert_eq!((kept[0].detail.as_str(), kept[0].attempts), ("try 1199", 5));
+        assert_eq!(kept.last().unwrap().last_at, 200, "the oldest 200 went");
+        assert_eq!(
+            store
+                .prune_peer_refusals(0, PEER_REFUSALS_KEPT)
+                .await
+                .unwrap(),
+            0,
+            "nothing left over for housekeeping: the write trimmed it"
+        );
+    }
+}

@@ -118,7 +118,8 @@ pub(super) async fn status(
     Ok(axum::Json(s.views.status(&view.status)).into_response())
 }
 
-/// `?limit=1..1000` of the per-device history routes (telemetry, quarantine); 100 if absent.
+/// `?limit=1..1000` of the history routes (telemetry, quarantine, refused peers); 100 if
+/// absent.
 #[derive(Deserialize)]
 pub(super) struct TelemetryQuery {
     limit: Option<String>,
@@ -138,7 +139,7 @@ impl TelemetryQuery {
         Ok((serial, self.limit()?))
     }
 
-    fn limit(&self) -> Result<i64, ApiError> {
+    pub(super) fn limit(&self) -> Result<i64, ApiError> {
         match self.limit.as_deref() {
             None => Ok(100),
             Some(l) => match l.parse::<i64>() {
