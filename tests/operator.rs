@@ -47,6 +47,35 @@ async fn a_device_cert_that_cannot_write_its_files_records_nothing() {
             "a failed device cert --out {out} recorded a certificate"
         );
     }
+    // A file that cannot be put in place (a folder has its name): nothing recorded, no key,
+    // no staging file left behind.
+    let blocked = gw.dir.path().join("blocked");
+    std::fs::create_dir_all(blocked.join("RE4A000200.pem")).unwrap();
+    let failed = gw.cli_output(&[
+        "device",
+        "cert",
+        "RE4A000200",
+        "--out",
+        blocked.to_str().unwrap(),
+    ]);
+    assert!(
+        !failed.status.success(),
+        "device cert into a blocked folder succeeded"
+    );
+    assert_eq!(
+        certificate_serials(&show_json(&gw, "RE4A000200")),
+        before,
+        "a certificate whose files could not be put in place was recorded"
+    );
+    let left: Vec<String> = std::fs::read_dir(&blocked)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        left,
+        ["RE4A000200.pem"],
+        "only the folder that was there stays: {left:?}"
+    );
     // A folder that exists but takes no files: nothing signed, nothing left behind.
     let read_only = gw.dir.path().join("read-only");
     std::fs::create_dir(&read_only).unwrap();

@@ -284,11 +284,18 @@ async fn device_cert(
     files.write(ca_file, ca.cert_pem())?;
     let issued_at = signed.issued_at();
     let earlier = signed.earlier.clone();
-    let issued = signed
-        .record(store)
-        .await
-        .with_context(|| format!("recording the certificate of {serial}"))?;
-    files.commit()?;
+    // In place first, recorded after: a certificate is recorded only once its files are
+    // where the user asked, and files of one not recorded are taken away again.
+    let placed = files.place()?;
+    let issued = match signed.record(store).await {
+        Ok(issued) => issued,
+        Err(e) => {
+            placed.remove();
+            return Err(e).with_context(|| {
+                format!("recording the certificate of {serial} (its files were removed again)")
+            });
+        }
+    };
     println!("issued certificate {} for {serial}", issued.serial_number);
     println!(
         "valid until {}",
@@ -318,7 +325,7 @@ async fn device_cert(
 }
 
 /// Files written beside their final names (`.NAME.partial`) and renamed into place together
-/// by [`StagedFiles::commit`]; dropped uncommitted, they leave nothing behind.
+/// by [`StagedFiles::place`]; dropped before that, they leave nothing behind.
 #[derive(Default)]
 struct StagedFiles {
     /// `(staging path, final path, open file)`.
@@ -353,18 +360,36 @@ impl StagedFiles {
             .with_context(|| format!("writing {}", target.display()))
     }
 
-    /// Puts every file in place.
-    fn commit(mut self) -> Result<()> {
-        for (staging, target, _) in std::mem::take(&mut self.files) {
-            std::fs::rename(&staging, &target).with_context(|| {
-                format!(
-                    "the certificate is recorded, but moving {} to {} failed",
-                    staging.display(),
-                    target.display()
-                )
-            })?;
+    /// Puts every file in place, or none: when one cannot be moved, those already moved are
+    /// removed again (and, dropped, the staging files too).
+    fn place(mut self) -> Result<PlacedFiles> {
+        let mut placed = PlacedFiles::default();
+        for (staging, target, _) in &self.files {
+            if let Err(e) = std::fs::rename(staging, target) {
+                placed.remove();
+                return Err(e).with_context(|| {
+                    format!(
+                        "cannot put {} in place; nothing was recorded",
+                        target.display()
+                    )
+                });
+            }
+            placed.0.push(target.clone());
         }
-        Ok(())
+        self.files.clear();
+        Ok(placed)
+    }
+}
+
+/// Files put in place for a certificate not yet recorded.
+#[derive(Default)]
+struct PlacedFiles(Vec<PathBuf>);
+
+impl PlacedFiles {
+    fn remove(&self) {
+        for target in &self.0 {
+            let _ = std::fs::remove_file(target);
+        }
     }
 }
 
