@@ -63,12 +63,32 @@ fn check_depth(payload: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
+/// Characters that change how text around them is shown without being seen themselves:
+/// direction overrides and isolates (U+202E makes "gnp.exe" read as "exe.png"), zero-width
+/// characters, line and paragraph separators. A device has no use for them in a mode or a name.
+fn invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{200B}'..='\u{200F}'
+            | '\u{2028}'..='\u{202E}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{2069}'
+            | '\u{FEFF}'
+    )
+}
+
 /// A text value that can be stored as it is: no control characters (PostgreSQL refuses NUL
 /// in text; the others break logs and pages) and at most [`MAX_TEXT_CHARS`] characters.
 pub fn clean_text(field: &str, value: &str) -> Result<(), String> {
     if let Some(c) = value.chars().find(|c| c.is_control()) {
         return Err(format!(
             "{field} contains the control character U+{:04X}",
+            u32::from(c)
+        ));
+    }
+    if let Some(c) = value.chars().find(|c| invisible(*c)) {
+        return Err(format!(
+            "{field} contains the invisible formatting character U+{:04X}",
             u32::from(c)
         ));
     }
@@ -340,6 +360,21 @@ mod tests {
 
     /// The fast path must accept exactly what the field-naming path accepts, with the same
     /// values: one verdict, whichever path reaches it.
+    #[test]
+    fn invisible_formatting_characters_are_refused_by_name() {
+        let e = clean_text("mode", "online\u{202E}gnp").unwrap_err();
+        assert_eq!(e, "mode contains the invisible formatting character U+202E");
+        assert!(clean_text("mode", "a\u{2028}b").is_err());
+        assert!(clean_text("system_name", "Smart-UPS 1500 ünïcödé").is_ok());
+        for payload in [
+            r#"{"mode":"on\u202eline"}"#,
+            "{\"mode\":\"on\u{202E}line\"}",
+        ] {
+            let e = parse_telemetry(payload.as_bytes(), 1).unwrap_err();
+            assert!(e.contains("U+202E"), "{payload}: {e}");
+        }
+    }
+
     #[test]
     fn fast_and_checked_telemetry_agree() {
         let cases: &[&[u8]] = &[
