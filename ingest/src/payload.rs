@@ -78,21 +78,25 @@ fn invisible(c: char) -> bool {
 }
 
 /// A text value that can be stored as it is: no control characters (PostgreSQL refuses NUL
-/// in text; the others break logs and pages) and at most [`MAX_TEXT_CHARS`] characters.
+/// in text; the others break logs and pages), no invisible formatting characters and at most
+/// [`MAX_TEXT_CHARS`] characters.
 pub fn clean_text(field: &str, value: &str) -> Result<(), String> {
-    if let Some(c) = value.chars().find(|c| c.is_control()) {
+    // One pass: this runs for text fields of every message.
+    let mut chars = 0;
+    for c in value.chars() {
+        chars += 1;
+        let what = if c.is_control() {
+            "control character"
+        } else if invisible(c) {
+            "invisible formatting character"
+        } else {
+            continue;
+        };
         return Err(format!(
-            "{field} contains the control character U+{:04X}",
+            "{field} contains the {what} U+{:04X}",
             u32::from(c)
         ));
     }
-    if let Some(c) = value.chars().find(|c| invisible(*c)) {
-        return Err(format!(
-            "{field} contains the invisible formatting character U+{:04X}",
-            u32::from(c)
-        ));
-    }
-    let chars = value.chars().count();
     if chars > MAX_TEXT_CHARS {
         return Err(format!(
             "{field} is {chars} characters long (at most {MAX_TEXT_CHARS})"
