@@ -1,12 +1,6 @@
 //! Accounts over HTTP: mail over a real SMTP server with retries, the login lockout (raced
 //! too), lease-end notices, and a login flood that stays bounded in memory.
 
-#![expect(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test helpers fail the test loudly"
-)]
-
 mod support;
 
 use std::process::Command;

@@ -1,12 +1,6 @@
 //! Generate Certificate over HTTP: a CSR keeps the device's key (checked with openssl), the
 //! CRL is served, and concurrent issues and lease renewals are ordered and all counted.
 
-#![expect(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test helpers fail the test loudly"
-)]
-
 mod support;
 
 use std::process::Command;

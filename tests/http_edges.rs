@@ -2,12 +2,6 @@
 //! control characters and multi-byte MACs refused by name, slow clients cut off without
 //! crowding out devices, and every error in the JSON error shape.
 
-#![expect(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test helpers fail the test loudly"
-)]
-
 mod support;
 
 use std::time::Duration;

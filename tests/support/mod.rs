@@ -510,3 +510,30 @@ pub async fn fresh_postgres_url(name: &str) -> Option<String> {
     let sep = if base.contains('?') { '&' } else { '?' };
     Some(format!("{base}{sep}options=-c%20search_path%3D{schema}"))
 }
+
+/// Connects `files`' device, publishes `n` telemetry messages and waits until all are stored.
+/// (It lives here, using [`mqtt`] through the re-export, so that re-export counts as used in
+/// every test binary, including those that connect no device.)
+pub async fn publishes_are_stored(
+    gw: &TestGateway,
+    store: &tms_store::Store,
+    files: &DeviceFiles,
+    n: i64,
+) {
+    let (client, mut el) = device_client(gw, files);
+    connack(&mut el).await.unwrap();
+    let events = drive(el);
+    let before = store.telemetry_count(&files.serial).await.unwrap();
+    for _ in 0..n {
+        publish(&client, &files.serial, "telemetry", TELEMETRY).await;
+    }
+    wait_for(
+        &format!("{n} rows of {}", files.serial),
+        Duration::from_secs(15),
+        || async {
+            (store.telemetry_count(&files.serial).await.unwrap() == before + n).then_some(())
+        },
+    )
+    .await;
+    events.abort();
+}
