@@ -102,11 +102,15 @@ pub(super) async fn detail(
     let locations = s.store.locations_of(serial.as_str()).await?;
     let certificates = s.store.certificates_of(serial.as_str()).await?;
     let refusals = s.store.refusals(serial.as_str(), 10).await?;
-    Ok(axum::Json(
-        s.views
-            .device_detail(&view, &locations, &certificates, &refusals),
-    )
-    .into_response())
+    let commands = s
+        .store
+        .commands_of(serial.as_str(), tms_registry::commands::SHOWN_WITH_DEVICE)
+        .await?;
+    let mut detail = s
+        .views
+        .device_detail(&view, &locations, &certificates, &refusals);
+    detail["commands"] = commands.iter().map(tms_registry::commands::view).collect();
+    Ok(axum::Json(detail).into_response())
 }
 
 pub(super) async fn status(
@@ -121,7 +125,7 @@ pub(super) async fn status(
 /// `?limit=1..1000` of the history routes (telemetry, quarantine, refused peers); 100 if
 /// absent.
 #[derive(Deserialize)]
-pub(super) struct TelemetryQuery {
+pub(crate) struct TelemetryQuery {
     limit: Option<String>,
 }
 
@@ -139,7 +143,7 @@ impl TelemetryQuery {
         Ok((serial, self.limit()?))
     }
 
-    pub(super) fn limit(&self) -> Result<i64, ApiError> {
+    pub(crate) fn limit(&self) -> Result<i64, ApiError> {
         match self.limit.as_deref() {
             None => Ok(100),
             Some(l) => match l.parse::<i64>() {
