@@ -16,7 +16,7 @@ use rumqttd::Notification;
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{
     Disconnect, DisconnectReasonCode, Packet, PingResp, PubAck, PubAckReason, PubComp,
-    PubCompReason, PubRec, PubRecReason, SubAck, SubscribeReasonCode,
+    PubCompReason, PubRec, PubRecReason, QoS, SubAck, SubscribeReasonCode,
 };
 use tms_model::{DeviceSerial, now_ms};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -82,6 +82,8 @@ pub(crate) struct Session<'a> {
     /// Commands written with QoS 0: delivered once the write succeeds.
     written: Vec<OutgoingCommand>,
     next_command_pkid: u16,
+    /// Command filters sent to the router, by SUBSCRIBE packet id, until its SUBACK.
+    awaiting_suback: HashMap<u16, Vec<String>>,
 }
 
 enum Step {
@@ -137,6 +139,7 @@ impl<'a> Session<'a> {
             inflight: HashMap::new(),
             written: Vec::new(),
             next_command_pkid: FIRST_COMMAND_PKID,
+            awaiting_suback: HashMap::new(),
         }
     }
 
@@ -218,6 +221,7 @@ impl<'a> Session<'a> {
                     match notification {
                         Ok(Some(n)) => {
                             let mut next = Some(n);
+                            let mut granted = false;
                             // Everything the router has ready goes out in one TLS write.
                             while let Some(n) = next.take() {
                                 match n {
@@ -229,6 +233,7 @@ impl<'a> Session<'a> {
                                     }
                                     n => {
                                         if let Some(p) = Option::<Packet>::from(n) {
+                                            granted |= self.note_granted(&p, control);
                                             let p = self.with_denied_filters(p);
                                             let _ = self.codec.write(p, &mut self.wbuf);
                                         }
@@ -238,6 +243,10 @@ impl<'a> Session<'a> {
                             }
                             if write_out(stream, &mut self.wbuf).await.is_err() {
                                 break DisconnectReason::ConnectionLost;
+                            }
+                            if granted {
+                                // The device has its SUBACK: queued commands may go out.
+                                self.broker.wake_commands();
                             }
                         }
                         Ok(None) => {}
@@ -350,20 +359,6 @@ impl<'a> Session<'a> {
                             ),
                         );
                     }
-                    let mut wants_commands = false;
-                    if let Ok(mut subs) = control.subscriptions.lock() {
-                        for f in subscribe
-                            .filters
-                            .iter()
-                            .filter(|f| acl::may_subscribe(self.serial, &f.path))
-                        {
-                            subs.add(&f.path, f.qos as u8);
-                            wants_commands = true;
-                        }
-                    }
-                    if wants_commands {
-                        self.broker.wake_commands();
-                    }
                     if denied.len() == subscribe.filters.len() {
                         let ack = SubAck {
                             pkid: subscribe.pkid,
@@ -382,6 +377,12 @@ impl<'a> Session<'a> {
                             }
                             self.partial_subscribes.insert(subscribe.pkid, denied);
                         }
+                        // Commands go out on these filters once the router has granted them
+                        // and the device has its SUBACK.
+                        self.awaiting_suback.insert(
+                            subscribe.pkid,
+                            subscribe.filters.iter().map(|f| f.path.clone()).collect(),
+                        );
                         to_router.push(Packet::Subscribe(subscribe, props));
                     }
                 }
@@ -495,6 +496,32 @@ impl<'a> Session<'a> {
                 self.ack_publish(owed.qos, owed.pkid, owed.reason);
             }
         }
+    }
+
+    /// Records the command filters the router granted in `packet`, if it is the SUBACK of a
+    /// device's SUBSCRIBE; true when there are any.
+    fn note_granted(&mut self, packet: &Packet, control: &SessionControl) -> bool {
+        let Packet::SubAck(ack, _) = packet else {
+            return false;
+        };
+        let Some(filters) = self.awaiting_suback.remove(&ack.pkid) else {
+            return false;
+        };
+        let Ok(mut subs) = control.subscriptions.lock() else {
+            return false;
+        };
+        let mut granted = false;
+        for (path, code) in filters.iter().zip(&ack.return_codes) {
+            let qos = match code {
+                SubscribeReasonCode::QoS0 | SubscribeReasonCode::Success(QoS::AtMostOnce) => 0,
+                SubscribeReasonCode::QoS1 | SubscribeReasonCode::Success(QoS::AtLeastOnce) => 1,
+                SubscribeReasonCode::QoS2 | SubscribeReasonCode::Success(QoS::ExactlyOnce) => 2,
+                _ => continue,
+            };
+            subs.add(path, qos);
+            granted = true;
+        }
+        granted
     }
 
     /// Puts the failures for the filters a SUBSCRIBE was sent to the router without into the
