@@ -262,7 +262,7 @@ async fn a_command_queued_while_offline_survives_a_restart_and_goes_out_when_the
     let files = gw.provision("RE4C000021", "00:1B:2C:3D:5E:21");
     let id = queue(&gw, &admin, "RE4C000021", "self_test", 3600).await;
     gw.restart().await;
-    let admin = admin_token_again(&gw).await;
+    // The login, like the command, is in the store and outlives the restart.
     assert_eq!(
         commands(&gw, &admin, "RE4C000021").await[0]["state"],
         "queued"
@@ -289,21 +289,6 @@ async fn a_command_queued_while_offline_survives_a_restart_and_goes_out_when_the
     let driver = drive(eventloop);
     wait_command(&gw, &admin, "RE4C000021", &id, "delivered").await;
     driver.abort();
-}
-
-/// The admin made before a restart, logged in again (tokens survive restarts, but the
-/// helper creates the account, which exists now).
-async fn admin_token_again(gw: &TestGateway) -> String {
-    let resp: Value = reqwest::Client::new()
-        .post(gw.url("/api/v1/auth/login"))
-        .json(&json!({"email": "admin@example.com", "password": "admin-password-1"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    resp["token"].as_str().unwrap().to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -63,8 +63,7 @@ pub(super) async fn list(
     Path(serial): Path<String>,
     Query(query): Query<TelemetryQuery>,
 ) -> Result<Response, ApiError> {
-    let (serial, _) = visible_device(&s, &caller, &serial).await?;
-    let limit = query.limit()?;
+    let (serial, limit) = query.visible(&s, &caller, &serial).await?;
     let rows = s.store.commands_of(serial.as_str(), limit).await?;
     let out: Vec<Value> = rows.iter().map(commands::view).collect();
     Ok(axum::Json(out).into_response())

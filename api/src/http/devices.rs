@@ -133,7 +133,7 @@ const TELEMETRY_MAX: i64 = 1000;
 
 impl TelemetryQuery {
     /// The device, if the caller may see it, and how many of its rows to answer with.
-    async fn visible(
+    pub(crate) async fn visible(
         &self,
         s: &ApiState,
         caller: &Caller,
@@ -143,7 +143,7 @@ impl TelemetryQuery {
         Ok((serial, self.limit()?))
     }
 
-    pub(crate) fn limit(&self) -> Result<i64, ApiError> {
+    pub(super) fn limit(&self) -> Result<i64, ApiError> {
         match self.limit.as_deref() {
             None => Ok(100),
             Some(l) => match l.parse::<i64>() {
