@@ -241,6 +241,12 @@ async fn customers_see_only_their_own_devices() {
         ),
         ("POST", "/api/v1/devices/RE4A000001/certificate", None),
         ("DELETE", "/api/v1/devices/RE4A000001/certificate", None),
+        (
+            "POST",
+            "/api/v1/devices/RE4A000001/commands",
+            Some(json!({"name": "self_test"})),
+        ),
+        ("GET", "/api/v1/devices/RE4A000001/commands", None),
     ];
     for (method, path, body) in &device_routes {
         let (status, other) = api

@@ -120,6 +120,9 @@ async fn seed_workflow_in_a_real_browser() {
     let locations = store.locations_of("RE4A000123").await.unwrap();
     assert_eq!(locations[0].source, "device");
     assert_eq!(store.telemetry("RE4A000123", 10).await.unwrap().len(), 3);
+    let commands = store.commands_of("RE4A000123", 10).await.unwrap();
+    assert_eq!(commands.len(), 1, "{commands:?}");
+    assert_eq!(commands[0].name, "self_test", "the page's button queued it");
     for page in [
         "01-sign-in",
         "03-registration-done",

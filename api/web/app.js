@@ -549,6 +549,17 @@ pages.device = () => {
       el('td', {}, timeEl(q.received_at)),
     )));
     labelCells($('#quarantine'));
+    const commands = d.commands || [];
+    $('#no-commands').hidden = commands.length > 0;
+    $('#commands').hidden = commands.length === 0;
+    $('#commands tbody').replaceChildren(...commands.map((c) => el('tr', { 'data-id': c.id, 'data-state': c.state },
+      el('td', {}, el('code', { text: c.name }), el('br'), el('span', { class: 'muted', text: c.created_by })),
+      el('td', {}, el('strong', { text: COMMAND_TEXT[c.state] || c.state }), el('br'),
+        el('span', { class: 'muted', text: c.delivered_at ? `delivered ${ago(c.delivered_at)}` : `until ${when(c.expires_at)}` })),
+      el('td', {}, timeEl(c.created_at)),
+      el('td', { class: 'detail', text: c.reply ? `${c.reply.ok ? 'ok' : 'failed'}${c.reply.message ? `: ${c.reply.message}` : ''}` : '' }),
+    )));
+    labelCells($('#commands'));
     facts($('#registration'), [
       ['Device type', d.device_type],
       ['MAC', d.mac],
@@ -588,7 +599,30 @@ pages.device = () => {
       facts($('#availability'), windows.map((a) => [`Last ${a.window}`, `${a.uptime_pct.toFixed(1)} % online`]));
     }
   };
+  for (const button of document.querySelectorAll('[data-command]')) {
+    button.addEventListener('click', async () => {
+      button.disabled = true;
+      try {
+        const res = await api('POST', `${base}/commands`, { name: button.dataset.command });
+        $('#cmd-sent').textContent = `${button.textContent}: queued (${res.id.slice(-8)})`;
+        await refresh();
+      } catch (err) {
+        showError(err);
+      } finally {
+        button.disabled = false;
+      }
+    });
+  }
   poll(refresh, 3000);
+};
+
+/** What each command state means to a person. */
+const COMMAND_TEXT = {
+  queued: 'Waiting for the device',
+  delivered: 'Delivered',
+  succeeded: 'Succeeded',
+  failed: 'Failed',
+  expired: 'Expired undelivered',
 };
 
 pages.certificates = () => {

@@ -1,5 +1,6 @@
-//! Which topics a device may use: publish to `tms/<serial>/{telemetry,location,info,status}`,
-//! subscribe below `tms/<serial>/cmd/`. Everything else is denied.
+//! Which topics a device may use: publish to
+//! `tms/<serial>/{telemetry,location,info,status,reply}`, subscribe below `tms/<serial>/cmd/`.
+//! Everything else is denied. Also: which of a session's filters a command topic matches.
 //!
 //! The `<serial>` level matches in either case: serials have one (upper-case) spelling, and a
 //! device whose certificate was issued before that still names itself in lower case.
@@ -14,6 +15,7 @@ pub fn publish_kind(serial: &DeviceSerial, topic: &[u8]) -> Option<TopicKind> {
         b"/location" => Some(TopicKind::Location),
         b"/info" => Some(TopicKind::Info),
         b"/status" => Some(TopicKind::Status),
+        b"/reply" => Some(TopicKind::Reply),
         _ => None,
     }
 }
@@ -30,6 +32,30 @@ pub fn may_subscribe(serial: &DeviceSerial, filter: &str) -> bool {
         return false;
     };
     rest.is_empty() || rest.starts_with(b"/")
+}
+
+/// Whether the MQTT topic filter `filter` matches `topic` (`+` one level, `#` the rest,
+/// including the parent level). The serial level (the second) matches in either case, as in
+/// [`may_subscribe`].
+pub fn filter_matches(filter: &str, topic: &str) -> bool {
+    let mut levels = topic.split('/');
+    for (i, f) in filter.split('/').enumerate() {
+        if f == "#" {
+            return true;
+        }
+        let Some(level) = levels.next() else {
+            return false;
+        };
+        let same = if i == 1 {
+            f.eq_ignore_ascii_case(level)
+        } else {
+            f == level
+        };
+        if f != "+" && !same {
+            return false;
+        }
+    }
+    levels.next().is_none()
 }
 
 /// `topic` without its leading `serial` level, matched in either case.
@@ -69,6 +95,7 @@ mod tests {
                 String::from_utf8_lossy(bad)
             );
         }
+        assert_eq!(publish_kind(&s, b"tms/RE4A1/reply"), Some(TopicKind::Reply));
         assert!(may_subscribe(&s, "tms/RE4A1/cmd/#"));
         assert!(may_subscribe(&s, "tms/RE4A1/cmd/reboot"));
         assert!(may_subscribe(&s, "tms/RE4A1/cmd"));
@@ -84,6 +111,29 @@ mod tests {
             "#",
         ] {
             assert!(!may_subscribe(&s, bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn command_topics_match_the_filters_a_device_may_hold() {
+        let topic = "tms/RE4A1/cmd/self_test";
+        for yes in [
+            "tms/RE4A1/cmd/#",
+            "tms/RE4A1/cmd/+",
+            "tms/RE4A1/cmd/self_test",
+            "tms/re4a1/cmd/#",
+            "tms/RE4A1/+/self_test",
+        ] {
+            assert!(filter_matches(yes, topic), "{yes}");
+        }
+        for no in [
+            "tms/RE4A1/cmd",
+            "tms/RE4A1/cmd/report_now",
+            "tms/RE4A1/cmd/self_test/x",
+            "tms/RE4A2/cmd/#",
+            "tms/RE4A1/cmd/+/+",
+        ] {
+            assert!(!filter_matches(no, topic), "{no}");
         }
     }
 }

@@ -1,5 +1,6 @@
 //! MQTT framing helpers around rumqttd's codecs: choose 3.1.1 or 5 from the CONNECT packet,
-//! and read the QoS and packet id of a PUBLISH that rumqttd keeps private.
+//! read the QoS and packet id of a PUBLISH that rumqttd keeps private, and write a QoS 1
+//! PUBLISH of our own (rumqttd lets only its router set a packet id).
 
 use bytes::BytesMut;
 use rumqttd::protocol::{Error, Packet, Protocol, v4::V4, v5::V5};
@@ -28,6 +29,53 @@ impl Codec {
 
     pub(crate) fn is_v5(self) -> bool {
         matches!(self, Codec::V5)
+    }
+
+    /// Writes a PUBLISH (not retained, not a duplicate) of `qos` 0 or 1; `pkid` is used for
+    /// QoS 1 only. MQTT 3.1.1 §3.3 and 5 §3.3 (with an empty property list).
+    pub(crate) fn write_publish(
+        self,
+        topic: &[u8],
+        qos: u8,
+        pkid: u16,
+        payload: &[u8],
+        buf: &mut BytesMut,
+    ) -> Result<(), Error> {
+        let topic_len = u16::try_from(topic.len()).map_err(|_| Error::PayloadTooLong)?;
+        let mut len = 2 + topic.len() + payload.len();
+        if qos > 0 {
+            len += 2;
+        }
+        if self.is_v5() {
+            len += 1;
+        }
+        if len > 268_435_455 {
+            return Err(Error::PayloadTooLong);
+        }
+        buf.reserve(len + 5);
+        buf.extend_from_slice(&[0x30 | ((qos & 1) << 1)]);
+        let mut rest = len;
+        loop {
+            let mut byte = (rest % 128) as u8;
+            rest /= 128;
+            if rest > 0 {
+                byte |= 0x80;
+            }
+            buf.extend_from_slice(&[byte]);
+            if rest == 0 {
+                break;
+            }
+        }
+        buf.extend_from_slice(&topic_len.to_be_bytes());
+        buf.extend_from_slice(topic);
+        if qos > 0 {
+            buf.extend_from_slice(&pkid.to_be_bytes());
+        }
+        if self.is_v5() {
+            buf.extend_from_slice(&[0]);
+        }
+        buf.extend_from_slice(payload);
+        Ok(())
     }
 }
 
@@ -324,6 +372,32 @@ mod tests {
                         buf.len()
                     );
                 }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod publish_tests {
+    use super::*;
+
+    #[test]
+    fn our_publish_reads_back_with_its_qos_and_packet_id() {
+        for codec in [Codec::V4, Codec::V5] {
+            for (qos, payload) in [(1u8, vec![b'x'; 300]), (0, b"{}".to_vec())] {
+                let mut buf = BytesMut::new();
+                codec
+                    .write_publish(b"tms/RE4A1/cmd/self_test", qos, 4242, &payload, &mut buf)
+                    .unwrap();
+                if qos > 0 {
+                    assert_eq!(publish_qos_pkid(&buf), Some((1, 4242)));
+                }
+                let Packet::Publish(p, _) = codec.read(&mut buf, 1 << 20).unwrap() else {
+                    panic!("not a publish");
+                };
+                assert_eq!(&p.topic[..], b"tms/RE4A1/cmd/self_test");
+                assert_eq!(&p.payload[..], &payload[..]);
+                assert!(buf.is_empty(), "the whole packet was read");
             }
         }
     }

@@ -9,17 +9,23 @@
 //! has committed them ([`Acks`]), so a PUBACK means the message is durable and a slow or
 //! failing store pushes back on publishers instead of losing acknowledged messages.
 //!
+//! Commands to devices go the other way ([`downlink`]): the delivery worker asks
+//! [`Broker::command_route`] for the live session of a device subscribed to the command's
+//! topic and hands it the command; the session publishes it and reports the device's PUBACK.
+//!
 //! The broker reports what happens — connected, disconnected (with reason), refused (with
 //! reason and the device its certificate named), message — as [`BrokerEvent`]s. It never
 //! touches the database.
 
 mod acl;
 mod codec;
+mod downlink;
 mod pump;
 mod session;
 mod tls;
 
-pub use acl::{may_subscribe, publish_kind};
+pub use acl::{filter_matches, may_subscribe, publish_kind};
+pub use downlink::{CommandOutcome, CommandRoute, OutgoingCommand};
 // The vocabulary shared with ingest lives in `tms-model`; re-exported so the broker's API
 // still names it.
 pub use codec::decode_client_stream;
@@ -38,7 +44,7 @@ use rumqttd::{Notification, Router, RouterConfig};
 use rustls::ServerConfig;
 use tms_model::DeviceSerial;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -79,6 +85,10 @@ pub(crate) struct SessionControl {
     pub cert_not_after: i64,
     pub close: CancellationToken,
     pub reason: Mutex<Option<DisconnectReason>>,
+    /// Commands for this session ([`downlink`]).
+    pub downlink: mpsc::Sender<OutgoingCommand>,
+    /// The command filters the device holds in this session.
+    pub subscriptions: Mutex<downlink::Subscriptions>,
 }
 
 impl SessionControl {
@@ -110,6 +120,11 @@ pub struct Broker {
     next_session: AtomicU64,
     permits: Arc<Semaphore>,
     refusal_log: LogBudget,
+    /// Notified when a session subscribes to commands, so queued ones go out at once.
+    command_wake: Arc<Notify>,
+    /// Command filters of persistent sessions (clean session off) that ended: the router
+    /// keeps such a session's subscriptions, so a device resuming it need not subscribe again.
+    retained_subscriptions: Mutex<HashMap<DeviceSerial, downlink::Subscriptions>>,
 }
 
 /// Refusal log lines written per second at most: a flood of refused handshakes is counted
@@ -184,6 +199,8 @@ impl Broker {
             next_session: AtomicU64::new(1),
             permits,
             refusal_log: LogBudget::default(),
+            command_wake: Arc::new(Notify::new()),
+            retained_subscriptions: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -289,6 +306,74 @@ impl Broker {
             closed += 1;
         }
         closed
+    }
+
+    /// Notified whenever a session subscribes to commands.
+    pub fn command_wake(&self) -> Arc<Notify> {
+        self.command_wake.clone()
+    }
+
+    /// Devices with a live session here that holds at least one command filter.
+    pub fn command_targets(&self) -> Vec<DeviceSerial> {
+        let Ok(sessions) = self.sessions.lock() else {
+            return Vec::new();
+        };
+        sessions
+            .iter()
+            .filter(|(_, c)| c.subscriptions.lock().is_ok_and(|s| !s.is_empty()))
+            .map(|(serial, _)| serial.clone())
+            .collect()
+    }
+
+    /// The live session of `serial` when it is subscribed to `tms/<serial>/cmd/<name>` and
+    /// has room for another command; `None` otherwise (the command stays queued).
+    pub fn command_route(&self, serial: &DeviceSerial, name: &str) -> Option<CommandRoute> {
+        let sessions = self.sessions.lock().ok()?;
+        let control = sessions.get(serial)?;
+        let subscribed = control
+            .subscriptions
+            .lock()
+            .ok()?
+            .route(serial.as_str(), name)
+            .is_some();
+        (subscribed && control.downlink.capacity() > 0)
+            .then(|| CommandRoute::new(control.downlink.clone()))
+    }
+
+    pub(crate) fn wake_commands(&self) {
+        self.command_wake.notify_one();
+    }
+
+    /// The command filters a resumed persistent session holds (`session_present`), or none:
+    /// a clean session starts without.
+    pub(crate) fn resumed_subscriptions(
+        &self,
+        serial: &DeviceSerial,
+        session_present: bool,
+    ) -> downlink::Subscriptions {
+        let Ok(mut retained) = self.retained_subscriptions.lock() else {
+            return Default::default();
+        };
+        match retained.remove(serial) {
+            Some(subs) if session_present => subs,
+            _ => Default::default(),
+        }
+    }
+
+    /// Keeps the command filters of a persistent session that ended, for its resumption.
+    pub(crate) fn retain_subscriptions(
+        &self,
+        serial: &DeviceSerial,
+        subs: downlink::Subscriptions,
+    ) {
+        if let Ok(mut retained) = self.retained_subscriptions.lock() {
+            retained.insert(serial.clone(), subs);
+        }
+    }
+
+    /// The node this broker records sessions (and command claims) under.
+    pub fn node_id(&self) -> &str {
+        &self.settings.node_id
     }
 
     pub(crate) fn settings(&self) -> &BrokerSettings {

@@ -1,6 +1,7 @@
 //! The packet pump of an admitted session: packets between the device and the router and
-//! ingest, PUBACKs released as ingest commits, until the session ends. Admission (TLS,
-//! CONNECT, identity) is `session.rs`.
+//! ingest, PUBACKs released as ingest commits, commands written to the device and their
+//! PUBACKs reported, until the session ends. Admission (TLS, CONNECT, identity) is
+//! `session.rs`.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
@@ -15,13 +16,15 @@ use rumqttd::Notification;
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{
     Disconnect, DisconnectReasonCode, Packet, PingResp, PubAck, PubAckReason, PubComp,
-    PubCompReason, PubRec, PubRecReason, SubAck, SubscribeReasonCode,
+    PubCompReason, PubRec, PubRecReason, QoS, SubAck, SubscribeReasonCode,
 };
 use tms_model::{DeviceSerial, now_ms};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::codec::{Codec, next_packet};
+use crate::downlink::{FIRST_COMMAND_PKID, OutgoingCommand};
 use crate::{
     Acks, Broker, BrokerEvent, DeviceMessage, DisconnectReason, RefusalReason, SessionControl,
     TopicKind, acl,
@@ -71,7 +74,16 @@ pub(crate) struct Session<'a> {
     partial_subscribes: HashMap<u16, Vec<usize>>,
     /// `tms_broker_messages_received_total` per kind (`TopicKind as usize`), looked up once
     /// per session rather than per message.
-    received: [metrics::Counter; 4],
+    received: [metrics::Counter; TopicKind::ALL.len()],
+    /// Commands handed to this session by the delivery worker.
+    downlink: mpsc::Receiver<OutgoingCommand>,
+    /// Commands written with QoS 1 and not yet PUBACKed, by packet id.
+    inflight: HashMap<u16, OutgoingCommand>,
+    /// Commands written with QoS 0: delivered once the write succeeds.
+    written: Vec<OutgoingCommand>,
+    next_command_pkid: u16,
+    /// Command filters sent to the router, by SUBSCRIBE packet id, until its SUBACK.
+    awaiting_suback: HashMap<u16, Vec<String>>,
 }
 
 enum Step {
@@ -104,6 +116,7 @@ impl<'a> Session<'a> {
         max: usize,
         rbuf: BytesMut,
         wbuf: BytesMut,
+        downlink: mpsc::Receiver<OutgoingCommand>,
     ) -> Self {
         Session {
             broker,
@@ -122,6 +135,11 @@ impl<'a> Session<'a> {
             received: TopicKind::ALL.map(
                 |k| metrics::counter!("tms_broker_messages_received_total", "kind" => k.as_str()),
             ),
+            downlink,
+            inflight: HashMap::new(),
+            written: Vec::new(),
+            next_command_pkid: FIRST_COMMAND_PKID,
+            awaiting_suback: HashMap::new(),
         }
     }
 
@@ -142,6 +160,17 @@ impl<'a> Session<'a> {
                 biased;
                 _ = shutdown.cancelled() => break DisconnectReason::ServerShutdown,
                 _ = control.close.cancelled() => break DisconnectReason::Revoked,
+                // A command for the device: written now, reported when the device PUBACKs it.
+                Some(command) = self.downlink.recv() => {
+                    self.write_command(command, control);
+                    while let Ok(command) = self.downlink.try_recv() {
+                        self.write_command(command, control);
+                    }
+                    if write_out(stream, &mut self.wbuf).await.is_err() {
+                        break DisconnectReason::ConnectionLost;
+                    }
+                    self.written_out();
+                }
                 // Ingest committed messages of this session: their PUBACKs may go out.
                 _ = acks.wake.notified() => {
                     self.release_acks();
@@ -155,7 +184,7 @@ impl<'a> Session<'a> {
                         Ok(Ok(0)) | Ok(Err(_)) => break DisconnectReason::ConnectionLost,
                         Ok(Ok(n)) => metrics::counter!("tms_broker_bytes_received_total").increment(n as u64),
                     }
-                    let step = self.read_packets(&mut to_router).await;
+                    let step = self.read_packets(&mut to_router, control).await;
                     self.release_acks();
                     if write_out(stream, &mut self.wbuf).await.is_err() {
                         break DisconnectReason::ConnectionLost;
@@ -192,6 +221,7 @@ impl<'a> Session<'a> {
                     match notification {
                         Ok(Some(n)) => {
                             let mut next = Some(n);
+                            let mut granted = false;
                             // Everything the router has ready goes out in one TLS write.
                             while let Some(n) = next.take() {
                                 match n {
@@ -203,6 +233,7 @@ impl<'a> Session<'a> {
                                     }
                                     n => {
                                         if let Some(p) = Option::<Packet>::from(n) {
+                                            granted |= self.note_granted(&p, control);
                                             let p = self.with_denied_filters(p);
                                             let _ = self.codec.write(p, &mut self.wbuf);
                                         }
@@ -212,6 +243,10 @@ impl<'a> Session<'a> {
                             }
                             if write_out(stream, &mut self.wbuf).await.is_err() {
                                 break DisconnectReason::ConnectionLost;
+                            }
+                            if granted {
+                                // The device has its SUBACK: queued commands may go out.
+                                self.broker.wake_commands();
                             }
                         }
                         Ok(None) => {}
@@ -234,7 +269,11 @@ impl<'a> Session<'a> {
     }
 
     /// Decodes every complete packet in the read buffer and acts on it.
-    async fn read_packets(&mut self, to_router: &mut Vec<Packet>) -> Step {
+    async fn read_packets(
+        &mut self,
+        to_router: &mut Vec<Packet>,
+        control: &SessionControl,
+    ) -> Step {
         loop {
             let (packet, header) = match next_packet(self.codec, &mut self.rbuf, self.max) {
                 Ok(Some(p)) => p,
@@ -338,6 +377,12 @@ impl<'a> Session<'a> {
                             }
                             self.partial_subscribes.insert(subscribe.pkid, denied);
                         }
+                        // Commands go out on these filters once the router has granted them
+                        // and the device has its SUBACK.
+                        self.awaiting_suback.insert(
+                            subscribe.pkid,
+                            subscribe.filters.iter().map(|f| f.path.clone()).collect(),
+                        );
                         to_router.push(Packet::Subscribe(subscribe, props));
                     }
                 }
@@ -345,10 +390,25 @@ impl<'a> Session<'a> {
                     let _ = self.codec.write(Packet::PingResp(PingResp), &mut self.wbuf);
                 }
                 Packet::Disconnect(..) => return Step::End(DisconnectReason::ClientDisconnect),
-                p @ (Packet::Unsubscribe(..)
-                | Packet::PubAck(..)
-                | Packet::PubRec(..)
-                | Packet::PubComp(..)) => to_router.push(p),
+                Packet::PubAck(ack, _) if ack.pkid >= FIRST_COMMAND_PKID => {
+                    // A command's PUBACK is ours, not the router's; one we did not send (or
+                    // a duplicate) is ignored as MQTT asks.
+                    if let Some(command) = self.inflight.remove(&ack.pkid) {
+                        tracing::info!(device.serial = %self.serial, command.id = %command.id, "command delivered");
+                        command.delivered(now_ms());
+                    }
+                }
+                Packet::Unsubscribe(unsubscribe, props) => {
+                    if let Ok(mut subs) = control.subscriptions.lock() {
+                        for f in &unsubscribe.filters {
+                            subs.remove(f);
+                        }
+                    }
+                    to_router.push(Packet::Unsubscribe(unsubscribe, props));
+                }
+                p @ (Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubComp(..)) => {
+                    to_router.push(p)
+                }
                 other => {
                     let name = match other {
                         Packet::Connect(..) => "a second CONNECT",
@@ -361,6 +421,51 @@ impl<'a> Session<'a> {
                     return Step::End(DisconnectReason::ProtocolError);
                 }
             }
+        }
+    }
+
+    /// Writes `command` to the device if it still holds a filter that matches it; else it
+    /// goes back to the queue.
+    fn write_command(&mut self, command: OutgoingCommand, control: &SessionControl) {
+        let route = control
+            .subscriptions
+            .lock()
+            .ok()
+            .and_then(|s| s.route(self.serial.as_str(), &command.name));
+        let Some((topic, qos)) = route else {
+            return command.returned();
+        };
+        // A free packet id of the command range; there are at most `SESSION_COMMANDS` in flight.
+        let pkid = loop {
+            let pkid = self.next_command_pkid;
+            self.next_command_pkid = pkid.checked_add(1).unwrap_or(FIRST_COMMAND_PKID);
+            if !self.inflight.contains_key(&pkid) {
+                break pkid;
+            }
+        };
+        match self.codec.write_publish(
+            topic.as_bytes(),
+            qos,
+            pkid,
+            &command.payload,
+            &mut self.wbuf,
+        ) {
+            Ok(()) if qos == 0 => self.written.push(command),
+            Ok(()) => {
+                self.inflight.insert(pkid, command);
+            }
+            Err(e) => {
+                tracing::warn!(device.serial = %self.serial, command.id = %command.id, error = %e, "command cannot be encoded");
+                command.returned();
+            }
+        }
+    }
+
+    /// The write after [`Session::write_command`] succeeded: QoS 0 commands are delivered.
+    fn written_out(&mut self) {
+        let at = now_ms();
+        for command in self.written.drain(..) {
+            command.delivered(at);
         }
     }
 
@@ -391,6 +496,32 @@ impl<'a> Session<'a> {
                 self.ack_publish(owed.qos, owed.pkid, owed.reason);
             }
         }
+    }
+
+    /// Records the command filters the router granted in `packet`, if it is the SUBACK of a
+    /// device's SUBSCRIBE; true when there are any.
+    fn note_granted(&mut self, packet: &Packet, control: &SessionControl) -> bool {
+        let Packet::SubAck(ack, _) = packet else {
+            return false;
+        };
+        let Some(filters) = self.awaiting_suback.remove(&ack.pkid) else {
+            return false;
+        };
+        let Ok(mut subs) = control.subscriptions.lock() else {
+            return false;
+        };
+        let mut granted = false;
+        for (path, code) in filters.iter().zip(&ack.return_codes) {
+            let qos = match code {
+                SubscribeReasonCode::QoS0 | SubscribeReasonCode::Success(QoS::AtMostOnce) => 0,
+                SubscribeReasonCode::QoS1 | SubscribeReasonCode::Success(QoS::AtLeastOnce) => 1,
+                SubscribeReasonCode::QoS2 | SubscribeReasonCode::Success(QoS::ExactlyOnce) => 2,
+                _ => continue,
+            };
+            subs.add(path, qos);
+            granted = true;
+        }
+        granted
     }
 
     /// Puts the failures for the filters a SUBSCRIBE was sent to the router without into the
@@ -439,5 +570,22 @@ impl<'a> Session<'a> {
     fn refuse_in_session(&self, reason: RefusalReason, detail: String) {
         self.broker
             .emit_refusal(Some(self.serial.to_string()), self.peer, reason, detail);
+    }
+}
+
+impl Drop for Session<'_> {
+    /// However the session ends, the commands it holds and the device has not acknowledged
+    /// are handed back, to go out again in the device's next session.
+    fn drop(&mut self) {
+        self.downlink.close();
+        while let Ok(command) = self.downlink.try_recv() {
+            command.returned();
+        }
+        for (_, command) in self.inflight.drain() {
+            command.returned();
+        }
+        for command in self.written.drain(..) {
+            command.returned();
+        }
     }
 }

@@ -12,11 +12,13 @@ use rumqttd::protocol::{ConnAck, ConnectReturnCode, Packet};
 use tms_model::{DeviceSerial, now_ms};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::codec::{Codec, next_connect};
+use crate::downlink::SESSION_COMMANDS;
 use crate::pump::{Session, write_out};
 use crate::tls::{self, HandshakeNote, NOTE, classify};
 use crate::{
@@ -166,12 +168,15 @@ pub(crate) async fn run(
     };
 
     let session_id = broker.new_session_id();
+    let (downlink_tx, downlink_rx) = mpsc::channel(SESSION_COMMANDS);
     let control = Arc::new(SessionControl {
         session_id: session_id.clone(),
         cert_serial: identity.serial_number.clone(),
         cert_not_after: identity.not_after.unix_timestamp(),
         close: CancellationToken::new(),
         reason: Mutex::new(None),
+        downlink: downlink_tx,
+        subscriptions: Mutex::new(Default::default()),
     });
     // Registering first closes an older session of the same device as taken over.
     broker.register(&serial, control.clone());
@@ -196,6 +201,11 @@ pub(crate) async fn run(
             }
         }
     };
+    // A resumed persistent session still holds the command filters it subscribed to.
+    let session_present = matches!(&connack, Some(Packet::ConnAck(ack, _)) if ack.session_present);
+    if let Ok(mut subs) = control.subscriptions.lock() {
+        *subs = broker.resumed_subscriptions(&serial, session_present);
+    }
     let keep_alive = match connect.keep_alive {
         0 => KEEPALIVE_WHEN_ZERO,
         k => k.min(KEEPALIVE_MAX),
@@ -243,7 +253,20 @@ pub(crate) async fn run(
         })
         .await;
 
-    let mut session = Session::new(&broker, &serial, &session_id, peer, codec, max, rbuf, wbuf);
+    let mut session = Session::new(
+        &broker,
+        &serial,
+        &session_id,
+        peer,
+        codec,
+        max,
+        rbuf,
+        wbuf,
+        downlink_rx,
+    );
+    if !control.subscriptions.lock().is_ok_and(|s| s.is_empty()) {
+        broker.wake_commands();
+    }
     let reason = session
         .pump(
             &mut stream,
@@ -261,6 +284,13 @@ pub(crate) async fn run(
         .ok()
         .and_then(|r| *r)
         .unwrap_or(reason);
+    // Commands handed to this session and not acknowledged go back to the queue.
+    drop(session);
+    if !connect.clean_session
+        && let Ok(subs) = control.subscriptions.lock()
+    {
+        broker.retain_subscriptions(&serial, subs.clone());
+    }
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
     ending.finish(reason).await;
 }

@@ -375,6 +375,7 @@ impl App {
         });
         let mail_queued = Arc::new(Notify::new());
         let revocations_changed = Arc::new(Notify::new());
+        let commands_queued = Arc::new(Notify::new());
         let public_url = config
             .http
             .public_url
@@ -406,6 +407,7 @@ impl App {
             },
             mail_queued,
             revocations_changed: revocations_changed.clone(),
+            commands_queued: commands_queued.clone(),
             token_ttl: TOKEN_TTL,
             activation_ttl: ACTIVATION_TTL,
             map_tile_url: config.http.map_tile_url.clone(),
@@ -482,6 +484,18 @@ impl App {
             Ok(())
         });
 
+        let delivery = crate::commands::Delivery::new(
+            store.clone(),
+            broker.clone(),
+            broker.node_id().to_owned(),
+            commands_queued,
+        );
+        let delivery_stop = stop.clone();
+        parts.spawn("commands", async move {
+            delivery.run(delivery_stop).await;
+            Ok(())
+        });
+
         // Serve until told to stop or until the first part ends. `biased`: on shutdown the
         // parts end too, and the shutdown branch must be seen first; a part that returns
         // after `stop` is cancelled has done as told (see `report_exit`).
@@ -501,6 +515,19 @@ impl App {
         // Listeners close, sessions report their disconnects, the mailer finishes its send.
         let stopped = parts.wait_all(deadline, || true).await;
         failures.extend(stopped.into_iter().filter_map(|exit| exit.failure));
+        // Every session has ended: commands this node claimed and no device acknowledged go
+        // back to the queue now, for whichever node the device reconnects to.
+        let node = broker.node_id().to_owned();
+        match tokio::time::timeout(STORE_CLOSE, store.release_stale_commands(&node, 0)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::info!(commands = n, "queued again the commands sessions held"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot queue again the commands sessions held; the next start does")
+            }
+            Err(_) => tracing::warn!(
+                "the store did not answer; the next start queues again the commands sessions held"
+            ),
+        }
         drop(broker);
         // Now write everything that is queued. Ingest gives up by itself at its drain
         // deadline while the store fails; the grace is for a store that does not answer.

@@ -1,12 +1,12 @@
 //! `device show` for people: what state the device is in and why, first; then its
-//! registration, certificates one per line, location, and recent refused attempts.
+//! registration, certificates one per line, location, recent refused attempts and commands.
 //! `--json` prints the API's object instead and does not come here.
 
 use std::fmt::Write;
 
 use tms_model::ConnState;
 use tms_registry::views;
-use tms_store::{CertificateRecord, DeviceView, LocationRecord, Refusal};
+use tms_store::{CertificateRecord, CommandRecord, DeviceView, LocationRecord, Refusal};
 
 /// Everything `device show` prints about one device.
 pub struct Shown<'a> {
@@ -15,6 +15,8 @@ pub struct Shown<'a> {
     /// Newest first, as the store gives them.
     pub certificates: &'a [CertificateRecord],
     pub refusals: &'a [Refusal],
+    /// Recent commands, newest first.
+    pub commands: &'a [CommandRecord],
     /// How many malformed payloads are kept for `device quarantine`.
     pub rejected_payloads: usize,
     pub now_ms: i64,
@@ -38,7 +40,38 @@ impl Shown<'_> {
         self.certificates(&mut out);
         self.location(&mut out);
         self.refusals(&mut out);
+        self.commands(&mut out);
         out
+    }
+
+    fn commands(&self, out: &mut String) {
+        if self.commands.is_empty() {
+            let _ = writeln!(out, "\nrecent commands: none");
+            return;
+        }
+        let _ = writeln!(out, "\nrecent commands ({})", self.commands.len());
+        for c in self.commands {
+            let state = tms_registry::commands::public_state(&c.state);
+            let _ = write!(
+                out,
+                "  {}  {:<16} {:<10} {}",
+                when(Some(c.created_at)),
+                c.name,
+                state,
+                c.id
+            );
+            match (&c.reply, c.replied_at, c.delivered_at) {
+                (Some(reply), Some(at), _) => {
+                    let _ = writeln!(out, "  reply at {}: {reply}", when(Some(at)));
+                }
+                (_, _, Some(at)) => {
+                    let _ = writeln!(out, "  delivered at {}", when(Some(at)));
+                }
+                _ => {
+                    let _ = writeln!(out, "  until {}", when(Some(c.expires_at)));
+                }
+            }
+        }
     }
 
     fn status(&self, out: &mut String) {

@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 use metrics::Counter;
 use tms_model::{Acks, BrokerEvent, DeviceMessage, TopicKind};
 use tms_store::{
-    InfoRow, LocationRow, PeerRefusal, QuarantineRow, RefusalRow, StatusEvent, TelemetryRow,
-    WriteBatch,
+    InfoRow, LocationRow, PeerRefusal, QuarantineRow, RefusalRow, ReplyRow, StatusEvent,
+    TelemetryRow, WriteBatch,
 };
 
-use crate::payload::{parse_info, parse_location, parse_status, parse_telemetry};
+use crate::payload::{parse_info, parse_location, parse_reply, parse_status, parse_telemetry};
 
 /// Collects events until [`Batcher::take`]. Pure: no I/O, so it can be tested alone.
 pub struct Batcher {
@@ -58,8 +58,8 @@ const GARBAGE_WINDOW_MS: i64 = 60_000;
 /// `tms_ingest_messages_total` per outcome and kind (indexed by `TopicKind as usize`),
 /// looked up once: a labelled lookup per message costs an allocation.
 struct KindCounters {
-    stored: [Counter; 4],
-    quarantined: [Counter; 4],
+    stored: [Counter; TopicKind::ALL.len()],
+    quarantined: [Counter; TopicKind::ALL.len()],
 }
 
 impl KindCounters {
@@ -272,6 +272,17 @@ impl Batcher {
                 self.batch.status.push(StatusEvent::Reported {
                     serial: serial.to_owned(),
                     text,
+                    at,
+                });
+            }),
+            // Recorded only on a command sent to this same device (the store's UPDATE names
+            // the serial): a device cannot answer for another.
+            TopicKind::Reply => parse_reply(&m.payload).map(|(command_id, ok)| {
+                self.batch.replies.push(ReplyRow {
+                    serial: serial.to_owned(),
+                    command_id,
+                    ok,
+                    payload: String::from_utf8_lossy(&m.payload).into_owned(),
                     at,
                 });
             }),

@@ -20,7 +20,7 @@ pub use batcher::{
 };
 pub use payload::{
     LocationPayload, MAX_DEPTH, TelemetrySummary, clean_text, parse_info, parse_location,
-    parse_status, parse_telemetry,
+    parse_reply, parse_status, parse_telemetry,
 };
 
 use std::sync::Arc;

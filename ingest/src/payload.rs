@@ -358,6 +358,31 @@ pub fn parse_status(payload: &[u8]) -> Result<String, String> {
     Ok(text.to_owned())
 }
 
+/// Longest command id a reply may name: ids the gateway makes are 32 hex digits.
+const MAX_COMMAND_ID_CHARS: usize = 64;
+
+/// A device's answer to a command: `{"id": "…", "ok": bool, "message"?: "…"}`; returns the
+/// command id and `ok`. Other fields are allowed (the reply is stored as sent).
+pub fn parse_reply(payload: &[u8]) -> Result<(String, bool), String> {
+    let map = object(payload)?;
+    let id = string(&map, "id")?.ok_or("id is required")?;
+    if id.is_empty() || id.chars().count() > MAX_COMMAND_ID_CHARS {
+        return Err(format!(
+            "id must be 1 to {MAX_COMMAND_ID_CHARS} characters long"
+        ));
+    }
+    clean_text("id", &id)?;
+    let ok = match map.get("ok") {
+        Some(Value::Bool(ok)) => *ok,
+        None | Some(Value::Null) => return Err("ok is required".into()),
+        Some(other) => return Err(format!("ok must be a boolean, got {}", kind_of(other))),
+    };
+    if let Some(message) = string(&map, "message")? {
+        clean_text("message", &message)?;
+    }
+    Ok((id, ok))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -503,6 +528,31 @@ mod tests {
             parse_telemetry(ok.as_bytes(), NOW).is_ok(),
             "brackets in strings do not count"
         );
+    }
+
+    #[test]
+    fn replies_need_an_id_and_a_boolean_ok() {
+        assert_eq!(
+            parse_reply(br#"{"id":"abc","ok":true,"message":"passed","extra":1}"#),
+            Ok(("abc".to_owned(), true))
+        );
+        assert_eq!(
+            parse_reply(br#"{"id":"abc","ok":false}"#),
+            Ok(("abc".to_owned(), false))
+        );
+        for (bad, field) in [
+            (&br#"{"ok":true}"#[..], "id"),
+            (br#"{"id":"abc"}"#, "ok"),
+            (br#"{"id":"abc","ok":"yes"}"#, "ok"),
+            (br#"{"id":7,"ok":true}"#, "id"),
+            (br#"{"id":"","ok":true}"#, "id"),
+            (br#"{"id":"abc","ok":true,"message":3}"#, "message"),
+            (br#"{"id":"abc","ok":true,"message":"a\u0000b"}"#, "message"),
+            (b"[1]", "object"),
+        ] {
+            let e = parse_reply(bad).expect_err(&String::from_utf8_lossy(bad));
+            assert!(e.contains(field), "{e} should name {field}");
+        }
     }
 
     #[test]

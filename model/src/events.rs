@@ -17,15 +17,18 @@ pub enum TopicKind {
     Location,
     Info,
     Status,
+    /// A device's answer to a command (`tms/<serial>/reply`, CONTRACT §9).
+    Reply,
 }
 
 impl TopicKind {
     /// Every kind, in discriminant order (`kind as usize` indexes this).
-    pub const ALL: [TopicKind; 4] = [
+    pub const ALL: [TopicKind; 5] = [
         TopicKind::Telemetry,
         TopicKind::Location,
         TopicKind::Info,
         TopicKind::Status,
+        TopicKind::Reply,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -34,6 +37,7 @@ impl TopicKind {
             TopicKind::Location => "location",
             TopicKind::Info => "info",
             TopicKind::Status => "status",
+            TopicKind::Reply => "reply",
         }
     }
 }

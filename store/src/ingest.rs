@@ -1,8 +1,9 @@
 //! The ingest write path: one transaction per batch of telemetry, locations, device info,
-//! quarantined payloads, status changes and refused connection attempts.
+//! quarantined payloads, status changes, refused connection attempts and command replies.
 
 use sqlx::Connection;
 
+use crate::commands::{self, ReplyRow};
 use crate::peers::{self, PeerRefusal};
 use crate::script::Writer;
 use crate::{Backend, Result, Store, query_err};
@@ -19,6 +20,8 @@ pub struct WriteBatch {
     pub refusals: Vec<RefusalRow>,
     /// Refused attempts that belong to no device, per peer.
     pub peer_refusals: Vec<PeerRefusal>,
+    /// Devices' answers to commands.
+    pub replies: Vec<ReplyRow>,
 }
 
 impl WriteBatch {
@@ -30,6 +33,7 @@ impl WriteBatch {
             && self.status.is_empty()
             && self.refusals.is_empty()
             && self.peer_refusals.is_empty()
+            && self.replies.is_empty()
     }
 
     /// Rows (or row updates) this batch writes.
@@ -41,6 +45,7 @@ impl WriteBatch {
             + self.status.len()
             + self.refusals.len()
             + self.peer_refusals.len()
+            + self.replies.len()
     }
 
     /// Splits the batch into two of about half its rows each, keeping the order of each kind
@@ -65,6 +70,7 @@ impl WriteBatch {
         take(&mut self.infos, &mut first.infos, &mut left);
         take(&mut self.refusals, &mut first.refusals, &mut left);
         take(&mut self.peer_refusals, &mut first.peer_refusals, &mut left);
+        take(&mut self.replies, &mut first.replies, &mut left);
         Split::Halves(first, self)
     }
 
@@ -90,6 +96,9 @@ impl WriteBatch {
         if let Some(l) = self.locations.into_iter().next() {
             let payload = format!(r#"{{"lat":{},"lon":{}}}"#, l.lat, l.lon);
             return row(l.serial, "location", payload.into_bytes(), l.at);
+        }
+        if let Some(r) = self.replies.into_iter().next() {
+            return row(r.serial, "reply", r.payload.into_bytes(), r.at);
         }
         match self.status.into_iter().next() {
             Some(StatusEvent::Reported { serial, text, at }) => {
@@ -480,6 +489,18 @@ impl Store {
         if !batch.peer_refusals.is_empty() {
             w.execute("trimming refused peers", peers::TRIM, |b| {
                 b.bind(peers::PEER_REFUSALS_KEPT - 1);
+            })
+            .await?;
+        }
+
+        for r in &batch.replies {
+            let state = if r.ok { "succeeded" } else { "failed" };
+            w.execute("recording a command reply", commands::RECORD_REPLY, |b| {
+                b.bind(state)
+                    .bind(r.at)
+                    .bind(&r.payload)
+                    .bind(&r.command_id)
+                    .bind(&r.serial);
             })
             .await?;
         }

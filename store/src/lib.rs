@@ -9,6 +9,7 @@
 
 mod accounts;
 mod certificates;
+mod commands;
 mod devices;
 mod history;
 mod ingest;
@@ -20,6 +21,7 @@ pub use accounts::{
     OutgoingMail, QueuedMail, Registration, RegistrationCompany, RegistrationIds, RegistrationUser,
 };
 pub use certificates::CertificateRecord;
+pub use commands::{COMMAND_STATES, CommandRecord, NewCommand, ReplyRow};
 pub use devices::{DeviceFilter, DeviceRecord, DeviceStatus, DeviceView, FleetCounts, NewDevice};
 pub use history::{LocationRecord, QuarantinedPayload, Refusal, SessionRecord, TelemetryRecord};
 pub use ingest::{

@@ -454,3 +454,94 @@ async fn refused_peers_are_coalesced_and_trimmed_as_they_are_written() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_is_claimed_by_one_node_and_answered_only_by_its_device() {
+    for store in backends().await.stores {
+        let command = |id: &str, expires_at: i64| NewCommand {
+            id: id.into(),
+            serial: "RE4A000001".into(),
+            name: "self_test".into(),
+            args: "{}".into(),
+            created_at: 1_000,
+            created_by: "cli".into(),
+            expires_at,
+        };
+        store.insert_command(&command("c1", 10_000)).await.unwrap();
+        store.insert_command(&command("c2", 2_000)).await.unwrap();
+        assert!(matches!(
+            store.insert_command(&command("c1", 10_000)).await,
+            Err(StoreError::Conflict { .. })
+        ));
+        let serials = ["RE4A000001".to_owned()];
+        let pending = store.pending_commands(&serials, 1_500, 10).await.unwrap();
+        assert_eq!(pending.len(), 2);
+
+        // Two nodes race for c1, many times over: exactly one wins.
+        let claims = futures_claims(&store, "c1").await;
+        assert_eq!(
+            claims.iter().filter(|(_, won)| *won).count(),
+            1,
+            "{claims:?}"
+        );
+        let winner = claims.iter().find(|(_, won)| *won).unwrap().0.clone();
+        let loser = if winner == "a" { "b" } else { "a" };
+        assert!(!store.command_delivered("c1", loser, 1_600).await.unwrap());
+        assert!(!store.release_command("c1", loser).await.unwrap());
+        assert!(store.command_delivered("c1", &winner, 1_600).await.unwrap());
+        // Delivered is not queued again by a late "returned", nor expired.
+        assert!(!store.release_command("c1", &winner).await.unwrap());
+        assert_eq!(store.expire_commands(20_000).await.unwrap(), 1, "c2 only");
+        assert_eq!(store.command("c2").await.unwrap().unwrap().state, "expired");
+        assert!(!store.claim_command("c2", "a", 20_000).await.unwrap());
+
+        // A reply is recorded for the device it was sent to, once.
+        let reply = |serial: &str, ok: bool| ReplyRow {
+            serial: serial.into(),
+            command_id: "c1".into(),
+            ok,
+            payload: format!(r#"{{"id":"c1","ok":{ok}}}"#),
+            at: 1_700,
+        };
+        for batch in [
+            reply("RE4A000002", false),
+            reply("RE4A000001", true),
+            reply("RE4A000001", false),
+        ] {
+            store
+                .write_batch(&WriteBatch {
+                    replies: vec![batch],
+                    ..WriteBatch::default()
+                })
+                .await
+                .unwrap();
+        }
+        let c1 = store.command("c1").await.unwrap().unwrap();
+        assert_eq!(c1.state, "succeeded");
+        assert_eq!(c1.replied_at, Some(1_700));
+        assert_eq!(c1.delivered_at, Some(1_600));
+        let newest_first: Vec<String> = store
+            .commands_of("RE4A000001", 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|c| c.id)
+            .collect();
+        assert_eq!(newest_first, ["c2", "c1"], "same time: id breaks the tie");
+    }
+}
+
+/// Nodes `a` and `b` each try to claim `id` eight times at once.
+async fn futures_claims(store: &Store, id: &str) -> Vec<(String, bool)> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..16 {
+        let store = store.clone();
+        let id = id.to_owned();
+        let node = if i % 2 == 0 { "a" } else { "b" };
+        tasks.spawn(async move {
+            let won = store.claim_command(&id, node, 1_500).await.unwrap();
+            (node.to_owned(), won)
+        });
+    }
+    tasks.join_all().await
+}

@@ -196,6 +196,12 @@ assert.match(await customer.textContent('#latest'), /34 %/);
 assert.match(await customer.textContent('#location'), /29\.76040, -95\.36980/);
 await customer.locator('#quarantine tbody tr').waitFor();
 assert.match(await customer.textContent('#quarantine'), /load_pct must be a number.*very high.*25 bytes/s, 'the rejected payload with its reason');
+step('device page: send the device a self-test');
+await customer.click('#cmd-self_test');
+await customer.locator('#commands tbody tr[data-state]').first().waitFor();
+assert.match(await customer.textContent('#commands'), /self_test/, 'the command is listed');
+assert.match(await customer.textContent('#cmd-sent'), /queued/, 'the page says it was queued');
+assert.ok(await customer.locator('#cmd-report_now').isEnabled(), 'report now can be sent too');
 await accessible(customer, 'device');
 await fits(customer, 'device at 1280x800');
 assert.ok(

@@ -102,11 +102,15 @@ pub(super) async fn detail(
     let locations = s.store.locations_of(serial.as_str()).await?;
     let certificates = s.store.certificates_of(serial.as_str()).await?;
     let refusals = s.store.refusals(serial.as_str(), 10).await?;
-    Ok(axum::Json(
-        s.views
-            .device_detail(&view, &locations, &certificates, &refusals),
-    )
-    .into_response())
+    let commands = s
+        .store
+        .commands_of(serial.as_str(), tms_registry::commands::SHOWN_WITH_DEVICE)
+        .await?;
+    let mut detail = s
+        .views
+        .device_detail(&view, &locations, &certificates, &refusals);
+    detail["commands"] = commands.iter().map(tms_registry::commands::view).collect();
+    Ok(axum::Json(detail).into_response())
 }
 
 pub(super) async fn status(
@@ -121,7 +125,7 @@ pub(super) async fn status(
 /// `?limit=1..1000` of the history routes (telemetry, quarantine, refused peers); 100 if
 /// absent.
 #[derive(Deserialize)]
-pub(super) struct TelemetryQuery {
+pub(crate) struct TelemetryQuery {
     limit: Option<String>,
 }
 
@@ -129,7 +133,7 @@ const TELEMETRY_MAX: i64 = 1000;
 
 impl TelemetryQuery {
     /// The device, if the caller may see it, and how many of its rows to answer with.
-    async fn visible(
+    pub(crate) async fn visible(
         &self,
         s: &ApiState,
         caller: &Caller,

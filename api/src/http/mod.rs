@@ -2,6 +2,7 @@
 //! status, mapped in one place ([`ApiError`]); 5xx never shows internals.
 
 mod accounts;
+mod commands;
 mod devices;
 mod error;
 mod input;
@@ -41,6 +42,8 @@ pub struct ApiState {
     pub mail_queued: Arc<Notify>,
     /// Wakes the revocation watcher so the broker enforces a revocation at once.
     pub revocations_changed: Arc<Notify>,
+    /// Wakes the command delivery worker when a command is queued.
+    pub commands_queued: Arc<Notify>,
     pub token_ttl: Duration,
     pub activation_ttl: Duration,
     /// Base-map tile URL for the web map; `None`: the built-in country outlines.
@@ -263,6 +266,22 @@ fn routes() -> Vec<Route> {
             "Provider/admin: renew the lease by N months",
             Some("Lease"),
             devices::renew_lease,
+        ),
+        route(
+            "POST",
+            "/api/v1/devices/{serial}/commands",
+            LoggedIn,
+            "Send the device a command (202 queued; delivered QoS 1 on tms/<serial>/cmd/<name>)",
+            Some("Command"),
+            commands::send,
+        ),
+        route(
+            "GET",
+            "/api/v1/devices/{serial}/commands",
+            LoggedIn,
+            "The device's commands, newest first (?limit=1..1000)",
+            None,
+            commands::list,
         ),
         route(
             "GET",

@@ -17,6 +17,11 @@ fn schemas() -> Value {
             "email": {"type": "string"}, "password": {"type": "string"}}},
         "Activate": {"type": "object", "required": ["token"], "properties": {"token": {"type": "string"}}},
         "Lease": {"type": "object", "required": ["months"], "properties": {"months": {"type": "integer", "minimum": 1, "maximum": 120}}},
+        "Command": {"type": "object", "required": ["name"], "properties": {
+            "name": {"type": "string", "pattern": "^[a-z0-9_]{1,32}$", "examples": ["self_test", "report_now"]},
+            "args": {"type": "object", "description": "passed to the device as sent (at most 4096 bytes of JSON)"},
+            "ttl_secs": {"type": "integer", "minimum": 1, "maximum": 604800, "default": 3600,
+                "description": "undelivered after this long, the command is expired"}}},
         "Resend": {"type": "object", "required": ["email"], "properties": {"email": {"type": "string"}}},
         "ChangePassword": {"type": "object", "required": ["current_password", "new_password"], "properties": {
             "current_password": {"type": "string"}, "new_password": {"type": "string", "minLength": 10}}},

@@ -2,6 +2,9 @@
 
 use super::*;
 
+/// Recent commands `device show` lists, as `GET /api/v1/devices/{serial}` does.
+const SHOWN_COMMANDS: i64 = tms_registry::commands::SHOWN_WITH_DEVICE;
+
 fn serial_arg(s: &str) -> Result<DeviceSerial> {
     DeviceSerial::parse(s).map_err(|e| usage(e.to_string()))
 }
@@ -145,13 +148,15 @@ pub(super) async fn device(config: Config, command: DeviceCommand) -> Result<()>
             let locations = store.locations_of(serial.as_str()).await?;
             let certificates = store.certificates_of(serial.as_str()).await?;
             let refusals = store.refusals(serial.as_str(), 10).await?;
+            let commands = store.commands_of(serial.as_str(), SHOWN_COMMANDS).await?;
             if json {
-                let detail = tms_gateway::views(&config).device_detail(
+                let mut detail = tms_gateway::views(&config).device_detail(
                     &view,
                     &locations,
                     &certificates,
                     &refusals,
                 );
+                detail["commands"] = commands.iter().map(tms_registry::commands::view).collect();
                 println!("{}", serde_json::to_string_pretty(&detail)?);
             } else {
                 let rejected_payloads = store.quarantine(serial.as_str(), 1000).await?.len();
@@ -160,12 +165,60 @@ pub(super) async fn device(config: Config, command: DeviceCommand) -> Result<()>
                     locations: &locations,
                     certificates: &certificates,
                     refusals: &refusals,
+                    commands: &commands,
                     rejected_payloads,
                     now_ms: tms_model::now_ms(),
                 };
                 print!("{}", shown.render());
             }
             store.close().await;
+            Ok(())
+        }
+        DeviceCommand::Command {
+            serial,
+            name,
+            args,
+            ttl,
+            json,
+        } => {
+            use tms_registry::commands::{self, CommandError, CommandRequest};
+            let serial = serial_arg(&serial)?;
+            let args = match args {
+                Some(text) => Some(
+                    serde_json::from_str::<serde_json::Value>(&text)
+                        .map_err(|e| usage(format!("--args is not JSON: {e}")))?,
+                ),
+                None => None,
+            };
+            let request = CommandRequest::new(&name, args, Some(ttl)).map_err(|e| match e {
+                CommandError::Invalid {
+                    field: "ttl_secs",
+                    problem,
+                } => usage(format!("--ttl {problem}")),
+                CommandError::Invalid {
+                    field: "args",
+                    problem,
+                } => usage(format!("--args {problem}")),
+                other => usage(other.to_string()),
+            })?;
+            let (store, _) = open_parts(&config).await?;
+            if store.device(serial.as_str()).await?.is_none() {
+                store.close().await;
+                bail!("device {serial} is not registered");
+            }
+            let queued = commands::queue(&store, &serial, request, "cli", tms_model::now_ms())
+                .await
+                .with_context(|| format!("queuing command {name} for {serial}"));
+            store.close().await;
+            let record = queued?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"id": record.id, "state": "queued"})
+                );
+            } else {
+                println!("{}", record.id);
+            }
             Ok(())
         }
         DeviceCommand::Quarantine { serial, limit } => {

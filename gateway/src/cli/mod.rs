@@ -193,6 +193,24 @@ pub enum DeviceCommand {
         /// Device S/N (either case).
         serial: String,
     },
+    /// Send the device a command (CONTRACT §9): queued now, published QoS 1 on
+    /// tms/<SERIAL>/cmd/<NAME> by the gateway holding its session once it is subscribed,
+    /// expired if not delivered within --ttl. Prints the command's id.
+    Command {
+        /// Device S/N (either case).
+        serial: String,
+        /// Command name: 1 to 32 of a-z, 0-9 and '_' (e.g. self_test, report_now).
+        name: String,
+        /// Arguments, a JSON object, passed to the device as given.
+        #[arg(long, value_name = "JSON")]
+        args: Option<String>,
+        /// Seconds the command waits for the device at most (1 to 604800).
+        #[arg(long, value_name = "SECS", default_value_t = tms_registry::commands::DEFAULT_TTL_SECS)]
+        ttl: i64,
+        /// Print `{"id", "state"}` as the API answers.
+        #[arg(long)]
+        json: bool,
+    },
     /// Extend the device's lease by N months (from its end, or from today if it ended).
     Renew {
         /// Device S/N (either case).
