@@ -9,6 +9,7 @@
 
 mod accounts;
 mod certificates;
+mod cluster;
 mod devices;
 mod history;
 mod ingest;
@@ -20,6 +21,9 @@ pub use accounts::{
     OutgoingMail, QueuedMail, Registration, RegistrationCompany, RegistrationIds, RegistrationUser,
 };
 pub use certificates::CertificateRecord;
+pub use cluster::{
+    CaLock, ClusterEvent, EVENT_CONNECTED, Heartbeat, LostNode, NodeBusy, NodeRecord, SharedCa,
+};
 pub use devices::{DeviceFilter, DeviceRecord, DeviceStatus, DeviceView, FleetCounts, NewDevice};
 pub use history::{LocationRecord, QuarantinedPayload, Refusal, SessionRecord, TelemetryRecord};
 pub use ingest::{
