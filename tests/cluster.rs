@@ -415,6 +415,20 @@ async fn three_nodes_behind_haproxy_share_one_ca_revocations_takeovers_and_node_
         let (node, _) = db.online(&d.serial, None).await;
         assert_ne!(node, victim_id);
     }
+    let metrics = scrape(&nodes[0]).await;
+    assert_eq!(metrics.get(r#"tms_node_info{node="n1"}"#), Some(&1.0));
+    let mut lost_counted = 0.0;
+    for (_, n) in nodes.iter().enumerate().filter(|(i, _)| *i != v - 1) {
+        lost_counted += scrape(n)
+            .await
+            .get("tms_cluster_nodes_lost_total")
+            .copied()
+            .unwrap_or(0.0);
+    }
+    assert_eq!(
+        lost_counted, 1.0,
+        "exactly one node declared the victim lost"
+    );
     let token = admin_token(&nodes[0]).await;
     let (code, list) = api_get(&nodes[0], &token, "/api/v1/nodes").await;
     assert_eq!(code, 200, "{list}");

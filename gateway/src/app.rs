@@ -239,6 +239,10 @@ impl App {
         let (store, ca) = create_parts(&config).await?;
         let node = crate::node::claim(&config, &store, &node_id).await?;
         metrics::gauge!("tms_node_info", "node" => node_id.clone()).set(1.0);
+        // Present from the start, so dashboards and alerts find them before the first loss.
+        metrics::counter!("tms_cluster_nodes_lost_total").increment(0);
+        metrics::gauge!("tms_cluster_nodes", "state" => "alive").set(1.0);
+        metrics::gauge!("tms_cluster_nodes", "state" => "dead").set(0.0);
         let now = OffsetDateTime::now_utc();
         let (server, reissued) = ca
             .ensure_server_cert(&config.data_dir.join("server"), &config.mqtt.hostnames, now)

@@ -158,6 +158,7 @@ pub(crate) async fn run(
                 continue;
             }
         }
+        count_nodes(&store, now - millis(dead_after)).await;
         let written = Instant::now();
         if last_written.is_none_or(|t| written - t > dead_after) {
             steady_since = None;
@@ -184,15 +185,19 @@ pub(crate) async fn run(
             }
             Err(e) => tracing::warn!(error = %e, "cannot check for lost nodes"),
         }
-        match store.nodes(now - millis(dead_after)).await {
-            Ok(nodes) => {
-                let alive = nodes.iter().filter(|n| n.state == "alive").count();
-                metrics::gauge!("tms_cluster_nodes", "state" => "alive").set(alive as f64);
-                metrics::gauge!("tms_cluster_nodes", "state" => "dead")
-                    .set((nodes.len() - alive) as f64);
-            }
-            Err(e) => tracing::debug!(error = %e, "cannot count the nodes"),
+    }
+}
+
+/// `tms_cluster_nodes{state}`: the nodes as this one sees them.
+async fn count_nodes(store: &Store, dead_before: i64) {
+    match store.nodes(dead_before).await {
+        Ok(nodes) => {
+            let alive = nodes.iter().filter(|n| n.state == "alive").count();
+            metrics::gauge!("tms_cluster_nodes", "state" => "alive").set(alive as f64);
+            metrics::gauge!("tms_cluster_nodes", "state" => "dead")
+                .set((nodes.len() - alive) as f64);
         }
+        Err(e) => tracing::debug!(error = %e, "cannot count the nodes"),
     }
 }
 

@@ -34,3 +34,6 @@ CREATE TABLE cluster_events (
     created_at  BIGINT NOT NULL
 );
 CREATE INDEX cluster_events_created ON cluster_events (created_at);
+
+-- A node's devices: counted for GET /api/v1/nodes, ended together when the node is lost.
+CREATE INDEX device_status_node ON device_status (node_id, state);

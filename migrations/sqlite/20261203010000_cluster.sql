@@ -8,3 +8,6 @@ CREATE TABLE nodes (
     started_at         BIGINT NOT NULL,
     last_heartbeat_at  BIGINT NOT NULL
 );
+
+-- A node's devices: counted for GET /api/v1/nodes, ended together when the node is lost.
+CREATE INDEX device_status_node ON device_status (node_id, state);
