@@ -537,9 +537,21 @@ impl App {
             config.node.dead_after,
             stop.clone(),
         );
-        parts.spawn("heartbeat", heartbeat);
+        // Both may wait on a store that stopped answering; they must not hold up the drain.
+        let heartbeat_stop = stop.clone();
+        parts.spawn("heartbeat", async move {
+            until_stopped(&heartbeat_stop, heartbeat)
+                .await
+                .unwrap_or(Ok(()))
+        });
         if let Some(follower) = follower {
-            parts.spawn("change log", follower.run(stop.clone()));
+            let follower_stop = stop.clone();
+            let follow = follower.run(stop.clone());
+            parts.spawn("change log", async move {
+                until_stopped(&follower_stop, follow)
+                    .await
+                    .unwrap_or(Ok(()))
+            });
         }
         let revocation_stop = stop.clone();
         parts.spawn("revocation", async move {
@@ -575,7 +587,8 @@ impl App {
         let drained = writer.wait_all(deadline, || true).await;
         failures.extend(drained.into_iter().filter_map(|exit| exit.failure));
         // Every session has been recorded ended: no other node needs to declare this one lost.
-        let _ = tokio::time::timeout(STORE_CLOSE, crate::node::leave(&store, &node)).await;
+        // Briefly: a store that does not answer has the others declare this node lost instead.
+        let _ = tokio::time::timeout(LEAVE, crate::node::leave(&store, &node)).await;
         if tokio::time::timeout(STORE_CLOSE, store.close())
             .await
             .is_err()
@@ -601,6 +614,8 @@ async fn until_stopped<T>(stop: &CancellationToken, work: impl Future<Output = T
 /// How long past `ingest.drain_timeout_secs` the drain may take: ingest's own deadline runs
 /// from when it is told to drain, after the listeners have stopped.
 const DRAIN_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long marking this node stopped may take at shutdown.
+const LEAVE: std::time::Duration = std::time::Duration::from_millis(500);
 /// How long the store's connections are given to close.
 const STORE_CLOSE: std::time::Duration = std::time::Duration::from_secs(2);
 
