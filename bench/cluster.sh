@@ -9,7 +9,8 @@
 #
 # Usage: bench/cluster.sh [DEVICES] [INTERVAL_SECS]   (default 3000 devices, 1 s)
 # Env:   TMS_BENCH_DATABASE_URL (default postgres://postgres@127.0.0.1:5432/test; a fresh
-#        schema is made in it), PROFILE=debug to skip the release build (smoke runs only).
+#        schema is made in it), PROFILE=debug to skip the release build (smoke runs only),
+#        KEEP_WORK=1 to keep the nodes' logs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-3000}
@@ -32,7 +33,7 @@ LB_PID=""
 SIM_PID=""
 cleanup() {
     for p in "${PIDS[@]}" $LB_PID $SIM_PID; do kill "$p" 2>/dev/null || true; done
-    rm -rf "$WORK"
+    if [ -n "${KEEP_WORK:-}" ]; then echo "logs kept in $WORK" >&2; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
 
@@ -62,9 +63,11 @@ for n in 1 2 3; do
     PORTS+=("$(port_of "$WORK/n$n" mqtt)")
 done
 LB=$(python3 -c "import socket;s=socket.socket();s.bind(('127.0.0.1',0));print(s.getsockname()[1])")
+# Two descriptors per proxied connection, within this shell's limit.
+MAXCONN=$(( ($(ulimit -n) - 200) / 2 ))
 cat >"$WORK/haproxy.cfg" <<CFG
 global
-  maxconn 60000
+  maxconn $MAXCONN
 defaults
   mode tcp
   timeout connect 1s
@@ -83,10 +86,11 @@ backend nodes
 CFG
 haproxy -db -f "$WORK/haproxy.cfg" 2>"$WORK/haproxy.log" &
 LB_PID=$!
-sleep 0.5
+for _ in $(seq 50); do (exec 3<>"/dev/tcp/127.0.0.1/$LB") 2>/dev/null && break; sleep 0.1; done
+kill -0 "$LB_PID" || { cat "$WORK/haproxy.log" >&2; exit 1; }
 
 # simulate registers SIM* devices and issues their certificates through node 1 first.
-TMS_DATA_DIR=$WORK/n1 TMS_NODE_ID=n1 "$BIN" simulate --devices "$N" --interval "$INTERVAL" \
+TMS_DATA_DIR=$WORK/n1 TMS_NODE_ID=n1 RUST_LOG=${SIM_LOG:-warn} "$BIN" simulate --devices "$N" --interval "$INTERVAL" \
     --mqtt "127.0.0.1:$LB" >"$WORK/sim.out" 2>"$WORK/sim.log" &
 SIM_PID=$!
 until [ "$(sql "SELECT COUNT(*) FROM device_status WHERE state = 'online'")" -gt 0 ]; do sleep 0.05; done
@@ -125,4 +129,4 @@ TB=$(now)
 echo "kill -9 $VICTIM (held $HELD devices, heartbeat ${TMS_NODE_HEARTBEAT_SECS} s, dead after ${TMS_NODE_DEAD_AFTER_SECS} s):"
 echo "  its sessions all ended after $(python3 -c "print(f'{$TL-$TK:.2f}')") s; all $N devices online on the other nodes after $(python3 -c "print(f'{$TB-$TK:.2f}')") s"
 echo "  ended node_lost: $(sql "SELECT COUNT(*) FROM device_sessions WHERE node_id = '$VICTIM' AND end_reason = 'node_lost'")"
-psql -q "$BASE" -c "DROP SCHEMA $SCHEMA CASCADE"
+psql -q "$BASE" -c "DROP SCHEMA $SCHEMA CASCADE" >/dev/null 2>&1
