@@ -390,4 +390,38 @@ mod tests {
             "the reason the key was refused is kept: {err:?}"
         );
     }
+
+    #[test]
+    fn another_nodes_ca_is_installed_only_when_it_opens_with_the_passphrase() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = dir.path().join("first");
+        let (ca, _) = Ca::open(&first, OffsetDateTime::now_utc(), Some("shared secret")).unwrap();
+        let key = Ca::stored_key(&first).unwrap();
+        assert!(key.starts_with("-----BEGIN ENCRYPTED PRIVATE KEY-----"));
+
+        let other = dir.path().join("other");
+        let err = Ca::install(&other, ca.cert_pem(), &key, Some("wrong"))
+            .err()
+            .unwrap();
+        assert!(matches!(err, CertError::KeyPassphrase { .. }), "{err}");
+        assert!(
+            !other.join("ca.pem").exists(),
+            "nothing is written when it does not load"
+        );
+
+        let installed = Ca::install(&other, ca.cert_pem(), &key, Some("shared secret")).unwrap();
+        assert_eq!(installed.info(), ca.info());
+        assert_eq!(
+            fs::metadata(other.join("ca.key"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o600
+        );
+        assert!(
+            !dir.path().join("other.incoming").exists(),
+            "the staging folder is gone"
+        );
+    }
 }
