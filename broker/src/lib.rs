@@ -294,6 +294,44 @@ impl Broker {
         }
     }
 
+    /// The id of the device's live session on this broker, if it has one.
+    pub fn session_of(&self, serial: &str) -> Option<Arc<str>> {
+        let sessions = self.sessions.lock().ok()?;
+        sessions
+            .iter()
+            .find(|(s, _)| s.as_str() == serial)
+            .map(|(_, control)| control.session_id.clone())
+    }
+
+    /// Closes the device's live session with `reason` only while it is `session_id`: a later
+    /// session of the same device is not the one that was meant.
+    pub fn close_session(&self, serial: &str, session_id: &str, reason: DisconnectReason) -> bool {
+        let Ok(sessions) = self.sessions.lock() else {
+            return false;
+        };
+        match sessions
+            .iter()
+            .find(|(s, c)| s.as_str() == serial && &*c.session_id == session_id)
+        {
+            Some((_, control)) => {
+                control.close_with(reason);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Closes every live session with `reason`; returns how many.
+    pub fn close_all(&self, reason: DisconnectReason) -> usize {
+        let Ok(sessions) = self.sessions.lock() else {
+            return 0;
+        };
+        for control in sessions.values() {
+            control.close_with(reason);
+        }
+        sessions.len()
+    }
+
     /// Closes live sessions whose certificate validity ended (lease end, expiry): a session
     /// must not outlive the certificate that opened it. Returns how many were closed.
     pub fn close_expired(&self, now_unix: i64) -> usize {

@@ -79,6 +79,37 @@ impl Ca {
         Ok((Self::load_with(ca_dir, passphrase)?, true))
     }
 
+    /// Puts a CA made elsewhere (another node of the same gateway, through the shared
+    /// database) into `ca_dir` — `ca.pem`, and `ca.key` (mode 0600) as given, encrypted with
+    /// `passphrase` — and loads it, which proves the key opens with that passphrase and
+    /// belongs to the certificate's issuer. Nothing is written when it does not load.
+    pub fn install(
+        ca_dir: &Path,
+        cert_pem: &str,
+        key_pem: &str,
+        passphrase: Option<&str>,
+    ) -> Result<Ca, CertError> {
+        let staging = ca_dir.with_extension("incoming");
+        create_private_dir(&staging)?;
+        write_file(&staging.join("ca.key"), key_pem.as_bytes(), 0o600)?;
+        write_file(&staging.join("ca.pem"), cert_pem.as_bytes(), 0o644)?;
+        let loaded = Self::load_with(&staging, passphrase);
+        let moved = loaded.and_then(|_| {
+            create_private_dir(ca_dir)?;
+            write_file(&ca_dir.join("ca.key"), key_pem.as_bytes(), 0o600)?;
+            write_file(&ca_dir.join("ca.pem"), cert_pem.as_bytes(), 0o644)
+        });
+        let _ = fs::remove_dir_all(&staging);
+        moved?;
+        Self::load_with(ca_dir, passphrase)
+    }
+
+    /// The key file of the CA in `ca_dir` as it is stored (encrypted when a passphrase was
+    /// set): what another node needs, with the passphrase, to sign as this CA.
+    pub fn stored_key(ca_dir: &Path) -> Result<String, CertError> {
+        read_string(&ca_dir.join("ca.key"))
+    }
+
     /// Loads an existing CA with a plain key file; fails if either file is missing or
     /// unusable.
     pub fn load(ca_dir: &Path) -> Result<Ca, CertError> {
@@ -357,6 +388,40 @@ mod tests {
         assert!(
             std::error::Error::source(&err).is_some(),
             "the reason the key was refused is kept: {err:?}"
+        );
+    }
+
+    #[test]
+    fn another_nodes_ca_is_installed_only_when_it_opens_with_the_passphrase() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = dir.path().join("first");
+        let (ca, _) = Ca::open(&first, OffsetDateTime::now_utc(), Some("shared secret")).unwrap();
+        let key = Ca::stored_key(&first).unwrap();
+        assert!(key.starts_with("-----BEGIN ENCRYPTED PRIVATE KEY-----"));
+
+        let other = dir.path().join("other");
+        let err = Ca::install(&other, ca.cert_pem(), &key, Some("wrong"))
+            .err()
+            .unwrap();
+        assert!(matches!(err, CertError::KeyPassphrase { .. }), "{err}");
+        assert!(
+            !other.join("ca.pem").exists(),
+            "nothing is written when it does not load"
+        );
+
+        let installed = Ca::install(&other, ca.cert_pem(), &key, Some("shared secret")).unwrap();
+        assert_eq!(installed.info(), ca.info());
+        assert_eq!(
+            fs::metadata(other.join("ca.key"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o600
+        );
+        assert!(
+            !dir.path().join("other.incoming").exists(),
+            "the staging folder is gone"
         );
     }
 }

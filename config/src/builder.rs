@@ -295,8 +295,35 @@ pub(crate) fn build(b: &mut Builder) -> Config {
         }
     });
 
+    let node_id = b.string("node.id").and_then(|id| {
+        if valid_node_id(&id) {
+            Some(id)
+        } else {
+            b.fail(
+                "node.id",
+                id,
+                "expected 1 to 64 letters, digits, '.', '_' or '-'",
+            );
+            None
+        }
+    });
+    let heartbeat_secs = b.int("node.heartbeat_secs", 5, 1, 3600);
+    let dead_after_secs = b.int("node.dead_after_secs", 15, 2, 86_400);
+    if dead_after_secs <= heartbeat_secs {
+        b.fail(
+            "node.dead_after_secs",
+            dead_after_secs.to_string(),
+            format!("must be longer than node.heartbeat_secs ({heartbeat_secs}), or every node looks dead between two heartbeats"),
+        );
+    }
+
     Config {
         log: Log { format },
+        node: Node {
+            id: node_id,
+            heartbeat: Duration::from_secs(heartbeat_secs),
+            dead_after: Duration::from_secs(dead_after_secs),
+        },
         data_dir,
         database_url,
         mqtt,

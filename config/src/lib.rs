@@ -70,6 +70,27 @@ pub struct Config {
     pub certs: Certs,
     pub ingest: Ingest,
     pub log: Log,
+    pub node: Node,
+}
+
+/// This process as one node of a gateway whose nodes share a database (CONTRACT §6).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Node {
+    /// `node.id`; `None`: the id kept in `<data_dir>/node-id` (made on first start).
+    pub id: Option<String>,
+    /// How often this node writes its heartbeat.
+    pub heartbeat: Duration,
+    /// A node whose heartbeat is older than this is dead; its devices go offline (`node_lost`).
+    pub dead_after: Duration,
+}
+
+/// Whether `id` may name a node: 1 to 64 of `A-Z a-z 0-9 . _ -` (it goes into logs, metric
+/// labels and file names).
+pub fn valid_node_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// How log lines are written (to standard error).
@@ -206,6 +227,7 @@ impl fmt::Debug for Config {
             .field("certs", &self.certs)
             .field("ingest", &self.ingest)
             .field("log", &self.log)
+            .field("node", &self.node)
             .finish()
     }
 }
@@ -270,6 +292,9 @@ const KEYS: &[(&str, &str)] = &[
     ("ingest", "flush_interval_ms"),
     ("ingest", "drain_timeout_secs"),
     ("log", "format"),
+    ("node", "id"),
+    ("node", "heartbeat_secs"),
+    ("node", "dead_after_secs"),
 ];
 
 /// Every configuration key as written in the file (`data_dir`, `mqtt.listen`, …).

@@ -236,3 +236,37 @@ fn the_example_configuration_names_every_key_with_its_default() {
         );
     }
 }
+
+#[test]
+fn node_settings_default_to_the_contract_and_a_bad_id_is_named() {
+    let c = Config::from_sources(None, &HashMap::new()).unwrap();
+    assert_eq!(c.node.id, None);
+    assert_eq!(c.node.heartbeat, Duration::from_secs(5));
+    assert_eq!(c.node.dead_after, Duration::from_secs(15));
+
+    let c = Config::from_sources(
+        Some("[node]\nid = \"gw-1.eu_west\"\nheartbeat_secs = 1\ndead_after_secs = 3\n"),
+        &HashMap::new(),
+    )
+    .unwrap();
+    assert_eq!(c.node.id.as_deref(), Some("gw-1.eu_west"));
+    assert_eq!(c.node.dead_after, Duration::from_secs(3));
+
+    for bad in ["", "gw 1", "gw/1", &"x".repeat(65)] {
+        let err = Config::from_sources(None, &env(&[("TMS_NODE_ID", bad)])).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("node.id") && text.contains("TMS_NODE_ID"),
+            "{text}"
+        );
+    }
+    let err = Config::from_sources(
+        None,
+        &env(&[
+            ("TMS_NODE_HEARTBEAT_SECS", "5"),
+            ("TMS_NODE_DEAD_AFTER_SECS", "5"),
+        ]),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("node.dead_after_secs"), "{err}");
+}

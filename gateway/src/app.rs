@@ -23,6 +23,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::node::NodeIdentity;
 use crate::revocation;
 use crate::supervisor::Parts;
 
@@ -53,6 +54,9 @@ pub struct App {
     metrics: Option<TcpListener>,
     ports: PortsFile,
     lock: DataDirLock,
+    node: NodeIdentity,
+    /// The change log follower; PostgreSQL only (one SQLite node has nobody to hear from).
+    follower: Option<crate::cluster::Follower>,
 }
 
 /// The JSON views as the configuration's `presence.*` settings have them judge presence.
@@ -111,13 +115,19 @@ pub async fn create_parts(config: &Config) -> Result<(Store, Arc<Ca>)> {
     })?;
     let ca_dir = config.data_dir.join("ca");
     let passphrase = config.certs.ca_key_passphrase.clone();
-    let (ca, created) = tokio::task::spawn_blocking(move || {
-        let passphrase = passphrase.as_ref().map(tms_config::Secret::expose);
-        Ca::open(&ca_dir, OffsetDateTime::now_utc(), passphrase)
-    })
-    .await
-    .context("CA task")?
-    .context("loading the CA")?;
+    let (ca, created) = if store.backend() == tms_store::Backend::Postgres {
+        // Nodes sharing the database share one CA (CONTRACT §6).
+        let passphrase = passphrase.as_ref().map(|p| p.expose().to_owned());
+        crate::cluster::shared_ca(&store, &ca_dir, passphrase, &known_node_id(config)).await?
+    } else {
+        tokio::task::spawn_blocking(move || {
+            let passphrase = passphrase.as_ref().map(tms_config::Secret::expose);
+            Ca::open(&ca_dir, OffsetDateTime::now_utc(), passphrase)
+        })
+        .await
+        .context("CA task")?
+        .context("loading the CA")?
+    };
     if created {
         tracing::info!(fingerprint = %ca.info().sha256_fingerprint, "created a new CA");
     }
@@ -195,12 +205,26 @@ fn create_private_dir(dir: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-fn node_id() -> String {
+/// This machine's host name, if it has one: the node id of versions before `node.id`.
+pub(crate) fn host_name() -> Option<String> {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
         .ok()
         .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "gateway".into())
+}
+
+/// The node id as far as it is known without creating anything (for records only).
+fn known_node_id(config: &Config) -> String {
+    config
+        .node
+        .id
+        .clone()
+        .or_else(|| {
+            std::fs::read_to_string(config.data_dir.join("node-id"))
+                .ok()
+                .map(|t| t.trim().to_owned())
+        })
+        .unwrap_or_else(|| "a command-line tool".to_owned())
 }
 
 impl App {
@@ -211,7 +235,14 @@ impl App {
         // Before anything else is touched: another `serve` may be running on this data.
         create_private_dir(&config.data_dir)?;
         let lock = lock_data_dir(&config.data_dir)?;
+        let (node_id, new_node_id) = crate::node::node_id(&config)?;
         let (store, ca) = create_parts(&config).await?;
+        let node = crate::node::claim(&config, &store, &node_id).await?;
+        metrics::gauge!("tms_node_info", "node" => node_id.clone()).set(1.0);
+        // Present from the start, so dashboards and alerts find them before the first loss.
+        metrics::counter!("tms_cluster_nodes_lost_total").increment(0);
+        metrics::gauge!("tms_cluster_nodes", "state" => "alive").set(1.0);
+        metrics::gauge!("tms_cluster_nodes", "state" => "dead").set(0.0);
         let now = OffsetDateTime::now_utc();
         let (server, reissued) = ca
             .ensure_server_cert(&config.data_dir.join("server"), &config.mqtt.hostnames, now)
@@ -233,7 +264,6 @@ impl App {
         let tls = tms_broker::server_config(ca.cert_der(), chain, key, revoked.clone())
             .context("building the TLS configuration")?;
 
-        let node_id = node_id();
         let mut boot = [0u8; 4];
         rand::fill(&mut boot);
         let boot_id = hex::encode(boot);
@@ -265,6 +295,14 @@ impl App {
         .on_abuse(Box::new(move |serial| {
             abuse_broker.close_device(serial, tms_broker::DisconnectReason::Abuse);
         }));
+        // From the change log's end as it is now, before this node records any connect.
+        let follower = match store.backend() {
+            tms_store::Backend::Postgres => Some(
+                crate::cluster::Follower::start(store.clone(), broker.clone(), node_id.clone())
+                    .await?,
+            ),
+            tms_store::Backend::Sqlite => None,
+        };
 
         let mqtt = TcpListener::bind(config.mqtt.listen)
             .await
@@ -300,14 +338,26 @@ impl App {
                 "marked devices of an earlier run offline (gateway_restart)"
             );
         }
+        // The first start with a node id of its own, after versions that used the host
+        // name: on SQLite (one node) the sessions under the host name are this data
+        // directory's. On PostgreSQL they may be another node's, which its own start ends.
+        if new_node_id
+            && store.backend() == tms_store::Backend::Sqlite
+            && let Some(host) = host_name()
+        {
+            store
+                .end_stale_sessions(&host, tms_model::now_ms(), "gateway_restart")
+                .await
+                .context("ending sessions of an earlier run")?;
+        }
         write_ports(&config.ports_file(), &ports)?;
         let data_dir = absolute(&config.data_dir);
         match ports.metrics {
             Some(metrics) => {
-                tracing::info!(mqtt = %ports.mqtt, http = %ports.http, metrics = %metrics, data_dir = %data_dir.display(), "listening")
+                tracing::info!(node = %node_id, mqtt = %ports.mqtt, http = %ports.http, metrics = %metrics, data_dir = %data_dir.display(), "listening")
             }
             None => {
-                tracing::info!(mqtt = %ports.mqtt, http = %ports.http, data_dir = %data_dir.display(), "listening")
+                tracing::info!(node = %node_id, mqtt = %ports.mqtt, http = %ports.http, data_dir = %data_dir.display(), "listening")
             }
         }
         Ok(App {
@@ -322,6 +372,8 @@ impl App {
             metrics,
             ports,
             lock,
+            node,
+            follower,
         })
     }
 
@@ -351,6 +403,8 @@ impl App {
             http,
             metrics,
             lock,
+            node,
+            follower,
         } = self;
         // Held until every part has stopped and the store is closed.
         let _lock = lock;
@@ -414,6 +468,7 @@ impl App {
             mqtt_host: config.mqtt.public_host().to_owned(),
             passwords: tms_registry::auth::PasswordGate::for_this_machine(),
             views: views(&config),
+            node_dead_after: config.node.dead_after,
         };
         let api = tms_api::router(state.clone(), metrics.is_none());
         let limits = tms_api::server::Limits {
@@ -476,6 +531,30 @@ impl App {
             config.presence.history_retention,
             stop.clone(),
         );
+        let heartbeat = crate::node::run(
+            store.clone(),
+            broker.clone(),
+            node.clone(),
+            config.node.heartbeat,
+            config.node.dead_after,
+            stop.clone(),
+        );
+        // Both may wait on a store that stopped answering; they must not hold up the drain.
+        let heartbeat_stop = stop.clone();
+        parts.spawn("heartbeat", async move {
+            until_stopped(&heartbeat_stop, heartbeat)
+                .await
+                .unwrap_or(Ok(()))
+        });
+        if let Some(follower) = follower {
+            let follower_stop = stop.clone();
+            let follow = follower.run(stop.clone());
+            parts.spawn("change log", async move {
+                until_stopped(&follower_stop, follow)
+                    .await
+                    .unwrap_or(Ok(()))
+            });
+        }
         let revocation_stop = stop.clone();
         parts.spawn("revocation", async move {
             // Its reads and single-statement updates may be dropped half-way: a store that
@@ -534,6 +613,9 @@ impl App {
         drain.cancel();
         let drained = writer.wait_all(deadline, || true).await;
         failures.extend(drained.into_iter().filter_map(|exit| exit.failure));
+        // Every session has been recorded ended: no other node needs to declare this one lost.
+        // Briefly: a store that does not answer has the others declare this node lost instead.
+        let _ = tokio::time::timeout(LEAVE, crate::node::leave(&store, &node)).await;
         if tokio::time::timeout(STORE_CLOSE, store.close())
             .await
             .is_err()
@@ -559,6 +641,8 @@ async fn until_stopped<T>(stop: &CancellationToken, work: impl Future<Output = T
 /// How long past `ingest.drain_timeout_secs` the drain may take: ingest's own deadline runs
 /// from when it is told to drain, after the listeners have stopped.
 const DRAIN_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long marking this node stopped may take at shutdown.
+const LEAVE: std::time::Duration = std::time::Duration::from_millis(500);
 /// How long the store's connections are given to close.
 const STORE_CLOSE: std::time::Duration = std::time::Duration::from_secs(2);
 

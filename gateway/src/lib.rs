@@ -3,7 +3,9 @@
 //! `App` in-process when they need to reach inside (e.g. to slow the store down).
 
 mod app;
+mod cluster;
 mod commands;
+mod node;
 mod process_metrics;
 mod revocation;
 mod server_cert;

@@ -100,6 +100,9 @@ pub enum DisconnectReason {
     CertificateExpired,
     /// The device sent malformed payloads faster than ingest keeps them.
     Abuse,
+    /// Other nodes declared this node dead (its heartbeat stopped reaching the database) and
+    /// ended its sessions; the device is sent away to connect again and be recorded anew.
+    NodeLost,
 }
 
 impl DisconnectReason {
@@ -115,6 +118,7 @@ impl DisconnectReason {
             Self::IngestClosed => "ingest_closed",
             Self::CertificateExpired => "certificate_expired",
             Self::Abuse => "abuse",
+            Self::NodeLost => "node_lost",
         }
     }
 }

@@ -163,6 +163,17 @@ pub fn refusal(r: &Refusal) -> Value {
     })
 }
 
+/// A gateway node as `GET /api/v1/nodes` shows it (CONTRACT §6).
+pub fn node(n: &tms_store::NodeRecord) -> Value {
+    json!({
+        "id": n.id,
+        "started_at": time(Some(n.started_at)),
+        "last_heartbeat_at": time(Some(n.last_heartbeat_at)),
+        "state": n.state,
+        "devices_online": n.devices_online,
+    })
+}
+
 /// A peer whose attempts named no device of ours (fleet view, admins only).
 pub fn peer_refusal(r: &PeerRefusal) -> Value {
     json!({

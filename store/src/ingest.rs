@@ -436,6 +436,25 @@ impl Store {
                 } => {
                     w.execute("recording a session", "INSERT INTO device_sessions (session_id, serial, node_id, peer_addr, started_at) \
                          VALUES ($1, $2, $3, $4, $5) ON CONFLICT (session_id) DO NOTHING", |b| { b.bind(session_id).bind(serial).bind(node_id).bind(peer_addr).bind(*at); }).await?;
+                    if self.backend() == Backend::Postgres {
+                        // In the same transaction as the status row it makes this session
+                        // the owner of: a node holding an older session of the device sees
+                        // this entry and closes that one (`taken_over`).
+                        let payload =
+                            serde_json::json!({"session": session_id, "node": node_id}).to_string();
+                        w.execute(
+                            "logging a connect for the other nodes",
+                            "INSERT INTO cluster_events (kind, serial, payload, created_at) \
+                             VALUES ($1, $2, $3, $4)",
+                            |b| {
+                                b.bind(crate::EVENT_CONNECTED)
+                                    .bind(serial)
+                                    .bind(payload)
+                                    .bind(*at);
+                            },
+                        )
+                        .await?;
+                    }
                 }
                 StatusEvent::Disconnected {
                     session_id,

@@ -9,6 +9,7 @@
 
 mod accounts;
 mod certificates;
+mod cluster;
 mod commands;
 mod devices;
 mod history;
@@ -21,6 +22,9 @@ pub use accounts::{
     OutgoingMail, QueuedMail, Registration, RegistrationCompany, RegistrationIds, RegistrationUser,
 };
 pub use certificates::CertificateRecord;
+pub use cluster::{
+    CaLock, ClusterEvent, EVENT_CONNECTED, Heartbeat, LostNode, NodeBusy, NodeRecord, SharedCa,
+};
 pub use commands::{COMMAND_STATES, CommandRecord, NewCommand, ReplyRow};
 pub use devices::{DeviceFilter, DeviceRecord, DeviceStatus, DeviceView, FleetCounts, NewDevice};
 pub use history::{LocationRecord, QuarantinedPayload, Refusal, SessionRecord, TelemetryRecord};

@@ -545,3 +545,117 @@ async fn futures_claims(store: &Store, id: &str) -> Vec<(String, bool)> {
     }
     tasks.join_all().await
 }
+
+#[tokio::test]
+async fn a_node_id_is_held_by_one_live_process_and_a_lost_node_is_ended_once() {
+    for store in backends().await.stores {
+        // A live holder refuses another instance; the same data directory's earlier run, or
+        // a holder silent past the cutoff, is not refused.
+        assert_eq!(
+            store.claim_node("n1", "a", None, 1_000, 0).await.unwrap(),
+            Ok(())
+        );
+        assert_eq!(
+            store.claim_node("n2", "x", None, 1_000, 0).await.unwrap(),
+            Ok(())
+        );
+        let busy = store.claim_node("n1", "b", None, 2_000, 500).await.unwrap();
+        assert_eq!(
+            busy,
+            Err(NodeBusy {
+                last_heartbeat_at: 1_000
+            })
+        );
+        assert_eq!(
+            store
+                .claim_node("n1", "b", Some("a"), 2_000, 500)
+                .await
+                .unwrap(),
+            Ok(())
+        );
+        assert_eq!(
+            store.heartbeat("n1", "a", 2_100).await.unwrap(),
+            Heartbeat::Replaced
+        );
+        assert_eq!(
+            store.heartbeat("n1", "b", 2_100).await.unwrap(),
+            Heartbeat::Alive
+        );
+
+        // Two devices on n2; one of them has moved to n1 since.
+        for (serial, mac) in [
+            ("RE4N1", "00:1B:2C:3D:4E:01"),
+            ("RE4N2", "00:1B:2C:3D:4E:02"),
+        ] {
+            store
+                .add_device(&device(serial, mac, "Acme"), 1)
+                .await
+                .unwrap();
+        }
+        let connected = |serial: &str, sid: &str, node: &str, at| StatusEvent::Connected {
+            serial: serial.into(),
+            session_id: sid.into(),
+            at,
+            peer_addr: "127.0.0.1:5000".into(),
+            keep_alive_secs: 30,
+            cert_serial: "0a".into(),
+            node_id: node.into(),
+        };
+        let batch = WriteBatch {
+            status: vec![
+                connected("RE4N1", "x-1", "n2", 1_100),
+                connected("RE4N2", "x-2", "n2", 1_100),
+                connected("RE4N2", "b-1", "n1", 2_200),
+            ],
+            ..Default::default()
+        };
+        store.write_batch(&batch).await.unwrap();
+
+        // n2 silent since 1_000: the first sweep ends it, the second finds nothing to do.
+        let lost = store.sweep_lost_nodes("n1", 2_500).await.unwrap();
+        assert_eq!(
+            lost,
+            vec![LostNode {
+                id: "n2".into(),
+                last_heartbeat_at: 1_000,
+                devices: 1
+            }]
+        );
+        assert!(
+            store
+                .sweep_lost_nodes("n1", 2_500)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let gone = store.device("RE4N1").await.unwrap().unwrap().status;
+        assert_eq!(gone.state, ConnState::Offline);
+        assert_eq!(gone.last_disconnect_reason.as_deref(), Some("node_lost"));
+        let moved = store.device("RE4N2").await.unwrap().unwrap().status;
+        assert_eq!(
+            moved.state,
+            ConnState::Online,
+            "a device that moved is untouched"
+        );
+        let sessions = store.sessions("RE4N2", 0, 10_000).await.unwrap();
+        let ends: Vec<_> = sessions.iter().map(|s| s.end_reason.as_deref()).collect();
+        assert_eq!(ends, vec![Some("node_lost"), None]);
+
+        // The lost node, still running, finds out at its next heartbeat.
+        assert_eq!(
+            store.heartbeat("n2", "x", 2_600).await.unwrap(),
+            Heartbeat::Revived
+        );
+        let nodes = store.nodes(2_000).await.unwrap();
+        let view: Vec<_> = nodes
+            .iter()
+            .map(|n| (n.id.as_str(), n.state.as_str(), n.devices_online))
+            .collect();
+        assert_eq!(view, vec![("n1", "alive", 1), ("n2", "alive", 0)]);
+        let nodes = store.nodes(2_700).await.unwrap();
+        assert!(
+            nodes.iter().all(|n| n.state == "dead"),
+            "stale heartbeats read as dead: {nodes:?}"
+        );
+    }
+}

@@ -6,6 +6,7 @@ mod commands;
 mod devices;
 mod error;
 mod input;
+mod nodes;
 mod openapi;
 mod peers;
 mod public;
@@ -54,6 +55,8 @@ pub struct ApiState {
     pub passwords: tms_registry::auth::PasswordGate,
     /// The JSON views of devices, with the presence settings they judge by.
     pub views: tms_registry::views::Views,
+    /// A node whose heartbeat is older than this is shown dead (`node.dead_after_secs`).
+    pub node_dead_after: Duration,
 }
 
 /// Who may call a route (documented in the OpenAPI document; enforced by the extractors).
@@ -202,6 +205,14 @@ fn routes() -> Vec<Route> {
             "Admins: refused connection attempts that named no device, per peer (?limit=1..1000)",
             None,
             peers::list,
+        ),
+        route(
+            "GET",
+            "/api/v1/nodes",
+            LoggedIn,
+            "Admins: the gateway nodes sharing this database, alive or dead, with their devices online",
+            None,
+            nodes::list,
         ),
         route(
             "GET",
