@@ -596,8 +596,7 @@ impl App {
         failures.extend(stopped.into_iter().filter_map(|exit| exit.failure));
         // Every session has ended: commands this node claimed and no device acknowledged go
         // back to the queue now, for whichever node the device reconnects to.
-        let node = broker.node_id().to_owned();
-        match tokio::time::timeout(STORE_CLOSE, store.release_stale_commands(&node, 0)).await {
+        match tokio::time::timeout(STORE_CLOSE, store.release_stale_commands(&node.id, 0)).await {
             Ok(Ok(0)) => {}
             Ok(Ok(n)) => tracing::info!(commands = n, "queued again the commands sessions held"),
             Ok(Err(e)) => {
