@@ -12,7 +12,9 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, TlsConfiguration, Transport};
+use rumqttc::{
+    AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
+};
 use sqlx::Row;
 use support::*;
 
@@ -213,7 +215,8 @@ fn fingerprint_line(out: &str) -> String {
 /// The whole story of CONTRACT §6 on three nodes: one CA made by nodes starting at once,
 /// certificates of node 1 accepted by every node directly and through the balancer, a
 /// revocation on node 2 closing a session on node 3 within a second, a takeover through
-/// another node leaving one session open and the device online throughout, and a node
+/// another node leaving one session open and the device online throughout, a command sent
+/// through node 1 delivered to a device on node 3 and its reply read through node 2, and a node
 /// killed with SIGKILL having its devices marked offline `node_lost` and back online once
 /// they reconnect through the balancer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -364,6 +367,100 @@ async fn three_nodes_behind_haproxy_share_one_ca_revocations_takeovers_and_node_
     );
     drop(new);
 
+    // A command sent through node 1 reaches the device on node 3, QoS 1, within a second;
+    // its reply is recorded and read through node 2.
+    let token = admin_token(&nodes[0]).await;
+    let commanded = &devices[5];
+    let (client, mut eventloop) = client_on(ports[2], commanded);
+    assert_eq!(
+        connack(&mut eventloop).await.unwrap(),
+        rumqttc::ConnectReturnCode::Success
+    );
+    client
+        .subscribe(format!("tms/{}/cmd/#", commanded.serial), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => break,
+            Ok(Ok(_)) => {}
+            other => panic!("no SUBACK from node 3: {other:?}"),
+        }
+    }
+    let sent_at = Instant::now();
+    let resp = reqwest::Client::new()
+        .post(nodes[0].url(&format!("/api/v1/devices/{}/commands", commanded.serial)))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({"name": "self_test", "args": {"depth": "quick"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 202);
+    let id = resp.json::<serde_json::Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let command = loop {
+        match tokio::time::timeout(Duration::from_secs(5), eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::Publish(p)))) => break p,
+            Ok(Ok(_)) => {}
+            other => panic!("the command did not reach the device on node 3: {other:?}"),
+        }
+    };
+    let took = sent_at.elapsed();
+    assert_eq!(
+        command.topic,
+        format!("tms/{}/cmd/self_test", commanded.serial)
+    );
+    assert_eq!(command.qos, QoS::AtLeastOnce);
+    let body: serde_json::Value = serde_json::from_slice(&command.payload).unwrap();
+    assert_eq!(
+        (body["id"].as_str(), body["args"]["depth"].as_str()),
+        (Some(id.as_str()), Some("quick"))
+    );
+    assert!(
+        took < Duration::from_secs(1),
+        "command sent on n1 reached n3 after {took:?}"
+    );
+    eprintln!("command across nodes: {took:?}");
+    client
+        .publish(
+            format!("tms/{}/reply", commanded.serial),
+            QoS::AtLeastOnce,
+            false,
+            serde_json::json!({"id": id, "ok": true, "message": "self-test passed"}).to_string(),
+        )
+        .await
+        .unwrap();
+    let replies = tokio::spawn(async move {
+        let _client = client;
+        while eventloop.poll().await.is_ok() {}
+    });
+    let path = format!("/api/v1/devices/{}/commands", commanded.serial);
+    let recorded = wait_for(
+        "the reply read through node 2",
+        Duration::from_secs(5),
+        || async {
+            let (code, list) = api_get(&nodes[1], &token, &path).await;
+            let c = list
+                .as_array()?
+                .iter()
+                .find(|c| c["id"] == id.as_str())?
+                .clone();
+            (code == 200 && c["state"] == "succeeded").then_some(c)
+        },
+    )
+    .await;
+    assert!(
+        recorded["delivered_at"].is_string() || recorded["delivered_at"].is_number(),
+        "{recorded}"
+    );
+    assert_eq!(
+        recorded["reply"]["message"], "self-test passed",
+        "{recorded}"
+    );
+    replies.abort();
+
     // SIGKILL of a node that holds devices (not node 1, whose CLI issued the certificates).
     let victim_id = if b == 1 {
         "n2".to_owned()
@@ -429,7 +526,6 @@ async fn three_nodes_behind_haproxy_share_one_ca_revocations_takeovers_and_node_
         lost_counted, 1.0,
         "exactly one node declared the victim lost"
     );
-    let token = admin_token(&nodes[0]).await;
     let (code, list) = api_get(&nodes[0], &token, "/api/v1/nodes").await;
     assert_eq!(code, 200, "{list}");
     let states: Vec<(String, String)> = list

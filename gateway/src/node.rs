@@ -181,6 +181,17 @@ pub(crate) async fn run(
                         silent_ms = now - node.last_heartbeat_at,
                         "node lost: no heartbeat for node.dead_after_secs; its devices are offline (node_lost) until they reconnect"
                     );
+                    // Commands the lost node had claimed and no device acknowledged go back to
+                    // the queue now, for the node each device reconnects to.
+                    match store.release_stale_commands(&node.id, 0).await {
+                        Ok(0) => {}
+                        Ok(n) => {
+                            tracing::info!(lost.node = %node.id, commands = n, "queued again the commands the lost node held")
+                        }
+                        Err(e) => {
+                            tracing::warn!(lost.node = %node.id, error = %e, "cannot queue again the lost node's commands; they are after the stale-claim time")
+                        }
+                    }
                 }
             }
             Err(e) => tracing::warn!(error = %e, "cannot check for lost nodes"),
