@@ -3,6 +3,7 @@
 //! `App` in-process when they need to reach inside (e.g. to slow the store down).
 
 mod app;
+mod offline_alarms;
 mod process_metrics;
 mod revocation;
 mod server_cert;

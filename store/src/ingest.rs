@@ -3,6 +3,7 @@
 
 use sqlx::Connection;
 
+use crate::alarms::{self, AlarmChange};
 use crate::peers::{self, PeerRefusal};
 use crate::script::Writer;
 use crate::{Backend, Result, Store, query_err};
@@ -19,6 +20,8 @@ pub struct WriteBatch {
     pub refusals: Vec<RefusalRow>,
     /// Refused attempts that belong to no device, per peer.
     pub peer_refusals: Vec<PeerRefusal>,
+    /// Alarm raises and clears, in the order of the telemetry (and connects) they come from.
+    pub alarms: Vec<AlarmChange>,
 }
 
 impl WriteBatch {
@@ -30,6 +33,7 @@ impl WriteBatch {
             && self.status.is_empty()
             && self.refusals.is_empty()
             && self.peer_refusals.is_empty()
+            && self.alarms.is_empty()
     }
 
     /// Rows (or row updates) this batch writes.
@@ -41,6 +45,7 @@ impl WriteBatch {
             + self.status.len()
             + self.refusals.len()
             + self.peer_refusals.len()
+            + self.alarms.len()
     }
 
     /// Splits the batch into two of about half its rows each, keeping the order of each kind
@@ -65,6 +70,7 @@ impl WriteBatch {
         take(&mut self.infos, &mut first.infos, &mut left);
         take(&mut self.refusals, &mut first.refusals, &mut left);
         take(&mut self.peer_refusals, &mut first.peer_refusals, &mut left);
+        take(&mut self.alarms, &mut first.alarms, &mut left);
         Split::Halves(first, self)
     }
 
@@ -482,6 +488,33 @@ impl Store {
                 b.bind(peers::PEER_REFUSALS_KEPT - 1);
             })
             .await?;
+        }
+
+        for change in &batch.alarms {
+            match change {
+                AlarmChange::Raise {
+                    serial,
+                    code,
+                    severity,
+                    at,
+                    detail,
+                } => {
+                    w.execute("raising an alarm", alarms::RAISE, |b| {
+                        b.bind(serial)
+                            .bind(code)
+                            .bind(*severity)
+                            .bind(*at)
+                            .bind(detail);
+                    })
+                    .await?
+                }
+                AlarmChange::Clear { serial, code, at } => {
+                    w.execute("clearing an alarm", alarms::CLEAR, |b| {
+                        b.bind(*at).bind(serial).bind(code);
+                    })
+                    .await?
+                }
+            }
         }
 
         w.commit("committing an ingest batch").await

@@ -8,6 +8,7 @@
 //! Not here: deciding what to write (that is ingest's and the API's job) or how to show it.
 
 mod accounts;
+mod alarms;
 mod certificates;
 mod devices;
 mod history;
@@ -18,6 +19,9 @@ mod users;
 
 pub use accounts::{
     OutgoingMail, QueuedMail, Registration, RegistrationCompany, RegistrationIds, RegistrationUser,
+};
+pub use alarms::{
+    AlarmChange, AlarmFilter, AlarmRecord, Channel, GATEWAY_REASONS, NoticeGroup, PendingNotice,
 };
 pub use certificates::CertificateRecord;
 pub use devices::{DeviceFilter, DeviceRecord, DeviceStatus, DeviceView, FleetCounts, NewDevice};

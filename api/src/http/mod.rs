@@ -2,6 +2,7 @@
 //! status, mapped in one place ([`ApiError`]); 5xx never shows internals.
 
 mod accounts;
+mod alarms;
 mod devices;
 mod error;
 mod input;
@@ -271,6 +272,22 @@ fn routes() -> Vec<Route> {
             "Uptime and sessions (?window=24h|7d|30d)",
             None,
             devices::availability,
+        ),
+        route(
+            "GET",
+            "/api/v1/alarms",
+            LoggedIn,
+            "Alarms of the caller's devices, newest first (?state=active|cleared|all, ?limit=1..1000)",
+            None,
+            alarms::list,
+        ),
+        route(
+            "POST",
+            "/api/v1/alarms/{id}/ack",
+            LoggedIn,
+            "Acknowledge an alarm (204); it stays open until cleared",
+            None,
+            alarms::acknowledge,
         ),
         route(
             "GET",

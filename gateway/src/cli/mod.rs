@@ -72,6 +72,19 @@ pub enum Command {
         #[arg(long, value_name = "IP:PORT")]
         mqtt: Option<std::net::SocketAddr>,
     },
+    /// UPS alarms of every device, newest first (what `GET /api/v1/alarms` answers an admin).
+    Alarms {
+        /// Which alarms: open ones, cleared ones, or all.
+        #[arg(long, value_parser = ["active", "cleared", "all"], default_value = "all")]
+        state: String,
+        /// Print the same JSON objects as `GET /api/v1/alarms`.
+        #[arg(long)]
+        json: bool,
+        /// How many to show, newest first (1 to 1000).
+        #[arg(long, value_name = "N", default_value_t = 200,
+              value_parser = clap::value_parser!(i64).range(1..=1000))]
+        limit: i64,
+    },
     /// The built-in certificate authority.
     Ca {
         #[command(subcommand)]
@@ -245,6 +258,53 @@ pub enum CaCommand {
     RenewServer,
 }
 
+/// `tms-gateway alarms`: every device's alarms, as a table or as the API's JSON.
+async fn alarms(config: Config, state: &str, json: bool, limit: i64) -> Result<()> {
+    let (store, _) = open_parts(&config).await?;
+    let filter = tms_store::AlarmFilter {
+        active: match state {
+            "active" => Some(true),
+            "cleared" => Some(false),
+            _ => None,
+        },
+        limit,
+        ..Default::default()
+    };
+    let result = store.alarms(&filter).await.context("listing alarms");
+    store.close().await;
+    let alarms = result?;
+    if json {
+        let list: Vec<_> = alarms.iter().map(views::alarm).collect();
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(());
+    }
+    println!(
+        "{:<8} {:<20} {:<18} {:<9} {:<8} {:<26} {:<26} ACKNOWLEDGED BY",
+        "ID", "SERIAL", "CODE", "SEVERITY", "STATE", "RAISED", "CLEARED"
+    );
+    for a in &alarms {
+        let raised = views::time(Some(a.raised_at));
+        let cleared = views::time(a.cleared_at);
+        println!(
+            "{:<8} {:<20} {:<18} {:<9} {:<8} {:<26} {:<26} {}",
+            a.id,
+            a.serial,
+            a.code,
+            a.severity,
+            if a.cleared_at.is_some() {
+                "cleared"
+            } else {
+                "active"
+            },
+            raised.as_str().unwrap_or("-"),
+            cleared.as_str().unwrap_or("-"),
+            a.acknowledged_by.as_deref().unwrap_or("-"),
+        );
+    }
+    println!("{} alarm(s)", alarms.len());
+    Ok(())
+}
+
 /// Bad input on the command line: exit code 2.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -289,6 +349,7 @@ pub async fn run(command: Command, config: Config) -> Result<()> {
                 },
         } => user_add(config, email, role, password_stdin).await,
         Command::Device { command } => device(config, command).await,
+        Command::Alarms { state, json, limit } => alarms(config, &state, json, limit).await,
         Command::Simulate {
             devices,
             interval,
