@@ -498,6 +498,53 @@ async fn an_outage_is_one_notice_raised_and_cleared_once_and_only_the_company_se
     fleet.connect(&gw, 19..20).await;
     wait_active(&gw, &admin, &[]).await;
 
+    // The timeline of the acknowledged alarm's device tells the whole story, newest first.
+    let acked_serial = acked["serial"].as_str().unwrap().to_owned();
+    let path = format!("/api/v1/devices/{acked_serial}/events?limit=1000");
+    let (status, events) = call(&gw, "GET", &path, &ana, None).await;
+    assert_eq!(status, StatusCode::OK, "{events}");
+    let events = events.as_array().unwrap();
+    let kinds: Vec<&str> = events.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    for kind in [
+        "registered",
+        "certificate_issued",
+        "connected",
+        "disconnected",
+        "alarm_raised",
+        "alarm_acknowledged",
+        "alarm_cleared",
+    ] {
+        assert!(kinds.contains(&kind), "{kind} missing from {kinds:?}");
+    }
+    assert_eq!(kinds.last(), Some(&"registered"), "oldest last: {kinds:?}");
+    let times: Vec<time::OffsetDateTime> = events
+        .iter()
+        .map(|e| {
+            let at = e["at"].as_str().unwrap();
+            time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339).unwrap()
+        })
+        .collect();
+    assert!(
+        times.windows(2).all(|w| w[0] >= w[1]),
+        "newest first: {times:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e["kind"] == "disconnected" && e["detail"]["reason"] == "server_shutdown")
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e["kind"] == "alarm_raised" && e["detail"]["code"] == "on_battery")
+    );
+    let (status, _) = call(&gw, "GET", &path, &bob, None).await;
+    assert_eq!(
+        status,
+        StatusCode::NOT_FOUND,
+        "another company's device timeline"
+    );
+
     // The other company's customer sees none of it.
     assert!(alarms(&gw, &bob, "all").await.is_empty());
     let mails = alarm_mails(&gw);

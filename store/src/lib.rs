@@ -15,6 +15,7 @@ mod history;
 mod ingest;
 mod peers;
 mod script;
+mod timeline;
 mod users;
 
 pub use accounts::{
@@ -30,6 +31,7 @@ pub use ingest::{
     InfoRow, LocationRow, QuarantineRow, RefusalRow, Split, StatusEvent, TelemetryRow, WriteBatch,
 };
 pub use peers::{PEER_REFUSALS_KEPT, PeerRefusal};
+pub use timeline::DeviceEvent;
 pub use users::{NewUser, UserRecord};
 
 use std::str::FromStr;

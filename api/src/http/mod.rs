@@ -5,6 +5,7 @@ mod accounts;
 mod alarms;
 mod devices;
 mod error;
+mod events;
 mod input;
 mod openapi;
 mod peers;
@@ -272,6 +273,14 @@ fn routes() -> Vec<Route> {
             "Uptime and sessions (?window=24h|7d|30d)",
             None,
             devices::availability,
+        ),
+        route(
+            "GET",
+            "/api/v1/devices/{serial}/events",
+            LoggedIn,
+            "The device's timeline, newest first: registration, certificates, sessions, refusals, alarms (?limit=1..1000)",
+            None,
+            events::list,
         ),
         route(
             "GET",
