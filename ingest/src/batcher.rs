@@ -103,8 +103,22 @@ impl Batcher {
 
     /// A batcher whose alarm engine judges by `alarms`.
     pub fn with_alarms(node_id: String, alarms: AlarmSettings) -> Self {
+        Self::with_engine(node_id, AlarmEngine::new(alarms))
+    }
+
+    /// The alarm engine, e.g. to load the alarms open in the store.
+    pub fn alarm_engine(&mut self) -> &mut AlarmEngine {
+        &mut self.alarms
+    }
+
+    /// A batcher that raises no alarms: only to measure what the engine costs.
+    pub fn without_alarms(node_id: String) -> Self {
+        Self::with_engine(node_id, AlarmEngine::disabled())
+    }
+
+    fn with_engine(node_id: String, alarms: AlarmEngine) -> Self {
         Batcher {
-            alarms: AlarmEngine::new(alarms),
+            alarms,
             node_id,
             batch: WriteBatch::default(),
             events: 0,
