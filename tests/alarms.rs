@@ -32,8 +32,11 @@ const ACME: &str = "Acme Hospital";
 /// to the first, 200 to the rest.
 #[derive(Clone, Default)]
 struct Hooks {
-    got: Arc<Mutex<Vec<(String, Vec<u8>)>>>,
+    got: Arc<Mutex<Vec<Request>>>,
 }
+
+/// One webhook request: its head (lower case) and its body.
+type Request = (String, Vec<u8>);
 
 impl Hooks {
     async fn serve(&self) -> std::net::SocketAddr {
@@ -86,7 +89,7 @@ impl Hooks {
         addr
     }
 
-    fn requests(&self) -> Vec<(String, Vec<u8>)> {
+    fn requests(&self) -> Vec<Request> {
         self.got.lock().unwrap().clone()
     }
 }
@@ -151,22 +154,7 @@ async fn activate(gw: &TestGateway, email: &str) -> String {
         .await
         .unwrap();
     assert_eq!(ok.status(), StatusCode::OK);
-    let login = |password: String| {
-        let http = http.clone();
-        async move {
-            let v: Value = http
-                .post(gw.url("/api/v1/auth/login"))
-                .json(&json!({"email": email, "password": password}))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            v["token"].as_str().unwrap().to_owned()
-        }
-    };
-    let temporary = login(password.clone()).await;
+    let temporary = login(gw, email, &password).await;
     let (status, _) = call(
         gw,
         "POST",
@@ -176,7 +164,7 @@ async fn activate(gw: &TestGateway, email: &str) -> String {
     )
     .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
-    login("a-new-password-1".into()).await
+    login(gw, email, "a-new-password-1").await
 }
 
 /// The alarm emails in the outbox: (recipient, subject, text).

@@ -71,6 +71,25 @@ pub enum Command {
         /// Broker address (default: from <data_dir>/ports.json, else mqtt.listen).
         #[arg(long, value_name = "IP:PORT")]
         mqtt: Option<std::net::SocketAddr>,
+        /// A power cut: after this many seconds, --outage-share of the devices go on battery.
+        #[arg(long, value_name = "SECS")]
+        outage_after: Option<f64>,
+        /// Share of the devices the outage hits (0 to 1).
+        #[arg(
+            long,
+            value_name = "F",
+            default_value_t = 0.3,
+            requires = "outage_after"
+        )]
+        outage_share: f64,
+        /// How long the outage lasts before they are back on mains.
+        #[arg(
+            long,
+            value_name = "SECS",
+            default_value_t = 60.0,
+            requires = "outage_after"
+        )]
+        outage_secs: f64,
     },
     /// UPS alarms of every device, newest first (what `GET /api/v1/alarms` answers an admin).
     Alarms {
@@ -356,7 +375,33 @@ pub async fn run(command: Command, config: Config) -> Result<()> {
             qos,
             duration,
             mqtt,
+            outage_after,
+            outage_share,
+            outage_secs,
         } => {
+            if !(0.0..=1.0).contains(&outage_share) {
+                return Err(usage(format!(
+                    "--outage-share {outage_share} must be between 0 and 1"
+                )));
+            }
+            let outage = match outage_after {
+                None => None,
+                Some(after)
+                    if (0.0..=31_536_000.0).contains(&after)
+                        && (0.1..=31_536_000.0).contains(&outage_secs) =>
+                {
+                    Some(tms_gateway::simulate::Outage {
+                        after: std::time::Duration::from_secs_f64(after),
+                        share: outage_share,
+                        length: std::time::Duration::from_secs_f64(outage_secs),
+                    })
+                }
+                Some(_) => {
+                    return Err(usage(
+                        "--outage-after and --outage-secs must be positive numbers of seconds",
+                    ));
+                }
+            };
             if !(0.01..=3600.0).contains(&interval) {
                 return Err(usage(format!(
                     "--interval {interval} must be between 0.01 and 3600 seconds"
@@ -383,6 +428,7 @@ pub async fn run(command: Command, config: Config) -> Result<()> {
                     },
                     duration: duration.map(std::time::Duration::from_secs_f64),
                     mqtt,
+                    outage,
                 },
                 stop,
             )
