@@ -125,6 +125,22 @@ fn describe() {
         "Email delivery attempts that failed (kept for retry)"
     );
     describe_gauge!("tms_mail_queued", "Emails waiting for delivery");
+    describe_gauge!("tms_alarms_active", "Open UPS alarms by code");
+    describe_counter!(
+        "tms_alarm_notifications_total",
+        "Alarm notices by channel (email, webhook) and outcome"
+    );
+    // Shown at zero from the start, so a dashboard and an alert on failures have a series
+    // before the first notice.
+    for (channel, outcome) in [
+        ("email", "queued"),
+        ("email", "no_recipient"),
+        ("webhook", "delivered"),
+        ("webhook", "failed"),
+    ] {
+        metrics::counter!("tms_alarm_notifications_total", "channel" => channel, "outcome" => outcome)
+            .increment(0);
+    }
     describe_gauge!("tms_build_info", "Version and git commit of this build");
     describe_gauge!(
         "tms_process_start_time_seconds",

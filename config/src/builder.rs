@@ -287,6 +287,43 @@ pub(crate) fn build(b: &mut Builder) -> Config {
         drain_timeout: Duration::from_secs(b.int("ingest.drain_timeout_secs", 10, 1, 3600)),
     };
 
+    let number = |b: &mut Builder, key: &str, default: f64, min: f64, max: f64| {
+        b.parsed(key, default, |s| {
+            let n: f64 = s.parse().map_err(|_| "expected a number".to_owned())?;
+            if !(min..=max).contains(&n) {
+                return Err(format!("must be between {min} and {max}"));
+            }
+            Ok(n)
+        })
+    };
+    let low_battery_pct = number(b, "alarms.low_battery_pct", 20.0, 0.0, 100.0);
+    let low_runtime_min = number(b, "alarms.low_runtime_min", 5.0, 0.0, 1440.0);
+    // The HTTP client is built without TLS (no TLS stack beyond the broker's and SMTP's):
+    // an https:// webhook would fail on every try, so it is refused here, by name.
+    let webhook_url = b.string("alarms.webhook_url").and_then(|u| {
+        if u.starts_with("http://") && u.len() > "http://".len() {
+            Some(u)
+        } else {
+            b.fail(
+                "alarms.webhook_url",
+                redact_url(&u),
+                "expected an http:// URL (https:// is not supported by this build; put a TLS proxy in front)",
+            );
+            None
+        }
+    });
+    let alarms = Alarms {
+        low_battery_pct,
+        low_runtime_min,
+        offline_after: Duration::from_secs(b.int("alarms.offline_after_secs", 300, 1, 30 * 86_400)),
+        group: Duration::from_secs(b.int("alarms.group_secs", 60, 0, 86_400)),
+        webhook_url,
+        webhook_secret: b
+            .string("alarms.webhook_secret")
+            .filter(|s| !s.is_empty())
+            .map(Secret),
+    };
+
     let format = b.parsed("log.format", LogFormat::Text, |s| {
         match s.to_ascii_lowercase().as_str() {
             "text" => Ok(LogFormat::Text),
@@ -354,5 +391,6 @@ pub(crate) fn build(b: &mut Builder) -> Config {
             ca_key_passphrase: None,
         },
         ingest,
+        alarms,
     }
 }

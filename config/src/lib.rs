@@ -69,6 +69,7 @@ pub struct Config {
     pub presence: Presence,
     pub certs: Certs,
     pub ingest: Ingest,
+    pub alarms: Alarms,
     pub log: Log,
     pub node: Node,
 }
@@ -91,6 +92,36 @@ pub fn valid_node_id(id: &str) -> bool {
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Alarms and their notifications (CONTRACT §7).
+#[derive(Clone, PartialEq)]
+pub struct Alarms {
+    /// `low_battery` below this charge (percent)...
+    pub low_battery_pct: f64,
+    /// ...or below this runtime (minutes).
+    pub low_runtime_min: f64,
+    /// `device_offline` after this long offline.
+    pub offline_after: Duration,
+    /// The alarms of one company within this window go out as one notice.
+    pub group: Duration,
+    /// Where one JSON POST per notice goes, if anywhere.
+    pub webhook_url: Option<String>,
+    /// Key of the `X-TMS-Signature` HMAC; unsigned without it.
+    pub webhook_secret: Option<Secret>,
+}
+
+impl fmt::Debug for Alarms {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Alarms")
+            .field("low_battery_pct", &self.low_battery_pct)
+            .field("low_runtime_min", &self.low_runtime_min)
+            .field("offline_after", &self.offline_after)
+            .field("group", &self.group)
+            .field("webhook_url", &self.webhook_url.as_deref().map(redact_url))
+            .field("webhook_secret", &self.webhook_secret)
+            .finish()
+    }
 }
 
 /// How log lines are written (to standard error).
@@ -192,6 +223,10 @@ pub struct Certs {
 pub struct Secret(String);
 
 impl Secret {
+    pub fn new(value: String) -> Self {
+        Secret(value)
+    }
+
     pub fn expose(&self) -> &str {
         &self.0
     }
@@ -226,6 +261,7 @@ impl fmt::Debug for Config {
             .field("presence", &self.presence)
             .field("certs", &self.certs)
             .field("ingest", &self.ingest)
+            .field("alarms", &self.alarms)
             .field("log", &self.log)
             .field("node", &self.node)
             .finish()
@@ -291,6 +327,12 @@ const KEYS: &[(&str, &str)] = &[
     ("ingest", "batch_max_rows"),
     ("ingest", "flush_interval_ms"),
     ("ingest", "drain_timeout_secs"),
+    ("alarms", "low_battery_pct"),
+    ("alarms", "low_runtime_min"),
+    ("alarms", "offline_after_secs"),
+    ("alarms", "group_secs"),
+    ("alarms", "webhook_url"),
+    ("alarms", "webhook_secret"),
     ("log", "format"),
     ("node", "id"),
     ("node", "heartbeat_secs"),

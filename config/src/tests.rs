@@ -270,3 +270,36 @@ fn node_settings_default_to_the_contract_and_a_bad_id_is_named() {
     .unwrap_err();
     assert!(err.to_string().contains("node.dead_after_secs"), "{err}");
 }
+
+#[test]
+fn alarm_keys_are_typed_and_bad_values_named() {
+    let c = Config::from_sources(
+        Some("[alarms]\ngroup_secs = 5\nlow_battery_pct = 35.5\n"),
+        &env(&[
+            ("TMS_ALARMS_OFFLINE_AFTER_SECS", "42"),
+            ("TMS_ALARMS_WEBHOOK_URL", "http://hooks.example/tms"),
+            ("TMS_ALARMS_WEBHOOK_SECRET", "s3cret"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(c.alarms.group, Duration::from_secs(5));
+    assert_eq!(c.alarms.low_battery_pct, 35.5);
+    assert_eq!(c.alarms.low_runtime_min, 5.0);
+    assert_eq!(c.alarms.offline_after, Duration::from_secs(42));
+    assert_eq!(
+        c.alarms.webhook_url.as_deref(),
+        Some("http://hooks.example/tms")
+    );
+    assert!(
+        !format!("{c:?}").contains("s3cret"),
+        "the secret is redacted"
+    );
+    let err = Config::from_sources(
+        Some("[alarms]\nlow_battery_pct = 120\nwebhook_url = \"https://x.example\"\n"),
+        &HashMap::new(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("alarms.low_battery_pct"), "{err}");
+    assert!(err.contains("alarms.webhook_url"), "{err}");
+}

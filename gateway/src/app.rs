@@ -57,6 +57,9 @@ pub struct App {
     node: NodeIdentity,
     /// The change log follower; PostgreSQL only (one SQLite node has nobody to hear from).
     follower: Option<crate::cluster::Follower>,
+    node_id: String,
+    /// This process's start (Unix ms): the offline window of gateway-caused disconnects.
+    started_at: i64,
 }
 
 /// The JSON views as the configuration's `presence.*` settings have them judge presence.
@@ -232,6 +235,7 @@ impl App {
         tms_api::monitoring::install();
         crate::process_metrics::install();
         tms_api::monitoring::record_process(env!("CARGO_PKG_VERSION"), env!("TMS_GIT_COMMIT"));
+        let started_at = tms_model::now_ms();
         // Before anything else is touched: another `serve` may be running on this data.
         create_private_dir(&config.data_dir)?;
         let lock = lock_data_dir(&config.data_dir)?;
@@ -282,6 +286,10 @@ impl App {
         )
         .context("starting the broker")?;
         let abuse_broker = broker.clone();
+        let open_alarms = store
+            .open_alarms(None)
+            .await
+            .context("loading the open alarms")?;
         let ingest = Ingest::new(
             store.clone(),
             events_rx,
@@ -290,8 +298,13 @@ impl App {
                 flush_interval: config.ingest.flush_interval,
                 drain_timeout: config.ingest.drain_timeout,
                 node_id: node_id.clone(),
+                alarms: tms_ingest::AlarmSettings {
+                    low_battery_pct: config.alarms.low_battery_pct,
+                    low_runtime_min: config.alarms.low_runtime_min,
+                },
             },
         )
+        .with_open_alarms(open_alarms)
         .on_abuse(Box::new(move |serial| {
             abuse_broker.close_device(serial, tms_broker::DisconnectReason::Abuse);
         }));
@@ -374,6 +387,8 @@ impl App {
             lock,
             node,
             follower,
+            node_id,
+            started_at,
         })
     }
 
@@ -405,6 +420,8 @@ impl App {
             lock,
             node,
             follower,
+            node_id,
+            started_at,
         } = self;
         // Held until every part has stopped and the store is closed.
         let _lock = lock;
@@ -450,6 +467,44 @@ impl App {
         });
         let mailer_stop = stop.clone();
         parts.spawn("mailer", async move { Ok(mailer.run(mailer_stop).await?) });
+        let notifier = tms_registry::alarms::Notifier::new(
+            store.clone(),
+            Composer {
+                from: config.mail.from.clone(),
+                public_url: public_url.clone(),
+            },
+            config.alarms.group,
+            config
+                .alarms
+                .webhook_url
+                .clone()
+                .map(|url| tms_registry::alarms::Webhook {
+                    url,
+                    secret: config
+                        .alarms
+                        .webhook_secret
+                        .as_ref()
+                        .map(|s| s.expose().to_owned()),
+                }),
+            mail_queued.clone(),
+            &node_id,
+        );
+        let notifier_stop = stop.clone();
+        parts.spawn("alarm notifier", async move {
+            notifier.run(notifier_stop).await;
+            Ok(())
+        });
+        let offline = crate::offline_alarms::OfflineAlarms {
+            store: store.clone(),
+            offline_after: config.alarms.offline_after,
+            started_at,
+        };
+        let offline_stop = stop.clone();
+        parts.spawn("offline alarms", async move {
+            // Single statements and reads: safe to drop half-way when the drain starts.
+            until_stopped(&offline_stop, offline.run(offline_stop.clone())).await;
+            Ok(())
+        });
         let ca_for_certs = ca.clone();
         let state = tms_api::ApiState {
             store: store.clone(),

@@ -6,6 +6,7 @@ mod app;
 mod cluster;
 mod commands;
 mod node;
+mod offline_alarms;
 mod process_metrics;
 mod revocation;
 mod server_cert;

@@ -32,6 +32,25 @@ pub struct SimulateOptions {
     pub duration: Option<Duration>,
     /// Broker address; `None`: from `<data_dir>/ports.json`, else `mqtt.listen`.
     pub mqtt: Option<SocketAddr>,
+    /// A power cut on a share of the fleet, to show (and measure) the alarm flow.
+    pub outage: Option<Outage>,
+}
+
+/// `--outage-after SECS --outage-share F --outage-secs SECS`: the first `share` of the devices
+/// report `on_battery` (charge falling) from `after` for `length`, then `online` again.
+#[derive(Debug, Clone, Copy)]
+pub struct Outage {
+    pub after: Duration,
+    pub share: f64,
+    pub length: Duration,
+}
+
+impl Outage {
+    /// Whether device `index` of `devices` is on battery `elapsed` into the run.
+    fn on_battery(&self, index: usize, devices: usize, elapsed: Duration) -> bool {
+        let affected = (self.share * devices as f64).round() as usize;
+        index < affected && elapsed >= self.after && elapsed < self.after + self.length
+    }
 }
 
 #[derive(Default)]
@@ -42,10 +61,11 @@ struct Counters {
     errors: AtomicU64,
 }
 
-/// A realistic UPS reading: mostly online, load drifting, now and then on battery.
-fn telemetry(n: u64, device: usize) -> String {
+/// A realistic UPS reading: mostly online, load drifting, now and then on battery (or, with
+/// an outage, on battery exactly when `outage` says).
+fn telemetry(n: u64, device: usize, outage: Option<bool>) -> String {
     let phase = (n as f64 / 10.0 + device as f64).sin();
-    let on_battery = (n + device as u64) % 97 == 0;
+    let on_battery = outage.unwrap_or((n + device as u64) % 97 == 0);
     let load = 35.0 + 20.0 * phase;
     let charge: f64 = if on_battery { 88.0 } else { 100.0 };
     serde_json::json!({
@@ -286,7 +306,8 @@ async fn device(
     let offset = opts
         .interval
         .mul_f64(index as f64 / opts.devices.max(1) as f64);
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + offset, opts.interval);
+    let started = tokio::time::Instant::now();
+    let mut ticker = tokio::time::interval_at(started + offset, opts.interval);
     let mut n = 0u64;
     let mut connected = false;
     loop {
@@ -294,7 +315,8 @@ async fn device(
             _ = stop.cancelled() => break,
             _ = ticker.tick(), if connected => {
                 n += 1;
-                if client.try_publish(topic.as_str(), opts.qos, false, telemetry(n, index)).is_ok() {
+                let outage = opts.outage.map(|o| o.on_battery(index, opts.devices, started.elapsed()));
+                if client.try_publish(topic.as_str(), opts.qos, false, telemetry(n, index, outage)).is_ok() {
                     counters.published.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -340,6 +362,25 @@ async fn device(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_outage_puts_its_share_on_battery_for_its_length() {
+        let o = Outage {
+            after: Duration::from_secs(10),
+            share: 0.3,
+            length: Duration::from_secs(60),
+        };
+        let at = |secs| {
+            (0..20)
+                .filter(|&i| o.on_battery(i, 20, Duration::from_secs(secs)))
+                .count()
+        };
+        assert_eq!((at(9), at(10), at(69), at(70)), (0, 6, 6, 0));
+        let on: serde_json::Value = serde_json::from_str(&telemetry(1, 0, Some(true))).unwrap();
+        assert_eq!(on["mode"], "on_battery");
+        let off: serde_json::Value = serde_json::from_str(&telemetry(97, 0, Some(false))).unwrap();
+        assert_eq!(off["mode"], "online", "no random blip during an outage run");
+    }
 
     #[test]
     fn each_device_has_its_own_place_in_europe_the_same_every_time() {

@@ -8,10 +8,11 @@ use std::time::{Duration, Instant};
 use metrics::Counter;
 use tms_model::{Acks, BrokerEvent, DeviceMessage, TopicKind};
 use tms_store::{
-    InfoRow, LocationRow, PeerRefusal, QuarantineRow, RefusalRow, ReplyRow, StatusEvent,
-    TelemetryRow, WriteBatch,
+    AlarmChange, InfoRow, LocationRow, PeerRefusal, QuarantineRow, RefusalRow, ReplyRow,
+    StatusEvent, TelemetryRow, WriteBatch,
 };
 
+use crate::alarms::{AlarmEngine, AlarmSettings, DEVICE_OFFLINE};
 use crate::payload::{parse_info, parse_location, parse_reply, parse_status, parse_telemetry};
 
 /// Collects events until [`Batcher::take`]. Pure: no I/O, so it can be tested alone.
@@ -36,6 +37,8 @@ pub struct Batcher {
     abusive: Vec<String>,
     /// Made on first use, after the metrics recorder is installed.
     counters: Option<KindCounters>,
+    /// Open alarms per device; raises and clears go into the batch.
+    pub(crate) alarms: AlarmEngine,
 }
 
 /// Malformed payloads of one device within one [`GARBAGE_WINDOW_MS`].
@@ -95,7 +98,27 @@ struct PendingRefusal {
 
 impl Batcher {
     pub fn new(node_id: String) -> Self {
+        Self::with_alarms(node_id, AlarmSettings::default())
+    }
+
+    /// A batcher whose alarm engine judges by `alarms`.
+    pub fn with_alarms(node_id: String, alarms: AlarmSettings) -> Self {
+        Self::with_engine(node_id, AlarmEngine::new(alarms))
+    }
+
+    /// The alarm engine, e.g. to load the alarms open in the store.
+    pub fn alarm_engine(&mut self) -> &mut AlarmEngine {
+        &mut self.alarms
+    }
+
+    /// A batcher that raises no alarms: only to measure what the engine costs.
+    pub fn without_alarms(node_id: String) -> Self {
+        Self::with_engine(node_id, AlarmEngine::disabled())
+    }
+
+    fn with_engine(node_id: String, alarms: AlarmEngine) -> Self {
         Batcher {
+            alarms,
             node_id,
             batch: WriteBatch::default(),
             events: 0,
@@ -143,15 +166,23 @@ impl Batcher {
                 cert_serial,
                 keep_alive_secs,
                 at_ms,
-            } => self.batch.status.push(StatusEvent::Connected {
-                serial: serial.to_string(),
-                session_id: session_id.to_string(),
-                at: at_ms,
-                peer_addr: peer.to_string(),
-                keep_alive_secs: i64::from(keep_alive_secs),
-                cert_serial,
-                node_id: self.node_id.clone(),
-            }),
+            } => {
+                self.batch.status.push(StatusEvent::Connected {
+                    serial: serial.to_string(),
+                    session_id: session_id.to_string(),
+                    at: at_ms,
+                    peer_addr: peer.to_string(),
+                    keep_alive_secs: i64::from(keep_alive_secs),
+                    cert_serial,
+                    node_id: self.node_id.clone(),
+                });
+                // Back online: a device_offline alarm (the timer's, on any node) ends here.
+                self.batch.alarms.push(AlarmChange::Clear {
+                    serial: serial.to_string(),
+                    code: DEVICE_OFFLINE.to_owned(),
+                    at: at_ms,
+                });
+            }
             BrokerEvent::Disconnected {
                 serial,
                 session_id,
@@ -238,6 +269,8 @@ impl Batcher {
                         self.fresh.insert(serial.to_owned(), (at, at, 1));
                     }
                 }
+                self.alarms
+                    .evaluate(serial, &summary, at, &mut self.batch.alarms);
                 self.batch.telemetry.push(TelemetryRow {
                     serial: serial.to_owned(),
                     ts: summary.ts.unwrap_or(at),
@@ -406,6 +439,7 @@ impl Batcher {
                     .is_some_and(|w| now.duration_since(w) < 10 * REFUSAL_WINDOW)
         });
         self.events = 0;
+        self.alarms.batch_taken();
         std::mem::take(&mut self.batch)
     }
 

@@ -12,22 +12,24 @@
 //! found and quarantined with the database's error, so one bad row never blocks good ones.
 //! Not here: SQL (the store) or MQTT (the broker).
 
+mod alarms;
 mod batcher;
 mod payload;
 
+pub use alarms::{AlarmEngine, AlarmSettings, severity};
 pub use batcher::{
     ABUSE_ROWS_PER_MIN, Batcher, QUARANTINE_BYTES_PER_MIN, QUARANTINE_ROWS_PER_MIN, REFUSAL_WINDOW,
 };
 pub use payload::{
-    LocationPayload, MAX_DEPTH, TelemetrySummary, clean_text, parse_info, parse_location,
-    parse_reply, parse_status, parse_telemetry,
+    LocationPayload, MAX_ALARM_CHARS, MAX_ALARMS, MAX_DEPTH, TelemetrySummary, clean_text,
+    parse_info, parse_location, parse_reply, parse_status, parse_telemetry,
 };
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tms_model::{Acks, BrokerEvent};
-use tms_store::{Split, Store, StoreError, WriteBatch};
+use tms_store::{AlarmChange, Split, Store, StoreError, WriteBatch};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -41,6 +43,8 @@ pub struct IngestSettings {
     /// Once draining starts, how long ingest keeps trying to write what is queued.
     pub drain_timeout: Duration,
     pub node_id: String,
+    /// Thresholds of the alarms derived from telemetry.
+    pub alarms: AlarmSettings,
 }
 
 /// Called with the serial of a device that sends so much garbage it is to be disconnected.
@@ -58,6 +62,8 @@ pub struct Ingest {
     give_up_at: Option<tokio::time::Instant>,
     /// Rows given up at shutdown (never acknowledged to a device).
     unwritten: usize,
+    /// Open alarms (serial, code) read from the store at start.
+    open_alarms: Vec<(String, String)>,
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {
@@ -89,7 +95,15 @@ impl Ingest {
             drain: CancellationToken::new(),
             give_up_at: None,
             unwritten: 0,
+            open_alarms: Vec::new(),
         }
+    }
+
+    /// The alarms open in the store when ingest starts ([`Store::open_alarms`]): the engine
+    /// starts from them, so a restart mid-outage raises nothing twice.
+    pub fn with_open_alarms(mut self, open: Vec<(String, String)>) -> Self {
+        self.open_alarms = open;
+        self
     }
 
     /// Who to tell when a device sends more garbage than [`ABUSE_ROWS_PER_MIN`] a minute.
@@ -102,7 +116,10 @@ impl Ingest {
     /// is committed or the drain deadline has passed, or until all senders are gone.
     pub async fn run(mut self, drain: CancellationToken) {
         self.drain = drain.clone();
-        let mut batcher = Batcher::new(self.settings.node_id.clone());
+        let mut batcher = Batcher::with_alarms(self.settings.node_id.clone(), self.settings.alarms);
+        batcher
+            .alarms
+            .load(None, std::mem::take(&mut self.open_alarms));
         let mut draining = false;
         loop {
             let due = batcher.next_due();
@@ -178,14 +195,35 @@ impl Ingest {
                 hook(&serial);
             }
         }
-        if self.commit(batch).await {
+        let connected: Vec<String> = batch
+            .status
+            .iter()
+            .filter_map(|s| match s {
+                tms_store::StatusEvent::Connected { serial, .. } => Some(serial.clone()),
+                _ => None,
+            })
+            .collect();
+        let mut written = Vec::new();
+        let stored = self.commit(batch, &mut written).await;
+        // Only what is committed is open from now on.
+        batcher.alarms.committed(&written);
+        if stored {
             release(acks);
+        }
+        if !connected.is_empty() {
+            // Another node may have raised or cleared this device's alarms while it was away.
+            match self.store.open_alarms(Some(&connected)).await {
+                Ok(open) => batcher.alarms.load(Some(&connected), open),
+                Err(e) => {
+                    tracing::warn!(error = %e, devices = connected.len(), "cannot reload the open alarms of connected devices; keeping those in memory")
+                }
+            }
         }
     }
 
     /// Writes one batch: retried while the store is at fault, split while its data is.
     /// False when it was given up at the drain deadline (nothing of it is acknowledged).
-    async fn commit(&mut self, batch: WriteBatch) -> bool {
+    async fn commit(&mut self, batch: WriteBatch, written: &mut Vec<AlarmChange>) -> bool {
         if batch.is_empty() {
             return true;
         }
@@ -193,13 +231,13 @@ impl Ingest {
         let mut work = vec![batch];
         while let Some(batch) = work.pop() {
             match self.write_with_retry(&batch).await {
-                Some(Written::Stored) => {}
+                Some(Written::Stored) => written.extend(batch.alarms),
                 Some(Written::Refused(e)) => {
                     let rows = batch.len();
                     match batch.split() {
                         Split::Halves(first, second) => {
                             tracing::warn!(error = %e, source = ?std::error::Error::source(&e), rows, "the database refused a batch; splitting it to find the row");
-                            work.push(second);
+                            work.push(*second);
                             work.push(first);
                         }
                         Split::One(row) => self.set_aside(row, &e).await,

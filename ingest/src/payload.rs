@@ -3,7 +3,6 @@
 use std::borrow::Cow;
 
 use serde::Deserialize;
-use serde::de::{Deserializer, Visitor};
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -16,6 +15,34 @@ pub struct TelemetrySummary {
     pub mode: Option<String>,
     pub load_pct: Option<f64>,
     pub battery_charge_pct: Option<f64>,
+    pub battery_runtime_min: Option<f64>,
+    /// The alarms the device itself reports; `None` when the payload has no `alarms` list
+    /// (nothing known), empty when it reports none.
+    pub alarms: Option<Vec<String>>,
+}
+
+/// Most alarm names one telemetry message may carry, and the longest name.
+pub const MAX_ALARMS: usize = 32;
+pub const MAX_ALARM_CHARS: usize = 64;
+
+/// Each device-reported alarm must be a short clean text: it becomes an alarm code.
+fn check_alarms(alarms: &[String]) -> Result<(), String> {
+    if alarms.len() > MAX_ALARMS {
+        return Err(format!(
+            "alarms has {} entries (at most {MAX_ALARMS})",
+            alarms.len()
+        ));
+    }
+    for (i, a) in alarms.iter().enumerate() {
+        let field = format!("alarms[{i}]");
+        clean_text(&field, a)?;
+        if a.trim().is_empty() || a.chars().count() > MAX_ALARM_CHARS {
+            return Err(format!(
+                "{field} must be 1 to {MAX_ALARM_CHARS} characters long"
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -182,6 +209,9 @@ pub fn parse_telemetry(payload: &[u8], received_at_ms: i64) -> Result<TelemetryS
     if let Some(ts) = summary.ts {
         ts_in_range(ts, received_at_ms)?;
     }
+    if let Some(alarms) = &summary.alarms {
+        check_alarms(alarms)?;
+    }
     Ok(summary)
 }
 
@@ -201,7 +231,9 @@ fn telemetry_fields(payload: &[u8]) -> Result<TelemetrySummary, String> {
             },
             mode: t.mode.map(Cow::into_owned),
             load_pct: t.load_pct,
-            battery_charge_pct: t.battery.and_then(|b| b.charge_pct),
+            battery_charge_pct: t.battery.as_ref().and_then(|b| b.charge_pct),
+            battery_runtime_min: t.battery.and_then(|b| b.runtime_min),
+            alarms: t.alarms,
         });
     }
     checked_telemetry(payload)
@@ -220,15 +252,13 @@ struct FastTelemetry<'a> {
     _input: Option<FastElectric>,
     #[serde(rename = "output")]
     _output: Option<FastElectric>,
-    #[serde(rename = "alarms")]
-    _alarms: Option<Vec<AnyString>>,
+    alarms: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
 struct FastBattery {
     charge_pct: Option<f64>,
-    #[serde(rename = "runtime_min")]
-    _runtime_min: Option<f64>,
+    runtime_min: Option<f64>,
     #[serde(rename = "voltage")]
     _voltage: Option<f64>,
     #[serde(rename = "temperature_c")]
@@ -243,25 +273,6 @@ struct FastElectric {
     _frequency_hz: Option<f64>,
     #[serde(rename = "current_a")]
     _current_a: Option<f64>,
-}
-
-/// Any JSON string, not kept.
-struct AnyString;
-
-impl<'de> Deserialize<'de> for AnyString {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = AnyString;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a string")
-            }
-            fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<AnyString, E> {
-                Ok(AnyString)
-            }
-        }
-        d.deserialize_str(V)
-    }
 }
 
 /// `ts` as Unix ms: epoch milliseconds or an RFC 3339 string.
@@ -293,9 +304,11 @@ fn checked_telemetry(payload: &[u8]) -> Result<TelemetrySummary, String> {
     let mode = string(&map, "mode")?;
     let load_pct = number(&map, "", "load_pct")?;
     let mut battery_charge_pct = None;
+    let mut battery_runtime_min = None;
     if let Some(battery) = sub_object(&map, "battery")? {
         battery_charge_pct = number(battery, "battery.", "charge_pct")?;
-        for key in ["runtime_min", "voltage", "temperature_c"] {
+        battery_runtime_min = number(battery, "battery.", "runtime_min")?;
+        for key in ["voltage", "temperature_c"] {
             number(battery, "battery.", key)?;
         }
     }
@@ -306,16 +319,23 @@ fn checked_telemetry(payload: &[u8]) -> Result<TelemetrySummary, String> {
             }
         }
     }
-    match map.get("alarms") {
-        None | Some(Value::Null) => {}
-        Some(Value::Array(items)) if items.iter().all(Value::is_string) => {}
+    let alarms = match map.get("alarms") {
+        None | Some(Value::Null) => None,
+        Some(Value::Array(items)) if items.iter().all(Value::is_string) => Some(
+            items
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect(),
+        ),
         Some(_) => return Err("alarms must be an array of strings".into()),
-    }
+    };
     Ok(TelemetrySummary {
         ts,
         mode,
         load_pct,
         battery_charge_pct,
+        battery_runtime_min,
+        alarms,
     })
 }
 

@@ -41,7 +41,7 @@ pub struct Composer {
 }
 
 impl Composer {
-    fn message(
+    pub(crate) fn message(
         &self,
         kind: &str,
         to: &str,

@@ -221,6 +221,23 @@ pub fn session(s: &SessionRecord) -> Value {
     })
 }
 
+/// An alarm as the API and the CLI show it (CONTRACT §7).
+pub fn alarm(a: &tms_store::AlarmRecord) -> Value {
+    serde_json::json!({
+        "id": a.id,
+        "serial": a.serial,
+        "company": a.company,
+        "code": a.code,
+        "severity": a.severity,
+        "state": if a.cleared_at.is_some() { "cleared" } else { "active" },
+        "raised_at": time(Some(a.raised_at)),
+        "cleared_at": time(a.cleared_at),
+        "acknowledged_at": time(a.acknowledged_at),
+        "acknowledged_by": a.acknowledged_by,
+        "detail": serde_json::from_str::<Value>(&a.detail).unwrap_or(Value::Null),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -64,7 +64,11 @@ pub struct QueuedMail {
     pub attempts: i64,
 }
 
-async fn queue_mail(conn: &mut AnyConnection, mail: &OutgoingMail, now_ms: i64) -> Result<()> {
+pub(crate) async fn queue_mail(
+    conn: &mut AnyConnection,
+    mail: &OutgoingMail,
+    now_ms: i64,
+) -> Result<()> {
     sqlx::query(
         "INSERT INTO mail_queue (kind, recipient, subject, message, created_at, next_attempt_at) VALUES ($1, $2, $3, $4, $5, $5)",
     )

@@ -3,6 +3,7 @@
 
 use sqlx::Connection;
 
+use crate::alarms::{self, AlarmChange};
 use crate::commands::{self, ReplyRow};
 use crate::peers::{self, PeerRefusal};
 use crate::script::Writer;
@@ -22,6 +23,8 @@ pub struct WriteBatch {
     pub peer_refusals: Vec<PeerRefusal>,
     /// Devices' answers to commands.
     pub replies: Vec<ReplyRow>,
+    /// Alarm raises and clears, in the order of the telemetry (and connects) they come from.
+    pub alarms: Vec<AlarmChange>,
 }
 
 impl WriteBatch {
@@ -34,6 +37,7 @@ impl WriteBatch {
             && self.refusals.is_empty()
             && self.peer_refusals.is_empty()
             && self.replies.is_empty()
+            && self.alarms.is_empty()
     }
 
     /// Rows (or row updates) this batch writes.
@@ -46,6 +50,7 @@ impl WriteBatch {
             + self.refusals.len()
             + self.peer_refusals.len()
             + self.replies.len()
+            + self.alarms.len()
     }
 
     /// Splits the batch into two of about half its rows each, keeping the order of each kind
@@ -71,7 +76,8 @@ impl WriteBatch {
         take(&mut self.refusals, &mut first.refusals, &mut left);
         take(&mut self.peer_refusals, &mut first.peer_refusals, &mut left);
         take(&mut self.replies, &mut first.replies, &mut left);
-        Split::Halves(first, self)
+        take(&mut self.alarms, &mut first.alarms, &mut left);
+        Split::Halves(first, Box::new(self))
     }
 
     /// A one-row batch that the database refused, as the quarantine row that keeps what the
@@ -112,7 +118,7 @@ impl WriteBatch {
 /// What [`WriteBatch::split`] made of a batch.
 #[derive(Debug)]
 pub enum Split {
-    Halves(WriteBatch, WriteBatch),
+    Halves(WriteBatch, Box<WriteBatch>),
     /// It had one row (or none): nothing left to split.
     One(WriteBatch),
 }
@@ -522,6 +528,32 @@ impl Store {
                     .bind(&r.serial);
             })
             .await?;
+        }
+        for change in &batch.alarms {
+            match change {
+                AlarmChange::Raise {
+                    serial,
+                    code,
+                    severity,
+                    at,
+                    detail,
+                } => {
+                    w.execute("raising an alarm", alarms::RAISE, |b| {
+                        b.bind(serial)
+                            .bind(code)
+                            .bind(*severity)
+                            .bind(*at)
+                            .bind(detail);
+                    })
+                    .await?
+                }
+                AlarmChange::Clear { serial, code, at } => {
+                    w.execute("clearing an alarm", alarms::CLEAR, |b| {
+                        b.bind(*at).bind(serial).bind(code);
+                    })
+                    .await?
+                }
+            }
         }
 
         w.commit("committing an ingest batch").await

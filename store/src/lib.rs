@@ -8,6 +8,7 @@
 //! Not here: deciding what to write (that is ingest's and the API's job) or how to show it.
 
 mod accounts;
+mod alarms;
 mod certificates;
 mod cluster;
 mod commands;
@@ -16,10 +17,14 @@ mod history;
 mod ingest;
 mod peers;
 mod script;
+mod timeline;
 mod users;
 
 pub use accounts::{
     OutgoingMail, QueuedMail, Registration, RegistrationCompany, RegistrationIds, RegistrationUser,
+};
+pub use alarms::{
+    AlarmChange, AlarmFilter, AlarmRecord, Channel, GATEWAY_REASONS, NoticeGroup, PendingNotice,
 };
 pub use certificates::CertificateRecord;
 pub use cluster::{
@@ -32,6 +37,7 @@ pub use ingest::{
     InfoRow, LocationRow, QuarantineRow, RefusalRow, Split, StatusEvent, TelemetryRow, WriteBatch,
 };
 pub use peers::{PEER_REFUSALS_KEPT, PeerRefusal};
+pub use timeline::DeviceEvent;
 pub use users::{NewUser, UserRecord};
 
 use std::str::FromStr;

@@ -449,6 +449,11 @@ pub async fn staff_token(gw: &TestGateway, email: &str, role: &str) -> String {
         ],
         &format!("{password}\n"),
     );
+    login(gw, email, &password).await
+}
+
+/// Logs in; returns the bearer token.
+pub async fn login(gw: &TestGateway, email: &str, password: &str) -> String {
     let resp: serde_json::Value = reqwest::Client::new()
         .post(gw.url("/api/v1/auth/login"))
         .json(&serde_json::json!({"email": email, "password": password}))

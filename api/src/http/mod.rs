@@ -2,9 +2,11 @@
 //! status, mapped in one place ([`ApiError`]); 5xx never shows internals.
 
 mod accounts;
+mod alarms;
 mod commands;
 mod devices;
 mod error;
+mod events;
 mod input;
 mod nodes;
 mod openapi;
@@ -301,6 +303,30 @@ fn routes() -> Vec<Route> {
             "Uptime and sessions (?window=24h|7d|30d)",
             None,
             devices::availability,
+        ),
+        route(
+            "GET",
+            "/api/v1/devices/{serial}/events",
+            LoggedIn,
+            "The device's timeline, newest first: registration, certificates, sessions, refusals, alarms (?limit=1..1000)",
+            None,
+            events::list,
+        ),
+        route(
+            "GET",
+            "/api/v1/alarms",
+            LoggedIn,
+            "Alarms of the caller's devices, newest first (?state=active|cleared|all, ?limit=1..1000)",
+            None,
+            alarms::list,
+        ),
+        route(
+            "POST",
+            "/api/v1/alarms/{id}/ack",
+            LoggedIn,
+            "Acknowledge an alarm (204); it stays open until cleared",
+            None,
+            alarms::acknowledge,
         ),
         route(
             "GET",

@@ -71,6 +71,38 @@ pub enum Command {
         /// Broker address (default: from <data_dir>/ports.json, else mqtt.listen).
         #[arg(long, value_name = "IP:PORT")]
         mqtt: Option<std::net::SocketAddr>,
+        /// A power cut: after this many seconds, --outage-share of the devices go on battery.
+        #[arg(long, value_name = "SECS")]
+        outage_after: Option<f64>,
+        /// Share of the devices the outage hits (0 to 1).
+        #[arg(
+            long,
+            value_name = "F",
+            default_value_t = 0.3,
+            requires = "outage_after"
+        )]
+        outage_share: f64,
+        /// How long the outage lasts before they are back on mains.
+        #[arg(
+            long,
+            value_name = "SECS",
+            default_value_t = 60.0,
+            requires = "outage_after"
+        )]
+        outage_secs: f64,
+    },
+    /// UPS alarms of every device, newest first (what `GET /api/v1/alarms` answers an admin).
+    Alarms {
+        /// Which alarms: open ones, cleared ones, or all.
+        #[arg(long, value_parser = ["active", "cleared", "all"], default_value = "all")]
+        state: String,
+        /// Print the same JSON objects as `GET /api/v1/alarms`.
+        #[arg(long)]
+        json: bool,
+        /// How many to show, newest first (1 to 1000).
+        #[arg(long, value_name = "N", default_value_t = 200,
+              value_parser = clap::value_parser!(i64).range(1..=1000))]
+        limit: i64,
     },
     /// The built-in certificate authority.
     Ca {
@@ -263,6 +295,53 @@ pub enum CaCommand {
     RenewServer,
 }
 
+/// `tms-gateway alarms`: every device's alarms, as a table or as the API's JSON.
+async fn alarms(config: Config, state: &str, json: bool, limit: i64) -> Result<()> {
+    let (store, _) = open_parts(&config).await?;
+    let filter = tms_store::AlarmFilter {
+        active: match state {
+            "active" => Some(true),
+            "cleared" => Some(false),
+            _ => None,
+        },
+        limit,
+        ..Default::default()
+    };
+    let result = store.alarms(&filter).await.context("listing alarms");
+    store.close().await;
+    let alarms = result?;
+    if json {
+        let list: Vec<_> = alarms.iter().map(views::alarm).collect();
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(());
+    }
+    println!(
+        "{:<8} {:<20} {:<18} {:<9} {:<8} {:<26} {:<26} ACKNOWLEDGED BY",
+        "ID", "SERIAL", "CODE", "SEVERITY", "STATE", "RAISED", "CLEARED"
+    );
+    for a in &alarms {
+        let raised = views::time(Some(a.raised_at));
+        let cleared = views::time(a.cleared_at);
+        println!(
+            "{:<8} {:<20} {:<18} {:<9} {:<8} {:<26} {:<26} {}",
+            a.id,
+            a.serial,
+            a.code,
+            a.severity,
+            if a.cleared_at.is_some() {
+                "cleared"
+            } else {
+                "active"
+            },
+            raised.as_str().unwrap_or("-"),
+            cleared.as_str().unwrap_or("-"),
+            a.acknowledged_by.as_deref().unwrap_or("-"),
+        );
+    }
+    println!("{} alarm(s)", alarms.len());
+    Ok(())
+}
+
 /// Bad input on the command line: exit code 2.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -307,13 +386,40 @@ pub async fn run(command: Command, config: Config) -> Result<()> {
                 },
         } => user_add(config, email, role, password_stdin).await,
         Command::Device { command } => device(config, command).await,
+        Command::Alarms { state, json, limit } => alarms(config, &state, json, limit).await,
         Command::Simulate {
             devices,
             interval,
             qos,
             duration,
             mqtt,
+            outage_after,
+            outage_share,
+            outage_secs,
         } => {
+            if !(0.0..=1.0).contains(&outage_share) {
+                return Err(usage(format!(
+                    "--outage-share {outage_share} must be between 0 and 1"
+                )));
+            }
+            let outage = match outage_after {
+                None => None,
+                Some(after)
+                    if (0.0..=31_536_000.0).contains(&after)
+                        && (0.1..=31_536_000.0).contains(&outage_secs) =>
+                {
+                    Some(tms_gateway::simulate::Outage {
+                        after: std::time::Duration::from_secs_f64(after),
+                        share: outage_share,
+                        length: std::time::Duration::from_secs_f64(outage_secs),
+                    })
+                }
+                Some(_) => {
+                    return Err(usage(
+                        "--outage-after and --outage-secs must be positive numbers of seconds",
+                    ));
+                }
+            };
             if !(0.01..=3600.0).contains(&interval) {
                 return Err(usage(format!(
                     "--interval {interval} must be between 0.01 and 3600 seconds"
@@ -340,6 +446,7 @@ pub async fn run(command: Command, config: Config) -> Result<()> {
                     },
                     duration: duration.map(std::time::Duration::from_secs_f64),
                     mqtt,
+                    outage,
                 },
                 stop,
             )

@@ -1,0 +1,260 @@
+//! A device's timeline (CONTRACT §8): one list, newest first, read from the records that
+//! already exist — the registration, certificates, sessions, refused attempts and alarms.
+//!
+//! Each kind of record is one [`Source`]: a query for the device's newest `limit` events of
+//! that kind. The timeline asks every source and merges. A new kind of record (the commands
+//! of §9: `kind = "command"`) is one more function in [`SOURCES`]. Retention is that of the
+//! records themselves (`presence.history_retention_days` prunes sessions and alarms).
+//! Not here: who may see a device (the API scopes first).
+
+use std::future::Future;
+use std::pin::Pin;
+
+use serde_json::{Value, json};
+use sqlx::Row;
+use sqlx::any::AnyRow;
+
+use crate::{Result, Store, query_err};
+
+/// One entry of a device's timeline.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceEvent {
+    /// Unix ms.
+    pub at: i64,
+    /// `registered`, `certificate_issued`, `certificate_revoked`, `certificate_superseded`,
+    /// `connected`, `disconnected`, `refused`, `alarm_raised`, `alarm_cleared`,
+    /// `alarm_acknowledged`, `command`, `lease_changed`.
+    pub kind: &'static str,
+    pub detail: Value,
+}
+
+type Events<'a> = Pin<Box<dyn Future<Output = Result<Vec<DeviceEvent>>> + Send + 'a>>;
+/// The newest `limit` events of one kind of record for one device.
+type Source = for<'a> fn(&'a Store, &'a str, i64) -> Events<'a>;
+
+/// Every kind of record the timeline reads. Commands (§9) join here when they are recorded.
+const SOURCES: &[Source] = &[registered, certificates, sessions, refusals, alarms];
+
+impl Store {
+    /// The device's events, newest first, at most `limit`.
+    pub async fn device_events(&self, serial: &str, limit: i64) -> Result<Vec<DeviceEvent>> {
+        let mut all = Vec::new();
+        for source in SOURCES {
+            all.extend(source(self, serial, limit).await?);
+        }
+        // Newest first; at one instant, the later step of a story first (connected before
+        // registered reads wrong from the top).
+        all.sort_by(|a, b| b.at.cmp(&a.at).then(order(b.kind).cmp(&order(a.kind))));
+        all.truncate(usize::try_from(limit).unwrap_or(0));
+        Ok(all)
+    }
+}
+
+fn order(kind: &str) -> u8 {
+    match kind {
+        "registered" => 0,
+        "certificate_issued" | "lease_changed" => 1,
+        "certificate_superseded" | "certificate_revoked" => 2,
+        "refused" => 3,
+        "connected" => 4,
+        "alarm_raised" | "command" => 5,
+        "alarm_acknowledged" => 6,
+        "alarm_cleared" => 7,
+        _ => 8,
+    }
+}
+
+async fn rows(
+    store: &Store,
+    op: &'static str,
+    sql: &str,
+    serial: &str,
+    limit: i64,
+) -> Result<Vec<AnyRow>> {
+    sqlx::query(sql)
+        .bind(serial)
+        .bind(limit)
+        .fetch_all(store.pool())
+        .await
+        .map_err(query_err(op))
+}
+
+fn registered<'a>(store: &'a Store, serial: &'a str, limit: i64) -> Events<'a> {
+    Box::pin(async move {
+        let op = "reading the registration";
+        let found = rows(
+            store,
+            op,
+            "SELECT d.created_at, d.lease_months, d.lease_ends_at, d.start_date, c.name AS company, u.email AS registered_by \
+             FROM devices d JOIN companies c ON c.id = d.company_id LEFT JOIN users u ON u.id = d.registered_by \
+             WHERE d.serial = $1 LIMIT $2",
+            serial,
+            limit,
+        )
+        .await?;
+        found
+            .iter()
+            .map(|r| {
+                Ok(DeviceEvent {
+                    at: r.try_get("created_at")?,
+                    kind: "registered",
+                    detail: json!({
+                        "company": r.try_get::<String, _>("company")?,
+                        "registered_by": r.try_get::<Option<String>, _>("registered_by")?,
+                        "lease_months": r.try_get::<i64, _>("lease_months")?,
+                        "start_date": r.try_get::<String, _>("start_date")?,
+                    }),
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(query_err(op))
+    })
+}
+
+fn certificates<'a>(store: &'a Store, serial: &'a str, limit: i64) -> Events<'a> {
+    Box::pin(async move {
+        let op = "reading certificate events";
+        let found = rows(
+            store,
+            op,
+            "SELECT serial_number, issued_at, revoked_at, revocation_reason FROM certificates \
+             WHERE device_serial = $1 ORDER BY COALESCE(revoked_at, issued_at) DESC LIMIT $2",
+            serial,
+            limit,
+        )
+        .await?;
+        let mut out = Vec::new();
+        for r in &found {
+            let cert: String = r.try_get("serial_number").map_err(query_err(op))?;
+            out.push(DeviceEvent {
+                at: r.try_get("issued_at").map_err(query_err(op))?,
+                kind: "certificate_issued",
+                detail: json!({"certificate_serial": cert}),
+            });
+            let revoked: Option<i64> = r.try_get("revoked_at").map_err(query_err(op))?;
+            if let Some(at) = revoked {
+                let reason: Option<String> =
+                    r.try_get("revocation_reason").map_err(query_err(op))?;
+                let kind = if reason.as_deref() == Some("superseded") {
+                    "certificate_superseded"
+                } else {
+                    "certificate_revoked"
+                };
+                out.push(DeviceEvent {
+                    at,
+                    kind,
+                    detail: json!({"certificate_serial": cert, "reason": reason}),
+                });
+            }
+        }
+        Ok(out)
+    })
+}
+
+fn sessions<'a>(store: &'a Store, serial: &'a str, limit: i64) -> Events<'a> {
+    Box::pin(async move {
+        let op = "reading session events";
+        let found = rows(
+            store,
+            op,
+            "SELECT session_id, node_id, peer_addr, started_at, ended_at, end_reason FROM device_sessions \
+             WHERE serial = $1 ORDER BY started_at DESC LIMIT $2",
+            serial,
+            limit,
+        )
+        .await?;
+        let mut out = Vec::new();
+        for r in &found {
+            let node: String = r.try_get("node_id").map_err(query_err(op))?;
+            let peer: Option<String> = r.try_get("peer_addr").map_err(query_err(op))?;
+            out.push(DeviceEvent {
+                at: r.try_get("started_at").map_err(query_err(op))?,
+                kind: "connected",
+                detail: json!({"node_id": node, "peer_addr": peer}),
+            });
+            let ended: Option<i64> = r.try_get("ended_at").map_err(query_err(op))?;
+            if let Some(at) = ended {
+                let reason: Option<String> = r.try_get("end_reason").map_err(query_err(op))?;
+                out.push(DeviceEvent {
+                    at,
+                    kind: "disconnected",
+                    detail: json!({"reason": reason, "node_id": node, "peer_addr": peer}),
+                });
+            }
+        }
+        Ok(out)
+    })
+}
+
+fn refusals<'a>(store: &'a Store, serial: &'a str, limit: i64) -> Events<'a> {
+    Box::pin(async move {
+        Ok(store
+            .refusals(serial, limit)
+            .await?
+            .into_iter()
+            .map(|r| DeviceEvent {
+                at: r.last_at,
+                kind: "refused",
+                detail: json!({
+                    "reason": r.reason,
+                    "detail": r.detail,
+                    "peer_addr": r.peer_addr,
+                    "attempts": r.attempts,
+                }),
+            })
+            .collect())
+    })
+}
+
+fn alarms<'a>(store: &'a Store, serial: &'a str, limit: i64) -> Events<'a> {
+    Box::pin(async move {
+        let op = "reading alarm events";
+        let found = rows(
+            store,
+            op,
+            "SELECT id, code, severity, raised_at, cleared_at, acknowledged_at, acknowledged_by FROM alarms \
+             WHERE serial = $1 ORDER BY raised_at DESC LIMIT $2",
+            serial,
+            limit,
+        )
+        .await?;
+        let mut out = Vec::new();
+        for r in &found {
+            let id: i64 = r.try_get("id").map_err(query_err(op))?;
+            let code: String = r.try_get("code").map_err(query_err(op))?;
+            let severity: String = r.try_get("severity").map_err(query_err(op))?;
+            let detail = json!({"alarm_id": id, "code": code, "severity": severity});
+            out.push(DeviceEvent {
+                at: r.try_get("raised_at").map_err(query_err(op))?,
+                kind: "alarm_raised",
+                detail: detail.clone(),
+            });
+            if let Some(at) = r
+                .try_get::<Option<i64>, _>("acknowledged_at")
+                .map_err(query_err(op))?
+            {
+                let mut d = detail.clone();
+                d["by"] = r
+                    .try_get::<Option<String>, _>("acknowledged_by")
+                    .map_err(query_err(op))?
+                    .into();
+                out.push(DeviceEvent {
+                    at,
+                    kind: "alarm_acknowledged",
+                    detail: d,
+                });
+            }
+            if let Some(at) = r
+                .try_get::<Option<i64>, _>("cleared_at")
+                .map_err(query_err(op))?
+            {
+                out.push(DeviceEvent {
+                    at,
+                    kind: "alarm_cleared",
+                    detail,
+                });
+            }
+        }
+        Ok(out)
+    })
+}
