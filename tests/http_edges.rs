@@ -450,8 +450,22 @@ async fn every_error_answer_is_in_the_json_error_shape() {
     check(resp, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large").await;
 
     let resp = http.delete(gw.url("/healthz")).send().await.unwrap();
-    assert!(resp.headers().contains_key("allow"), "Allow kept");
+    assert_eq!(resp.headers()["allow"], "GET,HEAD", "Allow kept");
     check(resp, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed").await;
+    // The message names the methods the route takes, not only the header.
+    let resp = http
+        .patch(gw.url("/api/v1/auth/login"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["allow"], "POST");
+    let body: Value = resp.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.ends_with("allowed: POST")),
+        "{body}"
+    );
 
     let resp = http
         .get(gw.url("/api/v1/devices?q=a&q=b"))

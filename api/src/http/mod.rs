@@ -349,21 +349,31 @@ pub fn router(state: ApiState, with_metrics: bool) -> Router {
     if with_metrics {
         router = router.route("/metrics", get(public::metrics));
     }
-    router
+    let router = router
         .route("/api/v1/openapi.json", get(openapi::document))
         .merge(crate::web::routes())
         .fallback(public::not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(axum::middleware::from_fn(error::json_errors))
         .layer(axum::middleware::from_fn(crate::monitoring::track_http))
-        .with_state(state)
+        .with_state(state);
+    json_errors_around(router)
+}
+
+/// [`error::json_errors`] around the whole router, not inside it: a layer added with
+/// `Router::layer` wraps each route's handlers, and axum writes a 405's `Allow` header only
+/// after them, so from inside the answer could not name the allowed methods.
+fn json_errors_around(router: Router) -> Router {
+    Router::new()
+        .fallback_service(router)
+        .layer(axum::middleware::from_fn(error::json_errors))
 }
 
 /// `/metrics` alone, for a separate listener (`metrics.listen`), e.g. on a private address.
 pub fn metrics_router(state: ApiState) -> Router {
-    Router::new()
-        .route("/metrics", get(public::metrics))
-        .fallback(public::not_found)
-        .layer(axum::middleware::from_fn(error::json_errors))
-        .with_state(state)
+    json_errors_around(
+        Router::new()
+            .route("/metrics", get(public::metrics))
+            .fallback(public::not_found)
+            .with_state(state),
+    )
 }
