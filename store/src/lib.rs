@@ -16,6 +16,7 @@ mod devices;
 mod history;
 mod ingest;
 mod peers;
+mod row;
 mod script;
 mod timeline;
 mod users;
