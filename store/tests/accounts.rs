@@ -8,6 +8,21 @@ mod common;
 use common::{backends, device};
 use tms_store::*;
 
+/// An active staff account with a settled password.
+fn staff(email: &str, role: &str) -> NewUser {
+    NewUser {
+        email: email.into(),
+        role: role.into(),
+        password_hash: "$argon2id$x".into(),
+        first_name: None,
+        last_name: None,
+        phone: None,
+        company_id: None,
+        active: true,
+        must_change_password: false,
+    }
+}
+
 #[tokio::test]
 async fn certificates_and_accounts() {
     for store in backends().await.stores {
@@ -49,17 +64,7 @@ async fn certificates_and_accounts() {
         );
         assert_eq!(store.revocations().await.unwrap().len(), 2);
 
-        let user = NewUser {
-            email: "Ops@Example.com".into(),
-            role: "admin".into(),
-            password_hash: "$argon2id$x".into(),
-            first_name: None,
-            last_name: None,
-            phone: None,
-            company_id: None,
-            active: true,
-            must_change_password: false,
-        };
+        let user = staff("Ops@Example.com", "admin");
         let id = store.add_user(&user, 1).await.unwrap();
         let err = store
             .add_user(
@@ -95,17 +100,7 @@ async fn certificates_and_accounts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_login_attempts_reserve_at_most_the_limit_per_lock_window() {
     for store in backends().await.stores {
-        let user = NewUser {
-            email: "locked@example.com".into(),
-            role: "provider".into(),
-            password_hash: "$argon2id$x".into(),
-            first_name: None,
-            last_name: None,
-            phone: None,
-            company_id: None,
-            active: true,
-            must_change_password: false,
-        };
+        let user = staff("locked@example.com", "provider");
         let id = store.add_user(&user, 1).await.unwrap();
         let attempts: Vec<_> = (0..40)
             .map(|_| {
