@@ -1,11 +1,19 @@
 //! Registration (customer + company + device in one transaction), login tokens, activation
 //! tokens, failed-login throttling and the mail queue. Tokens arrive here already hashed.
 
-use sqlx::{AnyConnection, Row};
+use sqlx::AnyConnection;
 
 use crate::devices::{company_id, insert_device};
-use crate::users::user_from_row;
+use crate::users::insert_user;
 use crate::{NewDevice, NewUser, Result, Store, StoreError, UserRecord, query_err, unique_err};
+
+/// A location row with the device it belongs to.
+#[derive(sqlx::FromRow)]
+struct SerialLocation {
+    serial: String,
+    #[sqlx(flatten)]
+    location: crate::LocationRecord,
+}
 
 /// Who the device is registered for.
 #[derive(Debug, Clone)]
@@ -55,7 +63,7 @@ pub struct RegistrationIds {
 }
 
 /// A queued email.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct QueuedMail {
     pub id: i64,
     pub kind: String,
@@ -109,39 +117,28 @@ impl Store {
         };
         let (user_id, user_created) = match &reg.user {
             RegistrationUser::New(user) => {
-                let row = sqlx::query(
-                    "INSERT INTO users (email, role, password_hash, first_name, last_name, phone, company_id, \
-                     active, must_change_password, created_at) VALUES ($1, 'customer', $2, $3, $4, $5, $6, 0, 1, $7) RETURNING id",
-                )
-                .bind(user.email.to_lowercase())
-                .bind(&user.password_hash)
-                .bind(user.first_name.as_deref())
-                .bind(user.last_name.as_deref())
-                .bind(user.phone.as_deref())
-                .bind(company_id)
-                .bind(now_ms)
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(unique_err("creating the customer account", "account email"))?;
-                (
-                    row.try_get::<i64, _>("id")
-                        .map_err(query_err("creating the customer account"))?,
-                    true,
-                )
+                // A customer who registers starts inactive (until activated) and with a
+                // temporary password, whatever the caller filled in.
+                let customer = NewUser {
+                    role: "customer".into(),
+                    company_id: Some(company_id),
+                    active: false,
+                    must_change_password: true,
+                    ..user.clone()
+                };
+                let id = insert_user(&mut tx, &customer, now_ms)
+                    .await
+                    .map_err(unique_err("creating the customer account", "account email"))?;
+                (id, true)
             }
             RegistrationUser::Existing { email } => {
-                let row = sqlx::query("SELECT id, role, company_id FROM users WHERE email = $1")
-                    .bind(email.to_lowercase())
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(query_err("finding the customer account"))?
-                    .ok_or(StoreError::NotFound { what: "user" })?;
-                let role: String = row
-                    .try_get("role")
-                    .map_err(query_err("reading an account"))?;
-                let user_company: Option<i64> = row
-                    .try_get("company_id")
-                    .map_err(query_err("reading an account"))?;
+                let (id, role, user_company): (i64, String, Option<i64>) =
+                    sqlx::query_as("SELECT id, role, company_id FROM users WHERE email = $1")
+                        .bind(email.to_lowercase())
+                        .fetch_optional(&mut *tx)
+                        .await
+                        .map_err(query_err("finding the customer account"))?
+                        .ok_or(StoreError::NotFound { what: "user" })?;
                 if role != "customer" {
                     return Err(StoreError::NotFound { what: "user" });
                 }
@@ -150,11 +147,7 @@ impl Store {
                         what: "user of another company",
                     });
                 }
-                (
-                    row.try_get::<i64, _>("id")
-                        .map_err(query_err("reading an account"))?,
-                    false,
-                )
+                (id, false)
             }
         };
         insert_device(&mut tx, &reg.device, company_id, now_ms).await?;
@@ -211,7 +204,7 @@ impl Store {
     /// once. Returns the account id, or `None` for any unusable token.
     pub async fn activate(&self, hash: &str, now_ms: i64) -> Result<Option<i64>> {
         let mut tx = self.begin_write("starting an activation").await?;
-        let row = sqlx::query(
+        let user_id: Option<i64> = sqlx::query_scalar(
             "UPDATE activation_tokens SET used_at = $1 WHERE token_hash = $2 AND used_at IS NULL AND expires_at > $1 RETURNING user_id",
         )
         .bind(now_ms)
@@ -219,10 +212,9 @@ impl Store {
         .fetch_optional(&mut *tx)
         .await
         .map_err(query_err("using an activation token"))?;
-        let Some(row) = row else { return Ok(None) };
-        let user_id: i64 = row
-            .try_get("user_id")
-            .map_err(query_err("using an activation token"))?;
+        let Some(user_id) = user_id else {
+            return Ok(None);
+        };
         sqlx::query("UPDATE users SET active = 1 WHERE id = $1")
             .bind(user_id)
             .execute(&mut *tx)
@@ -254,7 +246,7 @@ impl Store {
 
     /// The account behind a live (unexpired, unrevoked) login token.
     pub async fn user_by_token(&self, hash: &str, now_ms: i64) -> Result<Option<UserRecord>> {
-        let row = sqlx::query(
+        sqlx::query_as(
             "SELECT u.* FROM auth_tokens t JOIN users u ON u.id = t.user_id \
              WHERE t.token_hash = $1 AND t.revoked_at IS NULL AND t.expires_at > $2",
         )
@@ -262,10 +254,7 @@ impl Store {
         .bind(now_ms)
         .fetch_optional(self.pool())
         .await
-        .map_err(query_err("checking a login token"))?;
-        row.map(|r| user_from_row(&r))
-            .transpose()
-            .map_err(query_err("decoding an account"))
+        .map_err(query_err("checking a login token"))
     }
 
     pub async fn revoke_auth_token(&self, hash: &str, now_ms: i64) -> Result<()> {
@@ -356,7 +345,7 @@ impl Store {
 
     /// Mails due for a (re)try, oldest first.
     pub async fn due_mails(&self, now_ms: i64, limit: i64) -> Result<Vec<QueuedMail>> {
-        let rows = sqlx::query(
+        sqlx::query_as(
             "SELECT id, kind, recipient, message, attempts FROM mail_queue \
              WHERE sent_at IS NULL AND next_attempt_at <= $1 ORDER BY id LIMIT $2",
         )
@@ -364,19 +353,7 @@ impl Store {
         .bind(limit)
         .fetch_all(self.pool())
         .await
-        .map_err(query_err("reading the mail queue"))?;
-        rows.iter()
-            .map(|r| {
-                Ok(QueuedMail {
-                    id: r.try_get("id")?,
-                    kind: r.try_get("kind")?,
-                    recipient: r.try_get("recipient")?,
-                    message: r.try_get("message")?,
-                    attempts: r.try_get("attempts")?,
-                })
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(query_err("reading the mail queue"))
+        .map_err(query_err("reading the mail queue"))
     }
 
     /// Marks a mail delivered and drops its text: the temporary password or activation link
@@ -405,28 +382,21 @@ impl Store {
 
     /// `(queued, sent)` counts of the mail queue.
     pub async fn mail_counts(&self) -> Result<(i64, i64)> {
-        let row = sqlx::query(
+        sqlx::query_as(
             "SELECT COALESCE(SUM(CASE WHEN sent_at IS NULL THEN 1 ELSE 0 END), 0) AS queued, \
              COALESCE(SUM(CASE WHEN sent_at IS NULL THEN 0 ELSE 1 END), 0) AS sent FROM mail_queue",
         )
         .fetch_one(self.pool())
         .await
-        .map_err(query_err("counting mails"))?;
-        Ok((
-            row.try_get("queued").map_err(query_err("counting mails"))?,
-            row.try_get("sent").map_err(query_err("counting mails"))?,
-        ))
+        .map_err(query_err("counting mails"))
     }
 
     pub async fn user_by_id(&self, id: i64) -> Result<Option<UserRecord>> {
-        let row = sqlx::query("SELECT * FROM users WHERE id = $1")
+        sqlx::query_as("SELECT * FROM users WHERE id = $1")
             .bind(id)
             .fetch_optional(self.pool())
             .await
-            .map_err(query_err("finding an account"))?;
-        row.map(|r| user_from_row(&r))
-            .transpose()
-            .map_err(query_err("decoding an account"))
+            .map_err(query_err("finding an account"))
     }
 
     /// Sets a device's location by hand (source `operator`) or from registration.
@@ -462,20 +432,14 @@ impl Store {
             "SELECT serial, lat, lon, accuracy_m, source, updated_at FROM locations ORDER BY serial, {}",
             crate::devices::SOURCE_RANK
         );
-        let rows = sqlx::query(&sql)
+        let rows: Vec<SerialLocation> = sqlx::query_as(&sql)
             .fetch_all(self.pool())
             .await
             .map_err(query_err("reading locations"))?;
         let mut best = std::collections::HashMap::new();
-        for r in &rows {
-            let serial: String = r
-                .try_get("serial")
-                .map_err(query_err("reading locations"))?;
-            if let std::collections::hash_map::Entry::Vacant(slot) = best.entry(serial) {
-                slot.insert(
-                    crate::devices::location_from_row(r).map_err(query_err("reading locations"))?,
-                );
-            }
+        for SerialLocation { serial, location } in rows {
+            // Rows come best first within a serial: the first one wins.
+            best.entry(serial).or_insert(location);
         }
         Ok(best)
     }
@@ -488,7 +452,7 @@ impl Store {
         now_ms: i64,
         horizon_ms: i64,
     ) -> Result<Vec<(String, i64, Vec<String>)>> {
-        let rows = sqlx::query(
+        let rows: Vec<(String, i64, String)> = sqlx::query_as(
             "SELECT d.serial, d.lease_ends_at, u.email FROM devices d \
              JOIN users u ON u.company_id = d.company_id AND u.role = 'customer' AND u.active = 1 \
              WHERE d.lease_notice_sent_at IS NULL AND d.lease_ends_at > $1 AND d.lease_ends_at <= $2 \
@@ -500,12 +464,7 @@ impl Store {
         .await
         .map_err(query_err("finding leases that end soon"))?;
         let mut out: Vec<(String, i64, Vec<String>)> = Vec::new();
-        for r in &rows {
-            let serial: String = r.try_get("serial").map_err(query_err("reading leases"))?;
-            let ends: i64 = r
-                .try_get("lease_ends_at")
-                .map_err(query_err("reading leases"))?;
-            let email: String = r.try_get("email").map_err(query_err("reading leases"))?;
+        for (serial, ends, email) in rows {
             match out.last_mut() {
                 Some((s, _, emails)) if *s == serial => emails.push(email),
                 _ => out.push((serial, ends, vec![email])),

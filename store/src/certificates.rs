@@ -1,11 +1,8 @@
 //! Records of issued certificates and their revocation. Private keys are never stored.
 
-use sqlx::Row;
-use sqlx::any::AnyRow;
-
 use crate::{Result, Store, query_err};
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct CertificateRecord {
     /// Lower-case hex.
     pub serial_number: String,
@@ -16,19 +13,6 @@ pub struct CertificateRecord {
     pub issued_at: i64,
     pub revoked_at: Option<i64>,
     pub revocation_reason: Option<String>,
-}
-
-fn from_row(r: &AnyRow) -> Result<CertificateRecord, sqlx::Error> {
-    Ok(CertificateRecord {
-        serial_number: r.try_get("serial_number")?,
-        device_serial: r.try_get("device_serial")?,
-        sha256_fingerprint: r.try_get("sha256_fingerprint")?,
-        not_before: r.try_get("not_before")?,
-        not_after: r.try_get("not_after")?,
-        issued_at: r.try_get("issued_at")?,
-        revoked_at: r.try_get("revoked_at")?,
-        revocation_reason: r.try_get("revocation_reason")?,
-    })
 }
 
 const COLUMNS: &str = "serial_number, device_serial, sha256_fingerprint, not_before, not_after, \
@@ -80,17 +64,13 @@ impl Store {
 
     /// Every certificate issued to a device, newest first.
     pub async fn certificates_of(&self, device_serial: &str) -> Result<Vec<CertificateRecord>> {
-        let rows = sqlx::query(&format!(
+        sqlx::query_as(&format!(
             "SELECT {COLUMNS} FROM certificates WHERE device_serial = $1 ORDER BY issued_at DESC, serial_number"
         ))
         .bind(device_serial)
         .fetch_all(self.pool())
         .await
-        .map_err(query_err("listing certificates"))?;
-        rows.iter()
-            .map(from_row)
-            .collect::<Result<_, _>>()
-            .map_err(query_err("decoding certificates"))
+        .map_err(query_err("listing certificates"))
     }
 
     /// Revokes every still-valid certificate of a device; returns their serial numbers.
@@ -100,7 +80,7 @@ impl Store {
         reason: &str,
         now_ms: i64,
     ) -> Result<Vec<String>> {
-        let rows = sqlx::query(
+        sqlx::query_scalar(
             "UPDATE certificates SET revoked_at = $1, revocation_reason = $2 \
              WHERE device_serial = $3 AND revoked_at IS NULL RETURNING serial_number",
         )
@@ -109,11 +89,7 @@ impl Store {
         .bind(device_serial)
         .fetch_all(self.pool())
         .await
-        .map_err(query_err("revoking certificates"))?;
-        rows.iter()
-            .map(|r| r.try_get("serial_number"))
-            .collect::<Result<_, _>>()
-            .map_err(query_err("revoking certificates"))
+        .map_err(query_err("revoking certificates"))
     }
 
     /// Ends rotation overlaps: a certificate with a newer one issued before `cutoff` is
@@ -136,39 +112,23 @@ impl Store {
     /// Revoked certificates with the reason, oldest revocation first:
     /// `(serial_number, revoked_at, reason)`. Feeds both the broker's revoked set and the CRL.
     pub async fn revocations(&self) -> Result<Vec<(String, i64, Option<String>)>> {
-        let rows = sqlx::query(
+        sqlx::query_as(
             "SELECT serial_number, revoked_at, revocation_reason FROM certificates WHERE revoked_at IS NOT NULL \
              ORDER BY revoked_at, serial_number",
         )
         .fetch_all(self.pool())
         .await
-        .map_err(query_err("listing revocations"))?;
-        rows.iter()
-            .map(|r| {
-                Ok((
-                    r.try_get("serial_number")?,
-                    r.try_get("revoked_at")?,
-                    r.try_get("revocation_reason")?,
-                ))
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(query_err("listing revocations"))
+        .map_err(query_err("listing revocations"))
     }
 
     /// A cheap fingerprint of the revocation list: `(count, newest revocation time)`. Pollers
     /// reload the full list only when it changes.
     pub async fn revocation_marker(&self) -> Result<(i64, i64)> {
-        let row = sqlx::query(
+        sqlx::query_as(
             "SELECT COUNT(*) AS n, COALESCE(MAX(revoked_at), 0) AS newest FROM certificates WHERE revoked_at IS NOT NULL",
         )
         .fetch_one(self.pool())
         .await
-        .map_err(query_err("reading the revocation marker"))?;
-        Ok((
-            row.try_get("n")
-                .map_err(query_err("reading the revocation marker"))?,
-            row.try_get("newest")
-                .map_err(query_err("reading the revocation marker"))?,
-        ))
+        .map_err(query_err("reading the revocation marker"))
     }
 }

@@ -1,10 +1,9 @@
 //! Devices, their companies, and what the fleet view reads: status, telemetry, location.
 
-use sqlx::any::AnyRow;
-use sqlx::{AnyConnection, Row};
+use sqlx::AnyConnection;
 use tms_model::{ConnState, DeviceSerial, Mac};
 
-use crate::history::LocationRecord;
+use crate::row::{MaybeFlag, StateColumn};
 use crate::{Backend, Result, Store, StoreError, query_err, unique_err};
 
 /// A device to register. The company is found by name or created.
@@ -29,7 +28,7 @@ pub struct NewDevice {
 }
 
 /// A registered device as stored.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct DeviceRecord {
     pub serial: String,
     pub mac: String,
@@ -51,12 +50,15 @@ pub struct DeviceRecord {
     pub certificate_not_after: Option<i64>,
     /// The System Name the device reported (`info`), and whether it names another UPS.
     pub system_name: Option<String>,
+    #[sqlx(try_from = "MaybeFlag")]
     pub identity_mismatch: Option<bool>,
 }
 
-/// The connection status of a device; all times are Unix milliseconds.
-#[derive(Debug, Clone, PartialEq)]
+/// The connection status of a device; all times are Unix milliseconds. Read from a `LEFT
+/// JOIN`: a device without a status row has every field empty and never connected.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct DeviceStatus {
+    #[sqlx(try_from = "StateColumn")]
     pub state: ConnState,
     pub since: Option<i64>,
     pub last_seen: Option<i64>,
@@ -96,9 +98,11 @@ impl DeviceStatus {
 }
 
 /// A device with its status, as the fleet view shows it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct DeviceView {
+    #[sqlx(flatten)]
     pub device: DeviceRecord,
+    #[sqlx(flatten)]
     pub status: DeviceStatus,
 }
 
@@ -115,16 +119,6 @@ pub struct DeviceFilter {
 /// Orders location sources best first.
 pub(crate) const SOURCE_RANK: &str =
     "CASE source WHEN 'device' THEN 0 WHEN 'operator' THEN 1 ELSE 2 END, updated_at DESC";
-
-pub(crate) fn location_from_row(r: &AnyRow) -> Result<LocationRecord, sqlx::Error> {
-    Ok(LocationRecord {
-        lat: r.try_get("lat")?,
-        lon: r.try_get("lon")?,
-        accuracy_m: r.try_get("accuracy_m")?,
-        source: r.try_get("source")?,
-        updated_at: r.try_get("updated_at")?,
-    })
-}
 
 /// What the fleet gauges show.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,54 +141,9 @@ const STATUS_COLUMNS: &str = "s.state, s.since, s.last_seen, s.peer_addr, s.sess
     s.keep_alive_secs, s.cert_serial, s.last_disconnect_reason, s.reported_status, s.last_telemetry_at, s.telemetry_interval_ms, s.last_connect_error, \
     s.last_connect_error_detail, s.last_connect_error_at";
 
-fn device_from_row(row: &AnyRow) -> Result<DeviceRecord, sqlx::Error> {
-    Ok(DeviceRecord {
-        serial: row.try_get("serial")?,
-        mac: row.try_get("mac")?,
-        company_id: row.try_get("company_id")?,
-        company: row.try_get("company")?,
-        device_type: row.try_get("device_type")?,
-        lease_months: row.try_get("lease_months")?,
-        start_date: row.try_get("start_date")?,
-        lease_ends_at: row.try_get("lease_ends_at")?,
-        ups_model: row.try_get("ups_model")?,
-        ups_model_number: row.try_get("ups_model_number")?,
-        ups_serial: row.try_get("ups_serial")?,
-        ups_ship_date: row.try_get("ups_ship_date")?,
-        sales_order: row.try_get("sales_order")?,
-        service_contract_sales_order: row.try_get("service_contract_sales_order")?,
-        registered_by: row.try_get("registered_by")?,
-        created_at: row.try_get("created_at")?,
-        certificate_not_after: row.try_get("certificate_not_after")?,
-        system_name: row.try_get("system_name")?,
-        identity_mismatch: row
-            .try_get::<Option<i64>, _>("identity_mismatch")?
-            .map(|m| m != 0),
-    })
-}
-
-fn status_from_row(row: &AnyRow) -> Result<DeviceStatus, sqlx::Error> {
-    let state: Option<String> = row.try_get("state")?;
-    let Some(state) = state else {
-        return Ok(DeviceStatus::never_connected());
-    };
-    Ok(DeviceStatus {
-        state: ConnState::parse(&state).unwrap_or(ConnState::Offline),
-        since: row.try_get("since")?,
-        last_seen: row.try_get("last_seen")?,
-        peer_addr: row.try_get("peer_addr")?,
-        session_id: row.try_get("session_id")?,
-        keep_alive_secs: row.try_get("keep_alive_secs")?,
-        cert_serial: row.try_get("cert_serial")?,
-        last_disconnect_reason: row.try_get("last_disconnect_reason")?,
-        reported_status: row.try_get("reported_status")?,
-        last_telemetry_at: row.try_get("last_telemetry_at")?,
-        telemetry_interval_ms: row.try_get("telemetry_interval_ms")?,
-        last_connect_error: row.try_get("last_connect_error")?,
-        last_connect_error_detail: row.try_get("last_connect_error_detail")?,
-        last_connect_error_at: row.try_get("last_connect_error_at")?,
-    })
-}
+/// What a device view is read from (aliases `d`, `c`, `s`, `i`); the caller adds the `WHERE`.
+const VIEW_FROM: &str = "FROM devices d JOIN companies c ON c.id = d.company_id \
+    LEFT JOIN device_status s ON s.serial = d.serial LEFT JOIN device_info i ON i.serial = d.serial";
 
 /// Finds the company by name, creating it when `create` is set.
 pub(crate) async fn company_id(
@@ -223,14 +172,11 @@ pub(crate) async fn company_id(
 }
 
 async fn find_company(conn: &mut AnyConnection, name: &str) -> Result<Option<i64>> {
-    let row = sqlx::query("SELECT id FROM companies WHERE LOWER(name) = LOWER($1)")
+    sqlx::query_scalar("SELECT id FROM companies WHERE LOWER(name) = LOWER($1)")
         .bind(name)
         .fetch_optional(&mut *conn)
         .await
-        .map_err(query_err("finding a company"))?;
-    row.map(|r| r.try_get::<i64, _>("id"))
-        .transpose()
-        .map_err(query_err("reading a company"))
+        .map_err(query_err("finding a company"))
 }
 
 /// Inserts a device inside the caller's transaction; a taken serial or MAC is a `Conflict`.
@@ -240,16 +186,14 @@ pub(crate) async fn insert_device(
     company_id: i64,
     now_ms: i64,
 ) -> Result<()> {
-    let taken = sqlx::query("SELECT serial, mac FROM devices WHERE serial = $1 OR mac = $2")
-        .bind(d.serial.as_str())
-        .bind(d.mac.to_string())
-        .fetch_optional(&mut *conn)
-        .await
-        .map_err(query_err("checking device serial and MAC"))?;
-    if let Some(row) = taken {
-        let serial: String = row
-            .try_get("serial")
-            .map_err(query_err("checking device serial"))?;
+    let taken: Option<String> =
+        sqlx::query_scalar("SELECT serial FROM devices WHERE serial = $1 OR mac = $2")
+            .bind(d.serial.as_str())
+            .bind(d.mac.to_string())
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(query_err("checking device serial and MAC"))?;
+    if let Some(serial) = taken {
         return Err(StoreError::Conflict {
             what: if serial == d.serial.as_str() {
                 "device serial"
@@ -300,27 +244,17 @@ impl Store {
     }
 
     pub async fn device(&self, serial: &str) -> Result<Option<DeviceView>> {
-        let sql = format!(
-            "SELECT {DEVICE_COLUMNS}, {STATUS_COLUMNS} FROM devices d \
-             JOIN companies c ON c.id = d.company_id \
-             LEFT JOIN device_status s ON s.serial = d.serial LEFT JOIN device_info i ON i.serial = d.serial WHERE d.serial = $1"
-        );
-        let row = sqlx::query(&sql)
+        let sql =
+            format!("SELECT {DEVICE_COLUMNS}, {STATUS_COLUMNS} {VIEW_FROM} WHERE d.serial = $1");
+        sqlx::query_as(&sql)
             .bind(serial)
             .fetch_optional(self.pool())
             .await
-            .map_err(query_err("reading a device"))?;
-        row.map(|r| view_from_row(&r))
-            .transpose()
-            .map_err(query_err("decoding a device"))
+            .map_err(query_err("reading a device"))
     }
 
     pub async fn devices(&self, filter: &DeviceFilter) -> Result<Vec<DeviceView>> {
-        let mut sql = format!(
-            "SELECT {DEVICE_COLUMNS}, {STATUS_COLUMNS} FROM devices d \
-             JOIN companies c ON c.id = d.company_id \
-             LEFT JOIN device_status s ON s.serial = d.serial LEFT JOIN device_info i ON i.serial = d.serial WHERE 1 = 1"
-        );
+        let mut sql = format!("SELECT {DEVICE_COLUMNS}, {STATUS_COLUMNS} {VIEW_FROM} WHERE 1 = 1");
         let mut n = 0;
         let mut next = || {
             n += 1;
@@ -347,7 +281,7 @@ impl Store {
             sql.push_str(&format!(" AND d.registered_by = ${}", next()));
         }
         sql.push_str(" ORDER BY d.serial");
-        let mut query = sqlx::query(&sql);
+        let mut query = sqlx::query_as(&sql);
         if let Some(q) = &filter.q {
             let escaped = q.to_lowercase().replace(['%', '_'], "");
             query = query.bind(format!("%{escaped}%"));
@@ -358,14 +292,10 @@ impl Store {
         if let Some(u) = filter.registered_by {
             query = query.bind(u);
         }
-        let rows = query
+        query
             .fetch_all(self.pool())
             .await
-            .map_err(query_err("listing devices"))?;
-        rows.iter()
-            .map(view_from_row)
-            .collect::<Result<_, _>>()
-            .map_err(query_err("decoding devices"))
+            .map_err(query_err("listing devices"))
     }
 
     /// Extends a lease by `months` from its current end, or from `now` if it already ended.
@@ -384,16 +314,14 @@ impl Store {
             Backend::Postgres => " FOR UPDATE",
             Backend::Sqlite => "",
         };
-        let current: i64 = sqlx::query(&format!(
+        let current: i64 = sqlx::query_scalar(&format!(
             "SELECT lease_ends_at FROM devices WHERE serial = $1{lock}"
         ))
         .bind(serial)
         .fetch_optional(&mut *tx)
         .await
         .map_err(query_err("reading a lease"))?
-        .ok_or(StoreError::NotFound { what: "device" })?
-        .try_get("lease_ends_at")
-        .map_err(query_err("reading a lease"))?;
+        .ok_or(StoreError::NotFound { what: "device" })?;
         let ends = extend(current.max(now_ms));
         sqlx::query("UPDATE devices SET lease_ends_at = $1, lease_months = lease_months + $2, lease_notice_sent_at = NULL WHERE serial = $3")
             .bind(ends)
@@ -409,7 +337,8 @@ impl Store {
     /// Counts for the fleet gauges.
     pub async fn fleet_counts(&self, now_ms: i64) -> Result<FleetCounts> {
         let soon = now_ms + 30 * 86_400_000;
-        let row = sqlx::query(
+        let (online, offline, total, certs, leases, mismatches): (i64, i64, i64, i64, i64, i64) =
+            sqlx::query_as(
             "SELECT \
              (SELECT COUNT(*) FROM device_status s JOIN devices d ON d.serial = s.serial WHERE s.state = 'online') AS online, \
              (SELECT COUNT(*) FROM device_status s JOIN devices d ON d.serial = s.serial WHERE s.state = 'offline') AS offline, \
@@ -423,18 +352,13 @@ impl Store {
         .fetch_one(self.pool())
         .await
         .map_err(query_err("counting the fleet"))?;
-        let get = |name: &str| {
-            row.try_get::<i64, _>(name)
-                .map_err(query_err("counting the fleet"))
-        };
-        let (online, offline, total) = (get("online")?, get("offline")?, get("total")?);
         Ok(FleetCounts {
             online,
             offline,
             never_connected: (total - online - offline).max(0),
-            certificates_expiring_30d: get("certs")?,
-            leases_expiring_30d: get("leases")?,
-            identity_mismatches: get("mismatches")?,
+            certificates_expiring_30d: certs,
+            leases_expiring_30d: leases,
+            identity_mismatches: mismatches,
         })
     }
 
@@ -464,11 +388,4 @@ impl Store {
             .map_err(query_err("ending stale sessions"))?;
         Ok(done.rows_affected())
     }
-}
-
-fn view_from_row(row: &AnyRow) -> Result<DeviceView, sqlx::Error> {
-    Ok(DeviceView {
-        device: device_from_row(row)?,
-        status: status_from_row(row)?,
-    })
 }

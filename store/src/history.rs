@@ -1,19 +1,19 @@
 //! A device's history: sessions, telemetry, locations, quarantined payloads and refused
 //! attempts — what the device page and the CLI read, and what housekeeping prunes.
 
-use sqlx::Row;
-
-use crate::devices::{SOURCE_RANK, location_from_row};
+use crate::devices::SOURCE_RANK;
+use crate::row::JsonText;
 use crate::{Result, Store, query_err};
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct TelemetryRecord {
     pub ts: i64,
     pub received_at: i64,
+    #[sqlx(try_from = "JsonText")]
     pub payload: serde_json::Value,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct LocationRecord {
     pub lat: f64,
     pub lon: f64,
@@ -23,7 +23,7 @@ pub struct LocationRecord {
 }
 
 /// One session of a device (availability history); times in Unix ms.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct SessionRecord {
     pub session_id: String,
     pub started_at: i64,
@@ -45,7 +45,7 @@ pub struct QuarantinedPayload {
 }
 
 /// Refused connection attempts of one device, coalesced by reason.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct Refusal {
     pub reason: String,
     pub detail: String,
@@ -58,7 +58,7 @@ pub struct Refusal {
 impl Store {
     /// Sessions of a device that overlap `[from, to]`, oldest first.
     pub async fn sessions(&self, serial: &str, from: i64, to: i64) -> Result<Vec<SessionRecord>> {
-        let rows = sqlx::query(
+        sqlx::query_as(
             "SELECT session_id, started_at, ended_at, end_reason, peer_addr FROM device_sessions \
              WHERE serial = $1 AND started_at <= $3 AND (ended_at IS NULL OR ended_at >= $2) ORDER BY started_at",
         )
@@ -67,19 +67,7 @@ impl Store {
         .bind(to)
         .fetch_all(self.pool())
         .await
-        .map_err(query_err("reading sessions"))?;
-        rows.iter()
-            .map(|r| {
-                Ok(SessionRecord {
-                    session_id: r.try_get("session_id")?,
-                    started_at: r.try_get("started_at")?,
-                    ended_at: r.try_get("ended_at")?,
-                    end_reason: r.try_get("end_reason")?,
-                    peer_addr: r.try_get("peer_addr")?,
-                })
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(query_err("reading sessions"))
+        .map_err(query_err("reading sessions"))
     }
 
     /// Deletes sessions that ended before `before` (history retention).
@@ -106,34 +94,22 @@ impl Store {
 
     /// Newest first, at most `limit` rows.
     pub async fn telemetry(&self, serial: &str, limit: i64) -> Result<Vec<TelemetryRecord>> {
-        let rows = sqlx::query(
+        sqlx::query_as(
             "SELECT ts, received_at, payload FROM telemetry WHERE serial = $1 ORDER BY ts DESC, id DESC LIMIT $2",
         )
         .bind(serial)
         .bind(limit)
         .fetch_all(self.pool())
         .await
-        .map_err(query_err("reading telemetry"))?;
-        rows.iter()
-            .map(|r| {
-                let payload: String = r.try_get("payload")?;
-                Ok(TelemetryRecord {
-                    ts: r.try_get("ts")?,
-                    received_at: r.try_get("received_at")?,
-                    payload: serde_json::from_str(&payload).unwrap_or(serde_json::Value::Null),
-                })
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(query_err("decoding telemetry"))
+        .map_err(query_err("reading telemetry"))
     }
 
     pub async fn telemetry_count(&self, serial: &str) -> Result<i64> {
-        let row = sqlx::query("SELECT COUNT(*) AS n FROM telemetry WHERE serial = $1")
+        sqlx::query_scalar("SELECT COUNT(*) AS n FROM telemetry WHERE serial = $1")
             .bind(serial)
             .fetch_one(self.pool())
             .await
-            .map_err(query_err("counting telemetry"))?;
-        row.try_get("n").map_err(query_err("counting telemetry"))
+            .map_err(query_err("counting telemetry"))
     }
 
     /// The best location of a device: device > operator > registration.
@@ -146,15 +122,11 @@ impl Store {
         let sql = format!(
             "SELECT lat, lon, accuracy_m, source, updated_at FROM locations WHERE serial = $1 ORDER BY {SOURCE_RANK}"
         );
-        let rows = sqlx::query(&sql)
+        sqlx::query_as(&sql)
             .bind(serial)
             .fetch_all(self.pool())
             .await
-            .map_err(query_err("reading locations"))?;
-        rows.iter()
-            .map(location_from_row)
-            .collect::<Result<_, _>>()
-            .map_err(query_err("decoding a location"))
+            .map_err(query_err("reading locations"))
     }
 
     /// Quarantined (malformed) messages of a device, newest first: `(topic, error, payload)`.
@@ -186,7 +158,7 @@ impl Store {
 
     /// Recent refused connection attempts of a device, newest first.
     pub async fn refusals(&self, serial: &str, limit: i64) -> Result<Vec<Refusal>> {
-        let rows = sqlx::query(
+        sqlx::query_as(
             "SELECT reason, detail, peer_addr, first_at, last_at, attempts FROM connect_refusals \
              WHERE serial = $1 ORDER BY last_at DESC, id DESC LIMIT $2",
         )
@@ -194,19 +166,6 @@ impl Store {
         .bind(limit)
         .fetch_all(self.pool())
         .await
-        .map_err(query_err("reading refusals"))?;
-        rows.iter()
-            .map(|r| {
-                Ok(Refusal {
-                    reason: r.try_get("reason")?,
-                    detail: r.try_get("detail")?,
-                    peer_addr: r.try_get("peer_addr")?,
-                    first_at: r.try_get("first_at")?,
-                    last_at: r.try_get("last_at")?,
-                    attempts: r.try_get("attempts")?,
-                })
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(query_err("decoding refusals"))
+        .map_err(query_err("reading refusals"))
     }
 }

@@ -16,6 +16,7 @@ mod devices;
 mod history;
 mod ingest;
 mod peers;
+mod row;
 mod script;
 mod timeline;
 mod users;
@@ -399,16 +400,11 @@ impl Store {
         if self.backend != Backend::Sqlite {
             return Ok(());
         }
-        use sqlx::Row;
-        let row = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+        // `(busy, log pages, pages copied)`.
+        let (busy, log, done): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
             .fetch_one(&self.pool)
             .await
             .map_err(query_err("checkpointing the write-ahead log"))?;
-        let (busy, log, done): (i64, i64, i64) = (
-            row.try_get(0).unwrap_or(1),
-            row.try_get(1).unwrap_or(0),
-            row.try_get(2).unwrap_or(0),
-        );
         // Reset a large log once it is all in the database, so its file does not stay big.
         if busy == 0 && log > 0 && done == log && log > 10_000 {
             sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")

@@ -1,0 +1,161 @@
+//! What ingest writes in a batch, on every backend (see `common`): telemetry, quarantine
+//! and location together, device refusals and refused peers, coalesced.
+
+#![expect(clippy::unwrap_used, reason = "test helpers fail the test loudly")]
+
+mod common;
+
+use common::{backends, device};
+use tms_model::ConnState;
+use tms_store::*;
+
+#[tokio::test]
+async fn telemetry_quarantine_and_location_are_stored_in_one_batch() {
+    for store in backends().await.stores {
+        store
+            .add_device(&device("RE4A1", "00:1B:2C:3D:4E:5F", "Acme"), 1)
+            .await
+            .unwrap();
+        let telemetry = (0..450)
+            .map(|i| TelemetryRow {
+                serial: "RE4A1".into(),
+                ts: 1_000 + i,
+                received_at: 2_000 + i,
+                mode: Some("online".into()),
+                load_pct: Some(i as f64),
+                battery_charge_pct: None,
+                payload: format!("{{\"load_pct\":{i}}}"),
+            })
+            .collect();
+        let batch = WriteBatch {
+            telemetry,
+            quarantine: vec![QuarantineRow {
+                serial: "RE4A1".into(),
+                topic: "tms/RE4A1/telemetry".into(),
+                payload: b"{not json".to_vec(),
+                error: "expected value".into(),
+                received_at: 5,
+            }],
+            locations: vec![LocationRow {
+                serial: "RE4A1".into(),
+                lat: 29.76,
+                lon: -95.37,
+                accuracy_m: Some(10.0),
+                source: "device".into(),
+                at: 7,
+            }],
+            ..Default::default()
+        };
+        store.write_batch(&batch).await.unwrap();
+        assert_eq!(store.telemetry_count("RE4A1").await.unwrap(), 450);
+        let newest = store.telemetry("RE4A1", 2).await.unwrap();
+        assert_eq!(newest[0].ts, 1_449);
+        assert_eq!(newest[0].payload["load_pct"], 449);
+        assert_eq!(newest[1].ts, 1_448);
+        let q = store.quarantined("RE4A1", 10).await.unwrap();
+        assert_eq!(q[0].2, b"{not json".to_vec());
+        let loc = store.location("RE4A1").await.unwrap().unwrap();
+        assert_eq!(
+            (loc.lat, loc.lon, loc.source.as_str()),
+            (29.76, -95.37, "device")
+        );
+    }
+}
+
+#[tokio::test]
+async fn refusals_are_recorded_for_registered_devices_only_and_coalesced() {
+    for store in backends().await.stores {
+        store
+            .add_device(&device("RE4A1", "00:1B:2C:3D:4E:5F", "Acme"), 1)
+            .await
+            .unwrap();
+        let refusal = |serial: &str, reason: &str, at| RefusalRow {
+            serial: serial.into(),
+            reason: reason.into(),
+            detail: "detail".into(),
+            peer_addr: Some("10.0.0.1:1".into()),
+            first_at: at,
+            last_at: at,
+            attempts: 3,
+        };
+        let batch = WriteBatch {
+            refusals: vec![
+                refusal("RE4A1", "expired", 100),
+                refusal("STRANGER", "unknown_ca", 100),
+            ],
+            ..Default::default()
+        };
+        store.write_batch(&batch).await.unwrap();
+        let batch = WriteBatch {
+            refusals: vec![refusal("RE4A1", "expired", 200)],
+            ..Default::default()
+        };
+        store.write_batch(&batch).await.unwrap();
+        let refusals = store.refusals("RE4A1", 10).await.unwrap();
+        assert_eq!(refusals.len(), 1, "{refusals:?}");
+        assert_eq!(
+            (
+                refusals[0].attempts,
+                refusals[0].first_at,
+                refusals[0].last_at
+            ),
+            (6, 100, 200)
+        );
+        assert!(store.refusals("STRANGER", 10).await.unwrap().is_empty());
+        let status = store.device("RE4A1").await.unwrap().unwrap().status;
+        assert_eq!(status.state, ConnState::NeverConnected);
+        assert_eq!(status.last_connect_error.as_deref(), Some("expired"));
+        assert_eq!(status.last_connect_error_at, Some(200));
+    }
+}
+
+#[tokio::test]
+async fn refused_peers_are_coalesced_and_trimmed_as_they_are_written() {
+    for store in backends().await.stores {
+        let peer = |i: i64, attempts| PeerRefusal {
+            peer_ip: format!("10.0.{}.{}", i / 256, i % 256),
+            peer_addr: format!("10.0.{}.{}:4000", i / 256, i % 256),
+            reason: "server_name_mismatch".into(),
+            detail: format!("try {i}"),
+            first_at: i,
+            last_at: i,
+            attempts,
+        };
+        let flood = WriteBatch {
+            peer_refusals: (0..1200).map(|i| peer(i, 1)).collect(),
+            ..WriteBatch::default()
+        };
+        store.write_batch(&flood).await.unwrap();
+        // The same peer again: one row, attempts added up.
+        let again = WriteBatch {
+            peer_refusals: vec![peer(1199, 4)],
+            ..WriteBatch::default()
+        };
+        store.write_batch(&again).await.unwrap();
+        let kept = store.peer_refusals(1000).await.unwrap();
+        assert_eq!(kept.len(), PEER_REFUSALS_KEPT as usize);
+        assert_eq!((kept[0].detail.as_str(), kept[0].attempts), ("try 1199", 5));
+        assert_eq!(kept.last().unwrap().last_at, 200, "the oldest 200 went");
+        assert_eq!(
+            store
+                .prune_peer_refusals(0, PEER_REFUSALS_KEPT)
+                .await
+                .unwrap(),
+            0,
+            "nothing left over for housekeeping: the write trimmed it"
+        );
+    }
+}
+
+/// The periodic WAL checkpoint reads its answer row on SQLite (and is a no-op on
+/// PostgreSQL); a row it cannot read would fail every tick of the gateway's checkpoint task.
+#[tokio::test]
+async fn the_write_ahead_log_checkpoint_succeeds_on_every_backend() {
+    for store in backends().await.stores {
+        store
+            .add_device(&device("RE4A9", "00:1B:2C:3D:4E:59", "Acme"), 1)
+            .await
+            .unwrap();
+        store.checkpoint().await.unwrap();
+    }
+}
