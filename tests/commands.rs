@@ -404,3 +404,70 @@ async fn bad_commands_are_refused_by_field_and_other_callers_see_no_device() {
     let (_, api_detail) = api_get(&gw, &admin, "/api/v1/devices/RE4C000041").await;
     assert_eq!(api_detail["commands"], detail["commands"]);
 }
+
+/// The device's timeline as (kind, detail), newest first.
+async fn timeline(gw: &TestGateway, token: &str, serial: &str) -> Vec<(String, Value)> {
+    let (status, list) = api_get(gw, token, &format!("/api/v1/devices/{serial}/events")).await;
+    assert_eq!(status, 200, "{list}");
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["kind"].as_str().unwrap().to_owned(), e["detail"].clone()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_timeline_tells_each_step_of_a_command_and_each_lease_change_in_order() {
+    for (backend, gw) in gateways("cmd_timeline").await {
+        let admin = admin_token(&gw).await;
+        let serial = "RE4C000031";
+        let files = gw.provision(serial, "00:1B:2C:3D:5E:31");
+        let (client, mut eventloop) = subscribed(&gw, &files).await;
+        let id = queue(&gw, &admin, serial, "self_test", 3600).await;
+        next_command(&mut eventloop, Duration::from_secs(5)).await;
+        let driver = drive(eventloop);
+        wait_command(&gw, &admin, serial, &id, "delivered").await;
+        publish(
+            &client,
+            serial,
+            "reply",
+            &json!({"id": id, "ok": true}).to_string(),
+        )
+        .await;
+        wait_command(&gw, &admin, serial, &id, "succeeded").await;
+        gw.cli(&["device", "renew", serial, "--months", "6"]);
+
+        let events = timeline(&gw, &admin, serial).await;
+        let kinds: Vec<&str> = events.iter().map(|(k, _)| k.as_str()).collect();
+        let steps: Vec<&str> = events
+            .iter()
+            .filter(|(k, d)| k == "command" && d["id"] == id.as_str())
+            .map(|(_, d)| d["state"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            steps,
+            ["succeeded", "delivered", "queued"],
+            "{backend}: newest first: {events:?}"
+        );
+        assert_eq!(kinds[0], "lease_changed", "{backend}: {events:?}");
+        let lease = &events[0].1;
+        assert_eq!(lease["months_added"], 6, "{backend}: {lease}");
+        assert_eq!(
+            lease["lease_months"], 18,
+            "{backend}: 12 at registration + 6"
+        );
+        let (was, now) = (
+            lease["previous_ends_at"].as_str().unwrap(),
+            lease["lease_ends_at"].as_str().unwrap(),
+        );
+        assert!(was < now && now.ends_with('Z'), "{backend}: {lease}");
+        let first_command = kinds.iter().position(|k| *k == "command").unwrap();
+        let connected = kinds.iter().position(|k| *k == "connected").unwrap();
+        assert!(
+            first_command < connected,
+            "{backend}: the command came after the connection: {kinds:?}"
+        );
+        assert_eq!(events[0].1["lease_ends_at"], lease["lease_ends_at"]);
+        driver.abort();
+    }
+}

@@ -295,3 +295,84 @@ async fn an_mqtt5_client_is_told_the_keep_alive_the_gateway_enforces() {
     .await;
     assert_eq!(s.keep_alive_secs, Some(3600));
 }
+
+/// History retention (`presence.history_retention_days`) covers alarms too: a cleared alarm
+/// past it whose notice went out is gone once the gateway's housekeeping runs (at start, then
+/// hourly); an alarm still open, however old, and one cleared within the window stay.
+#[tokio::test(flavor = "multi_thread")]
+async fn cleared_alarms_past_the_history_retention_are_pruned() {
+    use tms_store::{AlarmChange, Channel, WriteBatch};
+    let mut gw = TestGateway::start_with(&[("TMS_PRESENCE_HISTORY_RETENTION_DAYS", "1")]).await;
+    let admin = admin_token(&gw).await;
+    gw.provision("RE4A000051", "00:1B:2C:3D:4E:51");
+    gw.stop();
+
+    let (now, day) = (tms_model::now_ms(), 86_400_000);
+    let raise = |code: &str, at: i64| AlarmChange::Raise {
+        serial: "RE4A000051".into(),
+        code: code.into(),
+        severity: "critical",
+        at,
+        detail: "{}".into(),
+    };
+    let clear = |code: &str, at: i64| AlarmChange::Clear {
+        serial: "RE4A000051".into(),
+        code: code.into(),
+        at,
+    };
+    let store = gw.store().await;
+    store
+        .write_batch(&WriteBatch {
+            alarms: vec![
+                raise("on_battery", now - 3 * day),
+                clear("on_battery", now - 2 * day),
+                raise("battery_bad", now - 3 * day),
+                raise("overload", now - 3 * day),
+                clear("overload", now - 3_600_000),
+            ],
+            ..WriteBatch::default()
+        })
+        .await
+        .unwrap();
+    // Their notices went out (no webhook configured), as the notifier would have done.
+    for company in store
+        .notice_due_companies(Channel::Email, now, now)
+        .await
+        .unwrap()
+    {
+        let group = store
+            .notice_group(Channel::Email, company, None)
+            .await
+            .unwrap();
+        assert!(
+            store
+                .queue_alarm_mail(&group, &[], true, now)
+                .await
+                .unwrap()
+        );
+    }
+    store.close().await;
+
+    gw.restart().await;
+    let codes = || async {
+        let (status, list) = api_get(&gw, &admin, "/api/v1/alarms?state=all").await;
+        assert_eq!(status, 200, "{list}");
+        let mut codes: Vec<String> = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["code"].as_str().unwrap().to_owned())
+            .collect();
+        codes.sort();
+        codes
+    };
+    wait_for(
+        "the old cleared alarm pruned",
+        Duration::from_secs(15),
+        || async {
+            let now = codes().await;
+            (now == ["battery_bad", "overload"]).then_some(())
+        },
+    )
+    .await;
+}

@@ -216,3 +216,105 @@ async fn the_map_draws_a_configured_tile_server() {
         );
     }
 }
+
+/// The alarms `who` sees through the API, as (serial, code, acknowledged_by).
+async fn alarms_seen(gw: &TestGateway, token: &str) -> Vec<(String, String, Option<String>)> {
+    let (status, body) = api_get(gw, token, "/api/v1/alarms?state=all").await;
+    assert_eq!(status, 200, "{body}");
+    let mut seen: Vec<_> = body
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|a| {
+            (
+                a["serial"].as_str().unwrap_or_default().to_owned(),
+                a["code"].as_str().unwrap_or_default().to_owned(),
+                a["acknowledged_by"].as_str().map(str::to_owned),
+            )
+        })
+        .collect();
+    seen.sort();
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn alarms_page_badge_and_timeline_in_a_real_browser() {
+    use support::onboarding::{Api, ana_and_bob, provider};
+    let gw = TestGateway::start().await;
+    provider(&gw);
+    let (ana, bob) = ana_and_bob(&Api::new(), &gw).await;
+    // Ana's device (Acme Hospital) goes on battery and reports a bad battery; Bob's (Globex)
+    // is overloaded. Both through real MQTT, so the alarm engine raises them.
+    let mut devices = Vec::new();
+    for (serial, payload) in [
+        (
+            "RE4A000001",
+            r#"{"mode":"on_battery","load_pct":40,"battery":{"charge_pct":80,"runtime_min":25},"alarms":["battery_bad"]}"#,
+        ),
+        (
+            "RE4A000002",
+            r#"{"mode":"online","load_pct":120,"battery":{"charge_pct":99,"runtime_min":31},"alarms":[]}"#,
+        ),
+    ] {
+        let files = gw.issue(serial);
+        let (client, mut eventloop) = device_client(&gw, &files);
+        assert_eq!(
+            connack(&mut eventloop).await,
+            Ok(rumqttc::ConnectReturnCode::Success)
+        );
+        drive(eventloop);
+        publish(&client, serial, "telemetry", payload).await;
+        devices.push(client);
+    }
+    let ana_sees = |want: Vec<(&'static str, &'static str, Option<&'static str>)>| {
+        let gw = &gw;
+        let ana = ana.clone();
+        async move {
+            let want: Vec<_> = want
+                .into_iter()
+                .map(|(s, c, by)| (s.to_owned(), c.to_owned(), by.map(str::to_owned)))
+                .collect();
+            wait_for("Ana's alarms", Duration::from_secs(15), || {
+                let want = want.clone();
+                let ana = ana.clone();
+                async move { (alarms_seen(gw, &ana).await == want).then_some(()) }
+            })
+            .await;
+        }
+    };
+    ana_sees(vec![
+        ("RE4A000001", "battery_bad", None),
+        ("RE4A000001", "on_battery", None),
+    ])
+    .await;
+    wait_for("Bob's alarm", Duration::from_secs(15), || {
+        let (gw, bob) = (&gw, &bob);
+        async move { (alarms_seen(gw, bob).await.len() == 1).then_some(()) }
+    })
+    .await;
+
+    browser_script(
+        &gw,
+        "alarms.mjs",
+        &[
+            ("ANA_EMAIL", "ana@example.com".into()),
+            ("BOB_EMAIL", "bob@example.com".into()),
+            ("PASSWORD", "a-new-password-1".into()),
+            ("SERIAL", "RE4A000001".into()),
+            ("FOREIGN", "RE4A000002".into()),
+        ],
+    );
+
+    // The acknowledgement made in the page is recorded, by Ana, for that alarm only; Bob's
+    // view never held Ana's alarms.
+    ana_sees(vec![
+        ("RE4A000001", "battery_bad", None),
+        ("RE4A000001", "on_battery", Some("ana@example.com")),
+    ])
+    .await;
+    assert_eq!(
+        alarms_seen(&gw, &bob).await,
+        [("RE4A000002".to_owned(), "overload".to_owned(), None)]
+    );
+    drop(devices);
+}

@@ -1,5 +1,5 @@
 //! The web pages: sign-in, activation, My Profile, Customer/Device Registration, Devices, a
-//! device's page, Device Certificate and Device Location.
+//! device's page (with its timeline), Alarms, Device Certificate and Device Location.
 //!
 //! Each page is a static HTML shell plus one script (`web/app.js`) that reads the JSON API
 //! with the signed-in user's bearer token. So a page can show nothing the API would not show
@@ -72,6 +72,13 @@ const PAGES: &[Page] = &[
         title: "Device",
         public: false,
         body: include_str!("../web/device.html"),
+    },
+    Page {
+        path: "/alarms",
+        id: "alarms",
+        title: "Alarms",
+        public: false,
+        body: include_str!("../web/alarms.html"),
     },
     Page {
         path: "/certificates",
@@ -204,6 +211,7 @@ fn render(page: &Page, s: &ApiState) -> Response {
 
 const NAV: &str = r#"<nav aria-label="Main">
 <a href="/devices">Devices</a>
+<a href="/alarms">Alarms</a>
 <a href="/map">Device Location</a>
 <a href="/certificates">Device Certificate</a>
 <a href="/register" data-roles="provider admin" hidden>Registration</a>

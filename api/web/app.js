@@ -403,12 +403,14 @@ pages.devices = (me) => {
     const query = new URLSearchParams();
     if (form.q.value.trim()) query.set('q', form.q.value.trim());
     if (form.state.value) query.set('state', form.state.value);
-    const devices = await api('GET', '/api/v1/devices?' + query);
+    const [devices, active] = await Promise.all([api('GET', '/api/v1/devices?' + query), api('GET', '/api/v1/alarms?state=active&limit=1000')]);
+    const alarmsOf = new Map();
+    for (const a of active) alarmsOf.set(a.serial, (alarmsOf.get(a.serial) || 0) + 1);
     body.replaceChildren(...devices.map((d) => el('tr', { 'data-serial': d.serial },
       el('td', {}, el('a', { href: `/devices/${encodeURIComponent(d.serial)}`, text: d.serial })),
       el('td', { text: d.company }),
       el('td', { text: d.ups.model }),
-      el('td', { class: 'status' }, badge(d.status)),
+      el('td', { class: 'status' }, badge(d.status), alarmBadge(d.serial, alarmsOf.get(d.serial))),
       el('td', {}, timeEl(d.status.last_seen)),
       el('td', {}, days(d.certificate_days_left, d.certificate_not_after)),
       el('td', {}, days(d.lease_days_left, d.lease_end)),
@@ -582,6 +584,7 @@ pages.device = () => {
       ['Fingerprint', cert ? el('code', { text: cert.sha256_fingerprint }) : null],
       ['Manage', el('a', { href: `/certificates?serial=${encodeURIComponent(d.serial)}`, text: 'Device Certificate page' })],
     ]);
+    timeline($('#timeline'), await api('GET', `${base}/events?limit=40`));
     const rows = await api('GET', `${base}/telemetry?limit=120`);
     chart($('#chart'), rows);
     const p = rows.length ? rows[0].payload : null;
@@ -623,6 +626,220 @@ const COMMAND_TEXT = {
   succeeded: 'Succeeded',
   failed: 'Failed',
   expired: 'Expired undelivered',
+};
+
+// ---- alarms (CONTRACT §7) and the device timeline (§8) -------------------------------------
+
+/** Alarm codes in words; a device-reported code we do not know is shown with spaces. */
+const ALARM_TEXT = {
+  on_battery: 'On battery',
+  on_bypass: 'On bypass',
+  ups_fault: 'UPS fault',
+  low_battery: 'Low battery',
+  overload: 'Overload',
+  device_offline: 'Device offline',
+  battery_bad: 'Battery bad',
+  input_bad: 'Input power bad',
+  output_overload: 'Output overload',
+  temperature_bad: 'Temperature out of range',
+  charger_failed: 'Charger failed',
+  fan_failure: 'Fan failure',
+};
+const alarmText = (code) => ALARM_TEXT[code] || String(code).replace(/_/g, ' ');
+const SEVERITY_TEXT = { critical: 'Critical', warning: 'Warning', info: 'Info' };
+const SEVERITY_RANK = { critical: 0, warning: 1, info: 2 };
+
+function severityBadge(severity) {
+  return el('span', { class: `badge sev-${severity}`, 'data-severity': severity, text: SEVERITY_TEXT[severity] || severity });
+}
+
+/** The Devices list's badge: how many alarms of the device are active, in words. */
+function alarmBadge(serial, n) {
+  if (!n) return null;
+  return el('a', { class: 'badge alarms', href: `/alarms?serial=${encodeURIComponent(serial)}`, 'data-alarms': String(n), text: `${n} active alarm${n === 1 ? '' : 's'}` });
+}
+
+/** Why a session ended, in words. */
+const DISCONNECT_TEXT = {
+  client_disconnect: 'the device disconnected',
+  connection_lost: 'the connection was lost',
+  keepalive_timeout: 'the device went silent (keep-alive timeout)',
+  taken_over: 'a newer connection of the device took over',
+  revoked: 'its certificate was revoked',
+  server_shutdown: 'the gateway shut down',
+  protocol_error: 'an MQTT protocol error',
+  ingest_closed: 'the gateway stopped reading',
+  certificate_expired: 'its certificate expired',
+  abuse: 'too many unreadable messages',
+  node_lost: 'its gateway node was lost',
+  gateway_restart: 'the gateway restarted',
+};
+
+const EVENT_TEXT = {
+  registered: 'Registered',
+  certificate_issued: 'Certificate issued',
+  certificate_revoked: 'Certificate revoked',
+  certificate_superseded: 'Certificate replaced',
+  connected: 'Connected',
+  disconnected: 'Disconnected',
+  refused: 'Connection refused',
+  alarm_raised: 'Alarm raised',
+  alarm_cleared: 'Alarm cleared',
+  alarm_acknowledged: 'Alarm acknowledged',
+  command: 'Command',
+  lease_changed: 'Lease changed',
+};
+
+const COMMAND_STEP_TEXT = {
+  queued: 'queued',
+  delivered: 'delivered to the device',
+  succeeded: 'answered: succeeded',
+  failed: 'answered: failed',
+  expired: 'expired before the device took it',
+};
+
+/** One timeline entry's detail as a sentence. */
+function eventSentence(kind, d) {
+  const at = (node, peer) => [node && `on node ${node}`, peer && `from ${peer}`].filter(Boolean).join(' ');
+  switch (kind) {
+    case 'registered':
+      return `Registered for ${d.company}${d.registered_by ? ` by ${d.registered_by}` : ''}; lease of ${d.lease_months} months from ${d.start_date}.`;
+    case 'certificate_issued':
+      return `Certificate ${d.certificate_serial} issued.`;
+    case 'certificate_superseded':
+      return `Certificate ${d.certificate_serial} retired: a newer certificate replaced it.`;
+    case 'certificate_revoked':
+      return `Certificate ${d.certificate_serial} revoked${d.reason ? ` (${String(d.reason).replace(/_/g, ' ')})` : ''}.`;
+    case 'connected':
+      return `Connected ${at(d.node_id, d.peer_addr)}.`.replace(' .', '.');
+    case 'disconnected':
+      return `Disconnected: ${DISCONNECT_TEXT[d.reason] || (d.reason ? String(d.reason).replace(/_/g, ' ') : 'reason not recorded')}${at(d.node_id, d.peer_addr) ? `, ${at(d.node_id, d.peer_addr)}` : ''}.`;
+    case 'refused':
+      return `Refused: ${REFUSAL_TEXT[d.reason] || d.reason}${d.detail ? ` (${d.detail})` : ''}; ${d.attempts} attempt${d.attempts === 1 ? '' : 's'}${d.peer_addr ? ` from ${d.peer_addr}` : ''}.`;
+    case 'alarm_raised':
+      return `${alarmText(d.code)} (${(SEVERITY_TEXT[d.severity] || d.severity || '').toLowerCase()}) raised.`;
+    case 'alarm_cleared':
+      return `${alarmText(d.code)} cleared.`;
+    case 'alarm_acknowledged':
+      return `${alarmText(d.code)} acknowledged${d.by ? ` by ${d.by}` : ''}.`;
+    case 'command':
+      return `Command ${d.name} (${String(d.id || '').slice(-8)}) ${COMMAND_STEP_TEXT[d.state] || d.state}${d.state === 'queued' && d.by ? ` by ${d.by}` : ''}.`;
+    case 'lease_changed':
+      return `Lease extended by ${d.months_added} month${d.months_added === 1 ? '' : 's'} (${d.lease_months} in all): now ends ${String(d.lease_ends_at || '').slice(0, 10)}, was ${String(d.previous_ends_at || '').slice(0, 10)}.`;
+    default:
+      return JSON.stringify(d);
+  }
+}
+
+function timeline(table, events) {
+  $('#no-timeline').hidden = events.length > 0;
+  table.hidden = events.length === 0;
+  $('tbody', table).replaceChildren(...events.map((e) => el('tr', { 'data-kind': e.kind },
+    el('td', {}, timeEl(e.at, false)),
+    el('td', {}, el('strong', { text: EVENT_TEXT[e.kind] || e.kind })),
+    el('td', { class: 'detail', text: eventSentence(e.kind, e.detail || {}) }),
+  )));
+  labelCells(table);
+}
+
+pages.alarms = () => {
+  const form = $('#alarm-filter');
+  const params = new URLSearchParams(location.search);
+  form.state.value = ['active', 'cleared', 'all'].includes(params.get('state')) ? params.get('state') : 'active';
+  form.serial.value = params.get('serial') || '';
+  // Filter values from the URL are kept until the lists hold their option.
+  const wanted = { company: params.get('company') || '', code: params.get('code') || '' };
+  let all = [];
+  let shown = '';
+
+  const options = (select, values, label) => {
+    const current = select.value || wanted[select.name];
+    select.replaceChildren(el('option', { value: '', text: 'Any' }), ...values.map((v) => el('option', { value: v, text: label(v) })));
+    if (values.includes(current)) select.value = current;
+  };
+
+  const ackCell = (a) => {
+    if (a.acknowledged_at) {
+      return el('td', { class: 'ack' }, el('span', { text: `by ${a.acknowledged_by || 'someone'}` }), el('br'), timeEl(a.acknowledged_at));
+    }
+    if (a.state === 'cleared') return el('td', { class: 'ack muted', text: 'No' });
+    return el('td', { class: 'ack' }, el('button', {
+      type: 'button', class: 'secondary', 'data-ack': String(a.id),
+      'aria-label': `Acknowledge ${alarmText(a.code)} on ${a.serial}`, text: 'Acknowledge',
+    }));
+  };
+  const common = (a) => [
+    el('td', {}, severityBadge(a.severity)),
+    el('td', {}, el('strong', { text: alarmText(a.code) }), el('br'), el('code', { text: a.code })),
+    el('td', {}, el('a', { href: `/devices/${encodeURIComponent(a.serial)}`, text: a.serial })),
+    el('td', { text: a.company }),
+    el('td', {}, timeEl(a.raised_at)),
+  ];
+
+  const render = () => {
+    const f = { state: form.state.value, company: form.company.value, code: form.code.value, serial: form.serial.value.trim().toUpperCase() };
+    const match = (a) => (!f.company || a.company === f.company) && (!f.code || a.code === f.code) && (!f.serial || a.serial.toUpperCase().includes(f.serial));
+    const active = all.filter((a) => a.state === 'active' && match(a))
+      .sort((x, y) => (SEVERITY_RANK[x.severity] ?? 9) - (SEVERITY_RANK[y.severity] ?? 9) || Date.parse(y.raised_at) - Date.parse(x.raised_at));
+    const cleared = all.filter((a) => a.state === 'cleared' && match(a));
+    // Re-drawn only when something changed, so a focused button is not replaced under the user.
+    const key = JSON.stringify([f, active, cleared]);
+    if (key === shown) return;
+    shown = key;
+    $('#active-section').hidden = f.state === 'cleared';
+    $('#cleared-section').hidden = f.state === 'active';
+    $('#no-active').hidden = active.length > 0;
+    $('#active-alarms').hidden = active.length === 0;
+    $('#active-alarms tbody').replaceChildren(...active.map((a) => el('tr', { 'data-id': String(a.id), 'data-serial': a.serial, 'data-code': a.code, class: a.acknowledged_at ? '' : 'unacked' },
+      ...common(a), ackCell(a))));
+    labelCells($('#active-alarms'));
+    $('#no-cleared').hidden = cleared.length > 0;
+    $('#cleared-alarms').hidden = cleared.length === 0;
+    $('#cleared-alarms tbody').replaceChildren(...cleared.map((a) => el('tr', { 'data-id': String(a.id), 'data-serial': a.serial, 'data-code': a.code },
+      ...common(a), el('td', {}, timeEl(a.cleared_at)), ackCell(a))));
+    labelCells($('#cleared-alarms'));
+  };
+
+  const refresh = async () => {
+    all = await api('GET', '/api/v1/alarms?state=all&limit=1000');
+    options(form.company, [...new Set(all.map((a) => a.company).filter(Boolean))].sort(), (v) => v);
+    options(form.code, [...new Set(all.map((a) => a.code))].sort(), alarmText);
+    const n = all.filter((a) => a.state === 'active').length;
+    $('#alarms-updated').textContent = `${n} active · updated ${new Date().toLocaleTimeString()}`;
+    $('#form-error').textContent = '';
+    render();
+  };
+
+  const changed = () => {
+    const q = new URLSearchParams();
+    if (form.state.value !== 'active') q.set('state', form.state.value);
+    for (const k of ['company', 'code']) {
+      wanted[k] = form[k].value;
+      if (form[k].value) q.set(k, form[k].value);
+    }
+    if (form.serial.value.trim()) q.set('serial', form.serial.value.trim());
+    history.replaceState(null, '', '/alarms' + (q.toString() ? '?' + q : ''));
+    render();
+  };
+  form.addEventListener('submit', (e) => { e.preventDefault(); changed(); });
+  form.serial.addEventListener('input', changed);
+  for (const s of [form.state, form.company, form.code]) s.addEventListener('change', changed);
+
+  document.addEventListener('click', async (e) => {
+    const button = e.target.closest('button[data-ack]');
+    if (!button) return;
+    button.disabled = true;
+    const a = all.find((x) => String(x.id) === button.dataset.ack);
+    try {
+      await api('POST', `/api/v1/alarms/${encodeURIComponent(button.dataset.ack)}/ack`);
+      $('#ack-done').textContent = a ? `${alarmText(a.code)} on ${a.serial} acknowledged.` : 'Acknowledged.';
+      await refresh();
+    } catch (err) {
+      button.disabled = false;
+      showError(err.status === 404 ? 'That alarm is no longer there.' : err);
+    }
+  });
+  poll(refresh, 3000);
 };
 
 pages.certificates = () => {

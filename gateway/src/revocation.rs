@@ -36,7 +36,8 @@ pub(crate) async fn reload(
 
 /// How often rotation overlaps are ended and sessions with expired certificates closed.
 const SWEEP: Duration = Duration::from_secs(5);
-/// How often session history past `presence.history_retention_days` is deleted.
+/// How often session history (and refused peers, quarantine, cleared alarms) past
+/// `presence.history_retention_days` is deleted.
 const PRUNE: Duration = Duration::from_secs(3600);
 
 pub(crate) async fn watch(
@@ -95,6 +96,15 @@ pub(crate) async fn watch(
                         "pruned quarantined payloads past their retention"
                     ),
                     Err(e) => tracing::warn!(error = %e, "cannot prune quarantine"),
+                }
+                // Only cleared alarms whose notices went out: an open alarm, or one still
+                // waiting to be told, stays however old it is.
+                match store.prune_alarms(before).await {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        tracing::info!(alarms = n, "pruned cleared alarms past their retention")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot prune alarms"),
                 }
             }
             let closed = broker.close_expired(now / 1000);

@@ -330,6 +330,19 @@ impl Store {
             .execute(&mut *tx)
             .await
             .map_err(query_err("renewing a lease"))?;
+        // Recorded with the change, for the device timeline: the lease row keeps only the
+        // current end.
+        sqlx::query(
+            "INSERT INTO lease_changes (serial, changed_at, months_added, lease_months, previous_ends_at, lease_ends_at) \
+             SELECT serial, $1, $2, lease_months, $3, lease_ends_at FROM devices WHERE serial = $4",
+        )
+        .bind(now_ms)
+        .bind(months)
+        .bind(current)
+        .bind(serial)
+        .execute(&mut *tx)
+        .await
+        .map_err(query_err("recording a lease change"))?;
         tx.commit().await.map_err(query_err("renewing a lease"))?;
         Ok(ends)
     }

@@ -1,10 +1,12 @@
 //! A device's timeline (CONTRACT §8): one list, newest first, read from the records that
-//! already exist — the registration, certificates, sessions, refused attempts and alarms.
+//! already exist — the registration, certificates, sessions, refused attempts, alarms,
+//! commands (§9) and lease changes.
 //!
 //! Each kind of record is one [`Source`]: a query for the device's newest `limit` events of
-//! that kind. The timeline asks every source and merges. A new kind of record (the commands
-//! of §9: `kind = "command"`) is one more function in [`SOURCES`]. Retention is that of the
-//! records themselves (`presence.history_retention_days` prunes sessions and alarms).
+//! that kind. The timeline asks every source and merges. A new kind of record is one more
+//! function in [`SOURCES`]. Retention is that of the records themselves
+//! (`presence.history_retention_days` prunes sessions and alarms). Times inside `detail` are
+//! Unix ms under keys ending in `_at`; the API turns them into RFC 3339.
 //! Not here: who may see a device (the API scopes first).
 
 use std::future::Future;
@@ -32,8 +34,16 @@ type Events<'a> = Pin<Box<dyn Future<Output = Result<Vec<DeviceEvent>>> + Send +
 /// The newest `limit` events of one kind of record for one device.
 type Source = for<'a> fn(&'a Store, &'a str, i64) -> Events<'a>;
 
-/// Every kind of record the timeline reads. Commands (§9) join here when they are recorded.
-const SOURCES: &[Source] = &[registered, certificates, sessions, refusals, alarms];
+/// Every kind of record the timeline reads.
+const SOURCES: &[Source] = &[
+    registered,
+    certificates,
+    sessions,
+    refusals,
+    alarms,
+    commands,
+    lease_changes,
+];
 
 impl Store {
     /// The device's events, newest first, at most `limit`.
@@ -79,36 +89,56 @@ async fn rows(
         .map_err(query_err(op))
 }
 
-fn registered<'a>(store: &'a Store, serial: &'a str, limit: i64) -> Events<'a> {
-    Box::pin(async move {
-        let op = "reading the registration";
-        let found = rows(
-            store,
-            op,
-            "SELECT d.created_at, d.lease_months, d.lease_ends_at, d.start_date, c.name AS company, u.email AS registered_by \
-             FROM devices d JOIN companies c ON c.id = d.company_id LEFT JOIN users u ON u.id = d.registered_by \
-             WHERE d.serial = $1 LIMIT $2",
-            serial,
-            limit,
-        )
-        .await?;
-        found
-            .iter()
-            .map(|r| {
-                Ok(DeviceEvent {
-                    at: r.try_get("created_at")?,
-                    kind: "registered",
-                    detail: json!({
-                        "company": r.try_get::<String, _>("company")?,
-                        "registered_by": r.try_get::<Option<String>, _>("registered_by")?,
-                        "lease_months": r.try_get::<i64, _>("lease_months")?,
-                        "start_date": r.try_get::<String, _>("start_date")?,
-                    }),
-                })
+/// A source whose every row is one event: `at` from the column `at`, the detail from
+/// `detail`.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call per source, each argument named there"
+)]
+async fn each_row(
+    store: &Store,
+    op: &'static str,
+    sql: &str,
+    serial: &str,
+    limit: i64,
+    kind: &'static str,
+    at: &str,
+    detail: fn(&AnyRow) -> Result<Value, sqlx::Error>,
+) -> Result<Vec<DeviceEvent>> {
+    rows(store, op, sql, serial, limit)
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(DeviceEvent {
+                at: r.try_get(at)?,
+                kind,
+                detail: detail(r)?,
             })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(query_err(op))
-    })
+        })
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(query_err(op))
+}
+
+fn registered<'a>(store: &'a Store, serial: &'a str, limit: i64) -> Events<'a> {
+    Box::pin(each_row(
+        store,
+        "reading the registration",
+        "SELECT d.created_at, d.lease_months, d.lease_ends_at, d.start_date, c.name AS company, u.email AS registered_by \
+         FROM devices d JOIN companies c ON c.id = d.company_id LEFT JOIN users u ON u.id = d.registered_by \
+         WHERE d.serial = $1 LIMIT $2",
+        serial,
+        limit,
+        "registered",
+        "created_at",
+        |r| {
+            Ok(json!({
+                "company": r.try_get::<String, _>("company")?,
+                "registered_by": r.try_get::<Option<String>, _>("registered_by")?,
+                "lease_months": r.try_get::<i64, _>("lease_months")?,
+                "start_date": r.try_get::<String, _>("start_date")?,
+            }))
+        },
+    ))
 }
 
 fn certificates<'a>(store: &'a Store, serial: &'a str, limit: i64) -> Events<'a> {
@@ -257,4 +287,75 @@ fn alarms<'a>(store: &'a Store, serial: &'a str, limit: i64) -> Events<'a> {
         }
         Ok(out)
     })
+}
+
+/// One `command` event per step a command took: queued, delivered (PUBACKed), answered
+/// (`succeeded`/`failed`), or expired undelivered. `detail.state` names the step.
+fn commands<'a>(store: &'a Store, serial: &'a str, limit: i64) -> Events<'a> {
+    Box::pin(async move {
+        let op = "reading command events";
+        let found = rows(
+            store,
+            op,
+            "SELECT id, name, state, created_at, created_by, expires_at, delivered_at, replied_at FROM device_commands \
+             WHERE serial = $1 ORDER BY created_at DESC LIMIT $2",
+            serial,
+            limit,
+        )
+        .await?;
+        let mut out = Vec::new();
+        for r in &found {
+            let get = |col: &str| -> Result<Option<i64>> {
+                r.try_get::<Option<i64>, _>(col).map_err(query_err(op))
+            };
+            let id: String = r.try_get("id").map_err(query_err(op))?;
+            let name: String = r.try_get("name").map_err(query_err(op))?;
+            let state: String = r.try_get("state").map_err(query_err(op))?;
+            let by: String = r.try_get("created_by").map_err(query_err(op))?;
+            let step = |at: i64, step: &str| DeviceEvent {
+                at,
+                kind: "command",
+                detail: json!({"id": id, "name": name, "state": step, "by": by}),
+            };
+            // The later steps first: at one instant (a reply recorded with its delivery) the
+            // stable sort keeps this order, and the timeline reads newest first.
+            if let Some(at) = get("replied_at")? {
+                out.push(step(at, &state));
+            }
+            if let Some(at) = get("delivered_at")? {
+                out.push(step(at, "delivered"));
+            } else if state == "expired" {
+                out.push(step(
+                    r.try_get("expires_at").map_err(query_err(op))?,
+                    "expired",
+                ));
+            }
+            out.push(step(
+                r.try_get("created_at").map_err(query_err(op))?,
+                "queued",
+            ));
+        }
+        Ok(out)
+    })
+}
+
+fn lease_changes<'a>(store: &'a Store, serial: &'a str, limit: i64) -> Events<'a> {
+    Box::pin(each_row(
+        store,
+        "reading lease changes",
+        "SELECT changed_at, months_added, lease_months, previous_ends_at, lease_ends_at FROM lease_changes \
+         WHERE serial = $1 ORDER BY changed_at DESC, id DESC LIMIT $2",
+        serial,
+        limit,
+        "lease_changed",
+        "changed_at",
+        |r| {
+            Ok(json!({
+                "months_added": r.try_get::<i64, _>("months_added")?,
+                "lease_months": r.try_get::<i64, _>("lease_months")?,
+                "previous_ends_at": r.try_get::<i64, _>("previous_ends_at")?,
+                "lease_ends_at": r.try_get::<i64, _>("lease_ends_at")?,
+            }))
+        },
+    ))
 }

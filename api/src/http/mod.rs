@@ -308,7 +308,7 @@ fn routes() -> Vec<Route> {
             "GET",
             "/api/v1/devices/{serial}/events",
             LoggedIn,
-            "The device's timeline, newest first: registration, certificates, sessions, refusals, alarms (?limit=1..1000)",
+            "The device's timeline, newest first: registration, certificates, sessions, refusals, alarms, commands, lease changes (?limit=1..1000)",
             None,
             events::list,
         ),

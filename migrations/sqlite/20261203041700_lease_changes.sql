@@ -1,0 +1,14 @@
+-- Lease changes (a renewal adds months): until now only the lease's current end was kept, so
+-- the device timeline (CONTRACT §8, `lease_changed`) could not say when or by how much it
+-- changed. One row per change, written in the same transaction as the change itself.
+-- Times are Unix milliseconds.
+CREATE TABLE lease_changes (
+    id                INTEGER PRIMARY KEY AUTOINCREMENT,
+    serial            TEXT NOT NULL,
+    changed_at        INTEGER NOT NULL,
+    months_added      INTEGER NOT NULL,
+    lease_months      INTEGER NOT NULL,
+    previous_ends_at  INTEGER NOT NULL,
+    lease_ends_at     INTEGER NOT NULL
+);
+CREATE INDEX lease_changes_serial ON lease_changes (serial, changed_at);
