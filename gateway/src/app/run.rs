@@ -48,14 +48,15 @@ impl App {
         let drain = CancellationToken::new();
         let listening = Arc::new(AtomicBool::new(true));
 
-        // Two sets, stopped in this order: everything that faces the outside and the
-        // background duties, told by `stop`; then ingest, told by `drain` once every
-        // session has reported its disconnect.
+        // Three sets, all told by `stop` but ingest, which is told by `drain` once the broker
+        // has stopped and every session has reported its disconnect: the broker is the only
+        // part that feeds ingest, so ingest drains while the other parts stop.
+        let mut front = Parts::new();
         let mut parts = Parts::new();
         let mut writer = Parts::new();
         let broker_stop = stop.clone();
         let broker_run = broker.clone();
-        parts.spawn("broker", async move {
+        front.spawn("broker", async move {
             Ok(broker_run.run(mqtt, broker_stop).await?)
         });
         let ingest_drain = drain.clone();
@@ -258,13 +259,23 @@ impl App {
             biased;
             _ = stop.cancelled() => {}
             Some(exit) = parts.next(stopping) => failures.extend(exit.failure),
+            Some(exit) = front.next(stopping) => failures.extend(exit.failure),
             Some(exit) = writer.next(stopping) => failures.extend(exit.failure),
         }
         stop.cancel();
         listening.store(false, Ordering::Relaxed);
         let deadline = Instant::now() + config.ingest.drain_timeout + DRAIN_GRACE;
-        failures
-            .extend(stop_in_order(parts, writer, &drain, deadline, &store, &node, broker).await);
+        failures.extend(
+            stop_in_order(
+                [front, parts, writer],
+                &drain,
+                deadline,
+                &store,
+                &node,
+                broker,
+            )
+            .await,
+        );
         match failures.into_iter().next() {
             Some(e) if !shutdown.is_cancelled() => Err(e),
             _ => Ok(()),
@@ -272,41 +283,49 @@ impl App {
     }
 }
 
-/// Stops the parts that have been told to stop (`parts`), then the writer (`writer`, told by
-/// `drain`), then closes the store, all by `deadline` (but for the store's own close): a part
-/// that talks to a store that no longer answers must not hold the process past it. Returns
-/// the failures of the parts that ended.
+/// Stops the parts in order, all by `deadline` (but for the store's own close): a part that
+/// talks to a store that no longer answers must not hold the process past it. First the
+/// broker (`front`): sessions end and report their disconnects. Then ingest (`writer`, told
+/// by `drain`) writes what is queued while the other parts (`parts`, already told) finish,
+/// the mailer its current send: waiting for them in turn would leave ingest no time when the
+/// store hangs them. Then the store closes. Returns the failures of the parts that ended.
 async fn stop_in_order(
-    mut parts: Parts,
-    mut writer: Parts,
+    [mut front, mut parts, mut writer]: [Parts; 3],
     drain: &CancellationToken,
     deadline: Instant,
     store: &Store,
     node: &NodeIdentity,
     broker: Arc<Broker>,
 ) -> Vec<anyhow::Error> {
-    let mut failures = Vec::new();
-    // Listeners close, sessions report their disconnects, the mailer finishes its send.
-    let stopped = parts.wait_all(deadline, || true).await;
-    failures.extend(stopped.into_iter().filter_map(|exit| exit.failure));
-    // Every session has ended: commands this node claimed and no device acknowledged go
-    // back to the queue now, for whichever node the device reconnects to.
-    match tokio::time::timeout(STORE_CLOSE, store.release_stale_commands(&node.id, 0)).await {
-        Ok(Ok(0)) => {}
-        Ok(Ok(n)) => tracing::info!(commands = n, "queued again the commands sessions held"),
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "cannot queue again the commands sessions held; the next start does")
-        }
-        Err(_) => tracing::warn!(
-            "the store did not answer; the next start queues again the commands sessions held"
-        ),
-    }
+    let mut failures: Vec<anyhow::Error> = Vec::new();
+    let mut keep = |exits: Vec<crate::supervisor::Exit>| {
+        failures.extend(exits.into_iter().filter_map(|exit| exit.failure));
+    };
+    keep(front.wait_all(deadline, || true).await);
     drop(broker);
-    // Now write everything that is queued. Ingest gives up by itself at its drain
-    // deadline while the store fails; the grace is for a store that does not answer.
+    // Ingest gives up by itself at its drain deadline while the store fails; the grace
+    // is for a store that does not answer at all.
     drain.cancel();
-    let drained = writer.wait_all(deadline, || true).await;
-    failures.extend(drained.into_iter().filter_map(|exit| exit.failure));
+    let others = async {
+        let stopped = parts.wait_all(deadline, || true).await;
+        // Every session has ended and delivery has stopped: commands this node claimed and
+        // no device acknowledged go back to the queue, for whichever node the device
+        // reconnects to.
+        match tokio::time::timeout_at(deadline, store.release_stale_commands(&node.id, 0)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::info!(commands = n, "queued again the commands sessions held"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot queue again the commands sessions held; the next start does")
+            }
+            Err(_) => tracing::warn!(
+                "the store did not answer; the next start queues again the commands sessions held"
+            ),
+        }
+        stopped
+    };
+    let (stopped, drained) = tokio::join!(others, writer.wait_all(deadline, || true));
+    keep(stopped);
+    keep(drained);
     // Every session has been recorded ended: no other node needs to declare this one lost.
     // Briefly: a store that does not answer has the others declare this node lost instead.
     let _ = tokio::time::timeout(LEAVE, crate::node::leave(store, node)).await;
