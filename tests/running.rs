@@ -520,9 +520,11 @@ async fn pump(
 
 /// SIGTERM while the store has stopped answering (PostgreSQL behind a proxy that holds every
 /// byte): the gateway still exits, within the drain deadline and the store's close, instead
-/// of waiting on the store for ever. Needs `TMS_TEST_DATABASE_URL`.
+/// of waiting on the store for ever; it says how many rows it could not write, and the device
+/// got no PUBACK for any of them (so it sends them again). Needs `TMS_TEST_DATABASE_URL`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_a_store_that_never_answers_exits_within_the_drain_deadline() {
+    const SENT: usize = 5;
     let Some(url) = fresh_postgres_url("hang").await else {
         return;
     };
@@ -543,14 +545,33 @@ async fn sigterm_with_a_store_that_never_answers_exits_within_the_drain_deadline
         connack(&mut eventloop).await.unwrap(),
         rumqttc::ConnectReturnCode::Success
     );
-    let driver = drive(eventloop);
+    let pubacks = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = pubacks.clone();
+    let driver = tokio::spawn(async move {
+        while let Ok(event) = eventloop.poll().await {
+            if let Event::Incoming(Packet::PubAck(_)) = event {
+                counted.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    });
 
     // The store goes silent with writes under way: telemetry that can never be committed.
     frozen.store(true, Ordering::Relaxed);
-    for _ in 0..5 {
+    for _ in 0..SENT {
         publish(&client, &files.serial, "telemetry", TELEMETRY).await;
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Received by the broker, on its way to ingest (whose commit the store holds up; a scrape
+    // answers anyway, within its own bound). The device sends nothing else.
+    let key = "tms_broker_messages_received_total{kind=\"telemetry\"}";
+    wait_for(
+        "the broker to receive the telemetry",
+        Duration::from_secs(20),
+        || async {
+            let now = scrape(&gw).await;
+            (now.get(key).copied().unwrap_or(0.0) >= SENT as f64).then_some(())
+        },
+    )
+    .await;
     let started = Instant::now();
     let code = gw
         .stop_within(Duration::from_secs(15))
@@ -561,5 +582,23 @@ async fn sigterm_with_a_store_that_never_answers_exits_within_the_drain_deadline
     assert!(took < Duration::from_secs(8), "took {took:?}:\n{log}");
     assert_eq!(code, Some(0), "{log}");
     assert!(log.contains("stopped"), "{log}");
+    // How many rows were lost is said (at least the telemetry; the session's rows may be
+    // among them too), and none of the telemetry was acknowledged.
+    let line = log
+        .lines()
+        .find(|l| l.contains("these rows were not written"))
+        .unwrap_or_else(|| panic!("the loss is logged:\n{log}"));
+    let rows: usize = line
+        .split("rows=")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("with a count: {line}"));
+    assert!(rows >= SENT, "{rows} rows counted as lost: {line}");
+    assert_eq!(
+        pubacks.load(Ordering::Relaxed),
+        0,
+        "no PUBACK for what was never written"
+    );
     driver.abort();
 }

@@ -20,7 +20,7 @@ use tms_store::{ClusterEvent, EVENT_CONNECTED, SharedCa, Store};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::absolute;
+use crate::data_dir::absolute;
 
 /// Loads the CA all nodes share, creating it when this is the first node. The first node
 /// creates it (or offers the CA already in its data directory) while it holds the row lock

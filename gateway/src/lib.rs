@@ -5,6 +5,7 @@
 mod app;
 mod cluster;
 mod commands;
+mod data_dir;
 mod node;
 mod offline_alarms;
 mod process_metrics;
@@ -13,9 +14,7 @@ mod server_cert;
 pub mod simulate;
 mod supervisor;
 
-pub use app::{
-    App, DataDirLock, NoGatewayData, PortsFile, absolute, create_parts, lock_data_dir, open_parts,
-    views,
-};
+pub use app::{App, PortsFile, views};
+pub use data_dir::{DataDirLock, NoGatewayData, absolute, create_parts, lock_data_dir, open_parts};
 pub use tms_certs::certificate_names as server_cert_names;
 pub use tms_config::Config;

@@ -15,7 +15,7 @@ use tms_store::{Heartbeat, Store};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::absolute;
+use crate::data_dir::absolute;
 
 /// Who this process is among the nodes.
 #[derive(Debug, Clone)]
@@ -44,7 +44,7 @@ pub fn node_id(config: &Config) -> Result<(String, bool)> {
             Ok((id.to_owned(), false))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let id = new_node_id(crate::app::host_name().as_deref());
+            let id = new_node_id(crate::data_dir::host_name().as_deref());
             std::fs::write(&path, format!("{id}\n"))
                 .with_context(|| format!("writing {}", absolute(&path).display()))?;
             Ok((id, true))

@@ -20,7 +20,7 @@ use tms_registry::provisioning;
 use tms_store::NewDevice;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::open_parts;
+use crate::data_dir::open_parts;
 
 /// What `simulate` is asked to do.
 #[derive(Debug, Clone)]

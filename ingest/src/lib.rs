@@ -210,7 +210,9 @@ impl Ingest {
         if stored {
             release(acks);
         }
-        if !connected.is_empty() {
+        // Not after a batch given up at the drain deadline: the store is not answering, and
+        // a read of it would hold ingest past the deadline, unlogged.
+        if stored && !connected.is_empty() {
             // Another node may have raised or cleared this device's alarms while it was away.
             match self.store.open_alarms(Some(&connected)).await {
                 Ok(open) => batcher.alarms.load(Some(&connected), open),
@@ -325,18 +327,35 @@ impl Ingest {
         }
     }
 
-    /// One write of `batch`, bounded in time (a store that stops answering is a fault).
-    async fn attempt(&self, batch: &WriteBatch) -> Result<(), StoreError> {
+    /// One write of `batch`, bounded in time (a store that stops answering is a fault). A
+    /// write under way when the drain starts is bounded by the drain deadline too, which
+    /// then starts: otherwise a hung commit would hold ingest for its whole timeout.
+    async fn attempt(&mut self, batch: &WriteBatch) -> Result<(), StoreError> {
         let started = Instant::now();
         let limit = match self.give_up_at {
             Some(t) => COMMIT_TIMEOUT.min(t.saturating_duration_since(tokio::time::Instant::now())),
             None => COMMIT_TIMEOUT,
         };
-        let result = tokio::time::timeout(limit, self.store.write_batch(batch))
-            .await
-            .unwrap_or(Err(StoreError::Timeout {
-                op: "committing an ingest batch",
-            }));
+        let drain_timeout = self.settings.drain_timeout;
+        let drain = self.drain.clone();
+        let drained_out = async move {
+            drain.cancelled().await;
+            let give_up_at = tokio::time::Instant::now() + drain_timeout;
+            tokio::time::sleep_until(give_up_at).await;
+            give_up_at
+        };
+        let timed_out = || StoreError::Timeout {
+            op: "committing an ingest batch",
+        };
+        let result = tokio::select! {
+            result = tokio::time::timeout(limit, self.store.write_batch(batch)) => {
+                result.unwrap_or_else(|_| Err(timed_out()))
+            }
+            give_up_at = drained_out, if self.give_up_at.is_none() => {
+                self.give_up_at = Some(give_up_at);
+                Err(timed_out())
+            }
+        };
         if result.is_ok() {
             record_commit(batch, started);
         }
