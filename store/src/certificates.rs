@@ -3,7 +3,8 @@
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use crate::{Result, Store, query_err};
+use crate::wakeup::Wake;
+use crate::{Backend, Result, Store, query_err};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct CertificateRecord {
@@ -100,16 +101,26 @@ impl Store {
         reason: &str,
         now_ms: i64,
     ) -> Result<Vec<String>> {
-        let rows = sqlx::query(
+        const OP: &str = "revoking certificates";
+        let revoke = sqlx::query(
             "UPDATE certificates SET revoked_at = $1, revocation_reason = $2 \
              WHERE device_serial = $3 AND revoked_at IS NULL RETURNING serial_number",
         )
         .bind(now_ms)
         .bind(reason)
-        .bind(device_serial)
-        .fetch_all(self.pool())
-        .await
-        .map_err(query_err("revoking certificates"))?;
+        .bind(device_serial);
+        let rows = if self.backend() == Backend::Postgres {
+            // The other nodes are woken when the revocation commits, not before.
+            let mut tx = self.pool().begin().await.map_err(query_err(OP))?;
+            let rows = revoke.fetch_all(&mut *tx).await.map_err(query_err(OP))?;
+            if !rows.is_empty() {
+                crate::wakeup::notify(self.backend(), &mut *tx, Wake::Revocations).await?;
+            }
+            tx.commit().await.map_err(query_err(OP))?;
+            rows
+        } else {
+            revoke.fetch_all(self.pool()).await.map_err(query_err(OP))?
+        };
         rows.iter()
             .map(|r| r.try_get("serial_number"))
             .collect::<Result<_, _>>()
