@@ -12,9 +12,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rumqttc::{
-    AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
-};
+use rumqttc::{Event, Packet, QoS};
 use sqlx::Row;
 use support::*;
 
@@ -97,15 +95,6 @@ impl Drop for Balancer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// A device client on `port` of this machine.
-fn client_on(port: u16, files: &DeviceFiles) -> (AsyncClient, EventLoop) {
-    let mut opts = MqttOptions::new(&files.serial, "localhost", port);
-    opts.set_keep_alive(Duration::from_secs(30));
-    let tls = client_tls(&files.ca, Some((&files.pem, &files.key)));
-    opts.set_transport(Transport::Tls(TlsConfiguration::Rustls(tls)));
-    AsyncClient::new(opts, 10)
 }
 
 /// Connects (CONNACK accepted) and keeps the session running until the server closes it;
@@ -376,17 +365,7 @@ async fn three_nodes_behind_haproxy_share_one_ca_revocations_takeovers_and_node_
         connack(&mut eventloop).await.unwrap(),
         rumqttc::ConnectReturnCode::Success
     );
-    client
-        .subscribe(format!("tms/{}/cmd/#", commanded.serial), QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    loop {
-        match tokio::time::timeout(Duration::from_secs(10), eventloop.poll()).await {
-            Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => break,
-            Ok(Ok(_)) => {}
-            other => panic!("no SUBACK from node 3: {other:?}"),
-        }
-    }
+    subscribe_commands(&client, &mut eventloop, &commanded.serial).await;
     let sent_at = Instant::now();
     let resp = reqwest::Client::new()
         .post(nodes[0].url(&format!("/api/v1/devices/{}/commands", commanded.serial)))

@@ -39,6 +39,10 @@ const SWEEP: Duration = Duration::from_secs(5);
 /// How often session history past `presence.history_retention_days` is deleted.
 const PRUNE: Duration = Duration::from_secs(3600);
 
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the one caller (app.rs) names each; a struct for them is the app.rs split's job"
+)]
 pub(crate) async fn watch(
     store: Store,
     revoked: RevokedSet,
