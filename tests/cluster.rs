@@ -12,9 +12,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rumqttc::{
-    AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
-};
+use rumqttc::{Event, Packet, QoS};
 use sqlx::Row;
 use support::*;
 
@@ -48,8 +46,9 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// HAProxy in TCP (pass-through) mode in front of `backends`, round robin; a connection to a
-/// node that is down is tried on the next one.
+/// HAProxy in TCP (pass-through) mode in front of `backends` (MQTT port, HTTP port), round
+/// robin, each checked on its `/readyz` as deploy/haproxy.cfg does; a connection to a node
+/// that is down is tried on the next one.
 struct Balancer {
     child: Child,
     port: u16,
@@ -57,15 +56,18 @@ struct Balancer {
 }
 
 impl Balancer {
-    async fn start(backends: &[u16]) -> Balancer {
+    async fn start(backends: &[(u16, u16)]) -> Balancer {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let mut cfg = format!(
             "global\n  maxconn 1000\ndefaults\n  mode tcp\n  timeout connect 1s\n  timeout client 60s\n  timeout server 60s\n  retries 3\n  option redispatch 1\n\
-             frontend mqtt\n  bind 127.0.0.1:{port}\n  default_backend nodes\nbackend nodes\n  balance roundrobin\n"
+             frontend mqtt\n  bind 127.0.0.1:{port}\n  default_backend nodes\nbackend nodes\n  balance roundrobin\n  option httpchk GET /readyz\n"
         );
-        for (i, p) in backends.iter().enumerate() {
-            cfg.push_str(&format!("  server n{} 127.0.0.1:{p}\n", i + 1));
+        for (i, (mqtt, http)) in backends.iter().enumerate() {
+            cfg.push_str(&format!(
+                "  server n{} 127.0.0.1:{mqtt} check port {http} inter 500ms fall 2 rise 1\n",
+                i + 1
+            ));
         }
         let path = dir.path().join("haproxy.cfg");
         std::fs::write(&path, cfg).unwrap();
@@ -97,15 +99,6 @@ impl Drop for Balancer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// A device client on `port` of this machine.
-fn client_on(port: u16, files: &DeviceFiles) -> (AsyncClient, EventLoop) {
-    let mut opts = MqttOptions::new(&files.serial, "localhost", port);
-    opts.set_keep_alive(Duration::from_secs(30));
-    let tls = client_tls(&files.ca, Some((&files.pem, &files.key)));
-    opts.set_transport(Transport::Tls(TlsConfiguration::Rustls(tls)));
-    AsyncClient::new(opts, 10)
 }
 
 /// Connects (CONNACK accepted) and keeps the session running until the server closes it;
@@ -254,7 +247,11 @@ async fn three_nodes_behind_haproxy_share_one_ca_revocations_takeovers_and_node_
         .count();
     assert_eq!(makers, 1, "exactly one node created the CA");
     let ports: Vec<u16> = nodes.iter().map(|n| n.mqtt_port()).collect();
-    let lb = Balancer::start(&ports).await;
+    let backends: Vec<(u16, u16)> = nodes
+        .iter()
+        .map(|n| (n.mqtt_port(), n.ports.http.port()))
+        .collect();
+    let lb = Balancer::start(&backends).await;
 
     // Issued on node 1; accepted by each node directly.
     let devices: Vec<DeviceFiles> = (1..=6)
@@ -376,17 +373,7 @@ async fn three_nodes_behind_haproxy_share_one_ca_revocations_takeovers_and_node_
         connack(&mut eventloop).await.unwrap(),
         rumqttc::ConnectReturnCode::Success
     );
-    client
-        .subscribe(format!("tms/{}/cmd/#", commanded.serial), QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    loop {
-        match tokio::time::timeout(Duration::from_secs(10), eventloop.poll()).await {
-            Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => break,
-            Ok(Ok(_)) => {}
-            other => panic!("no SUBACK from node 3: {other:?}"),
-        }
-    }
+    subscribe_commands(&client, &mut eventloop, &commanded.serial).await;
     let sent_at = Instant::now();
     let resp = reqwest::Client::new()
         .post(nodes[0].url(&format!("/api/v1/devices/{}/commands", commanded.serial)))

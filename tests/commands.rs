@@ -69,28 +69,8 @@ async fn subscribed(gw: &TestGateway, files: &DeviceFiles) -> (AsyncClient, Even
         connack(&mut eventloop).await.unwrap(),
         rumqttc::ConnectReturnCode::Success
     );
-    subscribe(&client, &mut eventloop, &files.serial).await;
+    subscribe_commands(&client, &mut eventloop, &files.serial).await;
     (client, eventloop)
-}
-
-async fn subscribe(client: &AsyncClient, eventloop: &mut EventLoop, serial: &str) {
-    client
-        .subscribe(format!("tms/{serial}/cmd/#"), QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    loop {
-        match tokio::time::timeout(Duration::from_secs(10), eventloop.poll()).await {
-            Ok(Ok(Event::Incoming(Packet::SubAck(ack)))) => {
-                assert_eq!(
-                    ack.return_codes,
-                    [rumqttc::SubscribeReasonCode::Success(QoS::AtLeastOnce)]
-                );
-                return;
-            }
-            Ok(Ok(_)) => {}
-            other => panic!("no SUBACK: {other:?}"),
-        }
-    }
 }
 
 /// The next command PUBLISH the device receives (its PUBACK goes out on later polls).
@@ -283,7 +263,7 @@ async fn a_command_queued_while_offline_survives_a_restart_and_goes_out_when_the
         commands(&gw, &admin, "RE4C000021").await[0]["state"],
         "queued"
     );
-    subscribe(&client, &mut eventloop, "RE4C000021").await;
+    subscribe_commands(&client, &mut eventloop, "RE4C000021").await;
     let got = next_command(&mut eventloop, Duration::from_secs(2)).await;
     assert_eq!(payload(&got)["id"], id.as_str());
     let driver = drive(eventloop);

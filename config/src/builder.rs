@@ -346,6 +346,15 @@ pub(crate) fn build(b: &mut Builder) -> Config {
     });
     let heartbeat_secs = b.int("node.heartbeat_secs", 5, 1, 3600);
     let dead_after_secs = b.int("node.dead_after_secs", 15, 2, 86_400);
+    let poll = b.parsed("node.poll_ms", None, |s| {
+        let n: u64 = s
+            .parse()
+            .map_err(|_| "expected a whole number".to_owned())?;
+        if !(10..=60_000).contains(&n) {
+            return Err("must be between 10 and 60000".to_owned());
+        }
+        Ok(Some(Duration::from_millis(n)))
+    });
     if dead_after_secs <= heartbeat_secs {
         b.fail(
             "node.dead_after_secs",
@@ -360,6 +369,7 @@ pub(crate) fn build(b: &mut Builder) -> Config {
             id: node_id,
             heartbeat: Duration::from_secs(heartbeat_secs),
             dead_after: Duration::from_secs(dead_after_secs),
+            poll,
         },
         data_dir,
         database_url,

@@ -83,6 +83,9 @@ pub struct Node {
     pub heartbeat: Duration,
     /// A node whose heartbeat is older than this is dead; its devices go offline (`node_lost`).
     pub dead_after: Duration,
+    /// `node.poll_ms`: how often the change log, the revocations and the command queue are
+    /// read when nothing woke the node; `None`: each poller's own interval (100-250 ms).
+    pub poll: Option<Duration>,
 }
 
 /// Whether `id` may name a node: 1 to 64 of `A-Z a-z 0-9 . _ -` (it goes into logs, metric
@@ -337,6 +340,7 @@ const KEYS: &[(&str, &str)] = &[
     ("node", "id"),
     ("node", "heartbeat_secs"),
     ("node", "dead_after_secs"),
+    ("node", "poll_ms"),
 ];
 
 /// Every configuration key as written in the file (`data_dir`, `mqtt.listen`, …).

@@ -269,6 +269,15 @@ fn node_settings_default_to_the_contract_and_a_bad_id_is_named() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("node.dead_after_secs"), "{err}");
+
+    // The safety-net poll: unset keeps each poller's own interval; out of range is named.
+    assert_eq!(c.node.poll, None);
+    let c = Config::from_sources(None, &env(&[("TMS_NODE_POLL_MS", "30000")])).unwrap();
+    assert_eq!(c.node.poll, Some(Duration::from_secs(30)));
+    for bad in ["0", "5", "60001", "soon"] {
+        let err = Config::from_sources(None, &env(&[("TMS_NODE_POLL_MS", bad)])).unwrap_err();
+        assert!(err.to_string().contains("node.poll_ms"), "{err}");
+    }
 }
 
 #[test]

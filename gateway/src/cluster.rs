@@ -1,5 +1,6 @@
 //! What nodes sharing one PostgreSQL database agree on (CONTRACT §6, docs/cluster.md): the
-//! one CA, and the change log through which a node learns within a poll interval that a
+//! one CA, and the change log through which a node learns, when woken by a `NOTIFY` or
+//! within a poll interval, that a
 //! device it holds connected again through another node (the older session is closed,
 //! `taken_over`). Revocations need no entry of their own: every node already reads the
 //! shared revocation set (`revocation.rs`).
@@ -17,6 +18,7 @@ use time::OffsetDateTime;
 use tms_broker::{Broker, DisconnectReason};
 use tms_certs::Ca;
 use tms_store::{ClusterEvent, EVENT_CONNECTED, SharedCa, Store};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -151,8 +153,9 @@ fn local_fingerprint(ca_dir: &Path) -> Option<String> {
     Some(tms_certs::fingerprint_sha256(&der))
 }
 
-/// How often the change log is read. Far below the 1 s the contract allows, and one indexed
-/// range read that usually finds nothing.
+/// How often the change log is read unless `node.poll_ms` says otherwise. Far below the 1 s
+/// the contract allows, and one indexed range read that usually finds nothing; on PostgreSQL
+/// a `NOTIFY` wakes the follower sooner.
 const POLL: Duration = Duration::from_millis(100);
 /// An id the sequence handed out but that is not yet visible is waited for this long: the
 /// transaction that took it may still commit (ids are taken at insert, seen at commit).
@@ -203,12 +206,22 @@ impl Follower {
         })
     }
 
-    pub(crate) async fn run(mut self, stop: CancellationToken) -> Result<()> {
+    /// Polls every `poll` (default [`POLL`]), and at once when `woken` is notified: by the
+    /// wake-up listener when another node wrote an entry (PostgreSQL `NOTIFY`), or when that
+    /// listener reconnected and the log must be read in case one was missed.
+    pub(crate) async fn run(
+        mut self,
+        stop: CancellationToken,
+        woken: Arc<Notify>,
+        poll: Option<Duration>,
+    ) -> Result<()> {
+        let poll = poll.unwrap_or(POLL);
         let mut last_prune = Instant::now();
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return Ok(()),
-                _ = tokio::time::sleep(POLL) => {}
+                _ = tokio::time::sleep(poll) => {}
+                _ = woken.notified() => {}
             }
             if let Err(e) = self.poll_once().await {
                 tracing::warn!(error = %e, "cannot read the change log; retrying");

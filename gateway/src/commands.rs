@@ -1,7 +1,7 @@
 //! Delivers queued commands (CONTRACT §9) to the devices whose session is on this node.
 //!
-//! Every [`POLL`] — and at once when the API queues a command or a session subscribes to
-//! commands — the worker reads the queued, unexpired commands of the devices that hold a
+//! Every [`POLL`] (or `node.poll_ms`) — and at once when the API or, through PostgreSQL's
+//! `NOTIFY`, another node queues a command, or a session subscribes to commands — the worker reads the queued, unexpired commands of the devices that hold a
 //! command subscription on this node's broker, claims each in the store (a conditional UPDATE:
 //! only one node can win it), and hands it to the session, which publishes it and reports the
 //! device's PUBACK. A delivered command is recorded `delivered`; one the session could not
@@ -21,7 +21,7 @@ use tms_store::{CommandRecord, Store, StoreError};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
-/// How often the store is asked for commands to deliver.
+/// How often the store is asked for commands to deliver, unless `node.poll_ms` is set.
 pub(crate) const POLL: Duration = Duration::from_millis(250);
 /// How often queued commands past their time to live are expired.
 const EXPIRE_EVERY: Duration = Duration::from_secs(1);
@@ -37,8 +37,11 @@ pub(crate) struct Delivery {
     store: Store,
     broker: Arc<Broker>,
     node_id: String,
-    /// Notified by the API when it queues a command.
+    /// Notified by the API when it queues a command, and by the wake-up listener when any
+    /// node queued one (PostgreSQL `NOTIFY`).
     queued: Arc<Notify>,
+    /// How often the store is read when nothing woke the worker.
+    poll: Duration,
     outcomes_tx: mpsc::UnboundedSender<CommandOutcome>,
     outcomes_rx: mpsc::UnboundedReceiver<CommandOutcome>,
     /// Outcomes the store could not take yet, written again next round.
@@ -55,6 +58,7 @@ impl Delivery {
         broker: Arc<Broker>,
         node_id: String,
         queued: Arc<Notify>,
+        poll: Option<Duration>,
     ) -> Self {
         let (outcomes_tx, outcomes_rx) = mpsc::unbounded_channel();
         Delivery {
@@ -62,6 +66,7 @@ impl Delivery {
             broker,
             node_id,
             queued,
+            poll: poll.unwrap_or(POLL),
             outcomes_tx,
             outcomes_rx,
             unwritten: Vec::new(),
@@ -89,13 +94,19 @@ impl Delivery {
         let mut last_expire = tokio::time::Instant::now() - EXPIRE_EVERY;
         let mut last_stale = tokio::time::Instant::now();
         loop {
-            tokio::select! {
+            // Expiry keeps its own pace whatever the poll is; waking for it alone hands out
+            // nothing (that is the poll's and the wake-ups' job).
+            let expiry_only = tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(POLL) => {}
-                _ = self.queued.notified() => {}
-                _ = subscribed.notified() => {}
-                Some(outcome) = self.outcomes_rx.recv() => self.unwritten.push(outcome),
-            }
+                _ = tokio::time::sleep(self.poll) => false,
+                _ = self.queued.notified() => false,
+                _ = subscribed.notified() => false,
+                Some(outcome) = self.outcomes_rx.recv() => {
+                    self.unwritten.push(outcome);
+                    false
+                }
+                _ = tokio::time::sleep_until(last_expire + EXPIRE_EVERY) => true,
+            };
             while let Ok(outcome) = self.outcomes_rx.try_recv() {
                 self.unwritten.push(outcome);
             }
@@ -127,6 +138,9 @@ impl Delivery {
                     }
                     Err(e) => tracing::warn!(error = %e, "cannot release stale command claims"),
                 }
+            }
+            if expiry_only {
+                continue;
             }
             if let Err(e) = self.hand_out(now).await {
                 tracing::warn!(error = %e, "cannot read commands to deliver; retried next round");

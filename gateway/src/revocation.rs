@@ -1,6 +1,6 @@
 //! Keeps the broker's revoked-certificate set equal to the store's, so a revocation made by
 //! any process or node (API, CLI, another gateway on the same PostgreSQL) is enforced within
-//! a poll interval: new handshakes fail and live sessions with those certificates are closed.
+//! a poll interval (at once when a PostgreSQL `NOTIFY` wakes it): new handshakes fail and live sessions with those certificates are closed.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -40,6 +40,10 @@ const SWEEP: Duration = Duration::from_secs(5);
 /// `presence.history_retention_days` is deleted.
 const PRUNE: Duration = Duration::from_secs(3600);
 
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the one caller (app.rs) names each; a struct for them is the app.rs split's job"
+)]
 pub(crate) async fn watch(
     store: Store,
     revoked: RevokedSet,
@@ -47,18 +51,23 @@ pub(crate) async fn watch(
     changed: Arc<Notify>,
     rotation_overlap: Duration,
     history_retention: Duration,
+    poll: Option<Duration>,
     stop: CancellationToken,
 ) {
+    let poll = poll.unwrap_or(POLL);
     let mut marker = None;
     let mut last_sweep = tokio::time::Instant::now() - SWEEP;
     let mut last_prune: Option<tokio::time::Instant> = None;
     loop {
-        tokio::select! {
+        // The sweep keeps its own pace whatever `poll` is; waking for it alone reads no marker.
+        let sweep_only = tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(POLL) => {}
-            // A revocation made in this process: apply it now, not at the next poll.
-            _ = changed.notified() => {}
-        }
+            _ = tokio::time::sleep(poll) => false,
+            // A revocation made in this process, or another node's (its NOTIFY), or the
+            // wake-up listener reconnected: apply it now, not at the next poll.
+            _ = changed.notified() => false,
+            _ = tokio::time::sleep_until(last_sweep + SWEEP) => marker.is_some(),
+        };
         if last_sweep.elapsed() >= SWEEP {
             last_sweep = tokio::time::Instant::now();
             let now = tms_model::now_ms();
@@ -114,6 +123,9 @@ pub(crate) async fn watch(
                     "closed sessions whose certificate expired"
                 );
             }
+        }
+        if sweep_only {
+            continue;
         }
         let current = match store.revocation_marker().await {
             Ok(m) => m,

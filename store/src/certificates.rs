@@ -1,6 +1,7 @@
 //! Records of issued certificates and their revocation. Private keys are never stored.
 
-use crate::{Result, Store, query_err};
+use crate::wakeup::Wake;
+use crate::{Backend, Result, Store, query_err};
 
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct CertificateRecord {
@@ -80,16 +81,26 @@ impl Store {
         reason: &str,
         now_ms: i64,
     ) -> Result<Vec<String>> {
-        sqlx::query_scalar(
+        const OP: &str = "revoking certificates";
+        let revoke = sqlx::query_scalar(
             "UPDATE certificates SET revoked_at = $1, revocation_reason = $2 \
              WHERE device_serial = $3 AND revoked_at IS NULL RETURNING serial_number",
         )
         .bind(now_ms)
         .bind(reason)
-        .bind(device_serial)
-        .fetch_all(self.pool())
-        .await
-        .map_err(query_err("revoking certificates"))
+        .bind(device_serial);
+        if self.backend() == Backend::Postgres {
+            // The other nodes are woken when the revocation commits, not before.
+            let mut tx = self.pool().begin().await.map_err(query_err(OP))?;
+            let serials: Vec<String> = revoke.fetch_all(&mut *tx).await.map_err(query_err(OP))?;
+            if !serials.is_empty() {
+                crate::wakeup::notify(self.backend(), &mut *tx, Wake::Revocations).await?;
+            }
+            tx.commit().await.map_err(query_err(OP))?;
+            Ok(serials)
+        } else {
+            revoke.fetch_all(self.pool()).await.map_err(query_err(OP))
+        }
     }
 
     /// Ends rotation overlaps: a certificate with a newer one issued before `cutoff` is

@@ -6,7 +6,8 @@
 //! state. The internal state `sending` (claimed by a node, not yet PUBACKed) is shown to
 //! people as `queued`. Not here: validation of names and arguments (the registry) or MQTT.
 
-use crate::{Result, Store, query_err, unique_err};
+use crate::wakeup::{Wake, notify};
+use crate::{Backend, Result, Store, query_err, unique_err};
 
 /// The states of CONTRACT §9, plus `sending`.
 pub const COMMAND_STATES: [&str; 6] = [
@@ -75,7 +76,8 @@ pub(crate) const RECORD_REPLY: &str = "UPDATE device_commands SET state = $1, re
 impl Store {
     /// Queues a command; `Conflict` if its id exists (ids are random: practically never).
     pub async fn insert_command(&self, c: &NewCommand) -> Result<()> {
-        sqlx::query(
+        const OP: &str = "queuing a command";
+        let insert = sqlx::query(
             "INSERT INTO device_commands (id, serial, name, args, state, created_at, created_by, expires_at) \
              VALUES ($1, $2, $3, $4, 'queued', $5, $6, $7)",
         )
@@ -85,11 +87,22 @@ impl Store {
         .bind(&c.args)
         .bind(c.created_at)
         .bind(&c.created_by)
-        .bind(c.expires_at)
-        .execute(self.pool())
-        .await
-        .map_err(unique_err("queuing a command", "command"))?;
-        Ok(())
+        .bind(c.expires_at);
+        if self.backend() != Backend::Postgres {
+            insert
+                .execute(self.pool())
+                .await
+                .map_err(unique_err(OP, "command"))?;
+            return Ok(());
+        }
+        // The node holding the device's session is woken when the command commits.
+        let mut tx = self.pool().begin().await.map_err(query_err(OP))?;
+        insert
+            .execute(&mut *tx)
+            .await
+            .map_err(unique_err(OP, "command"))?;
+        notify(self.backend(), &mut *tx, Wake::Commands).await?;
+        tx.commit().await.map_err(query_err(OP))
     }
 
     /// A device's commands, newest first (ids sort by creation time).
@@ -182,30 +195,45 @@ impl Store {
     /// A command `node` claimed did not reach the device (the session ended first): queued
     /// again for the device's next session.
     pub async fn release_command(&self, id: &str, node: &str) -> Result<bool> {
-        let done = sqlx::query(
+        let release = sqlx::query(
             "UPDATE device_commands SET state = 'queued', node_id = NULL, claimed_at = NULL \
              WHERE id = $1 AND node_id = $2 AND state = 'sending'",
         )
         .bind(id)
-        .bind(node)
-        .execute(self.pool())
-        .await
-        .map_err(query_err("releasing a command"))?;
-        Ok(done.rows_affected() == 1)
+        .bind(node);
+        Ok(self.requeue("releasing a command", release).await? == 1)
     }
 
     /// Commands claimed by `node` (an earlier run of it), or claimed by any node before
     /// `claimed_before` (a node that died holding them), queued again. Returns how many.
     pub async fn release_stale_commands(&self, node: &str, claimed_before: i64) -> Result<u64> {
-        let done = sqlx::query(
+        let release = sqlx::query(
             "UPDATE device_commands SET state = 'queued', node_id = NULL, claimed_at = NULL \
              WHERE state = 'sending' AND (node_id = $1 OR claimed_at < $2)",
         )
         .bind(node)
-        .bind(claimed_before)
-        .execute(self.pool())
-        .await
-        .map_err(query_err("releasing stale command claims"))?;
+        .bind(claimed_before);
+        self.requeue("releasing stale command claims", release)
+            .await
+    }
+
+    /// Runs an UPDATE that queues commands again; on PostgreSQL, when it queued any, in one
+    /// transaction with a wake-up: the device may be connected to another node by now.
+    async fn requeue<'q>(
+        &self,
+        op: &'static str,
+        update: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+    ) -> Result<u64> {
+        if self.backend() != Backend::Postgres {
+            let done = update.execute(self.pool()).await.map_err(query_err(op))?;
+            return Ok(done.rows_affected());
+        }
+        let mut tx = self.pool().begin().await.map_err(query_err(op))?;
+        let done = update.execute(&mut *tx).await.map_err(query_err(op))?;
+        if done.rows_affected() > 0 {
+            notify(self.backend(), &mut *tx, Wake::Commands).await?;
+        }
+        tx.commit().await.map_err(query_err(op))?;
         Ok(done.rows_affected())
     }
 

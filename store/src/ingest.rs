@@ -319,6 +319,7 @@ impl Store {
                  FROM devices d WHERE d.serial = device_info.serial) WHERE serial = $1", |b| { b.bind(&i.serial); }).await?;
         }
 
+        let mut logged_connects = false;
         for event in &batch.status {
             const OP: &str = "updating device status";
             match event {
@@ -460,6 +461,7 @@ impl Store {
                             },
                         )
                         .await?;
+                        logged_connects = true;
                     }
                 }
                 StatusEvent::Disconnected {
@@ -472,6 +474,17 @@ impl Store {
                 }
                 _ => {}
             }
+        }
+        if logged_connects {
+            // One wake-up per batch, delivered when the entries above commit.
+            w.execute(
+                "sending a wake-up to the other nodes",
+                crate::wakeup::NOTIFY_SQL,
+                |b| {
+                    b.bind(crate::wakeup::Wake::Changes.payload());
+                },
+            )
+            .await?;
         }
 
         for r in &batch.refusals {

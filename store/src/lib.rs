@@ -20,6 +20,7 @@ mod row;
 mod script;
 mod timeline;
 mod users;
+mod wakeup;
 
 pub use accounts::{
     OutgoingMail, QueuedMail, Registration, RegistrationCompany, RegistrationIds, RegistrationUser,
@@ -40,6 +41,7 @@ pub use ingest::{
 pub use peers::{PEER_REFUSALS_KEPT, PeerRefusal};
 pub use timeline::DeviceEvent;
 pub use users::{NewUser, UserRecord};
+pub use wakeup::{WakeupListener, Wakeups};
 
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -206,6 +208,8 @@ pub struct Store {
     write_delay_ms: Arc<AtomicU64>,
     /// Why ingest's last write failed, while it keeps failing; readiness reports it.
     write_fault: Arc<Mutex<Option<StoreFault>>>,
+    /// The PostgreSQL URL, for the wake-up listener's own connection (`None` on SQLite).
+    url: Option<Arc<str>>,
 }
 
 /// The database file of a SQLite URL; `None` for an in-memory database.
@@ -354,6 +358,7 @@ impl Store {
             backend,
             write_delay_ms: Arc::new(AtomicU64::new(0)),
             write_fault: Arc::new(Mutex::new(None)),
+            url: (backend == Backend::Postgres).then(|| Arc::from(url.as_str())),
         })
     }
 

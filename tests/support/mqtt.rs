@@ -153,3 +153,33 @@ pub async fn wait_refusal(store: &Store, serial: &str, reason: &str) -> tms_stor
     )
     .await
 }
+
+/// A device client on `port` of this machine (one node, or a balancer in front of several).
+pub fn client_on(port: u16, files: &DeviceFiles) -> (AsyncClient, EventLoop) {
+    let mut opts = MqttOptions::new(&files.serial, "localhost", port);
+    opts.set_keep_alive(Duration::from_secs(30));
+    let tls = client_tls(&files.ca, Some((&files.pem, &files.key)));
+    opts.set_transport(Transport::Tls(TlsConfiguration::Rustls(tls)));
+    AsyncClient::new(opts, 10)
+}
+
+/// Subscribes the device to its commands and waits for the SUBACK.
+pub async fn subscribe_commands(client: &AsyncClient, eventloop: &mut EventLoop, serial: &str) {
+    client
+        .subscribe(format!("tms/{serial}/cmd/#"), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::SubAck(ack)))) => {
+                assert_eq!(
+                    ack.return_codes,
+                    [rumqttc::SubscribeReasonCode::Success(QoS::AtLeastOnce)]
+                );
+                return;
+            }
+            Ok(Ok(_)) => {}
+            other => panic!("no SUBACK for {serial}: {other:?}"),
+        }
+    }
+}

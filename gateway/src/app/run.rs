@@ -197,6 +197,22 @@ impl App {
             }
             Ok(())
         });
+        // PostgreSQL's NOTIFY wakes the pollers below as soon as another node writes.
+        let wakeups = tms_store::Wakeups {
+            changes: Arc::new(Notify::new()),
+            revocations: revocations_changed.clone(),
+            commands: commands_queued.clone(),
+        };
+        if let Some(listener) = store
+            .wakeup_listener(&format!("tms-wakeup {node_id}"), wakeups.clone())
+            .context("setting up the wake-up listener")?
+        {
+            let wakeup_stop = stop.clone();
+            parts.spawn("wake-ups", async move {
+                until_stopped(&wakeup_stop, listener.run()).await;
+                Ok(())
+            });
+        }
         let revocation = revocation::watch(
             store.clone(),
             revoked,
@@ -204,6 +220,7 @@ impl App {
             revocations_changed,
             config.certs.rotation_overlap,
             config.presence.history_retention,
+            config.node.poll,
             stop.clone(),
         );
         let heartbeat = crate::node::run(
@@ -223,7 +240,7 @@ impl App {
         });
         if let Some(follower) = follower {
             let follower_stop = stop.clone();
-            let follow = follower.run(stop.clone());
+            let follow = follower.run(stop.clone(), wakeups.changes.clone(), config.node.poll);
             parts.spawn("change log", async move {
                 until_stopped(&follower_stop, follow)
                     .await
@@ -243,6 +260,7 @@ impl App {
             broker.clone(),
             broker.node_id().to_owned(),
             commands_queued,
+            config.node.poll,
         );
         let delivery_stop = stop.clone();
         parts.spawn("commands", async move {
