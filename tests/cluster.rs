@@ -447,6 +447,17 @@ async fn three_nodes_behind_haproxy_share_one_ca_revocations_takeovers_and_node_
         "{recorded}"
     );
     replies.abort();
+    // That device has just left (its client dropped): wait until its node has recorded it,
+    // so that it is not taken below for a device the victim still holds.
+    wait_for(
+        "the commanded device recorded offline",
+        Duration::from_secs(5),
+        || async {
+            let r = db.status(&commanded.serial).await?;
+            (r.state == "offline").then_some(())
+        },
+    )
+    .await;
 
     // SIGKILL of a node that holds devices (not node 1, whose CLI issued the certificates).
     let victim_id = if b == 1 {
