@@ -53,6 +53,7 @@ pg_ticks() { local t=0; for p in $(pgrep -x postgres); do t=$((t + $(ticks "$p" 
 HZ=$(getconf CLK_TCK)
 
 PORTS=()
+HTTP_PORTS=()
 for n in 1 2 3; do
     mkdir -p "$WORK/n$n"
     TMS_DATA_DIR=$WORK/n$n TMS_NODE_ID=n$n "$BIN" serve 2>"$WORK/n$n.log" &
@@ -61,6 +62,7 @@ done
 for n in 1 2 3; do
     for _ in $(seq 300); do [ -f "$WORK/n$n/ports.json" ] && break; sleep 0.1; done
     PORTS+=("$(port_of "$WORK/n$n" mqtt)")
+    HTTP_PORTS+=("$(port_of "$WORK/n$n" http)")
 done
 LB=$(python3 -c "import socket;s=socket.socket();s.bind(('127.0.0.1',0));print(s.getsockname()[1])")
 # Two descriptors per proxied connection, within this shell's limit.
@@ -80,9 +82,11 @@ frontend mqtt
   default_backend nodes
 backend nodes
   balance roundrobin
-  server n1 127.0.0.1:${PORTS[0]}
-  server n2 127.0.0.1:${PORTS[1]}
-  server n3 127.0.0.1:${PORTS[2]}
+  # As deploy/haproxy.cfg: each node checked on its /readyz, so a dead node gets no devices.
+  option httpchk GET /readyz
+  server n1 127.0.0.1:${PORTS[0]} check port ${HTTP_PORTS[0]} inter 500ms fall 2 rise 1
+  server n2 127.0.0.1:${PORTS[1]} check port ${HTTP_PORTS[1]} inter 500ms fall 2 rise 1
+  server n3 127.0.0.1:${PORTS[2]} check port ${HTTP_PORTS[2]} inter 500ms fall 2 rise 1
 CFG
 haproxy -db -f "$WORK/haproxy.cfg" 2>"$WORK/haproxy.log" &
 LB_PID=$!
@@ -122,10 +126,14 @@ HELD=$(sql "SELECT COUNT(*) FROM device_status WHERE state = 'online' AND node_i
 K=${VICTIM#n}
 kill -9 "${PIDS[$((K - 1))]}"
 TK=$(now)
-until [ "$(sql "SELECT COUNT(*) FROM device_sessions WHERE node_id = '$VICTIM' AND ended_at IS NULL")" -eq 0 ]; do sleep 0.1; done
-TL=$(now)
-until [ "$(sql "SELECT COUNT(*) FROM device_status WHERE state = 'online' AND node_id <> '$VICTIM'")" -ge "$N" ]; do sleep 0.1; done
-TB=$(now)
+# Both watched at once: the devices may be back on other nodes before the victim is declared
+# lost (a takeover of a session on a dead node), or after.
+TL=""; TB=""
+while [ -z "$TL" ] || [ -z "$TB" ]; do
+    if [ -z "$TL" ] && [ "$(sql "SELECT COUNT(*) FROM device_sessions WHERE node_id = '$VICTIM' AND ended_at IS NULL")" -eq 0 ]; then TL=$(now); fi
+    if [ -z "$TB" ] && [ "$(sql "SELECT COUNT(*) FROM device_status WHERE state = 'online' AND node_id <> '$VICTIM'")" -ge "$N" ]; then TB=$(now); fi
+    sleep 0.1
+done
 echo "kill -9 $VICTIM (held $HELD devices, heartbeat ${TMS_NODE_HEARTBEAT_SECS} s, dead after ${TMS_NODE_DEAD_AFTER_SECS} s):"
 echo "  its sessions all ended after $(python3 -c "print(f'{$TL-$TK:.2f}')") s; all $N devices online on the other nodes after $(python3 -c "print(f'{$TB-$TK:.2f}')") s"
 echo "  ended node_lost: $(sql "SELECT COUNT(*) FROM device_sessions WHERE node_id = '$VICTIM' AND end_reason = 'node_lost'")"
