@@ -229,19 +229,30 @@ impl Store {
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
-        let mut conn = self
-            .ingest_pool()
-            .acquire()
-            .await
-            .map_err(query_err("starting an ingest transaction"))?;
+        // The same connection from batch to batch, outside the pool: a pooled connection is
+        // pinged when it goes back (a round trip to SQLite's worker thread, or to PostgreSQL,
+        // and a spawned task), which cost as much CPU as the commit it followed.
+        let mut held = self.ingest_conn().lock().await;
+        let mut conn = match held.take() {
+            Some(conn) => conn,
+            None => self
+                .ingest_pool()
+                .acquire()
+                .await
+                .map_err(query_err("starting an ingest transaction"))?
+                .detach(),
+        };
         let result = self.write_batch_on(&mut conn, batch).await;
-        if result.is_err() && self.backend() == Backend::Sqlite {
+        if result.is_ok() {
+            *held = Some(conn);
+        } else if self.backend() == Backend::Sqlite {
             // After a failed statement or COMMIT (disk full, I/O error) SQLite may have rolled
             // the transaction back by itself, and the connection's idea of whether it is in
-            // one can be wrong from then on; back in the pool it would hold the write lock
-            // or refuse every later BEGIN ("database is locked" for good). A new connection
-            // starts clean, so writes resume as soon as the cause goes away.
-            let _ = conn.detach().close().await;
+            // one can be wrong from then on; kept, it would hold the write lock or refuse
+            // every later BEGIN ("database is locked" for good). A new connection starts
+            // clean, so writes resume as soon as the cause goes away. (On PostgreSQL the
+            // connection is dropped: a cut network would hold a graceful close.)
+            let _ = conn.close().await;
         }
         result
     }

@@ -202,6 +202,9 @@ pub struct Store {
     pool: AnyPool,
     /// Where ingest batches are written (see `Store::open`).
     ingest: AnyPool,
+    /// The connection ingest writes through, taken out of `ingest` and kept between
+    /// batches (see `Store::write_batch`); `None` until the first batch and after a failure.
+    ingest_conn: Arc<tokio::sync::Mutex<Option<sqlx::AnyConnection>>>,
     backend: Backend,
     /// Deliberate slowness before each ingest batch, for tests of back-pressure. Zero in
     /// production; there is no configuration key for it.
@@ -279,6 +282,8 @@ fn pool_options(backend: Backend, max: u32) -> AnyPoolOptions {
                     // them beside the writers instead (`Store::checkpoint`); the last
                     // connection to close checkpoints too.
                     conn.execute("PRAGMA wal_autocheckpoint = 0").await?;
+                    // A log that a burst grew is cut back to 64 MiB when it restarts.
+                    conn.execute("PRAGMA journal_size_limit = 67108864").await?;
                     // Text an UPDATE or DELETE removes (a delivered mail's password) is
                     // zeroed in its page rather than left in free space; FAST costs no
                     // extra I/O.
@@ -355,6 +360,7 @@ impl Store {
         Ok(Store {
             pool,
             ingest,
+            ingest_conn: Arc::new(tokio::sync::Mutex::new(None)),
             backend,
             write_delay_ms: Arc::new(AtomicU64::new(0)),
             write_fault: Arc::new(Mutex::new(None)),
@@ -399,24 +405,19 @@ impl Store {
     }
 
     /// Copies the SQLite write-ahead log into the database without blocking writers
-    /// (`PASSIVE`), so commits never wait for a checkpoint; once a log of more than 10,000
-    /// pages has been copied whole, its file is reset. Nothing to do on PostgreSQL.
+    /// (`PASSIVE`), so commits never wait for a checkpoint. Once the log has been copied
+    /// whole, the next commit starts it again from its beginning, and `journal_size_limit`
+    /// trims the file then: no checkpoint mode that waits for writers (`TRUNCATE` held every
+    /// commit, and the PUBACKs behind it, for the length of an fsync of the database file).
+    /// Nothing to do on PostgreSQL.
     pub async fn checkpoint(&self) -> Result<()> {
         if self.backend != Backend::Sqlite {
             return Ok(());
         }
-        // `(busy, log pages, pages copied)`.
-        let (busy, log, done): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
-            .fetch_one(&self.pool)
+        sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .execute(&self.pool)
             .await
             .map_err(query_err("checkpointing the write-ahead log"))?;
-        // Reset a large log once it is all in the database, so its file does not stay big.
-        if busy == 0 && log > 0 && done == log && log > 10_000 {
-            sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
-                .execute(&self.pool)
-                .await
-                .map_err(query_err("truncating the write-ahead log"))?;
-        }
         Ok(())
     }
 
@@ -440,8 +441,15 @@ impl Store {
         &self.ingest
     }
 
+    pub(crate) fn ingest_conn(&self) -> &tokio::sync::Mutex<Option<sqlx::AnyConnection>> {
+        &self.ingest_conn
+    }
+
     /// Waits for running queries and closes every connection.
     pub async fn close(&self) {
+        if let Some(conn) = self.ingest_conn.lock().await.take() {
+            let _ = sqlx::Connection::close(conn).await;
+        }
         self.ingest.close().await;
         self.pool.close().await;
     }
