@@ -4,8 +4,10 @@
 //! these types once, at the edge; inside, a `DeviceSerial` is proof that the value is safe to
 //! use as an MQTT topic level, a file name and a certificate CN. No I/O here.
 
+mod clock;
 mod events;
 
+pub use clock::{Clock, ManualClock, SharedClock, SystemClock};
 pub use events::{Acks, BrokerEvent, DeviceMessage, DisconnectReason, RefusalReason, TopicKind};
 
 use std::fmt;
@@ -262,9 +264,9 @@ pub fn unix_ms(t: SystemTime) -> i64 {
     }
 }
 
-/// Now, in Unix milliseconds.
+/// Now, in Unix milliseconds; goes once every part is handed a [`Clock`].
 pub fn now_ms() -> i64 {
-    unix_ms(SystemTime::now())
+    SystemClock.now_ms()
 }
 
 #[cfg(test)]
