@@ -11,7 +11,7 @@ use lettre::address::Envelope;
 use lettre::message::header::{ContentTransferEncoding, ContentType};
 use lettre::message::{Body, Mailbox, Message};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
-use tms_model::now_ms;
+use tms_model::SharedClock;
 use tms_store::{OutgoingMail, QueuedMail, Store};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -151,6 +151,8 @@ pub struct Mailer {
     wake: Arc<Notify>,
     retry_base: Duration,
     composer: Option<Composer>,
+    /// Decides what is due and stamps sent and failed mails.
+    clock: SharedClock,
 }
 
 /// Longest wait between retries of one mail.
@@ -166,6 +168,7 @@ impl Mailer {
         from: String,
         retry_base: Duration,
         wake: Arc<Notify>,
+        clock: SharedClock,
     ) -> Result<Self, MailError> {
         let smtp = match smtp_url {
             Some(url) => Some(
@@ -184,6 +187,7 @@ impl Mailer {
             wake,
             retry_base,
             composer: None,
+            clock,
         })
     }
 
@@ -200,7 +204,7 @@ impl Mailer {
         };
         let due = match self
             .store
-            .lease_notices_due(now_ms(), LEASE_NOTICE_HORIZON_MS)
+            .lease_notices_due(self.clock.now_ms(), LEASE_NOTICE_HORIZON_MS)
             .await
         {
             Ok(due) => due,
@@ -220,7 +224,7 @@ impl Mailer {
                 Ok(mails) => {
                     if let Err(e) = self
                         .store
-                        .queue_lease_notice(&serial, &mails, now_ms())
+                        .queue_lease_notice(&serial, &mails, self.clock.now_ms())
                         .await
                     {
                         tracing::warn!(error = %e, device.serial = %serial, "cannot queue the lease notice");
@@ -274,7 +278,7 @@ impl Mailer {
 
     /// [`Mailer::deliver_due`], stopping before the next mail once `stop` is cancelled.
     async fn deliver(&self, stop: &CancellationToken) -> usize {
-        let due = match self.store.due_mails(now_ms(), 100).await {
+        let due = match self.store.due_mails(self.clock.now_ms(), 100).await {
             Ok(due) => due,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the mail queue");
@@ -294,7 +298,7 @@ impl Mailer {
                 Ok(()) => {
                     delivered += 1;
                     metrics::counter!("tms_mail_sent_total").increment(1);
-                    self.store.mail_sent(mail.id, now_ms()).await
+                    self.store.mail_sent(mail.id, self.clock.now_ms()).await
                 }
                 Err(error) => {
                     metrics::counter!("tms_mail_failed_total").increment(1);
@@ -304,7 +308,11 @@ impl Mailer {
                         .min(MAX_RETRY);
                     tracing::warn!(mail.id = mail.id, mail.kind = %mail.kind, %error, retry_in = ?wait, "mail not delivered; kept for retry");
                     self.store
-                        .mail_failed(mail.id, &error, now_ms() + wait.as_millis() as i64)
+                        .mail_failed(
+                            mail.id,
+                            &error,
+                            self.clock.now_ms() + wait.as_millis() as i64,
+                        )
                         .await
                 }
             };
