@@ -264,11 +264,6 @@ pub fn unix_ms(t: SystemTime) -> i64 {
     }
 }
 
-/// Now, in Unix milliseconds; goes once every part is handed a [`Clock`].
-pub fn now_ms() -> i64 {
-    SystemClock.now_ms()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
