@@ -389,3 +389,85 @@ impl Mailer {
             .map_err(|e| e.to_string())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tms_model::ManualClock;
+    use tms_store::NewUser;
+
+    const T0: i64 = 1_800_000_000_000;
+
+    /// A store in `dir` with one customer awaiting activation, whose activation email is
+    /// queued at `T0`.
+    async fn store_with_one_queued_mail(dir: &std::path::Path) -> Store {
+        let store = Store::open(&format!("sqlite://{}", dir.join("tms.db").display()))
+            .await
+            .unwrap();
+        let to = "customer@example.com";
+        let user = NewUser {
+            email: to.into(),
+            role: "customer".into(),
+            password_hash: String::new(),
+            first_name: Some("Ada".into()),
+            last_name: None,
+            phone: None,
+            company_id: None,
+            active: false,
+            must_change_password: false,
+        };
+        let id = store.add_user(&user, T0).await.unwrap();
+        let composer = Composer {
+            from: "tms@example.com".into(),
+            public_url: "https://tms.example.com".into(),
+        };
+        let mail = composer.activation(to, "token", 48).unwrap();
+        store
+            .add_activation(id, "hash-of-token", T0 + 48 * 3_600_000, &mail, T0)
+            .await
+            .unwrap();
+        store
+    }
+
+    /// A mail that failed waits its back-off by the mailer's clock: not retried before the
+    /// wait has passed, delivered once it has, with no real time spent waiting.
+    #[tokio::test]
+    async fn a_failed_mail_is_retried_when_the_clock_has_passed_its_back_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with_one_queued_mail(dir.path()).await;
+        // The outbox cannot be created while a plain file stands where its parent should be.
+        let blocker = dir.path().join("blocker");
+        std::fs::write(&blocker, "not a directory").unwrap();
+        let outbox = blocker.join("outbox");
+        let clock = ManualClock::shared(T0);
+        let mailer = Mailer::new(
+            store.clone(),
+            outbox.clone(),
+            None,
+            "tms@example.com".into(),
+            Duration::from_secs(60),
+            Arc::new(Notify::new()),
+            clock.clone(),
+        )
+        .unwrap();
+
+        assert_eq!(
+            mailer.deliver_due().await,
+            0,
+            "the outbox cannot be written"
+        );
+        std::fs::remove_file(&blocker).unwrap();
+        // The outbox could be written now, but the mail waits out its minute.
+        clock.advance(Duration::from_secs(59));
+        assert_eq!(mailer.deliver_due().await, 0, "retried before its back-off");
+        assert!(!outbox.exists(), "nothing was written before the back-off");
+        assert_eq!(store.mail_counts().await.unwrap(), (1, 0));
+
+        clock.advance(Duration::from_secs(1));
+        assert_eq!(mailer.deliver_due().await, 1);
+        assert_eq!(store.mail_counts().await.unwrap(), (0, 1));
+        let written: Vec<_> = std::fs::read_dir(&outbox).unwrap().collect();
+        assert_eq!(written.len(), 1, "{written:?}");
+        store.close().await;
+    }
+}
