@@ -173,7 +173,10 @@ async fn customers_are_told_once_when_a_lease_ends_within_30_days() {
     // The device is marked as told, so no later sweep picks it up again.
     let store = gw.store().await;
     let due = store
-        .lease_notices_due(tms_model::now_ms(), 30 * 86_400_000)
+        .lease_notices_due(
+            tms_model::Clock::now_ms(&tms_model::SystemClock),
+            30 * 86_400_000,
+        )
         .await
         .unwrap();
     assert!(due.is_empty(), "{due:?}");

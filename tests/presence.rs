@@ -60,7 +60,7 @@ async fn the_newest_connection_wins_and_both_sessions_record_the_takeover() {
         "the takeover must not mark the device offline"
     );
 
-    let now = tms_model::now_ms();
+    let now = tms_model::Clock::now_ms(&tms_model::SystemClock);
     let sessions = wait_for(
         "takeover in the history",
         Duration::from_secs(2),
@@ -307,7 +307,10 @@ async fn cleared_alarms_past_the_history_retention_are_pruned() {
     gw.provision("RE4A000051", "00:1B:2C:3D:4E:51");
     gw.stop();
 
-    let (now, day) = (tms_model::now_ms(), 86_400_000);
+    let (now, day) = (
+        tms_model::Clock::now_ms(&tms_model::SystemClock),
+        86_400_000,
+    );
     let raise = |code: &str, at: i64| AlarmChange::Raise {
         serial: "RE4A000051".into(),
         code: code.into(),

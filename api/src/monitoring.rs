@@ -210,8 +210,8 @@ pub fn record_process(version: &'static str, git_commit: &'static str) {
 
 /// Sets the gauges that describe the fleet (devices by state, expiring certificates and
 /// leases) from the store. Called on every scrape, so they are never stale.
-pub async fn refresh_fleet_gauges(store: &Store) {
-    match store.fleet_counts(tms_model::now_ms()).await {
+pub async fn refresh_fleet_gauges(store: &Store, now_ms: i64) {
+    match store.fleet_counts(now_ms).await {
         Ok(c) => {
             metrics::gauge!("tms_devices", "state" => "online").set(c.online as f64);
             metrics::gauge!("tms_devices", "state" => "offline").set(c.offline as f64);

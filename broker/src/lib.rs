@@ -74,6 +74,8 @@ pub struct BrokerSettings {
     pub node_id: String,
     /// Unique per process start; prefixes session ids.
     pub boot_id: String,
+    /// Stamps events and refusals.
+    pub clock: tms_model::SharedClock,
 }
 
 /// How another part closes a live session (revocation, takeover).
@@ -418,6 +420,11 @@ impl Broker {
         &self.settings
     }
 
+    /// Now, by the broker's clock, in Unix ms.
+    pub(crate) fn now_ms(&self) -> i64 {
+        self.settings.clock.now_ms()
+    }
+
     pub(crate) fn new_session_id(&self) -> Arc<str> {
         let n = self.next_session.fetch_add(1, Ordering::Relaxed);
         Arc::from(format!("{}-{n}", self.settings.boot_id))
@@ -468,7 +475,7 @@ impl Broker {
             Ok(serial) => serial.as_str().to_owned(),
             Err(_) => cn,
         });
-        let at_ms = tms_model::now_ms();
+        let at_ms = self.now_ms();
         match self
             .refusal_log
             .admit(u64::try_from(at_ms / 1000).unwrap_or(0))

@@ -18,7 +18,7 @@ use rumqttd::protocol::{
     Disconnect, DisconnectReasonCode, Packet, PingResp, PubAck, PubAckReason, PubComp,
     PubCompReason, PubRec, PubRecReason, QoS, SubAck, SubscribeReasonCode,
 };
-use tms_model::{DeviceSerial, now_ms};
+use tms_model::DeviceSerial;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -298,7 +298,7 @@ impl<'a> Session<'a> {
                                     kind,
                                     topic: publish.topic,
                                     payload: publish.payload,
-                                    received_at_ms: now_ms(),
+                                    received_at_ms: self.broker.now_ms(),
                                     ack: (qos > 0).then(|| self.acks.clone()),
                                 };
                                 // Waits while ingest is full, and the PUBACK waits until ingest
@@ -395,7 +395,7 @@ impl<'a> Session<'a> {
                     // a duplicate) is ignored as MQTT asks.
                     if let Some(command) = self.inflight.remove(&ack.pkid) {
                         tracing::info!(device.serial = %self.serial, command.id = %command.id, "command delivered");
-                        command.delivered(now_ms());
+                        command.delivered(self.broker.now_ms());
                     }
                 }
                 Packet::Unsubscribe(unsubscribe, props) => {
@@ -463,7 +463,7 @@ impl<'a> Session<'a> {
 
     /// The write after [`Session::write_command`] succeeded: QoS 0 commands are delivered.
     fn written_out(&mut self) {
-        let at = now_ms();
+        let at = self.broker.now_ms();
         for command in self.written.drain(..) {
             command.delivered(at);
         }

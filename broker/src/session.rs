@@ -9,7 +9,7 @@ use bytes::BytesMut;
 use rumqttd::Notification;
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{ConnAck, ConnectReturnCode, Packet};
-use tms_model::{DeviceSerial, now_ms};
+use tms_model::DeviceSerial;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -249,7 +249,7 @@ pub(crate) async fn run(
             peer,
             cert_serial: identity.serial_number.clone(),
             keep_alive_secs: keep_alive,
-            at_ms: now_ms(),
+            at_ms: broker.now_ms(),
         })
         .await;
 
@@ -349,7 +349,7 @@ impl EndingParts {
                     kind,
                     topic: w.topic,
                     payload: w.message,
-                    received_at_ms: now_ms(),
+                    received_at_ms: broker.now_ms(),
                     ack: None,
                 }))
                 .await;
@@ -363,7 +363,7 @@ impl EndingParts {
                 serial,
                 session_id,
                 reason,
-                at_ms: now_ms(),
+                at_ms: broker.now_ms(),
             })
             .await;
     }

@@ -14,9 +14,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use time::OffsetDateTime;
 use tms_broker::{Broker, DisconnectReason};
 use tms_certs::Ca;
+use tms_model::SharedClock;
 use tms_store::{ClusterEvent, EVENT_CONNECTED, SharedCa, Store};
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -34,6 +34,7 @@ pub async fn shared_ca(
     ca_dir: &Path,
     passphrase: Option<String>,
     node_id: &str,
+    clock: &SharedClock,
 ) -> Result<(Ca, bool)> {
     let lock = store
         .lock_shared_ca()
@@ -43,8 +44,9 @@ pub async fn shared_ca(
     let Some(found) = lock.found().cloned() else {
         let dir = ca_dir.to_owned();
         let phrase = passphrase.clone();
+        let now = clock.now_utc();
         let (ca, created, key_pem) = tokio::task::spawn_blocking(move || {
-            let (ca, created) = Ca::open(&dir, OffsetDateTime::now_utc(), phrase.as_deref())?;
+            let (ca, created) = Ca::open(&dir, now, phrase.as_deref())?;
             let key = match phrase {
                 Some(_) => Some(Ca::stored_key(&dir)?),
                 None => None,
@@ -60,7 +62,7 @@ pub async fn shared_ca(
             fingerprint: ca.info().sha256_fingerprint.clone(),
             created_by: node_id.to_owned(),
         };
-        lock.store(&shared, tms_model::now_ms())
+        lock.store(&shared, clock.now_ms())
             .await
             .context("storing the shared CA")?;
         tracing::info!(
@@ -102,7 +104,7 @@ pub async fn shared_ca(
                         key_pem: Some(key_pem),
                         ..found.clone()
                     };
-                    lock.store(&shared, tms_model::now_ms())
+                    lock.store(&shared, clock.now_ms())
                         .await
                         .context("storing the shared CA's key")?;
                     tracing::info!(
@@ -184,10 +186,17 @@ pub(crate) struct Follower {
     /// Devices whose local session's own entry is not visible yet: decided when it is.
     pending: HashSet<String>,
     last_forget: Instant,
+    /// Dates the change-log pruning.
+    clock: SharedClock,
 }
 
 impl Follower {
-    pub(crate) async fn start(store: Store, broker: Arc<Broker>, node_id: String) -> Result<Self> {
+    pub(crate) async fn start(
+        store: Store,
+        broker: Arc<Broker>,
+        node_id: String,
+        clock: SharedClock,
+    ) -> Result<Self> {
         let next = store
             .last_cluster_event()
             .await
@@ -203,6 +212,7 @@ impl Follower {
             ours: HashMap::new(),
             pending: HashSet::new(),
             last_forget: Instant::now(),
+            clock,
         })
     }
 
@@ -228,7 +238,7 @@ impl Follower {
             }
             if last_prune.elapsed() >= PRUNE_EVERY {
                 last_prune = Instant::now();
-                let before = tms_model::now_ms() - crate::node::millis(KEEP);
+                let before = self.clock.now_ms() - crate::node::millis(KEEP);
                 match self.store.prune_cluster_events(before).await {
                     Ok(0) => {}
                     Ok(n) => tracing::debug!(entries = n, "pruned the change log"),

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tms_broker::{Broker, CommandOutcome, OutgoingCommand};
-use tms_model::{DeviceSerial, now_ms};
+use tms_model::{DeviceSerial, SharedClock};
 use tms_store::{CommandRecord, Store, StoreError};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -46,6 +46,8 @@ pub(crate) struct Delivery {
     outcomes_rx: mpsc::UnboundedReceiver<CommandOutcome>,
     /// Outcomes the store could not take yet, written again next round.
     unwritten: Vec<CommandOutcome>,
+    /// Stamps claims and decides which are stale.
+    clock: SharedClock,
 }
 
 fn millis(d: Duration) -> i64 {
@@ -59,6 +61,7 @@ impl Delivery {
         node_id: String,
         queued: Arc<Notify>,
         poll: Option<Duration>,
+        clock: SharedClock,
     ) -> Self {
         let (outcomes_tx, outcomes_rx) = mpsc::unbounded_channel();
         Delivery {
@@ -70,6 +73,7 @@ impl Delivery {
             outcomes_tx,
             outcomes_rx,
             unwritten: Vec::new(),
+            clock,
         }
     }
 
@@ -80,7 +84,7 @@ impl Delivery {
         // Claims of an earlier run of this node: those sessions are gone.
         match self
             .store
-            .release_stale_commands(&self.node_id, now_ms() - millis(STALE_CLAIM))
+            .release_stale_commands(&self.node_id, self.clock.now_ms() - millis(STALE_CLAIM))
             .await
         {
             Ok(0) => {}
@@ -111,7 +115,7 @@ impl Delivery {
                 self.unwritten.push(outcome);
             }
             self.write_outcomes().await;
-            let now = now_ms();
+            let now = self.clock.now_ms();
             if last_expire.elapsed() >= EXPIRE_EVERY {
                 last_expire = tokio::time::Instant::now();
                 match self.store.expire_commands(now).await {

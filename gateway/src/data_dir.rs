@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
-use time::OffsetDateTime;
 use tms_certs::Ca;
 use tms_config::Config;
+use tms_model::SharedClock;
 use tms_store::Store;
 
 /// The configuration points where no gateway has run: the CLI creates nothing there
@@ -38,18 +38,18 @@ fn sqlite_file(url: &str) -> Option<PathBuf> {
 /// Opens the store and loads the CA of a gateway that has run here before: what every
 /// command but `serve` and `init` needs. Creates nothing; [`NoGatewayData`] when there is
 /// no CA or no SQLite database where the configuration points.
-pub async fn open_parts(config: &Config) -> Result<(Store, Arc<Ca>)> {
+pub async fn open_parts(config: &Config, clock: &SharedClock) -> Result<(Store, Arc<Ca>)> {
     let has_ca = config.data_dir.join("ca").join("ca.pem").is_file();
     let has_db = sqlite_file(&config.database_url).is_none_or(|f| f.is_file());
     if !has_ca || !has_db {
         return Err(NoGatewayData(absolute(&config.data_dir)).into());
     }
-    create_parts(config).await
+    create_parts(config, clock).await
 }
 
 /// Opens the store and loads the CA, creating the data directory, the database and the CA
 /// when they do not exist yet (first start).
-pub async fn create_parts(config: &Config) -> Result<(Store, Arc<Ca>)> {
+pub async fn create_parts(config: &Config, clock: &SharedClock) -> Result<(Store, Arc<Ca>)> {
     create_private_dir(&config.data_dir)?;
     let store = Store::open(&config.database_url).await.with_context(|| {
         format!(
@@ -62,11 +62,13 @@ pub async fn create_parts(config: &Config) -> Result<(Store, Arc<Ca>)> {
     let (ca, created) = if store.backend() == tms_store::Backend::Postgres {
         // Nodes sharing the database share one CA (CONTRACT §6).
         let passphrase = passphrase.as_ref().map(|p| p.expose().to_owned());
-        crate::cluster::shared_ca(&store, &ca_dir, passphrase, &known_node_id(config)).await?
+        crate::cluster::shared_ca(&store, &ca_dir, passphrase, &known_node_id(config), clock)
+            .await?
     } else {
+        let now = clock.now_utc();
         tokio::task::spawn_blocking(move || {
             let passphrase = passphrase.as_ref().map(tms_config::Secret::expose);
-            Ca::open(&ca_dir, OffsetDateTime::now_utc(), passphrase)
+            Ca::open(&ca_dir, now, passphrase)
         })
         .await
         .context("CA task")?

@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use tms_broker::{Broker, DisconnectReason};
 use tms_config::Config;
+use tms_model::SharedClock;
 use tms_store::{Heartbeat, Store};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -78,7 +79,7 @@ const INSTANCE_FILE: &str = "node-instance";
 /// Takes `id` in the node table for a new instance: refused (naming `node.id`) while another
 /// live process heartbeats with it. An earlier run on this data directory is not another
 /// process: the data-directory lock, held by the caller, proves it has ended.
-pub async fn claim(config: &Config, store: &Store, id: &str) -> Result<NodeIdentity> {
+pub async fn claim(config: &Config, store: &Store, id: &str, now: i64) -> Result<NodeIdentity> {
     let mut bytes = [0u8; 16];
     rand::fill(&mut bytes);
     let instance = hex::encode(bytes);
@@ -86,7 +87,6 @@ pub async fn claim(config: &Config, store: &Store, id: &str) -> Result<NodeIdent
     let previous = std::fs::read_to_string(&path)
         .ok()
         .map(|t| t.trim().to_owned());
-    let now = tms_model::now_ms();
     let alive_since = now - millis(config.node.dead_after);
     match store
         .claim_node(id, &instance, previous.as_deref(), now, alive_since)
@@ -123,6 +123,7 @@ pub(crate) async fn run(
     me: NodeIdentity,
     heartbeat: Duration,
     dead_after: Duration,
+    clock: SharedClock,
     stop: CancellationToken,
 ) -> Result<()> {
     let mut tick = tokio::time::interval(heartbeat);
@@ -135,7 +136,7 @@ pub(crate) async fn run(
             _ = stop.cancelled() => return Ok(()),
             _ = tick.tick() => {}
         }
-        let now = tms_model::now_ms();
+        let now = clock.now_ms();
         match store.heartbeat(&me.id, &me.instance, now).await {
             Ok(Heartbeat::Alive) => {}
             Ok(Heartbeat::Revived) => {
@@ -214,11 +215,8 @@ async fn count_nodes(store: &Store, dead_before: i64) {
 
 /// Marks this node stopped in the node table (a clean shutdown), so no other node reports it
 /// lost.
-pub(crate) async fn leave(store: &Store, me: &NodeIdentity) {
-    if let Err(e) = store
-        .leave_node(&me.id, &me.instance, tms_model::now_ms())
-        .await
-    {
+pub(crate) async fn leave(store: &Store, me: &NodeIdentity, now: i64) {
+    if let Err(e) = store.leave_node(&me.id, &me.instance, now).await {
         tracing::warn!(error = %e, "cannot mark this node stopped");
     }
 }

@@ -49,6 +49,8 @@ pub(crate) struct OfflineAlarms {
     pub(crate) offline_after: Duration,
     /// This process's start (Unix ms).
     pub(crate) started_at: i64,
+    /// Decides which devices have been offline long enough.
+    pub(crate) clock: tms_model::SharedClock,
 }
 
 impl OfflineAlarms {
@@ -69,7 +71,7 @@ impl OfflineAlarms {
 
     /// One sweep and one update of the gauge; failures are logged and retried next tick.
     pub(crate) async fn run_once(&self) {
-        let now = tms_model::now_ms();
+        let now = self.clock.now_ms();
         let cutoff = now - self.offline_after.as_millis() as i64;
         match self.store.sweep_offline(cutoff, self.started_at, now).await {
             Ok((raised, cleared)) => {

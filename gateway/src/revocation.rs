@@ -52,6 +52,7 @@ pub(crate) async fn watch(
     rotation_overlap: Duration,
     history_retention: Duration,
     poll: Option<Duration>,
+    clock: tms_model::SharedClock,
     stop: CancellationToken,
 ) {
     let poll = poll.unwrap_or(POLL);
@@ -70,7 +71,7 @@ pub(crate) async fn watch(
         };
         if last_sweep.elapsed() >= SWEEP {
             last_sweep = tokio::time::Instant::now();
-            let now = tms_model::now_ms();
+            let now = clock.now_ms();
             let cutoff = now - i64::try_from(rotation_overlap.as_millis()).unwrap_or(i64::MAX);
             match store.end_overlaps(cutoff, now).await {
                 Ok(0) => {}

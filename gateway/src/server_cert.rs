@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use time::OffsetDateTime;
 use tms_broker::{Broker, RevokedSet};
 use tms_certs::Ca;
 use tokio_util::sync::CancellationToken;
@@ -42,6 +41,7 @@ pub(crate) async fn watch(
     hostnames: Vec<String>,
     revoked: RevokedSet,
     broker: Arc<Broker>,
+    clock: tms_model::SharedClock,
     stop: CancellationToken,
 ) {
     let pem = dir.join("server.pem");
@@ -54,7 +54,7 @@ pub(crate) async fn watch(
         }
         if last_renew_check.elapsed() >= RENEW_CHECK {
             last_renew_check = tokio::time::Instant::now();
-            if let Err(e) = ca.ensure_server_cert(&dir, &hostnames, OffsetDateTime::now_utc()) {
+            if let Err(e) = ca.ensure_server_cert(&dir, &hostnames, clock.now_utc()) {
                 tracing::error!(error = %e, "cannot renew the server certificate");
             }
         }

@@ -12,10 +12,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
-use time::OffsetDateTime;
 use tms_certs::DeviceKey;
 use tms_config::Config;
-use tms_model::{DeviceSerial, Mac};
+use tms_model::{Clock, DeviceSerial, Mac, SharedClock, SystemClock};
 use tms_registry::provisioning;
 use tms_store::NewDevice;
 use tokio_util::sync::CancellationToken;
@@ -63,13 +62,13 @@ struct Counters {
 
 /// A realistic UPS reading: mostly online, load drifting, now and then on battery (or, with
 /// an outage, on battery exactly when `outage` says).
-fn telemetry(n: u64, device: usize, outage: Option<bool>) -> String {
+fn telemetry(n: u64, device: usize, outage: Option<bool>, ts_ms: i64) -> String {
     let phase = (n as f64 / 10.0 + device as f64).sin();
     let on_battery = outage.unwrap_or((n + device as u64) % 97 == 0);
     let load = 35.0 + 20.0 * phase;
     let charge: f64 = if on_battery { 88.0 } else { 100.0 };
     serde_json::json!({
-        "ts": OffsetDateTime::now_utc().unix_timestamp() * 1000,
+        "ts": ts_ms,
         "mode": if on_battery { "on_battery" } else { "online" },
         "load_pct": (load * 10.0).round() / 10.0,
         "battery": {"charge_pct": charge, "runtime_min": (charge * 0.4).round(), "voltage": 218.4, "temperature_c": 26.5},
@@ -144,11 +143,16 @@ fn broker_addr(config: &Config, explicit: Option<SocketAddr>) -> SocketAddr {
     addr
 }
 
-pub async fn run(config: Config, opts: SimulateOptions, stop: CancellationToken) -> Result<()> {
+pub async fn run(
+    config: Config,
+    opts: SimulateOptions,
+    clock: &SharedClock,
+    stop: CancellationToken,
+) -> Result<()> {
     if opts.devices == 0 {
         bail!("--devices must be at least 1");
     }
-    let (store, ca) = open_parts(&config).await?;
+    let (store, ca) = open_parts(&config, clock).await?;
     let addr = broker_addr(&config, opts.mqtt);
     let host = config
         .mqtt
@@ -162,7 +166,7 @@ pub async fn run(config: Config, opts: SimulateOptions, stop: CancellationToken)
     );
     let started = Instant::now();
     let mut identities = Vec::with_capacity(opts.devices);
-    let now = OffsetDateTime::now_utc();
+    let now = clock.now_utc();
     for i in 0..opts.devices {
         let serial = DeviceSerial::parse(&format!("SIM{i:07}")).context("simulated serial")?;
         if store.device(serial.as_str()).await?.is_none() {
@@ -191,7 +195,7 @@ pub async fn run(config: Config, opts: SimulateOptions, stop: CancellationToken)
                         service_contract_sales_order: None,
                         registered_by: None,
                     },
-                    tms_model::now_ms(),
+                    clock.now_ms(),
                 )
                 .await
                 .with_context(|| format!("registering {serial}"))?;
@@ -315,8 +319,9 @@ async fn device(
             _ = stop.cancelled() => break,
             _ = ticker.tick(), if connected => {
                 n += 1;
+                // A simulated device stamps its readings by its own clock, as a real one does.
                 let outage = opts.outage.map(|o| o.on_battery(index, opts.devices, started.elapsed()));
-                if client.try_publish(topic.as_str(), opts.qos, false, telemetry(n, index, outage)).is_ok() {
+                if client.try_publish(topic.as_str(), opts.qos, false, telemetry(n, index, outage, SystemClock.now_ms())).is_ok() {
                     counters.published.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -376,9 +381,10 @@ mod tests {
                 .count()
         };
         assert_eq!((at(9), at(10), at(69), at(70)), (0, 6, 6, 0));
-        let on: serde_json::Value = serde_json::from_str(&telemetry(1, 0, Some(true))).unwrap();
+        let on: serde_json::Value = serde_json::from_str(&telemetry(1, 0, Some(true), 0)).unwrap();
         assert_eq!(on["mode"], "on_battery");
-        let off: serde_json::Value = serde_json::from_str(&telemetry(97, 0, Some(false))).unwrap();
+        let off: serde_json::Value =
+            serde_json::from_str(&telemetry(97, 0, Some(false), 0)).unwrap();
         assert_eq!(off["mode"], "online", "no random blip during an outage run");
     }
 

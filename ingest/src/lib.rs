@@ -45,6 +45,8 @@ pub struct IngestSettings {
     pub node_id: String,
     /// Thresholds of the alarms derived from telemetry.
     pub alarms: AlarmSettings,
+    /// Times the commit for the presence latency metric.
+    pub clock: tms_model::SharedClock,
 }
 
 /// Called with the serial of a device that sends so much garbage it is to be disconnected.
@@ -357,20 +359,19 @@ impl Ingest {
             }
         };
         if result.is_ok() {
-            record_commit(batch, started);
+            record_commit(batch, started, self.settings.clock.now_ms());
         }
         result
     }
 }
 
 /// Metrics of a committed batch.
-fn record_commit(batch: &WriteBatch, started: Instant) {
+fn record_commit(batch: &WriteBatch, started: Instant, committed: i64) {
     let rows = batch.len();
     metrics::histogram!("tms_ingest_commit_duration_seconds")
         .record(started.elapsed().as_secs_f64());
     metrics::histogram!("tms_ingest_batch_rows").record(rows as f64);
     // How long after CONNACK a device became visible as online in the store.
-    let committed = tms_model::now_ms();
     for event in &batch.status {
         if let tms_store::StatusEvent::Connected { at, .. } = event {
             metrics::histogram!("tms_presence_online_latency_seconds")

@@ -4,8 +4,10 @@
 //! these types once, at the edge; inside, a `DeviceSerial` is proof that the value is safe to
 //! use as an MQTT topic level, a file name and a certificate CN. No I/O here.
 
+mod clock;
 mod events;
 
+pub use clock::{Clock, ManualClock, SharedClock, SystemClock};
 pub use events::{Acks, BrokerEvent, DeviceMessage, DisconnectReason, RefusalReason, TopicKind};
 
 use std::fmt;
@@ -260,11 +262,6 @@ pub fn unix_ms(t: SystemTime) -> i64 {
         Ok(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
         Err(e) => -i64::try_from(e.duration().as_millis()).unwrap_or(i64::MAX),
     }
-}
-
-/// Now, in Unix milliseconds.
-pub fn now_ms() -> i64 {
-    unix_ms(SystemTime::now())
 }
 
 #[cfg(test)]

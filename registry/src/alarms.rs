@@ -18,7 +18,7 @@ use std::time::Duration;
 use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
 use sha2::Sha256;
-use tms_model::now_ms;
+use tms_model::SharedClock;
 use tms_store::{Channel, NoticeGroup, OutgoingMail, PendingNotice, Store, StoreError};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -46,6 +46,8 @@ pub struct Notifier {
     claim_prefix: String,
     /// First retry of a failed webhook after this long, doubling up to [`MAX_WEBHOOK_RETRY`].
     retry_base: Duration,
+    /// Decides when a group is old enough and stamps the rows.
+    clock: SharedClock,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +74,7 @@ impl Notifier {
         webhook: Option<Webhook>,
         mail_queued: Arc<Notify>,
         node_id: &str,
+        clock: SharedClock,
     ) -> Self {
         let mut boot = [0u8; 6];
         rand::fill(&mut boot);
@@ -90,6 +93,7 @@ impl Notifier {
             mail_queued,
             claim_prefix: format!("{node_id}-{}", hex::encode(boot)),
             retry_base: Duration::from_secs(1),
+            clock,
         }
     }
 
@@ -147,7 +151,7 @@ impl Notifier {
     /// Queues one email per recipient for every company whose notice is due; how many
     /// companies were notified.
     pub async fn mail_due(&self) -> Result<usize, NotifyError> {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let mut sent = 0;
         for company in self
             .store
@@ -170,7 +174,7 @@ impl Notifier {
                 .collect::<Result<_, _>>()?;
             if self
                 .store
-                .queue_alarm_mail(&group, &mails, self.webhook.is_none(), now_ms())
+                .queue_alarm_mail(&group, &mails, self.webhook.is_none(), self.clock.now_ms())
                 .await?
             {
                 sent += 1;
@@ -193,7 +197,7 @@ impl Notifier {
         let Some((hook, client)) = &self.webhook else {
             return Ok(());
         };
-        let now = now_ms();
+        let now = self.clock.now_ms();
         for company in self
             .store
             .notice_due_companies(Channel::Webhook, self.due(now), now)
@@ -204,7 +208,7 @@ impl Notifier {
             }
             *n += 1;
             let claim = format!("{}-{n}", self.claim_prefix);
-            let now = now_ms();
+            let now = self.clock.now_ms();
             let held = self
                 .store
                 .claim_webhook(company, &claim, now, now + CLAIM_LEASE.as_millis() as i64)
@@ -253,8 +257,8 @@ impl Notifier {
                     &claim,
                     &group.events,
                     failure.is_none(),
-                    now_ms(),
-                    now_ms() + wait.as_millis() as i64,
+                    self.clock.now_ms(),
+                    self.clock.now_ms() + wait.as_millis() as i64,
                 )
                 .await?;
         }

@@ -11,7 +11,7 @@ use lettre::address::Envelope;
 use lettre::message::header::{ContentTransferEncoding, ContentType};
 use lettre::message::{Body, Mailbox, Message};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
-use tms_model::now_ms;
+use tms_model::SharedClock;
 use tms_store::{OutgoingMail, QueuedMail, Store};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -151,6 +151,8 @@ pub struct Mailer {
     wake: Arc<Notify>,
     retry_base: Duration,
     composer: Option<Composer>,
+    /// Decides what is due and stamps sent and failed mails.
+    clock: SharedClock,
 }
 
 /// Longest wait between retries of one mail.
@@ -166,6 +168,7 @@ impl Mailer {
         from: String,
         retry_base: Duration,
         wake: Arc<Notify>,
+        clock: SharedClock,
     ) -> Result<Self, MailError> {
         let smtp = match smtp_url {
             Some(url) => Some(
@@ -184,6 +187,7 @@ impl Mailer {
             wake,
             retry_base,
             composer: None,
+            clock,
         })
     }
 
@@ -200,7 +204,7 @@ impl Mailer {
         };
         let due = match self
             .store
-            .lease_notices_due(now_ms(), LEASE_NOTICE_HORIZON_MS)
+            .lease_notices_due(self.clock.now_ms(), LEASE_NOTICE_HORIZON_MS)
             .await
         {
             Ok(due) => due,
@@ -220,7 +224,7 @@ impl Mailer {
                 Ok(mails) => {
                     if let Err(e) = self
                         .store
-                        .queue_lease_notice(&serial, &mails, now_ms())
+                        .queue_lease_notice(&serial, &mails, self.clock.now_ms())
                         .await
                     {
                         tracing::warn!(error = %e, device.serial = %serial, "cannot queue the lease notice");
@@ -274,7 +278,7 @@ impl Mailer {
 
     /// [`Mailer::deliver_due`], stopping before the next mail once `stop` is cancelled.
     async fn deliver(&self, stop: &CancellationToken) -> usize {
-        let due = match self.store.due_mails(now_ms(), 100).await {
+        let due = match self.store.due_mails(self.clock.now_ms(), 100).await {
             Ok(due) => due,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the mail queue");
@@ -294,7 +298,7 @@ impl Mailer {
                 Ok(()) => {
                     delivered += 1;
                     metrics::counter!("tms_mail_sent_total").increment(1);
-                    self.store.mail_sent(mail.id, now_ms()).await
+                    self.store.mail_sent(mail.id, self.clock.now_ms()).await
                 }
                 Err(error) => {
                     metrics::counter!("tms_mail_failed_total").increment(1);
@@ -304,7 +308,11 @@ impl Mailer {
                         .min(MAX_RETRY);
                     tracing::warn!(mail.id = mail.id, mail.kind = %mail.kind, %error, retry_in = ?wait, "mail not delivered; kept for retry");
                     self.store
-                        .mail_failed(mail.id, &error, now_ms() + wait.as_millis() as i64)
+                        .mail_failed(
+                            mail.id,
+                            &error,
+                            self.clock.now_ms() + wait.as_millis() as i64,
+                        )
                         .await
                 }
             };
@@ -379,5 +387,87 @@ impl Mailer {
             .await
             .map(|_| ())
             .map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tms_model::ManualClock;
+    use tms_store::NewUser;
+
+    const T0: i64 = 1_800_000_000_000;
+
+    /// A store in `dir` with one customer awaiting activation, whose activation email is
+    /// queued at `T0`.
+    async fn store_with_one_queued_mail(dir: &std::path::Path) -> Store {
+        let store = Store::open(&format!("sqlite://{}", dir.join("tms.db").display()))
+            .await
+            .unwrap();
+        let to = "customer@example.com";
+        let user = NewUser {
+            email: to.into(),
+            role: "customer".into(),
+            password_hash: String::new(),
+            first_name: Some("Ada".into()),
+            last_name: None,
+            phone: None,
+            company_id: None,
+            active: false,
+            must_change_password: false,
+        };
+        let id = store.add_user(&user, T0).await.unwrap();
+        let composer = Composer {
+            from: "tms@example.com".into(),
+            public_url: "https://tms.example.com".into(),
+        };
+        let mail = composer.activation(to, "token", 48).unwrap();
+        store
+            .add_activation(id, "hash-of-token", T0 + 48 * 3_600_000, &mail, T0)
+            .await
+            .unwrap();
+        store
+    }
+
+    /// A mail that failed waits its back-off by the mailer's clock: not retried before the
+    /// wait has passed, delivered once it has, with no real time spent waiting.
+    #[tokio::test]
+    async fn a_failed_mail_is_retried_when_the_clock_has_passed_its_back_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with_one_queued_mail(dir.path()).await;
+        // The outbox cannot be created while a plain file stands where its parent should be.
+        let blocker = dir.path().join("blocker");
+        std::fs::write(&blocker, "not a directory").unwrap();
+        let outbox = blocker.join("outbox");
+        let clock = ManualClock::shared(T0);
+        let mailer = Mailer::new(
+            store.clone(),
+            outbox.clone(),
+            None,
+            "tms@example.com".into(),
+            Duration::from_secs(60),
+            Arc::new(Notify::new()),
+            clock.clone(),
+        )
+        .unwrap();
+
+        assert_eq!(
+            mailer.deliver_due().await,
+            0,
+            "the outbox cannot be written"
+        );
+        std::fs::remove_file(&blocker).unwrap();
+        // The outbox could be written now, but the mail waits out its minute.
+        clock.advance(Duration::from_secs(59));
+        assert_eq!(mailer.deliver_due().await, 0, "retried before its back-off");
+        assert!(!outbox.exists(), "nothing was written before the back-off");
+        assert_eq!(store.mail_counts().await.unwrap(), (1, 0));
+
+        clock.advance(Duration::from_secs(1));
+        assert_eq!(mailer.deliver_due().await, 1);
+        assert_eq!(store.mail_counts().await.unwrap(), (0, 1));
+        let written: Vec<_> = std::fs::read_dir(&outbox).unwrap().collect();
+        assert_eq!(written.len(), 1, "{written:?}");
+        store.close().await;
     }
 }

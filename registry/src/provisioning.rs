@@ -69,9 +69,10 @@ pub async fn renew_lease(
     store: &Store,
     serial: &DeviceSerial,
     months: i64,
+    now_ms: i64,
 ) -> Result<i64, ProvisioningError> {
     Ok(store
-        .renew_lease(serial.as_str(), months, tms_model::now_ms(), |from| {
+        .renew_lease(serial.as_str(), months, now_ms, |from| {
             add_months_ms(from, months)
         })
         .await?)

@@ -18,7 +18,7 @@ pub fn time(ms: Option<i64>) -> Value {
 
 /// How the views judge a device's presence: the `presence.*` settings of the configuration,
 /// given once by whoever builds the views (the HTTP state, the command line).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Views {
     /// `presence.silent_after_intervals`: an online device is "silent" after this many of its
     /// usual telemetry intervals without telemetry.
@@ -26,6 +26,8 @@ pub struct Views {
     /// `certs.rotation_overlap_days`: how long an earlier certificate stays valid at most
     /// once a newer one is issued (said on the page before Generate replaces one).
     pub rotation_overlap: std::time::Duration,
+    /// "Silent" and "days left" are judged against this clock.
+    pub clock: tms_model::SharedClock,
 }
 
 impl Views {
@@ -55,7 +57,7 @@ impl Views {
             "reported_status": s.reported_status,
             "last_telemetry_at": time(s.last_telemetry_at),
             "telemetry_interval_secs": s.telemetry_interval_ms.map(|ms| ms as f64 / 1000.0),
-            "silent": self.is_silent(s, tms_model::now_ms()),
+            "silent": self.is_silent(s, self.clock.now_ms()),
             "last_connect_error": s.last_connect_error,
             "last_connect_error_detail": s.last_connect_error_detail,
             "last_connect_error_at": time(s.last_connect_error_at),
@@ -65,7 +67,7 @@ impl Views {
     /// A device with its status, as in the device list.
     pub fn device(&self, v: &DeviceView) -> Value {
         let d = &v.device;
-        let now = tms_model::now_ms();
+        let now = self.clock.now_ms();
         let days_left = |end: i64| (end - now).div_euclid(86_400_000);
         let lease_end = time(Some(d.lease_ends_at))
             .as_str()
@@ -277,17 +279,23 @@ mod tests {
             ..DeviceStatus::never_connected()
         };
         let now = 100_000;
+        let clock = tms_model::ManualClock::shared(now);
         let strict = Views {
             silent_after_intervals: 3.0,
             rotation_overlap: std::time::Duration::ZERO,
+            clock: clock.clone(),
         };
         let lenient = Views {
             silent_after_intervals: 5.0,
-            rotation_overlap: std::time::Duration::ZERO,
+            ..strict.clone()
         };
         assert!(strict.is_silent(&status, now));
         assert!(!lenient.is_silent(&status, now));
         assert_eq!(strict.status(&status)["silent"], Value::Bool(true));
+        // The page judges by the views' clock: 10 s later the lenient views call it silent too.
+        assert_eq!(lenient.status(&status)["silent"], Value::Bool(false));
+        clock.advance(std::time::Duration::from_secs(10));
+        assert_eq!(lenient.status(&status)["silent"], Value::Bool(true));
         // A device that is not online is never silent.
         let offline = DeviceStatus {
             state: tms_model::ConnState::Offline,

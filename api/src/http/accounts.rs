@@ -9,7 +9,6 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tms_model::now_ms;
 use tms_registry::auth::{
     Busy, Ticket, hash_password, hash_password_with, new_token, token_hash, verify_password_with,
 };
@@ -57,7 +56,7 @@ impl FromRequestParts<ApiState> for AnyCaller {
         let hash = token_hash(token);
         let user = state
             .store
-            .user_by_token(&hash, now_ms())
+            .user_by_token(&hash, state.clock.now_ms())
             .await?
             .filter(|u| u.active)
             .ok_or_else(ApiError::unauthorized)?;
@@ -172,7 +171,7 @@ pub(super) async fn login(
         return Err(bad());
     }
     let ticket = password_ticket(&s)?;
-    let now = now_ms();
+    let now = s.clock.now_ms();
     let Some(user) = s.store.user_by_email(email).await? else {
         verify(&ticket, password, None).await?;
         return Err(bad());
@@ -220,7 +219,7 @@ pub(super) async fn logout(
     caller: AnyCaller,
 ) -> Result<StatusCode, ApiError> {
     s.store
-        .revoke_auth_token(&caller.token_hash, now_ms())
+        .revoke_auth_token(&caller.token_hash, s.clock.now_ms())
         .await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -237,7 +236,7 @@ pub(super) async fn activate(
     let Activate { token } = body(&bytes)?;
     match s
         .store
-        .activate(&token_hash(token.trim()), now_ms())
+        .activate(&token_hash(token.trim()), s.clock.now_ms())
         .await?
     {
         Some(_) => Ok(axum::Json(json!({"activated": true})).into_response()),
@@ -286,7 +285,7 @@ pub(super) async fn resend_activation(
             "the account is already active",
         ));
     }
-    let now = now_ms();
+    let now = s.clock.now_ms();
     let (token, hash) = new_token();
     let expires_at = now + s.activation_ttl.as_millis() as i64;
     let message = s
@@ -374,7 +373,7 @@ pub(super) async fn change_password(
             &hash,
             false,
             Some(&caller.token_hash),
-            now_ms(),
+            s.clock.now_ms(),
         )
         .await?;
     Ok(StatusCode::NO_CONTENT)

@@ -7,7 +7,6 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tms_model::now_ms;
 use tms_registry::commands::{self, CommandError, CommandRequest};
 
 use super::accounts::Caller;
@@ -39,7 +38,14 @@ pub(super) async fn send(
     let queued = CommandRequest::new(&name, args, ttl_secs);
     let record = match queued {
         Ok(request) => {
-            commands::queue(&s.store, &serial, request, &caller.user.email, now_ms()).await
+            commands::queue(
+                &s.store,
+                &serial,
+                request,
+                &caller.user.email,
+                s.clock.now_ms(),
+            )
+            .await
         }
         Err(e) => Err(e),
     }

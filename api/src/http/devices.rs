@@ -11,9 +11,8 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use time::OffsetDateTime;
 use tms_certs::DeviceKey;
-use tms_model::{ConnState, DeviceSerial, now_ms};
+use tms_model::{ConnState, DeviceSerial};
 use tms_registry::provisioning::{ProvisioningError, sign_device_certificate};
 use tms_registry::views;
 use tms_store::{DeviceFilter, DeviceView};
@@ -209,7 +208,8 @@ pub(super) async fn set_location(
             e.to_string(),
         )]))
     })?;
-    tms_registry::provisioning::set_manual_location(&s.store, &serial, point, now_ms()).await?;
+    tms_registry::provisioning::set_manual_location(&s.store, &serial, point, s.clock.now_ms())
+        .await?;
     let location = s.store.location(serial.as_str()).await?;
     Ok(axum::Json(location.as_ref().map_or(Value::Null, views::location)).into_response())
 }
@@ -274,7 +274,7 @@ pub(super) async fn generate_certificate(
         s.ca.clone(),
         &serial,
         key,
-        OffsetDateTime::now_utc(),
+        s.clock.now_utc(),
     )
     .await
     {
@@ -373,7 +373,7 @@ pub(super) async fn revoke_certificates(
     let (serial, _) = visible_device(&s, &caller, &serial).await?;
     let revoked = s
         .store
-        .revoke_device_certificates(serial.as_str(), "revoked by operator", now_ms())
+        .revoke_device_certificates(serial.as_str(), "revoked by operator", s.clock.now_ms())
         .await?;
     s.revocations_changed.notify_one();
     metrics::counter!("tms_certs_revoked_total").increment(revoked.len() as u64);
@@ -410,7 +410,7 @@ pub(super) async fn renew_lease(
             .into(),
         ));
     }
-    let ends = tms_registry::provisioning::renew_lease(&s.store, &serial, months)
+    let ends = tms_registry::provisioning::renew_lease(&s.store, &serial, months, s.clock.now_ms())
         .await
         .map_err(|e| match e {
             ProvisioningError::Store(e) => ApiError::from(e),
@@ -448,7 +448,7 @@ pub(super) async fn availability(
             ));
         }
     };
-    let to = now_ms();
+    let to = s.clock.now_ms();
     let from = to - hours * 3_600_000;
     let sessions = s.store.sessions(serial.as_str(), from, to).await?;
     let pct = views::uptime_pct(&sessions, from, to);

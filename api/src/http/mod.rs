@@ -59,6 +59,8 @@ pub struct ApiState {
     pub views: tms_registry::views::Views,
     /// A node whose heartbeat is older than this is shown dead (`node.dead_after_secs`).
     pub node_dead_after: Duration,
+    /// Token expiry, stamps and certificate validity are judged by this clock.
+    pub clock: tms_model::SharedClock,
 }
 
 /// Who may call a route (documented in the OpenAPI document; enforced by the extractors).

@@ -19,7 +19,7 @@ pub(super) async fn list(State(s): State<ApiState>, caller: Caller) -> Result<Re
     let dead_after = i64::try_from(s.node_dead_after.as_millis()).unwrap_or(i64::MAX);
     let nodes = s
         .store
-        .nodes(tms_model::now_ms().saturating_sub(dead_after))
+        .nodes(s.clock.now_ms().saturating_sub(dead_after))
         .await?;
     Ok(axum::Json(nodes.iter().map(views::node).collect::<Vec<_>>()).into_response())
 }

@@ -60,7 +60,7 @@ pub(super) async fn crl_pem(State(s): State<ApiState>) -> Result<Response, ApiEr
                 .unwrap_or(OffsetDateTime::UNIX_EPOCH),
         })
         .collect();
-    let now = OffsetDateTime::now_utc();
+    let now = s.clock.now_utc();
     // The CRL number must grow with each new list: seconds since the epoch do.
     let number = u64::try_from(now.unix_timestamp()).unwrap_or(0);
     let ca = s.ca.clone();
@@ -79,7 +79,7 @@ pub(super) async fn metrics(State(s): State<ApiState>) -> Response {
     // Bounded: a scrape must answer even when the store does not.
     let _ = tokio::time::timeout(
         std::time::Duration::from_secs(2),
-        crate::monitoring::refresh_fleet_gauges(&s.store),
+        crate::monitoring::refresh_fleet_gauges(&s.store, s.clock.now_ms()),
     )
     .await;
     (

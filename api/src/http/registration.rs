@@ -8,7 +8,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
-use tms_model::{DeviceSerial, Mac, now_ms};
+use tms_model::{DeviceSerial, Mac};
 use tms_registry::auth::{generate_password, new_token};
 use tms_registry::provisioning::parse_date;
 use tms_store::{
@@ -337,7 +337,7 @@ pub(super) async fn register(
         location,
     } = validate(&body)?;
     reg.device.registered_by = Some(caller.user.id);
-    let now = now_ms();
+    let now = s.clock.now_ms();
     let mut temporary = None;
     if let RegistrationUser::New(user) = &mut reg.user {
         let password = generate_password();

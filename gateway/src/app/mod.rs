@@ -11,11 +11,11 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
-use time::OffsetDateTime;
 use tms_broker::{Broker, BrokerSettings, RevokedSet};
 use tms_certs::Ca;
 use tms_config::Config;
 use tms_ingest::{Ingest, IngestSettings};
+use tms_model::{SharedClock, SystemClock};
 use tms_registry::views::Views;
 use tms_store::Store;
 use tokio::net::TcpListener;
@@ -60,34 +60,43 @@ pub struct App {
     node_id: String,
     /// This process's start (Unix ms): the offline window of gateway-caused disconnects.
     started_at: i64,
+    /// The one clock every part is handed.
+    clock: SharedClock,
 }
 
 /// The JSON views as the configuration's `presence.*` settings have them judge presence.
-pub fn views(config: &Config) -> Views {
+pub fn views(config: &Config, clock: SharedClock) -> Views {
     Views {
         silent_after_intervals: config.presence.silent_after_intervals,
         rotation_overlap: config.certs.rotation_overlap,
+        clock,
     }
 }
 
 impl App {
+    /// Builds the gateway on the system clock.
     pub async fn build(config: Config) -> Result<App> {
+        Self::build_with_clock(config, SystemClock::shared()).await
+    }
+
+    /// Builds the gateway on `clock`: every part that reads the time is handed it.
+    pub async fn build_with_clock(config: Config, clock: SharedClock) -> Result<App> {
         tms_api::monitoring::install();
         crate::process_metrics::install();
         tms_api::monitoring::record_process(env!("CARGO_PKG_VERSION"), env!("TMS_GIT_COMMIT"));
-        let started_at = tms_model::now_ms();
+        let started_at = clock.now_ms();
         // Before anything else is touched: another `serve` may be running on this data.
         create_private_dir(&config.data_dir)?;
         let lock = lock_data_dir(&config.data_dir)?;
         let (node_id, new_node_id) = crate::node::node_id(&config)?;
-        let (store, ca) = create_parts(&config).await?;
-        let node = crate::node::claim(&config, &store, &node_id).await?;
+        let (store, ca) = create_parts(&config, &clock).await?;
+        let node = crate::node::claim(&config, &store, &node_id, clock.now_ms()).await?;
         metrics::gauge!("tms_node_info", "node" => node_id.clone()).set(1.0);
         // Present from the start, so dashboards and alerts find them before the first loss.
         metrics::counter!("tms_cluster_nodes_lost_total").increment(0);
         metrics::gauge!("tms_cluster_nodes", "state" => "alive").set(1.0);
         metrics::gauge!("tms_cluster_nodes", "state" => "dead").set(0.0);
-        let now = OffsetDateTime::now_utc();
+        let now = clock.now_utc();
         let (server, reissued) = ca
             .ensure_server_cert(&config.data_dir.join("server"), &config.mqtt.hostnames, now)
             .context("preparing the broker's server certificate")?;
@@ -120,6 +129,7 @@ impl App {
                 offline_after: config.presence.offline_after,
                 node_id: node_id.clone(),
                 boot_id,
+                clock: clock.clone(),
             },
             tls,
             events_tx,
@@ -142,6 +152,7 @@ impl App {
                     low_battery_pct: config.alarms.low_battery_pct,
                     low_runtime_min: config.alarms.low_runtime_min,
                 },
+                clock: clock.clone(),
             },
         )
         .with_open_alarms(open_alarms)
@@ -151,8 +162,13 @@ impl App {
         // From the change log's end as it is now, before this node records any connect.
         let follower = match store.backend() {
             tms_store::Backend::Postgres => Some(
-                crate::cluster::Follower::start(store.clone(), broker.clone(), node_id.clone())
-                    .await?,
+                crate::cluster::Follower::start(
+                    store.clone(),
+                    broker.clone(),
+                    node_id.clone(),
+                    clock.clone(),
+                )
+                .await?,
             ),
             tms_store::Backend::Sqlite => None,
         };
@@ -182,7 +198,7 @@ impl App {
         // Only now, holding the data directory and both listeners, and before the broker
         // accepts anyone: sessions an earlier run of this node left "online" are over.
         let ended = store
-            .end_stale_sessions(&node_id, tms_model::now_ms(), "gateway_restart")
+            .end_stale_sessions(&node_id, clock.now_ms(), "gateway_restart")
             .await
             .context("ending sessions of an earlier run")?;
         if ended > 0 {
@@ -199,7 +215,7 @@ impl App {
             && let Some(host) = host_name()
         {
             store
-                .end_stale_sessions(&host, tms_model::now_ms(), "gateway_restart")
+                .end_stale_sessions(&host, clock.now_ms(), "gateway_restart")
                 .await
                 .context("ending sessions of an earlier run")?;
         }
@@ -229,6 +245,7 @@ impl App {
             follower,
             node_id,
             started_at,
+            clock,
         })
     }
 

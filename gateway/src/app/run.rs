@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result};
 use tms_broker::Broker;
+use tms_model::SharedClock;
 use tms_registry::mail::{Composer, Mailer};
 use tms_store::Store;
 use tokio::sync::Notify;
@@ -41,6 +42,7 @@ impl App {
             follower,
             node_id,
             started_at,
+            clock,
         } = self;
         // Held until every part has stopped and the store is closed.
         let _lock = lock;
@@ -79,6 +81,7 @@ impl App {
             config.mail.from.clone(),
             config.mail.retry_base,
             mail_queued.clone(),
+            clock.clone(),
         )
         .context("setting up mail delivery")?
         .with_lease_notices(Composer {
@@ -108,6 +111,7 @@ impl App {
                 }),
             mail_queued.clone(),
             &node_id,
+            clock.clone(),
         );
         let notifier_stop = stop.clone();
         parts.spawn("alarm notifier", async move {
@@ -118,6 +122,7 @@ impl App {
             store: store.clone(),
             offline_after: config.alarms.offline_after,
             started_at,
+            clock: clock.clone(),
         };
         let offline_stop = stop.clone();
         parts.spawn("offline alarms", async move {
@@ -142,8 +147,9 @@ impl App {
             map_tile_url: config.http.map_tile_url.clone(),
             mqtt_host: config.mqtt.public_host().to_owned(),
             passwords: tms_registry::auth::PasswordGate::for_this_machine(),
-            views: views(&config),
+            views: views(&config, clock.clone()),
             node_dead_after: config.node.dead_after,
+            clock: clock.clone(),
         };
         let api = tms_api::router(state.clone(), metrics.is_none());
         let limits = tms_api::server::Limits {
@@ -170,6 +176,7 @@ impl App {
             config.mqtt.hostnames.clone(),
             revoked.clone(),
             broker.clone(),
+            clock.clone(),
             stop.clone(),
         );
         parts.spawn("server certificate", async move {
@@ -221,6 +228,7 @@ impl App {
             config.certs.rotation_overlap,
             config.presence.history_retention,
             config.node.poll,
+            clock.clone(),
             stop.clone(),
         );
         let heartbeat = crate::node::run(
@@ -229,6 +237,7 @@ impl App {
             node.clone(),
             config.node.heartbeat,
             config.node.dead_after,
+            clock.clone(),
             stop.clone(),
         );
         // Both may wait on a store that stopped answering; they must not hold up the drain.
@@ -261,6 +270,7 @@ impl App {
             broker.node_id().to_owned(),
             commands_queued,
             config.node.poll,
+            clock.clone(),
         );
         let delivery_stop = stop.clone();
         parts.spawn("commands", async move {
@@ -291,6 +301,7 @@ impl App {
                 &store,
                 &node,
                 broker,
+                &clock,
             )
             .await,
         );
@@ -314,6 +325,7 @@ async fn stop_in_order(
     store: &Store,
     node: &NodeIdentity,
     broker: Arc<Broker>,
+    clock: &SharedClock,
 ) -> Vec<anyhow::Error> {
     let mut failures: Vec<anyhow::Error> = Vec::new();
     let mut keep = |exits: Vec<crate::supervisor::Exit>| {
@@ -346,7 +358,7 @@ async fn stop_in_order(
     keep(drained);
     // Every session has been recorded ended: no other node needs to declare this one lost.
     // Briefly: a store that does not answer has the others declare this node lost instead.
-    let _ = tokio::time::timeout(LEAVE, crate::node::leave(store, node)).await;
+    let _ = tokio::time::timeout(LEAVE, crate::node::leave(store, node, clock.now_ms())).await;
     if tokio::time::timeout(STORE_CLOSE, store.close())
         .await
         .is_err()

@@ -13,8 +13,9 @@ async fn locate(
     store: &tms_store::Store,
     serial: &DeviceSerial,
     point: tms_model::LatLon,
+    now_ms: i64,
 ) -> Result<()> {
-    provisioning::set_manual_location(store, serial, point, tms_model::now_ms())
+    provisioning::set_manual_location(store, serial, point, now_ms)
         .await
         .with_context(|| format!("setting the location of {serial}"))?;
     println!(
@@ -25,7 +26,11 @@ async fn locate(
     Ok(())
 }
 
-pub(super) async fn device(config: Config, command: DeviceCommand) -> Result<()> {
+pub(super) async fn device(
+    config: Config,
+    command: DeviceCommand,
+    clock: &SharedClock,
+) -> Result<()> {
     match command {
         DeviceCommand::Add {
             serial,
@@ -57,9 +62,9 @@ pub(super) async fn device(config: Config, command: DeviceCommand) -> Result<()>
                     })?;
                     d
                 }
-                None => OffsetDateTime::now_utc().date().to_string(),
+                None => clock.now_utc().date().to_string(),
             };
-            let (store, _) = open_parts(&config).await?;
+            let (store, _) = open_parts(&config, clock).await?;
             store
                 .add_device(
                     &NewDevice {
@@ -81,13 +86,13 @@ pub(super) async fn device(config: Config, command: DeviceCommand) -> Result<()>
                         service_contract_sales_order: None,
                         registered_by: None,
                     },
-                    tms_model::now_ms(),
+                    clock.now_ms(),
                 )
                 .await
                 .with_context(|| format!("registering device {serial}"))?;
             println!("registered device {serial} ({mac}) for {company}");
             if let Some(point) = point {
-                locate(&store, &serial, point).await?;
+                locate(&store, &serial, point, clock.now_ms()).await?;
             }
             store.close().await;
             Ok(())
@@ -97,16 +102,16 @@ pub(super) async fn device(config: Config, command: DeviceCommand) -> Result<()>
             let Some(point) = position.checked()? else {
                 return Err(usage("device locate needs --lat DEG and --lon DEG"));
             };
-            let (store, _) = open_parts(&config).await?;
+            let (store, _) = open_parts(&config, clock).await?;
             if store.device(serial.as_str()).await?.is_none() {
                 bail!("device {serial} is not registered");
             }
-            let result = locate(&store, &serial, point).await;
+            let result = locate(&store, &serial, point, clock.now_ms()).await;
             store.close().await;
             result
         }
         DeviceCommand::List { json, state, q } => {
-            let (store, _) = open_parts(&config).await?;
+            let (store, _) = open_parts(&config, clock).await?;
             let filter = DeviceFilter {
                 q,
                 state: state.as_deref().and_then(ConnState::parse),
@@ -114,7 +119,7 @@ pub(super) async fn device(config: Config, command: DeviceCommand) -> Result<()>
             };
             let devices = store.devices(&filter).await.context("listing devices")?;
             if json {
-                let views = tms_gateway::views(&config);
+                let views = tms_gateway::views(&config, clock.clone());
                 let list: Vec<_> = devices.iter().map(|d| views.device(d)).collect();
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
@@ -141,7 +146,7 @@ pub(super) async fn device(config: Config, command: DeviceCommand) -> Result<()>
         }
         DeviceCommand::Show { serial, json } => {
             let serial = serial_arg(&serial)?;
-            let (store, _) = open_parts(&config).await?;
+            let (store, _) = open_parts(&config, clock).await?;
             let Some(view) = store.device(serial.as_str()).await? else {
                 bail!("device {serial} is not registered");
             };
@@ -150,7 +155,7 @@ pub(super) async fn device(config: Config, command: DeviceCommand) -> Result<()>
             let refusals = store.refusals(serial.as_str(), 10).await?;
             let commands = store.commands_of(serial.as_str(), SHOWN_COMMANDS).await?;
             if json {
-                let mut detail = tms_gateway::views(&config).device_detail(
+                let mut detail = tms_gateway::views(&config, clock.clone()).device_detail(
                     &view,
                     &locations,
                     &certificates,
@@ -167,7 +172,7 @@ pub(super) async fn device(config: Config, command: DeviceCommand) -> Result<()>
                     refusals: &refusals,
                     commands: &commands,
                     rejected_payloads,
-                    now_ms: tms_model::now_ms(),
+                    now_ms: clock.now_ms(),
                 };
                 print!("{}", shown.render());
             }
@@ -201,12 +206,12 @@ pub(super) async fn device(config: Config, command: DeviceCommand) -> Result<()>
                 } => usage(format!("--args {problem}")),
                 other => usage(other.to_string()),
             })?;
-            let (store, _) = open_parts(&config).await?;
+            let (store, _) = open_parts(&config, clock).await?;
             if store.device(serial.as_str()).await?.is_none() {
                 store.close().await;
                 bail!("device {serial} is not registered");
             }
-            let queued = commands::queue(&store, &serial, request, "cli", tms_model::now_ms())
+            let queued = commands::queue(&store, &serial, request, "cli", clock.now_ms())
                 .await
                 .with_context(|| format!("queuing command {name} for {serial}"));
             store.close().await;
@@ -223,7 +228,7 @@ pub(super) async fn device(config: Config, command: DeviceCommand) -> Result<()>
         }
         DeviceCommand::Quarantine { serial, limit } => {
             let serial = serial_arg(&serial)?;
-            let (store, _) = open_parts(&config).await?;
+            let (store, _) = open_parts(&config, clock).await?;
             if store.device(serial.as_str()).await?.is_none() {
                 bail!("device {serial} is not registered");
             }
@@ -253,8 +258,9 @@ pub(super) async fn device(config: Config, command: DeviceCommand) -> Result<()>
                 ),
                 None => DeviceKey::Generate,
             };
-            let (store, ca) = open_parts(&config).await?;
-            let result = device_cert(&config, &store, ca, &serial, key, &out).await;
+            let (store, ca) = open_parts(&config, clock).await?;
+            let result =
+                device_cert(&config, &store, ca, &serial, key, &out, clock.now_utc()).await;
             store.close().await;
             result
         }
@@ -265,8 +271,8 @@ pub(super) async fn device(config: Config, command: DeviceCommand) -> Result<()>
                     "--months {months} must be between 1 and 120"
                 )));
             }
-            let (store, _) = open_parts(&config).await?;
-            let ends = provisioning::renew_lease(&store, &serial, months)
+            let (store, _) = open_parts(&config, clock).await?;
+            let ends = provisioning::renew_lease(&store, &serial, months, clock.now_ms())
                 .await
                 .with_context(|| format!("renewing the lease of {serial}"))?;
             println!(
@@ -278,12 +284,12 @@ pub(super) async fn device(config: Config, command: DeviceCommand) -> Result<()>
         }
         DeviceCommand::Revoke { serial } => {
             let serial = serial_arg(&serial)?;
-            let (store, _) = open_parts(&config).await?;
+            let (store, _) = open_parts(&config, clock).await?;
             if store.device(serial.as_str()).await?.is_none() {
                 bail!("device {serial} is not registered");
             }
             let revoked = store
-                .revoke_device_certificates(serial.as_str(), "operator", tms_model::now_ms())
+                .revoke_device_certificates(serial.as_str(), "operator", clock.now_ms())
                 .await?;
             println!("revoked {} certificate(s) of {serial}", revoked.len());
             store.close().await;
@@ -304,6 +310,7 @@ async fn device_cert(
     serial: &DeviceSerial,
     key: DeviceKey,
     out: &Path,
+    now: time::OffsetDateTime,
 ) -> Result<()> {
     if store.device(serial.as_str()).await?.is_none() {
         bail!("device {serial} is not registered");
@@ -318,15 +325,9 @@ async fn device_cert(
     };
     let pem_file = files.stage(&out.join(format!("{serial}.pem")), 0o644)?;
     let ca_file = files.stage(&out.join("ca.pem"), 0o644)?;
-    let signed = provisioning::sign_device_certificate(
-        store,
-        ca.clone(),
-        serial,
-        key,
-        OffsetDateTime::now_utc(),
-    )
-    .await
-    .with_context(|| format!("issuing a certificate for {serial}"))?;
+    let signed = provisioning::sign_device_certificate(store, ca.clone(), serial, key, now)
+        .await
+        .with_context(|| format!("issuing a certificate for {serial}"))?;
     if let (Some(i), Some(key_pem)) = (key_file, &signed.issued.private_key_pem) {
         files.write(i, key_pem)?;
     }

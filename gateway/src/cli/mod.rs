@@ -5,11 +5,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use time::OffsetDateTime;
 use tms_certs::DeviceKey;
 use tms_config::Config;
 use tms_gateway::{App, absolute, create_parts, open_parts};
 use tms_model::{ConnState, DeviceSerial, Mac};
+use tms_model::{SharedClock, SystemClock};
 use tms_registry::{auth, provisioning, views};
 use tms_store::{DeviceFilter, NewDevice, NewUser};
 use tokio_util::sync::CancellationToken;
@@ -296,8 +296,14 @@ pub enum CaCommand {
 }
 
 /// `tms-gateway alarms`: every device's alarms, as a table or as the API's JSON.
-async fn alarms(config: Config, state: &str, json: bool, limit: i64) -> Result<()> {
-    let (store, _) = open_parts(&config).await?;
+async fn alarms(
+    config: Config,
+    state: &str,
+    json: bool,
+    limit: i64,
+    clock: &SharedClock,
+) -> Result<()> {
+    let (store, _) = open_parts(&config, clock).await?;
     let filter = tms_store::AlarmFilter {
         active: match state {
             "active" => Some(true),
@@ -374,9 +380,11 @@ pub fn init_logging(command: &Command, format: tms_config::LogFormat) {
 }
 
 pub async fn run(command: Command, config: Config) -> Result<()> {
+    // The one clock of this invocation, handed to whatever reads the time.
+    let clock = SystemClock::shared();
     match command {
-        Command::Serve => serve(config).await,
-        Command::Init => init(config).await,
+        Command::Serve => serve(config, clock).await,
+        Command::Init => init(config, &clock).await,
         Command::User {
             command:
                 UserCommand::Add {
@@ -384,9 +392,9 @@ pub async fn run(command: Command, config: Config) -> Result<()> {
                     role,
                     password_stdin,
                 },
-        } => user_add(config, email, role, password_stdin).await,
-        Command::Device { command } => device(config, command).await,
-        Command::Alarms { state, json, limit } => alarms(config, &state, json, limit).await,
+        } => user_add(config, email, role, password_stdin, &clock).await,
+        Command::Device { command } => device(config, command, &clock).await,
+        Command::Alarms { state, json, limit } => alarms(config, &state, json, limit, &clock).await,
         Command::Simulate {
             devices,
             interval,
@@ -448,6 +456,7 @@ pub async fn run(command: Command, config: Config) -> Result<()> {
                     mqtt,
                     outage,
                 },
+                &clock,
                 stop,
             )
             .await
@@ -455,12 +464,12 @@ pub async fn run(command: Command, config: Config) -> Result<()> {
         Command::Ca {
             command: CaCommand::RenewServer,
         } => {
-            let (store, ca) = open_parts(&config).await?;
+            let (store, ca) = open_parts(&config, &clock).await?;
             let cert = ca
                 .renew_server_cert(
                     &config.data_dir.join("server"),
                     &config.mqtt.hostnames,
-                    OffsetDateTime::now_utc(),
+                    clock.now_utc(),
                 )
                 .context("issuing the server certificate")?;
             println!(
@@ -476,7 +485,7 @@ pub async fn run(command: Command, config: Config) -> Result<()> {
         Command::Ca {
             command: CaCommand::Show,
         } => {
-            let (_, ca) = open_parts(&config).await?;
+            let (_, ca) = open_parts(&config, &clock).await?;
             let info = ca.info();
             println!("subject:      {}", info.subject);
             println!("sha256:       {}", colon_hex(&info.sha256_fingerprint));
@@ -516,14 +525,14 @@ fn colon_hex(hex: &str) -> String {
         .join(":")
 }
 
-async fn init(config: Config) -> Result<()> {
+async fn init(config: Config, clock: &SharedClock) -> Result<()> {
     let existed = config.data_dir.join("ca/ca.pem").is_file();
-    let (store, ca) = create_parts(&config).await?;
+    let (store, ca) = create_parts(&config, clock).await?;
     let (server, _) = ca
         .ensure_server_cert(
             &config.data_dir.join("server"),
             &config.mqtt.hostnames,
-            OffsetDateTime::now_utc(),
+            clock.now_utc(),
         )
         .context("preparing the broker's server certificate")?;
     store.close().await;
@@ -540,8 +549,8 @@ async fn init(config: Config) -> Result<()> {
     Ok(())
 }
 
-async fn serve(config: Config) -> Result<()> {
-    let app = App::build(config).await?;
+async fn serve(config: Config, clock: SharedClock) -> Result<()> {
+    let app = App::build_with_clock(config, clock).await?;
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
     tokio::spawn(async move {

@@ -7,6 +7,7 @@ pub(super) async fn user_add(
     email: String,
     role: StaffRole,
     password_stdin: bool,
+    clock: &SharedClock,
 ) -> Result<()> {
     if !email.contains('@') || email.starts_with('@') || email.ends_with('@') {
         return Err(usage(format!("--email {email:?} is not an email address")));
@@ -25,7 +26,7 @@ pub(super) async fn user_add(
     } else {
         (auth::generate_password(), true)
     };
-    let (store, _) = open_parts(&config).await?;
+    let (store, _) = open_parts(&config, clock).await?;
     let hash =
         tokio::task::spawn_blocking(move || auth::hash_password(&password).map(|h| (h, password)))
             .await
@@ -47,7 +48,7 @@ pub(super) async fn user_add(
                 active: true,
                 must_change_password: false,
             },
-            tms_model::now_ms(),
+            clock.now_ms(),
         )
         .await
         .with_context(|| format!("creating account {email}"))?;
