@@ -57,7 +57,6 @@ pub struct App {
     node: NodeIdentity,
     /// The change log follower; PostgreSQL only (one SQLite node has nobody to hear from).
     follower: Option<crate::cluster::Follower>,
-    node_id: String,
     /// This process's start (Unix ms): the offline window of gateway-caused disconnects.
     started_at: i64,
 }
@@ -227,7 +226,6 @@ impl App {
             lock,
             node,
             follower,
-            node_id,
             started_at,
         })
     }

@@ -39,9 +39,9 @@ impl App {
             lock,
             node,
             follower,
-            node_id,
             started_at,
         } = self;
+        let node_id = &node.id;
         // Held until every part has stopped and the store is closed.
         let _lock = lock;
         let stop = shutdown.child_token();
@@ -107,7 +107,7 @@ impl App {
                         .map(|s| s.expose().to_owned()),
                 }),
             mail_queued.clone(),
-            &node_id,
+            node_id,
         );
         let notifier_stop = stop.clone();
         parts.spawn("alarm notifier", async move {
