@@ -15,10 +15,7 @@ use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seed_workflow_from_registration_to_a_device_on_the_map() {
-    let gw = TestGateway::start().await;
-    let api = Api::new();
-    provider(&gw);
-    let provider_token = api.token(&gw, PROVIDER, PROVIDER_PASSWORD).await;
+    let (gw, api, provider_token) = provider_gateway().await;
 
     // Step 4: the provider registers customer + company + device.
     let (status, body) = api
@@ -47,23 +44,9 @@ async fn seed_workflow_from_registration_to_a_device_on_the_map() {
     assert_eq!(body["error"]["code"], "account_inactive");
 
     // Step 6: activate, once.
-    let (status, _) = api
-        .call(
-            "POST",
-            gw.url("/api/v1/auth/activate"),
-            None,
-            Some(json!({"token": activation})),
-        )
-        .await;
+    let (status, _) = api.activate(&gw, &activation).await;
     assert_eq!(status, StatusCode::OK);
-    let (status, body) = api
-        .call(
-            "POST",
-            gw.url("/api/v1/auth/activate"),
-            None,
-            Some(json!({"token": activation})),
-        )
-        .await;
+    let (status, body) = api.activate(&gw, &activation).await;
     assert_eq!(
         status,
         StatusCode::BAD_REQUEST,
@@ -334,10 +317,7 @@ async fn customers_see_only_their_own_devices() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registration_names_every_bad_field_and_refuses_duplicates() {
-    let gw = TestGateway::start().await;
-    let api = Api::new();
-    provider(&gw);
-    let token = api.token(&gw, PROVIDER, PROVIDER_PASSWORD).await;
+    let (gw, api, token) = provider_gateway().await;
     let url = gw.url("/api/v1/registrations");
 
     let cases: Vec<(&str, Value, &str)> = vec![

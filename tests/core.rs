@@ -129,15 +129,7 @@ async fn offline_within_a_second_of_disconnect_and_of_a_dropped_connection() {
     let files = gw.provision("RE4A000500", "00:1B:2C:3D:4E:63");
     let store = gw.store().await;
 
-    let (client, mut el) = device_client(&gw, &files);
-    assert_eq!(connack(&mut el).await, Ok(ConnectReturnCode::Success));
-    wait_state(
-        &store,
-        "RE4A000500",
-        ConnState::Online,
-        Duration::from_secs(1),
-    )
-    .await;
+    let (client, mut el) = online_client(&gw, &store, &files).await;
     client.disconnect().await.unwrap();
     while el.poll().await.is_ok() {}
     let at = Instant::now();
@@ -154,15 +146,7 @@ async fn offline_within_a_second_of_disconnect_and_of_a_dropped_connection() {
         Some("client_disconnect")
     );
 
-    let (_client, mut el) = device_client(&gw, &files);
-    assert_eq!(connack(&mut el).await, Ok(ConnectReturnCode::Success));
-    wait_state(
-        &store,
-        "RE4A000500",
-        ConnState::Online,
-        Duration::from_secs(1),
-    )
-    .await;
+    let (_client, el) = online_client(&gw, &store, &files).await;
     drop(el); // the TCP connection closes without DISCONNECT
     let s = wait_state(
         &store,
@@ -256,15 +240,7 @@ async fn shutdown_and_crash_leave_no_device_shown_online() {
     let mut gw = TestGateway::start().await;
     let files = gw.provision("RE4A000800", "00:1B:2C:3D:4E:66");
     let store = gw.store().await;
-    let (_client, mut el) = device_client(&gw, &files);
-    assert_eq!(connack(&mut el).await, Ok(ConnectReturnCode::Success));
-    wait_state(
-        &store,
-        "RE4A000800",
-        ConnState::Online,
-        Duration::from_secs(1),
-    )
-    .await;
+    let (_client, _el) = online_client(&gw, &store, &files).await;
     assert_eq!(gw.stop(), Some(0));
     let s = status(&store, "RE4A000800").await;
     assert_eq!(
@@ -273,15 +249,7 @@ async fn shutdown_and_crash_leave_no_device_shown_online() {
     );
 
     gw.restart().await;
-    let (_client, mut el) = device_client(&gw, &files);
-    assert_eq!(connack(&mut el).await, Ok(ConnectReturnCode::Success));
-    wait_state(
-        &store,
-        "RE4A000800",
-        ConnState::Online,
-        Duration::from_secs(1),
-    )
-    .await;
+    let (_client, _el) = online_client(&gw, &store, &files).await;
     gw.kill();
     gw.restart().await;
     let s = status(&store, "RE4A000800").await;
@@ -289,4 +257,22 @@ async fn shutdown_and_crash_leave_no_device_shown_online() {
         (s.state, s.last_disconnect_reason.as_deref()),
         (ConnState::Offline, Some("gateway_restart"))
     );
+}
+
+/// Connects `files`' device and waits (1 s at most) until the store shows it online.
+async fn online_client(
+    gw: &TestGateway,
+    store: &tms_store::Store,
+    files: &DeviceFiles,
+) -> (rumqttc::AsyncClient, rumqttc::EventLoop) {
+    let (client, mut el) = device_client(gw, files);
+    assert_eq!(connack(&mut el).await, Ok(ConnectReturnCode::Success));
+    wait_state(
+        store,
+        &files.serial,
+        ConnState::Online,
+        Duration::from_secs(1),
+    )
+    .await;
+    (client, el)
 }

@@ -281,10 +281,7 @@ async fn control_characters_are_refused_by_name_before_the_store() {
 /// handler panic; the CLI says so and exits 2.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mac_with_a_multibyte_character_is_refused_not_a_panic() {
-    let gw = TestGateway::start().await;
-    let api = Api::new();
-    provider(&gw);
-    let token = api.token(&gw, PROVIDER, PROVIDER_PASSWORD).await;
+    let (gw, api, token) = provider_gateway().await;
     for mac in ["0é123456789", "00:1B:2C:3D:4E:5é", "é0:1B:2C:3D:4E:5"] {
         let (status, answer) = api
             .call(

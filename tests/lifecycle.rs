@@ -215,14 +215,7 @@ async fn a_thousand_refused_handshakes_make_a_bounded_number_of_store_writes() {
     let ca = Ca::load(&gw.data_dir().join("ca")).unwrap();
     let serial = DeviceSerial::parse("RE4A001300").unwrap();
     let now = OffsetDateTime::now_utc();
-    let expired = ca
-        .issue_device(
-            &serial,
-            DeviceKey::Generate,
-            now - time::Duration::days(3),
-            now - time::Duration::days(1),
-        )
-        .unwrap();
+    let expired = issue_expired(&ca, &serial, now);
     let files = files_from(&gw, "RE4A001300", "expired", &expired);
     let tls = client_tls(&files.ca, Some((&files.pem, &files.key)));
     let before = scrape(&gw).await;
@@ -376,15 +369,10 @@ async fn a_new_server_certificate_does_not_disconnect_devices() {
 
 /// Runs openssl in `dir`; panics with its stderr when it fails.
 fn openssl(dir: &std::path::Path, args: &[&str]) -> String {
-    let out = std::process::Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_ok(
+        std::process::Command::new("openssl")
+            .current_dir(dir)
+            .args(args),
     );
     String::from_utf8(out.stdout).unwrap()
 }

@@ -152,14 +152,7 @@ async fn refused_connections_are_recorded_against_the_device_with_their_reason()
 
     // Expired: signed by our own CA, but its validity ended yesterday.
     let ca = Ca::load(&gw.data_dir().join("ca")).unwrap();
-    let expired = ca
-        .issue_device(
-            &serial,
-            DeviceKey::Generate,
-            now - time::Duration::days(3),
-            now - time::Duration::days(1),
-        )
-        .unwrap();
+    let expired = issue_expired(&ca, &serial, now);
     std::fs::write(&pem, &expired.certificate_pem).unwrap();
     std::fs::write(&key, expired.private_key_pem.as_deref().unwrap()).unwrap();
     let (_c, mut el) = mqtt_client(&gw, "RE4A000300", client_tls(&files.ca, Some((&pem, &key))));
@@ -183,31 +176,13 @@ async fn refused_connections_are_recorded_against_the_device_with_their_reason()
     assert_eq!(connack(&mut el).await, Ok(ConnectReturnCode::Success));
     publish(&client, "RE4A000999", "telemetry", TELEMETRY).await;
     client.subscribe("tms/#", QoS::AtLeastOnce).await.unwrap();
-    let suback = loop {
-        match tokio::time::timeout(Duration::from_secs(5), el.poll())
-            .await
-            .unwrap()
-            .unwrap()
-        {
-            Event::Incoming(Packet::SubAck(ack)) => break ack,
-            _ => continue,
-        }
-    };
+    let suback = next_suback(&mut el).await;
     assert_eq!(suback.return_codes, vec![SubscribeReasonCode::Failure]);
     client
         .subscribe("tms/RE4A000300/cmd/#", QoS::AtLeastOnce)
         .await
         .unwrap();
-    let suback = loop {
-        match tokio::time::timeout(Duration::from_secs(5), el.poll())
-            .await
-            .unwrap()
-            .unwrap()
-        {
-            Event::Incoming(Packet::SubAck(ack)) => break ack,
-            _ => continue,
-        }
-    };
+    let suback = next_suback(&mut el).await;
     assert_eq!(
         suback.return_codes,
         vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]
@@ -301,31 +276,26 @@ async fn strangers_naming_a_real_serial_do_not_touch_its_record() {
         |reason: &str| format!("tms_broker_connects_refused_total{{reason=\"{reason}\"}}");
 
     // A self-signed certificate naming the serial, as `openssl req -x509` makes it.
-    let out = std::process::Command::new("openssl")
-        .current_dir(&dir)
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-days",
-            "30",
-            "-keyout",
-            "self.key",
-            "-out",
-            "self.pem",
-            "-subj",
-        ])
-        .arg(format!("/CN={serial}"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        std::process::Command::new("openssl")
+            .current_dir(&dir)
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-days",
+                "30",
+                "-keyout",
+                "self.key",
+                "-out",
+                "self.pem",
+                "-subj",
+            ])
+            .arg(format!("/CN={serial}")),
     );
     let tls = client_tls(
         &files.ca,
@@ -413,4 +383,18 @@ async fn strangers_naming_a_real_serial_do_not_touch_its_record() {
         .map(|r| r.reason)
         .collect();
     assert_eq!(reasons, ["revoked"]);
+}
+
+/// The next SUBACK on `el` (5 s at most for each event before it).
+async fn next_suback(el: &mut rumqttc::EventLoop) -> rumqttc::SubAck {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), el.poll())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            Event::Incoming(Packet::SubAck(ack)) => break ack,
+            _ => continue,
+        }
+    }
 }
