@@ -19,16 +19,15 @@ async fn seed_workflow_from_registration_to_a_device_on_the_map() {
 
     // Step 4: the provider registers customer + company + device.
     let (status, body) = api
-        .call(
-            "POST",
-            gw.url("/api/v1/registrations"),
+        .register(
+            &gw,
             Some(&provider_token),
-            Some(registration(
+            registration(
                 "RE4A000123",
                 "00-1b-2c-3d-4e-5f",
                 "ana@example.com",
                 "Acme Hospital",
-            )),
+            ),
         )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
@@ -294,16 +293,10 @@ async fn customers_see_only_their_own_devices() {
     );
 
     let (status, _) = api
-        .call(
-            "POST",
-            gw.url("/api/v1/registrations"),
+        .register(
+            &gw,
             Some(&ana),
-            Some(registration(
-                "RE4A000003",
-                "00:1B:2C:3D:4E:03",
-                "eve@example.com",
-                "Evil",
-            )),
+            registration("RE4A000003", "00:1B:2C:3D:4E:03", "eve@example.com", "Evil"),
         )
         .await;
     assert_eq!(status, StatusCode::FORBIDDEN, "a customer cannot register");

@@ -188,14 +188,7 @@ async fn a_certificate_from_the_future_is_refused_saying_the_device_clock_is_off
     let ca = Ca::load(&gw.data_dir().join("ca")).unwrap();
     let serial = DeviceSerial::parse("RE4A001200").unwrap();
     let later = OffsetDateTime::now_utc() + time::Duration::days(2);
-    let future = ca
-        .issue_device(
-            &serial,
-            DeviceKey::Generate,
-            later,
-            later + time::Duration::days(30),
-        )
-        .unwrap();
+    let future = issue_between(&ca, &serial, later, later + time::Duration::days(30));
     let files = files_from(&gw, "RE4A001200", "future", &future);
     let (_c, mut el) = device_client(&gw, &files);
     assert!(connack(&mut el).await.is_err());

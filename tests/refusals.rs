@@ -12,7 +12,7 @@ use std::time::Duration;
 use rumqttc::{ConnectReturnCode, Event, Packet, QoS, SubscribeReasonCode};
 use support::*;
 use time::OffsetDateTime;
-use tms_certs::{Ca, DeviceKey};
+use tms_certs::Ca;
 use tms_model::DeviceSerial;
 
 /// A device that connects by a name the server certificate does not hold gives up during the
@@ -131,14 +131,7 @@ async fn refused_connections_are_recorded_against_the_device_with_their_reason()
     // A certificate for this very serial from a foreign CA.
     let foreign_dir = tempfile::tempdir().unwrap();
     let (foreign, _) = Ca::load_or_create(foreign_dir.path(), now).unwrap();
-    let forged = foreign
-        .issue_device(
-            &serial,
-            DeviceKey::Generate,
-            now,
-            now + time::Duration::days(30),
-        )
-        .unwrap();
+    let forged = issue_between(&foreign, &serial, now, now + time::Duration::days(30));
     let (pem, key) = (
         foreign_dir.path().join("d.pem"),
         foreign_dir.path().join("d.key"),
@@ -310,14 +303,7 @@ async fn strangers_naming_a_real_serial_do_not_touch_its_record() {
     // An expired certificate from a CA of one's own: expired, but not ours to report.
     let now = OffsetDateTime::now_utc();
     let (foreign, _) = Ca::load_or_create(&dir.join("ca"), now).unwrap();
-    let expired = foreign
-        .issue_device(
-            &DeviceSerial::parse(serial).unwrap(),
-            DeviceKey::Generate,
-            now - time::Duration::days(3),
-            now - time::Duration::days(1),
-        )
-        .unwrap();
+    let expired = issue_expired(&foreign, &DeviceSerial::parse(serial).unwrap(), now);
     std::fs::write(dir.join("old.pem"), &expired.certificate_pem).unwrap();
     std::fs::write(dir.join("old.key"), expired.private_key_pem.unwrap()).unwrap();
     let tls = client_tls(

@@ -344,19 +344,29 @@ impl Drop for TestGateway {
     }
 }
 
+/// A certificate from `ca` for `serial` with a generated key, valid from `from` to `until`.
+pub fn issue_between(
+    ca: &tms_certs::Ca,
+    serial: &tms_model::DeviceSerial,
+    from: time::OffsetDateTime,
+    until: time::OffsetDateTime,
+) -> tms_certs::IssuedCert {
+    ca.issue_device(serial, tms_certs::DeviceKey::Generate, from, until)
+        .unwrap()
+}
+
 /// A certificate from `ca` for `serial` whose validity ended a day before `now`.
 pub fn issue_expired(
     ca: &tms_certs::Ca,
     serial: &tms_model::DeviceSerial,
     now: time::OffsetDateTime,
 ) -> tms_certs::IssuedCert {
-    ca.issue_device(
+    issue_between(
+        ca,
         serial,
-        tms_certs::DeviceKey::Generate,
         now - time::Duration::days(3),
         now - time::Duration::days(1),
     )
-    .unwrap()
 }
 
 /// Runs `cmd` and fails the test with its stderr unless it exits 0.

@@ -75,6 +75,17 @@ impl Api {
         .await
     }
 
+    /// `POST /api/v1/registrations` with `body`.
+    pub async fn register(
+        &self,
+        gw: &TestGateway,
+        token: Option<&str>,
+        body: Value,
+    ) -> (StatusCode, Value) {
+        self.call("POST", gw.url("/api/v1/registrations"), token, Some(body))
+            .await
+    }
+
     /// Activates an account with the token from its activation email.
     pub async fn activate(&self, gw: &TestGateway, token: &str) -> (StatusCode, Value) {
         self.call(
@@ -176,14 +187,7 @@ pub async fn onboard_with(
     body: Value,
     email: &str,
 ) -> String {
-    let (status, body) = api
-        .call(
-            "POST",
-            gw.url("/api/v1/registrations"),
-            Some(provider_token),
-            Some(body),
-        )
-        .await;
+    let (status, body) = api.register(gw, Some(provider_token), body).await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
     let (activation, temporary) = emails_for(gw, email).await;
     let (status, _) = api.activate(gw, &activation).await;
