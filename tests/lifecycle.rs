@@ -442,15 +442,8 @@ async fn csrs_with_p384_ed25519_and_rsa_keys_give_certificates_that_connect() {
     for (name, genpkey, digest, reason) in refused {
         let dir = gw.dir.path().join(name);
         let csr = openssl_csr(&dir, serial, genpkey, digest);
-        let resp = http
-            .post(&url)
-            .bearer_auth(&token)
-            .json(&serde_json::json!({"csr_pem": csr}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 422, "{name}");
-        let body: Value = resp.json().await.unwrap();
+        let (status, body) = post_csr(&http, &url, &token, &csr).await;
+        assert_eq!(status, 422, "{name}");
         let message = body["error"]["fields"]["csr_pem"].as_str().unwrap_or("");
         assert!(message.contains(reason), "{name}: {body}");
         // The CLI path refuses it the same way.
@@ -498,15 +491,8 @@ async fn csrs_with_p384_ed25519_and_rsa_keys_give_certificates_that_connect() {
     for (name, genpkey, digest) in accepted {
         let dir = gw.dir.path().join(name);
         let csr = openssl_csr(&dir, serial, genpkey, digest);
-        let resp = http
-            .post(&url)
-            .bearer_auth(&token)
-            .json(&serde_json::json!({"csr_pem": csr}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 201, "{name}");
-        let body: Value = resp.json().await.unwrap();
+        let (status, body) = post_csr(&http, &url, &token, &csr).await;
+        assert_eq!(status, 201, "{name}");
         let chain = format!(
             "{}{}",
             body["certificate_pem"].as_str().unwrap(),
@@ -534,4 +520,21 @@ async fn csrs_with_p384_ed25519_and_rsa_keys_give_certificates_that_connect() {
             "{name} with rustls"
         );
     }
+}
+
+/// POSTs `csr` as `csr_pem` to `url` with `token`: the status and the JSON answer.
+async fn post_csr(
+    http: &reqwest::Client,
+    url: &str,
+    token: &str,
+    csr: &str,
+) -> (reqwest::StatusCode, Value) {
+    let resp = http
+        .post(url)
+        .bearer_auth(token)
+        .json(&serde_json::json!({"csr_pem": csr}))
+        .send()
+        .await
+        .unwrap();
+    (resp.status(), resp.json().await.unwrap())
 }
