@@ -32,13 +32,7 @@ async fn device_connects_publishes_and_is_online_within_a_second() {
     let _driver = drive(eventloop);
     publish(&client, "RE4A000123", "telemetry", TELEMETRY).await;
 
-    let online = wait_state(
-        &store,
-        "RE4A000123",
-        ConnState::Online,
-        Duration::from_secs(1),
-    )
-    .await;
+    let online = within_a_second(&store, "RE4A000123", ConnState::Online).await;
     assert!(
         connected.elapsed() < Duration::from_secs(1),
         "online after {:?}",
@@ -87,13 +81,7 @@ async fn mosquitto_pub_connects_by_name_and_by_ip_literal() {
     })
     .await;
     // mosquitto_pub disconnects cleanly after publishing.
-    let s = wait_state(
-        &store,
-        "RE4A000200",
-        ConnState::Offline,
-        Duration::from_secs(1),
-    )
-    .await;
+    let s = within_a_second(&store, "RE4A000200", ConnState::Offline).await;
     assert_eq!(
         s.last_disconnect_reason.as_deref(),
         Some("client_disconnect")
@@ -133,13 +121,7 @@ async fn offline_within_a_second_of_disconnect_and_of_a_dropped_connection() {
     client.disconnect().await.unwrap();
     while el.poll().await.is_ok() {}
     let at = Instant::now();
-    let s = wait_state(
-        &store,
-        "RE4A000500",
-        ConnState::Offline,
-        Duration::from_secs(1),
-    )
-    .await;
+    let s = within_a_second(&store, "RE4A000500", ConnState::Offline).await;
     assert!(at.elapsed() < Duration::from_secs(1));
     assert_eq!(
         s.last_disconnect_reason.as_deref(),
@@ -148,13 +130,7 @@ async fn offline_within_a_second_of_disconnect_and_of_a_dropped_connection() {
 
     let (_client, el) = online_client(&gw, &store, &files).await;
     drop(el); // the TCP connection closes without DISCONNECT
-    let s = wait_state(
-        &store,
-        "RE4A000500",
-        ConnState::Offline,
-        Duration::from_secs(1),
-    )
-    .await;
+    let s = within_a_second(&store, "RE4A000500", ConnState::Offline).await;
     assert_eq!(s.last_disconnect_reason.as_deref(), Some("connection_lost"));
 }
 
@@ -267,12 +243,15 @@ async fn online_client(
 ) -> (rumqttc::AsyncClient, rumqttc::EventLoop) {
     let (client, mut el) = device_client(gw, files);
     assert_eq!(connack(&mut el).await, Ok(ConnectReturnCode::Success));
-    wait_state(
-        store,
-        &files.serial,
-        ConnState::Online,
-        Duration::from_secs(1),
-    )
-    .await;
+    within_a_second(store, &files.serial, ConnState::Online).await;
     (client, el)
+}
+
+/// Waits at most a second for `serial` to be in `state` in the store.
+async fn within_a_second(
+    store: &tms_store::Store,
+    serial: &str,
+    state: ConnState,
+) -> tms_store::DeviceStatus {
+    wait_state(store, serial, state, Duration::from_secs(1)).await
 }
