@@ -14,12 +14,8 @@ fn staff(email: &str, role: &str) -> NewUser {
         email: email.into(),
         role: role.into(),
         password_hash: "$argon2id$x".into(),
-        first_name: None,
-        last_name: None,
-        phone: None,
-        company_id: None,
         active: true,
-        must_change_password: false,
+        ..NewUser::default()
     }
 }
 
