@@ -29,16 +29,10 @@ async fn emails_go_over_smtp_and_a_failed_delivery_is_retried() {
     provider(&gw);
     let token = api.token(&gw, PROVIDER, PROVIDER_PASSWORD).await;
     let (status, body) = api
-        .call(
-            "POST",
-            gw.url("/api/v1/registrations"),
+        .register(
+            &gw,
             Some(&token),
-            Some(registration(
-                "RE4A000060",
-                "00:1B:2C:3D:4E:60",
-                "ana@example.com",
-                "Acme",
-            )),
+            registration("RE4A000060", "00:1B:2C:3D:4E:60", "ana@example.com", "Acme"),
         )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");

@@ -128,24 +128,7 @@ async fn register(gw: &TestGateway, provider: &str, i: usize, user: Value, compa
 
 /// Activates a new customer with the emailed link, changes the temporary password, logs in.
 async fn activate(gw: &TestGateway, email: &str) -> String {
-    let mails = wait_for("registration emails", Duration::from_secs(10), || {
-        let mails: Vec<String> = gw
-            .outbox()
-            .into_iter()
-            .filter(|m| m.contains(&format!("To: {email}")))
-            .collect();
-        async move { (mails.len() == 2).then_some(mails) }
-    })
-    .await;
-    let line = |prefix: &str| {
-        mails
-            .iter()
-            .flat_map(|m| m.lines())
-            .find_map(|l| l.trim().strip_prefix(prefix).map(str::to_owned))
-            .unwrap()
-    };
-    let token = line(&format!("http://{}/activate?token=", gw.ports.http));
-    let password = line("Temporary password: ");
+    let (token, password) = support::onboarding::emails_for(gw, email).await;
     let http = reqwest::Client::new();
     let ok = http
         .post(gw.url("/api/v1/auth/activate"))

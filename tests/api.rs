@@ -15,23 +15,19 @@ use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seed_workflow_from_registration_to_a_device_on_the_map() {
-    let gw = TestGateway::start().await;
-    let api = Api::new();
-    provider(&gw);
-    let provider_token = api.token(&gw, PROVIDER, PROVIDER_PASSWORD).await;
+    let (gw, api, provider_token) = provider_gateway().await;
 
     // Step 4: the provider registers customer + company + device.
     let (status, body) = api
-        .call(
-            "POST",
-            gw.url("/api/v1/registrations"),
+        .register(
+            &gw,
             Some(&provider_token),
-            Some(registration(
+            registration(
                 "RE4A000123",
                 "00-1b-2c-3d-4e-5f",
                 "ana@example.com",
                 "Acme Hospital",
-            )),
+            ),
         )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
@@ -47,23 +43,9 @@ async fn seed_workflow_from_registration_to_a_device_on_the_map() {
     assert_eq!(body["error"]["code"], "account_inactive");
 
     // Step 6: activate, once.
-    let (status, _) = api
-        .call(
-            "POST",
-            gw.url("/api/v1/auth/activate"),
-            None,
-            Some(json!({"token": activation})),
-        )
-        .await;
+    let (status, _) = api.activate(&gw, &activation).await;
     assert_eq!(status, StatusCode::OK);
-    let (status, body) = api
-        .call(
-            "POST",
-            gw.url("/api/v1/auth/activate"),
-            None,
-            Some(json!({"token": activation})),
-        )
-        .await;
+    let (status, body) = api.activate(&gw, &activation).await;
     assert_eq!(
         status,
         StatusCode::BAD_REQUEST,
@@ -311,16 +293,10 @@ async fn customers_see_only_their_own_devices() {
     );
 
     let (status, _) = api
-        .call(
-            "POST",
-            gw.url("/api/v1/registrations"),
+        .register(
+            &gw,
             Some(&ana),
-            Some(registration(
-                "RE4A000003",
-                "00:1B:2C:3D:4E:03",
-                "eve@example.com",
-                "Evil",
-            )),
+            registration("RE4A000003", "00:1B:2C:3D:4E:03", "eve@example.com", "Evil"),
         )
         .await;
     assert_eq!(status, StatusCode::FORBIDDEN, "a customer cannot register");
@@ -334,10 +310,7 @@ async fn customers_see_only_their_own_devices() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registration_names_every_bad_field_and_refuses_duplicates() {
-    let gw = TestGateway::start().await;
-    let api = Api::new();
-    provider(&gw);
-    let token = api.token(&gw, PROVIDER, PROVIDER_PASSWORD).await;
+    let (gw, api, token) = provider_gateway().await;
     let url = gw.url("/api/v1/registrations");
 
     let cases: Vec<(&str, Value, &str)> = vec![

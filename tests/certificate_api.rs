@@ -14,10 +14,7 @@ use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_csr_keeps_the_device_key_and_the_crl_is_served() {
-    let gw = TestGateway::start().await;
-    let api = Api::new();
-    provider(&gw);
-    let provider_token = api.token(&gw, PROVIDER, PROVIDER_PASSWORD).await;
+    let (gw, api, provider_token) = provider_gateway().await;
     let token = onboard(
         &api,
         &gw,
@@ -32,28 +29,23 @@ async fn a_csr_keeps_the_device_key_and_the_crl_is_served() {
     let dir = gw.dir.path();
     let key = dir.join("device.key");
     let csr = dir.join("device.csr");
-    let out = Command::new("openssl")
-        .args([
-            "req",
-            "-new",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-subj",
-            "/CN=RE4A000050",
-            "-keyout",
-        ])
-        .arg(&key)
-        .arg("-out")
-        .arg(&csr)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        Command::new("openssl")
+            .args([
+                "req",
+                "-new",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-subj",
+                "/CN=RE4A000050",
+                "-keyout",
+            ])
+            .arg(&key)
+            .arg("-out")
+            .arg(&csr),
     );
     let csr_pem = std::fs::read_to_string(&csr).unwrap();
     let (status, body) = api

@@ -32,13 +32,7 @@ async fn device_connects_publishes_and_is_online_within_a_second() {
     let _driver = drive(eventloop);
     publish(&client, "RE4A000123", "telemetry", TELEMETRY).await;
 
-    let online = wait_state(
-        &store,
-        "RE4A000123",
-        ConnState::Online,
-        Duration::from_secs(1),
-    )
-    .await;
+    let online = within_a_second(&store, "RE4A000123", ConnState::Online).await;
     assert!(
         connected.elapsed() < Duration::from_secs(1),
         "online after {:?}",
@@ -87,13 +81,7 @@ async fn mosquitto_pub_connects_by_name_and_by_ip_literal() {
     })
     .await;
     // mosquitto_pub disconnects cleanly after publishing.
-    let s = wait_state(
-        &store,
-        "RE4A000200",
-        ConnState::Offline,
-        Duration::from_secs(1),
-    )
-    .await;
+    let s = within_a_second(&store, "RE4A000200", ConnState::Offline).await;
     assert_eq!(
         s.last_disconnect_reason.as_deref(),
         Some("client_disconnect")
@@ -129,48 +117,20 @@ async fn offline_within_a_second_of_disconnect_and_of_a_dropped_connection() {
     let files = gw.provision("RE4A000500", "00:1B:2C:3D:4E:63");
     let store = gw.store().await;
 
-    let (client, mut el) = device_client(&gw, &files);
-    assert_eq!(connack(&mut el).await, Ok(ConnectReturnCode::Success));
-    wait_state(
-        &store,
-        "RE4A000500",
-        ConnState::Online,
-        Duration::from_secs(1),
-    )
-    .await;
+    let (client, mut el) = online_client(&gw, &store, &files).await;
     client.disconnect().await.unwrap();
     while el.poll().await.is_ok() {}
     let at = Instant::now();
-    let s = wait_state(
-        &store,
-        "RE4A000500",
-        ConnState::Offline,
-        Duration::from_secs(1),
-    )
-    .await;
+    let s = within_a_second(&store, "RE4A000500", ConnState::Offline).await;
     assert!(at.elapsed() < Duration::from_secs(1));
     assert_eq!(
         s.last_disconnect_reason.as_deref(),
         Some("client_disconnect")
     );
 
-    let (_client, mut el) = device_client(&gw, &files);
-    assert_eq!(connack(&mut el).await, Ok(ConnectReturnCode::Success));
-    wait_state(
-        &store,
-        "RE4A000500",
-        ConnState::Online,
-        Duration::from_secs(1),
-    )
-    .await;
+    let (_client, el) = online_client(&gw, &store, &files).await;
     drop(el); // the TCP connection closes without DISCONNECT
-    let s = wait_state(
-        &store,
-        "RE4A000500",
-        ConnState::Offline,
-        Duration::from_secs(1),
-    )
-    .await;
+    let s = within_a_second(&store, "RE4A000500", ConnState::Offline).await;
     assert_eq!(s.last_disconnect_reason.as_deref(), Some("connection_lost"));
 }
 
@@ -256,15 +216,7 @@ async fn shutdown_and_crash_leave_no_device_shown_online() {
     let mut gw = TestGateway::start().await;
     let files = gw.provision("RE4A000800", "00:1B:2C:3D:4E:66");
     let store = gw.store().await;
-    let (_client, mut el) = device_client(&gw, &files);
-    assert_eq!(connack(&mut el).await, Ok(ConnectReturnCode::Success));
-    wait_state(
-        &store,
-        "RE4A000800",
-        ConnState::Online,
-        Duration::from_secs(1),
-    )
-    .await;
+    let (_client, _el) = online_client(&gw, &store, &files).await;
     assert_eq!(gw.stop(), Some(0));
     let s = status(&store, "RE4A000800").await;
     assert_eq!(
@@ -273,15 +225,7 @@ async fn shutdown_and_crash_leave_no_device_shown_online() {
     );
 
     gw.restart().await;
-    let (_client, mut el) = device_client(&gw, &files);
-    assert_eq!(connack(&mut el).await, Ok(ConnectReturnCode::Success));
-    wait_state(
-        &store,
-        "RE4A000800",
-        ConnState::Online,
-        Duration::from_secs(1),
-    )
-    .await;
+    let (_client, _el) = online_client(&gw, &store, &files).await;
     gw.kill();
     gw.restart().await;
     let s = status(&store, "RE4A000800").await;
@@ -289,4 +233,25 @@ async fn shutdown_and_crash_leave_no_device_shown_online() {
         (s.state, s.last_disconnect_reason.as_deref()),
         (ConnState::Offline, Some("gateway_restart"))
     );
+}
+
+/// Connects `files`' device and waits (1 s at most) until the store shows it online.
+async fn online_client(
+    gw: &TestGateway,
+    store: &tms_store::Store,
+    files: &DeviceFiles,
+) -> (rumqttc::AsyncClient, rumqttc::EventLoop) {
+    let (client, mut el) = device_client(gw, files);
+    assert_eq!(connack(&mut el).await, Ok(ConnectReturnCode::Success));
+    within_a_second(store, &files.serial, ConnState::Online).await;
+    (client, el)
+}
+
+/// Waits at most a second for `serial` to be in `state` in the store.
+async fn within_a_second(
+    store: &tms_store::Store,
+    serial: &str,
+    state: ConnState,
+) -> tms_store::DeviceStatus {
+    wait_state(store, serial, state, Duration::from_secs(1)).await
 }

@@ -91,16 +91,10 @@ async fn secrets_at_rest_are_private_and_delivered_mails_forget_their_text() {
     let provider_token = api.token(&gw, PROVIDER, PROVIDER_PASSWORD).await;
     let email = "ana@example.com";
     let (status, body) = api
-        .call(
-            "POST",
-            gw.url("/api/v1/registrations"),
+        .register(
+            &gw,
             Some(&provider_token),
-            Some(registration(
-                "RE4A000070",
-                "00:1B:2C:3D:4E:70",
-                email,
-                "Acme",
-            )),
+            registration("RE4A000070", "00:1B:2C:3D:4E:70", email, "Acme"),
         )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
@@ -215,14 +209,7 @@ async fn control_characters_are_refused_by_name_before_the_store() {
                 slot = &mut slot[*key];
             }
             *slot = json!("Ana\u{0}Ruiz@example.com");
-            let (status, answer) = api
-                .call(
-                    "POST",
-                    gw.url("/api/v1/registrations"),
-                    Some(&token),
-                    Some(body),
-                )
-                .await;
+            let (status, answer) = api.register(&gw, Some(&token), body).await;
             assert_eq!(
                 status,
                 StatusCode::UNPROCESSABLE_ENTITY,
@@ -237,14 +224,7 @@ async fn control_characters_are_refused_by_name_before_the_store() {
         // A tab or an escape sequence has no place in a one-line field either.
         let mut body = registration("RE4ANUL1", "00:1B:2C:3D:4E:70", "nul@example.com", "Nul Co");
         body["user"]["new"]["last_name"] = json!("Ruiz\u{1b}[2J");
-        let (status, answer) = api
-            .call(
-                "POST",
-                gw.url("/api/v1/registrations"),
-                Some(&token),
-                Some(body),
-            )
-            .await;
+        let (status, answer) = api.register(&gw, Some(&token), body).await;
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
         assert!(
             answer["error"]["fields"]["user.new.last_name"].is_string(),
@@ -281,17 +261,13 @@ async fn control_characters_are_refused_by_name_before_the_store() {
 /// handler panic; the CLI says so and exits 2.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mac_with_a_multibyte_character_is_refused_not_a_panic() {
-    let gw = TestGateway::start().await;
-    let api = Api::new();
-    provider(&gw);
-    let token = api.token(&gw, PROVIDER, PROVIDER_PASSWORD).await;
+    let (gw, api, token) = provider_gateway().await;
     for mac in ["0é123456789", "00:1B:2C:3D:4E:5é", "é0:1B:2C:3D:4E:5"] {
         let (status, answer) = api
-            .call(
-                "POST",
-                gw.url("/api/v1/registrations"),
+            .register(
+                &gw,
                 Some(&token),
-                Some(registration("RE4AMAC1", mac, "mac@example.com", "Mac Co")),
+                registration("RE4AMAC1", mac, "mac@example.com", "Mac Co"),
             )
             .await;
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{mac}: {answer}");

@@ -188,14 +188,7 @@ async fn a_certificate_from_the_future_is_refused_saying_the_device_clock_is_off
     let ca = Ca::load(&gw.data_dir().join("ca")).unwrap();
     let serial = DeviceSerial::parse("RE4A001200").unwrap();
     let later = OffsetDateTime::now_utc() + time::Duration::days(2);
-    let future = ca
-        .issue_device(
-            &serial,
-            DeviceKey::Generate,
-            later,
-            later + time::Duration::days(30),
-        )
-        .unwrap();
+    let future = issue_between(&ca, &serial, later, later + time::Duration::days(30));
     let files = files_from(&gw, "RE4A001200", "future", &future);
     let (_c, mut el) = device_client(&gw, &files);
     assert!(connack(&mut el).await.is_err());
@@ -215,14 +208,7 @@ async fn a_thousand_refused_handshakes_make_a_bounded_number_of_store_writes() {
     let ca = Ca::load(&gw.data_dir().join("ca")).unwrap();
     let serial = DeviceSerial::parse("RE4A001300").unwrap();
     let now = OffsetDateTime::now_utc();
-    let expired = ca
-        .issue_device(
-            &serial,
-            DeviceKey::Generate,
-            now - time::Duration::days(3),
-            now - time::Duration::days(1),
-        )
-        .unwrap();
+    let expired = issue_expired(&ca, &serial, now);
     let files = files_from(&gw, "RE4A001300", "expired", &expired);
     let tls = client_tls(&files.ca, Some((&files.pem, &files.key)));
     let before = scrape(&gw).await;
@@ -376,15 +362,10 @@ async fn a_new_server_certificate_does_not_disconnect_devices() {
 
 /// Runs openssl in `dir`; panics with its stderr when it fails.
 fn openssl(dir: &std::path::Path, args: &[&str]) -> String {
-    let out = std::process::Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_ok(
+        std::process::Command::new("openssl")
+            .current_dir(dir)
+            .args(args),
     );
     String::from_utf8(out.stdout).unwrap()
 }
@@ -461,15 +442,8 @@ async fn csrs_with_p384_ed25519_and_rsa_keys_give_certificates_that_connect() {
     for (name, genpkey, digest, reason) in refused {
         let dir = gw.dir.path().join(name);
         let csr = openssl_csr(&dir, serial, genpkey, digest);
-        let resp = http
-            .post(&url)
-            .bearer_auth(&token)
-            .json(&serde_json::json!({"csr_pem": csr}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 422, "{name}");
-        let body: Value = resp.json().await.unwrap();
+        let (status, body) = post_csr(&http, &url, &token, &csr).await;
+        assert_eq!(status, 422, "{name}");
         let message = body["error"]["fields"]["csr_pem"].as_str().unwrap_or("");
         assert!(message.contains(reason), "{name}: {body}");
         // The CLI path refuses it the same way.
@@ -517,15 +491,8 @@ async fn csrs_with_p384_ed25519_and_rsa_keys_give_certificates_that_connect() {
     for (name, genpkey, digest) in accepted {
         let dir = gw.dir.path().join(name);
         let csr = openssl_csr(&dir, serial, genpkey, digest);
-        let resp = http
-            .post(&url)
-            .bearer_auth(&token)
-            .json(&serde_json::json!({"csr_pem": csr}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 201, "{name}");
-        let body: Value = resp.json().await.unwrap();
+        let (status, body) = post_csr(&http, &url, &token, &csr).await;
+        assert_eq!(status, 201, "{name}");
         let chain = format!(
             "{}{}",
             body["certificate_pem"].as_str().unwrap(),
@@ -553,4 +520,21 @@ async fn csrs_with_p384_ed25519_and_rsa_keys_give_certificates_that_connect() {
             "{name} with rustls"
         );
     }
+}
+
+/// POSTs `csr` as `csr_pem` to `url` with `token`: the status and the JSON answer.
+async fn post_csr(
+    http: &reqwest::Client,
+    url: &str,
+    token: &str,
+    csr: &str,
+) -> (reqwest::StatusCode, Value) {
+    let resp = http
+        .post(url)
+        .bearer_auth(token)
+        .json(&serde_json::json!({"csr_pem": csr}))
+        .send()
+        .await
+        .unwrap();
+    (resp.status(), resp.json().await.unwrap())
 }

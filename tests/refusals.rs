@@ -12,7 +12,7 @@ use std::time::Duration;
 use rumqttc::{ConnectReturnCode, Event, Packet, QoS, SubscribeReasonCode};
 use support::*;
 use time::OffsetDateTime;
-use tms_certs::{Ca, DeviceKey};
+use tms_certs::Ca;
 use tms_model::DeviceSerial;
 
 /// A device that connects by a name the server certificate does not hold gives up during the
@@ -131,14 +131,7 @@ async fn refused_connections_are_recorded_against_the_device_with_their_reason()
     // A certificate for this very serial from a foreign CA.
     let foreign_dir = tempfile::tempdir().unwrap();
     let (foreign, _) = Ca::load_or_create(foreign_dir.path(), now).unwrap();
-    let forged = foreign
-        .issue_device(
-            &serial,
-            DeviceKey::Generate,
-            now,
-            now + time::Duration::days(30),
-        )
-        .unwrap();
+    let forged = issue_between(&foreign, &serial, now, now + time::Duration::days(30));
     let (pem, key) = (
         foreign_dir.path().join("d.pem"),
         foreign_dir.path().join("d.key"),
@@ -152,14 +145,7 @@ async fn refused_connections_are_recorded_against_the_device_with_their_reason()
 
     // Expired: signed by our own CA, but its validity ended yesterday.
     let ca = Ca::load(&gw.data_dir().join("ca")).unwrap();
-    let expired = ca
-        .issue_device(
-            &serial,
-            DeviceKey::Generate,
-            now - time::Duration::days(3),
-            now - time::Duration::days(1),
-        )
-        .unwrap();
+    let expired = issue_expired(&ca, &serial, now);
     std::fs::write(&pem, &expired.certificate_pem).unwrap();
     std::fs::write(&key, expired.private_key_pem.as_deref().unwrap()).unwrap();
     let (_c, mut el) = mqtt_client(&gw, "RE4A000300", client_tls(&files.ca, Some((&pem, &key))));
@@ -183,31 +169,13 @@ async fn refused_connections_are_recorded_against_the_device_with_their_reason()
     assert_eq!(connack(&mut el).await, Ok(ConnectReturnCode::Success));
     publish(&client, "RE4A000999", "telemetry", TELEMETRY).await;
     client.subscribe("tms/#", QoS::AtLeastOnce).await.unwrap();
-    let suback = loop {
-        match tokio::time::timeout(Duration::from_secs(5), el.poll())
-            .await
-            .unwrap()
-            .unwrap()
-        {
-            Event::Incoming(Packet::SubAck(ack)) => break ack,
-            _ => continue,
-        }
-    };
+    let suback = next_suback(&mut el).await;
     assert_eq!(suback.return_codes, vec![SubscribeReasonCode::Failure]);
     client
         .subscribe("tms/RE4A000300/cmd/#", QoS::AtLeastOnce)
         .await
         .unwrap();
-    let suback = loop {
-        match tokio::time::timeout(Duration::from_secs(5), el.poll())
-            .await
-            .unwrap()
-            .unwrap()
-        {
-            Event::Incoming(Packet::SubAck(ack)) => break ack,
-            _ => continue,
-        }
-    };
+    let suback = next_suback(&mut el).await;
     assert_eq!(
         suback.return_codes,
         vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]
@@ -301,31 +269,26 @@ async fn strangers_naming_a_real_serial_do_not_touch_its_record() {
         |reason: &str| format!("tms_broker_connects_refused_total{{reason=\"{reason}\"}}");
 
     // A self-signed certificate naming the serial, as `openssl req -x509` makes it.
-    let out = std::process::Command::new("openssl")
-        .current_dir(&dir)
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-days",
-            "30",
-            "-keyout",
-            "self.key",
-            "-out",
-            "self.pem",
-            "-subj",
-        ])
-        .arg(format!("/CN={serial}"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        std::process::Command::new("openssl")
+            .current_dir(&dir)
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-days",
+                "30",
+                "-keyout",
+                "self.key",
+                "-out",
+                "self.pem",
+                "-subj",
+            ])
+            .arg(format!("/CN={serial}")),
     );
     let tls = client_tls(
         &files.ca,
@@ -340,14 +303,7 @@ async fn strangers_naming_a_real_serial_do_not_touch_its_record() {
     // An expired certificate from a CA of one's own: expired, but not ours to report.
     let now = OffsetDateTime::now_utc();
     let (foreign, _) = Ca::load_or_create(&dir.join("ca"), now).unwrap();
-    let expired = foreign
-        .issue_device(
-            &DeviceSerial::parse(serial).unwrap(),
-            DeviceKey::Generate,
-            now - time::Duration::days(3),
-            now - time::Duration::days(1),
-        )
-        .unwrap();
+    let expired = issue_expired(&foreign, &DeviceSerial::parse(serial).unwrap(), now);
     std::fs::write(dir.join("old.pem"), &expired.certificate_pem).unwrap();
     std::fs::write(dir.join("old.key"), expired.private_key_pem.unwrap()).unwrap();
     let tls = client_tls(
@@ -413,4 +369,18 @@ async fn strangers_naming_a_real_serial_do_not_touch_its_record() {
         .map(|r| r.reason)
         .collect();
     assert_eq!(reasons, ["revoked"]);
+}
+
+/// The next SUBACK on `el` (5 s at most for each event before it).
+async fn next_suback(el: &mut rumqttc::EventLoop) -> rumqttc::SubAck {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), el.poll())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            Event::Incoming(Packet::SubAck(ack)) => break ack,
+            _ => continue,
+        }
+    }
 }

@@ -48,88 +48,172 @@ pub fn install() -> Option<PrometheusHandle> {
         .clone()
 }
 
+enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// Every metric this process records, with its help text.
+const DESCRIPTIONS: &[(Kind, &str, &str)] = &[
+    (
+        Kind::Gauge,
+        "tms_broker_connections",
+        "Devices connected right now",
+    ),
+    (
+        Kind::Counter,
+        "tms_api_password_checks_refused_total",
+        "Logins, password changes and registrations turned away (429) because every argon2 worker and place in line was taken",
+    ),
+    (
+        Kind::Counter,
+        "tms_broker_connects_accepted_total",
+        "Sessions established (CONNACK sent)",
+    ),
+    (
+        Kind::Counter,
+        "tms_broker_connects_refused_total",
+        "Refused handshakes, CONNECTs and packets, by reason",
+    ),
+    (
+        Kind::Counter,
+        "tms_broker_disconnects_total",
+        "Ended sessions, by reason",
+    ),
+    (
+        Kind::Histogram,
+        "tms_broker_handshake_duration_seconds",
+        "TLS handshake time",
+    ),
+    (
+        Kind::Counter,
+        "tms_broker_messages_received_total",
+        "Device publishes accepted, by topic kind",
+    ),
+    (
+        Kind::Counter,
+        "tms_broker_acl_denied_total",
+        "Publishes and subscribes outside the device's topics",
+    ),
+    (
+        Kind::Counter,
+        "tms_broker_bytes_received_total",
+        "Bytes read from devices",
+    ),
+    (
+        Kind::Gauge,
+        "tms_ingest_queue_depth",
+        "Events waiting for ingest",
+    ),
+    (
+        Kind::Histogram,
+        "tms_ingest_batch_rows",
+        "Rows per ingest commit",
+    ),
+    (
+        Kind::Histogram,
+        "tms_ingest_commit_duration_seconds",
+        "Time per ingest commit",
+    ),
+    (
+        Kind::Counter,
+        "tms_ingest_rows_written_total",
+        "Rows written by ingest",
+    ),
+    (
+        Kind::Counter,
+        "tms_ingest_write_errors_total",
+        "Failed ingest commits (retried)",
+    ),
+    (
+        Kind::Counter,
+        "tms_ingest_messages_total",
+        "Device messages by kind and outcome (stored, quarantined)",
+    ),
+    (
+        Kind::Gauge,
+        "tms_devices",
+        "Registered devices by connection state",
+    ),
+    (
+        Kind::Histogram,
+        "tms_presence_online_latency_seconds",
+        "From CONNACK to the online status committed in the store",
+    ),
+    (
+        Kind::Gauge,
+        "tms_devices_identity_mismatch",
+        "Devices whose reported System Name names another UPS",
+    ),
+    (
+        Kind::Counter,
+        "tms_certs_issued_total",
+        "Device certificates issued",
+    ),
+    (
+        Kind::Counter,
+        "tms_certs_revoked_total",
+        "Device certificates revoked",
+    ),
+    (
+        Kind::Gauge,
+        "tms_certs_expiring_30d",
+        "Valid device certificates ending within 30 days",
+    ),
+    (
+        Kind::Gauge,
+        "tms_leases_expiring_30d",
+        "Device leases ending within 30 days",
+    ),
+    (
+        Kind::Counter,
+        "tms_http_requests_total",
+        "HTTP requests by route template, method and status class",
+    ),
+    (
+        Kind::Histogram,
+        "tms_http_request_duration_seconds",
+        "HTTP request time by route template",
+    ),
+    (Kind::Counter, "tms_mail_sent_total", "Emails delivered"),
+    (
+        Kind::Counter,
+        "tms_mail_failed_total",
+        "Email delivery attempts that failed (kept for retry)",
+    ),
+    (
+        Kind::Gauge,
+        "tms_mail_queued",
+        "Emails waiting for delivery",
+    ),
+    (Kind::Gauge, "tms_alarms_active", "Open UPS alarms by code"),
+    (
+        Kind::Counter,
+        "tms_alarm_notifications_total",
+        "Alarm notices by channel (email, webhook) and outcome",
+    ),
+    (
+        Kind::Gauge,
+        "tms_build_info",
+        "Version and git commit of this build",
+    ),
+    (
+        Kind::Gauge,
+        "tms_process_start_time_seconds",
+        "Start time of the process, Unix seconds",
+    ),
+];
+
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
-    describe_gauge!("tms_broker_connections", "Devices connected right now");
-    describe_counter!(
-        "tms_api_password_checks_refused_total",
-        "Logins, password changes and registrations turned away (429) because every argon2 worker and place in line was taken"
-    );
-    describe_counter!(
-        "tms_broker_connects_accepted_total",
-        "Sessions established (CONNACK sent)"
-    );
-    describe_counter!(
-        "tms_broker_connects_refused_total",
-        "Refused handshakes, CONNECTs and packets, by reason"
-    );
-    describe_counter!("tms_broker_disconnects_total", "Ended sessions, by reason");
-    describe_histogram!(
-        "tms_broker_handshake_duration_seconds",
-        "TLS handshake time"
-    );
-    describe_counter!(
-        "tms_broker_messages_received_total",
-        "Device publishes accepted, by topic kind"
-    );
-    describe_counter!(
-        "tms_broker_acl_denied_total",
-        "Publishes and subscribes outside the device's topics"
-    );
-    describe_counter!("tms_broker_bytes_received_total", "Bytes read from devices");
-    describe_gauge!("tms_ingest_queue_depth", "Events waiting for ingest");
-    describe_histogram!("tms_ingest_batch_rows", "Rows per ingest commit");
-    describe_histogram!(
-        "tms_ingest_commit_duration_seconds",
-        "Time per ingest commit"
-    );
-    describe_counter!("tms_ingest_rows_written_total", "Rows written by ingest");
-    describe_counter!(
-        "tms_ingest_write_errors_total",
-        "Failed ingest commits (retried)"
-    );
-    describe_counter!(
-        "tms_ingest_messages_total",
-        "Device messages by kind and outcome (stored, quarantined)"
-    );
-    describe_gauge!("tms_devices", "Registered devices by connection state");
-    describe_histogram!(
-        "tms_presence_online_latency_seconds",
-        "From CONNACK to the online status committed in the store"
-    );
-    describe_gauge!(
-        "tms_devices_identity_mismatch",
-        "Devices whose reported System Name names another UPS"
-    );
-    describe_counter!("tms_certs_issued_total", "Device certificates issued");
-    describe_counter!("tms_certs_revoked_total", "Device certificates revoked");
-    describe_gauge!(
-        "tms_certs_expiring_30d",
-        "Valid device certificates ending within 30 days"
-    );
-    describe_gauge!(
-        "tms_leases_expiring_30d",
-        "Device leases ending within 30 days"
-    );
-    describe_counter!(
-        "tms_http_requests_total",
-        "HTTP requests by route template, method and status class"
-    );
-    describe_histogram!(
-        "tms_http_request_duration_seconds",
-        "HTTP request time by route template"
-    );
-    describe_counter!("tms_mail_sent_total", "Emails delivered");
-    describe_counter!(
-        "tms_mail_failed_total",
-        "Email delivery attempts that failed (kept for retry)"
-    );
-    describe_gauge!("tms_mail_queued", "Emails waiting for delivery");
-    describe_gauge!("tms_alarms_active", "Open UPS alarms by code");
-    describe_counter!(
-        "tms_alarm_notifications_total",
-        "Alarm notices by channel (email, webhook) and outcome"
-    );
+    for (kind, name, help) in DESCRIPTIONS {
+        match kind {
+            Kind::Counter => describe_counter!(*name, *help),
+            Kind::Gauge => describe_gauge!(*name, *help),
+            Kind::Histogram => describe_histogram!(*name, *help),
+        }
+    }
     // Shown at zero from the start, so a dashboard and an alert on failures have a series
     // before the first notice.
     for (channel, outcome) in [
@@ -141,11 +225,6 @@ fn describe() {
         metrics::counter!("tms_alarm_notifications_total", "channel" => channel, "outcome" => outcome)
             .increment(0);
     }
-    describe_gauge!("tms_build_info", "Version and git commit of this build");
-    describe_gauge!(
-        "tms_process_start_time_seconds",
-        "Start time of the process, Unix seconds"
-    );
 }
 
 /// The Prometheus text exposition, or an empty string without a recorder.

@@ -252,12 +252,7 @@ pub(crate) fn move_into_place(tmp: &Path, path: &Path) -> Result<(), CertError> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::DeviceKey;
-    use tms_model::DeviceSerial;
-
-    fn serial(s: &str) -> DeviceSerial {
-        DeviceSerial::parse(s).unwrap()
-    }
+    use crate::testing::issue_30_days;
 
     #[test]
     fn ca_key_encrypted_at_rest_with_a_passphrase() {
@@ -280,14 +275,7 @@ mod tests {
             again.info().sha256_fingerprint,
             ca.info().sha256_fingerprint
         );
-        let issued = again
-            .issue_device(
-                &serial("RE4A1"),
-                DeviceKey::Generate,
-                now,
-                now + Duration::days(30),
-            )
-            .unwrap();
+        let issued = issue_30_days(&again, "RE4A1", now);
         assert_eq!(
             identity(&issued.certificate_der).unwrap().issuer,
             identity(ca.cert_der()).unwrap().issuer

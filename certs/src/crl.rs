@@ -66,29 +66,17 @@ impl Ca {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::DeviceKey;
     use crate::identity::serial_hex;
+    use crate::testing::issue_30_days;
     use rustls_pki_types::pem::PemObject;
-    use tms_model::DeviceSerial;
     use x509_parser::prelude::*;
-
-    fn serial(s: &str) -> DeviceSerial {
-        DeviceSerial::parse(s).unwrap()
-    }
 
     #[test]
     fn crl_lists_revoked_serials() {
         let dir = tempfile::tempdir().unwrap();
         let now = OffsetDateTime::now_utc();
         let (ca, _) = Ca::load_or_create(dir.path(), now).unwrap();
-        let cert = ca
-            .issue_device(
-                &serial("RE4A1"),
-                DeviceKey::Generate,
-                now,
-                now + Duration::days(30),
-            )
-            .unwrap();
+        let cert = issue_30_days(&ca, "RE4A1", now);
         let pem = ca
             .crl_pem(
                 &[Revoked {

@@ -154,12 +154,9 @@ fn x509_error(e: nom::Err<X509Error>) -> X509Error {
 mod tests {
     use super::*;
     use crate::identity::identity;
+    use crate::testing::serial;
     use std::fs;
     use std::path::Path;
-
-    fn serial(s: &str) -> DeviceSerial {
-        DeviceSerial::parse(s).unwrap()
-    }
 
     #[test]
     fn device_certificate_names_the_serial_and_carries_a_long_random_serial_number() {

@@ -15,6 +15,8 @@ mod issue;
 mod keyfile;
 mod pem;
 mod server_cert;
+#[cfg(test)]
+mod testing;
 
 pub use authority::{Ca, CaInfo};
 pub use crl::Revoked;

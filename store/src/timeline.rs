@@ -119,6 +119,22 @@ async fn each_row(
         .map_err(query_err(op))
 }
 
+/// A source whose rows each give one or more events: `events` reads one row into `out`.
+async fn per_row(
+    store: &Store,
+    op: &'static str,
+    sql: &str,
+    serial: &str,
+    limit: i64,
+    events: fn(&AnyRow, &mut Vec<DeviceEvent>) -> Result<(), sqlx::Error>,
+) -> Result<Vec<DeviceEvent>> {
+    let mut out = Vec::new();
+    for r in &rows(store, op, sql, serial, limit).await? {
+        events(r, &mut out).map_err(query_err(op))?;
+    }
+    Ok(out)
+}
+
 fn registered<'a>(store: &'a Store, serial: &'a str, limit: i64) -> Events<'a> {
     Box::pin(each_row(
         store,
@@ -142,29 +158,23 @@ fn registered<'a>(store: &'a Store, serial: &'a str, limit: i64) -> Events<'a> {
 }
 
 fn certificates<'a>(store: &'a Store, serial: &'a str, limit: i64) -> Events<'a> {
-    Box::pin(async move {
-        let op = "reading certificate events";
-        let found = rows(
-            store,
-            op,
-            "SELECT serial_number, issued_at, revoked_at, revocation_reason FROM certificates \
-             WHERE device_serial = $1 ORDER BY COALESCE(revoked_at, issued_at) DESC LIMIT $2",
-            serial,
-            limit,
-        )
-        .await?;
-        let mut out = Vec::new();
-        for r in &found {
-            let cert: String = r.try_get("serial_number").map_err(query_err(op))?;
+    Box::pin(per_row(
+        store,
+        "reading certificate events",
+        "SELECT serial_number, issued_at, revoked_at, revocation_reason FROM certificates \
+         WHERE device_serial = $1 ORDER BY COALESCE(revoked_at, issued_at) DESC LIMIT $2",
+        serial,
+        limit,
+        |r, out| {
+            let cert: String = r.try_get("serial_number")?;
             out.push(DeviceEvent {
-                at: r.try_get("issued_at").map_err(query_err(op))?,
+                at: r.try_get("issued_at")?,
                 kind: "certificate_issued",
                 detail: json!({"certificate_serial": cert}),
             });
-            let revoked: Option<i64> = r.try_get("revoked_at").map_err(query_err(op))?;
+            let revoked: Option<i64> = r.try_get("revoked_at")?;
             if let Some(at) = revoked {
-                let reason: Option<String> =
-                    r.try_get("revocation_reason").map_err(query_err(op))?;
+                let reason: Option<String> = r.try_get("revocation_reason")?;
                 let kind = if reason.as_deref() == Some("superseded") {
                     "certificate_superseded"
                 } else {
@@ -176,44 +186,39 @@ fn certificates<'a>(store: &'a Store, serial: &'a str, limit: i64) -> Events<'a>
                     detail: json!({"certificate_serial": cert, "reason": reason}),
                 });
             }
-        }
-        Ok(out)
-    })
+            Ok(())
+        },
+    ))
 }
 
 fn sessions<'a>(store: &'a Store, serial: &'a str, limit: i64) -> Events<'a> {
-    Box::pin(async move {
-        let op = "reading session events";
-        let found = rows(
-            store,
-            op,
-            "SELECT session_id, node_id, peer_addr, started_at, ended_at, end_reason FROM device_sessions \
-             WHERE serial = $1 ORDER BY started_at DESC LIMIT $2",
-            serial,
-            limit,
-        )
-        .await?;
-        let mut out = Vec::new();
-        for r in &found {
-            let node: String = r.try_get("node_id").map_err(query_err(op))?;
-            let peer: Option<String> = r.try_get("peer_addr").map_err(query_err(op))?;
+    Box::pin(per_row(
+        store,
+        "reading session events",
+        "SELECT session_id, node_id, peer_addr, started_at, ended_at, end_reason FROM device_sessions \
+         WHERE serial = $1 ORDER BY started_at DESC LIMIT $2",
+        serial,
+        limit,
+        |r, out| {
+            let node: String = r.try_get("node_id")?;
+            let peer: Option<String> = r.try_get("peer_addr")?;
             out.push(DeviceEvent {
-                at: r.try_get("started_at").map_err(query_err(op))?,
+                at: r.try_get("started_at")?,
                 kind: "connected",
                 detail: json!({"node_id": node, "peer_addr": peer}),
             });
-            let ended: Option<i64> = r.try_get("ended_at").map_err(query_err(op))?;
+            let ended: Option<i64> = r.try_get("ended_at")?;
             if let Some(at) = ended {
-                let reason: Option<String> = r.try_get("end_reason").map_err(query_err(op))?;
+                let reason: Option<String> = r.try_get("end_reason")?;
                 out.push(DeviceEvent {
                     at,
                     kind: "disconnected",
                     detail: json!({"reason": reason, "node_id": node, "peer_addr": peer}),
                 });
             }
-        }
-        Ok(out)
-    })
+            Ok(())
+        },
+    ))
 }
 
 fn refusals<'a>(store: &'a Store, serial: &'a str, limit: i64) -> Events<'a> {
@@ -237,81 +242,60 @@ fn refusals<'a>(store: &'a Store, serial: &'a str, limit: i64) -> Events<'a> {
 }
 
 fn alarms<'a>(store: &'a Store, serial: &'a str, limit: i64) -> Events<'a> {
-    Box::pin(async move {
-        let op = "reading alarm events";
-        let found = rows(
-            store,
-            op,
-            "SELECT id, code, severity, raised_at, cleared_at, acknowledged_at, acknowledged_by FROM alarms \
-             WHERE serial = $1 ORDER BY raised_at DESC LIMIT $2",
-            serial,
-            limit,
-        )
-        .await?;
-        let mut out = Vec::new();
-        for r in &found {
-            let id: i64 = r.try_get("id").map_err(query_err(op))?;
-            let code: String = r.try_get("code").map_err(query_err(op))?;
-            let severity: String = r.try_get("severity").map_err(query_err(op))?;
+    Box::pin(per_row(
+        store,
+        "reading alarm events",
+        "SELECT id, code, severity, raised_at, cleared_at, acknowledged_at, acknowledged_by FROM alarms \
+         WHERE serial = $1 ORDER BY raised_at DESC LIMIT $2",
+        serial,
+        limit,
+        |r, out| {
+            let id: i64 = r.try_get("id")?;
+            let code: String = r.try_get("code")?;
+            let severity: String = r.try_get("severity")?;
             let detail = json!({"alarm_id": id, "code": code, "severity": severity});
             out.push(DeviceEvent {
-                at: r.try_get("raised_at").map_err(query_err(op))?,
+                at: r.try_get("raised_at")?,
                 kind: "alarm_raised",
                 detail: detail.clone(),
             });
-            if let Some(at) = r
-                .try_get::<Option<i64>, _>("acknowledged_at")
-                .map_err(query_err(op))?
-            {
+            if let Some(at) = r.try_get::<Option<i64>, _>("acknowledged_at")? {
                 let mut d = detail.clone();
-                d["by"] = r
-                    .try_get::<Option<String>, _>("acknowledged_by")
-                    .map_err(query_err(op))?
-                    .into();
+                d["by"] = r.try_get::<Option<String>, _>("acknowledged_by")?.into();
                 out.push(DeviceEvent {
                     at,
                     kind: "alarm_acknowledged",
                     detail: d,
                 });
             }
-            if let Some(at) = r
-                .try_get::<Option<i64>, _>("cleared_at")
-                .map_err(query_err(op))?
-            {
+            if let Some(at) = r.try_get::<Option<i64>, _>("cleared_at")? {
                 out.push(DeviceEvent {
                     at,
                     kind: "alarm_cleared",
                     detail,
                 });
             }
-        }
-        Ok(out)
-    })
+            Ok(())
+        },
+    ))
 }
 
 /// One `command` event per step a command took: queued, delivered (PUBACKed), answered
 /// (`succeeded`/`failed`), or expired undelivered. `detail.state` names the step.
 fn commands<'a>(store: &'a Store, serial: &'a str, limit: i64) -> Events<'a> {
-    Box::pin(async move {
-        let op = "reading command events";
-        let found = rows(
-            store,
-            op,
-            "SELECT id, name, state, created_at, created_by, expires_at, delivered_at, replied_at FROM device_commands \
-             WHERE serial = $1 ORDER BY created_at DESC LIMIT $2",
-            serial,
-            limit,
-        )
-        .await?;
-        let mut out = Vec::new();
-        for r in &found {
-            let get = |col: &str| -> Result<Option<i64>> {
-                r.try_get::<Option<i64>, _>(col).map_err(query_err(op))
-            };
-            let id: String = r.try_get("id").map_err(query_err(op))?;
-            let name: String = r.try_get("name").map_err(query_err(op))?;
-            let state: String = r.try_get("state").map_err(query_err(op))?;
-            let by: String = r.try_get("created_by").map_err(query_err(op))?;
+    Box::pin(per_row(
+        store,
+        "reading command events",
+        "SELECT id, name, state, created_at, created_by, expires_at, delivered_at, replied_at FROM device_commands \
+         WHERE serial = $1 ORDER BY created_at DESC LIMIT $2",
+        serial,
+        limit,
+        |r, out| {
+            let get = |col: &str| -> Result<Option<i64>, sqlx::Error> { r.try_get(col) };
+            let id: String = r.try_get("id")?;
+            let name: String = r.try_get("name")?;
+            let state: String = r.try_get("state")?;
+            let by: String = r.try_get("created_by")?;
             let step = |at: i64, step: &str| DeviceEvent {
                 at,
                 kind: "command",
@@ -325,18 +309,12 @@ fn commands<'a>(store: &'a Store, serial: &'a str, limit: i64) -> Events<'a> {
             if let Some(at) = get("delivered_at")? {
                 out.push(step(at, "delivered"));
             } else if state == "expired" {
-                out.push(step(
-                    r.try_get("expires_at").map_err(query_err(op))?,
-                    "expired",
-                ));
+                out.push(step(r.try_get("expires_at")?, "expired"));
             }
-            out.push(step(
-                r.try_get("created_at").map_err(query_err(op))?,
-                "queued",
-            ));
-        }
-        Ok(out)
-    })
+            out.push(step(r.try_get("created_at")?, "queued"));
+            Ok(())
+        },
+    ))
 }
 
 fn lease_changes<'a>(store: &'a Store, serial: &'a str, limit: i64) -> Events<'a> {

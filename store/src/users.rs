@@ -5,7 +5,7 @@ use sqlx::AnyConnection;
 use crate::row::Flag;
 use crate::{Result, Store, query_err, unique_err};
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct NewUser {
     pub email: String,
     pub role: String,

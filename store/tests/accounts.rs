@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{backends, device};
+use common::{add_device, backends};
 use tms_store::*;
 
 /// An active staff account with a settled password.
@@ -14,22 +14,15 @@ fn staff(email: &str, role: &str) -> NewUser {
         email: email.into(),
         role: role.into(),
         password_hash: "$argon2id$x".into(),
-        first_name: None,
-        last_name: None,
-        phone: None,
-        company_id: None,
         active: true,
-        must_change_password: false,
+        ..NewUser::default()
     }
 }
 
 #[tokio::test]
 async fn certificates_and_accounts() {
     for store in backends().await.stores {
-        store
-            .add_device(&device("RE4A1", "00:1B:2C:3D:4E:5F", "Acme"), 1)
-            .await
-            .unwrap();
+        add_device(&store, "RE4A1", "00:1B:2C:3D:4E:5F").await;
         for (sn, at) in [("0a01", 10), ("0a02", 20)] {
             store
                 .add_certificate(&CertificateRecord {

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{backends, device};
+use common::{add_device, backends};
 use tms_store::*;
 
 /// Alarms on both backends: a raise replayed (a retried batch, a second node) stays one
@@ -14,14 +14,8 @@ use tms_store::*;
 #[tokio::test]
 async fn alarms_are_raised_once_swept_and_noticed_once() {
     for store in backends().await.stores {
-        store
-            .add_device(&device("RE4A1", "00:1B:2C:3D:4E:5F", "Acme"), 1)
-            .await
-            .unwrap();
-        store
-            .add_device(&device("RE4A2", "00:1B:2C:3D:4E:60", "Acme"), 1)
-            .await
-            .unwrap();
+        add_device(&store, "RE4A1", "00:1B:2C:3D:4E:5F").await;
+        add_device(&store, "RE4A2", "00:1B:2C:3D:4E:60").await;
         let raise = AlarmChange::Raise {
             serial: "RE4A1".into(),
             code: "on_battery".into(),

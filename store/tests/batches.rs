@@ -5,17 +5,14 @@
 
 mod common;
 
-use common::{backends, device};
+use common::{add_device, backends};
 use tms_model::ConnState;
 use tms_store::*;
 
 #[tokio::test]
 async fn telemetry_quarantine_and_location_are_stored_in_one_batch() {
     for store in backends().await.stores {
-        store
-            .add_device(&device("RE4A1", "00:1B:2C:3D:4E:5F", "Acme"), 1)
-            .await
-            .unwrap();
+        add_device(&store, "RE4A1", "00:1B:2C:3D:4E:5F").await;
         let telemetry = (0..450)
             .map(|i| TelemetryRow {
                 serial: "RE4A1".into(),
@@ -65,10 +62,7 @@ async fn telemetry_quarantine_and_location_are_stored_in_one_batch() {
 #[tokio::test]
 async fn refusals_are_recorded_for_registered_devices_only_and_coalesced() {
     for store in backends().await.stores {
-        store
-            .add_device(&device("RE4A1", "00:1B:2C:3D:4E:5F", "Acme"), 1)
-            .await
-            .unwrap();
+        add_device(&store, "RE4A1", "00:1B:2C:3D:4E:5F").await;
         let refusal = |serial: &str, reason: &str, at| RefusalRow {
             serial: serial.into(),
             reason: reason.into(),
@@ -152,10 +146,7 @@ async fn refused_peers_are_coalesced_and_trimmed_as_they_are_written() {
 #[tokio::test]
 async fn the_write_ahead_log_checkpoint_succeeds_on_every_backend() {
     for store in backends().await.stores {
-        store
-            .add_device(&device("RE4A9", "00:1B:2C:3D:4E:59", "Acme"), 1)
-            .await
-            .unwrap();
+        add_device(&store, "RE4A9", "00:1B:2C:3D:4E:59").await;
         store.checkpoint().await.unwrap();
     }
 }

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{backends, device};
+use common::{add_device, backends};
 use tms_model::ConnState;
 use tms_store::*;
 
@@ -141,10 +141,7 @@ async fn a_node_id_is_held_by_one_live_process_and_a_lost_node_is_ended_once() {
             ("RE4N1", "00:1B:2C:3D:4E:01"),
             ("RE4N2", "00:1B:2C:3D:4E:02"),
         ] {
-            store
-                .add_device(&device(serial, mac, "Acme"), 1)
-                .await
-                .unwrap();
+            add_device(&store, serial, mac).await;
         }
         let connected = |serial: &str, sid: &str, node: &str, at| StatusEvent::Connected {
             serial: serial.into(),

@@ -5,17 +5,14 @@
 
 mod common;
 
-use common::{backends, device};
+use common::{add_device, backends, device};
 use tms_model::ConnState;
 use tms_store::*;
 
 #[tokio::test]
 async fn devices_are_unique_by_serial_and_mac_in_any_spelling() {
     for store in backends().await.stores {
-        store
-            .add_device(&device("RE4A1", "00:1B:2C:3D:4E:5F", "Acme"), 1)
-            .await
-            .unwrap();
+        add_device(&store, "RE4A1", "00:1B:2C:3D:4E:5F").await;
         let err = store
             .add_device(&device("RE4A1", "00:1B:2C:3D:4E:60", "Acme"), 2)
             .await
@@ -69,10 +66,7 @@ async fn devices_are_unique_by_serial_and_mac_in_any_spelling() {
 #[tokio::test]
 async fn status_follows_sessions_and_a_taken_over_session_cannot_mark_offline() {
     for store in backends().await.stores {
-        store
-            .add_device(&device("RE4A1", "00:1B:2C:3D:4E:5F", "Acme"), 1)
-            .await
-            .unwrap();
+        add_device(&store, "RE4A1", "00:1B:2C:3D:4E:5F").await;
         let connected = |sid: &str, at| StatusEvent::Connected {
             serial: "RE4A1".into(),
             session_id: sid.into(),

@@ -344,6 +344,42 @@ impl Drop for TestGateway {
     }
 }
 
+/// A certificate from `ca` for `serial` with a generated key, valid from `from` to `until`.
+pub fn issue_between(
+    ca: &tms_certs::Ca,
+    serial: &tms_model::DeviceSerial,
+    from: time::OffsetDateTime,
+    until: time::OffsetDateTime,
+) -> tms_certs::IssuedCert {
+    ca.issue_device(serial, tms_certs::DeviceKey::Generate, from, until)
+        .unwrap()
+}
+
+/// A certificate from `ca` for `serial` whose validity ended a day before `now`.
+pub fn issue_expired(
+    ca: &tms_certs::Ca,
+    serial: &tms_model::DeviceSerial,
+    now: time::OffsetDateTime,
+) -> tms_certs::IssuedCert {
+    issue_between(
+        ca,
+        serial,
+        now - time::Duration::days(3),
+        now - time::Duration::days(1),
+    )
+}
+
+/// Runs `cmd` and fails the test with its stderr unless it exits 0.
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// Runs a CLI command on a data directory with no gateway running.
 pub fn cli_in(data_dir: &Path, args: &[&str]) -> String {
     let out = Command::new(BIN)

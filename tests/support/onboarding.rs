@@ -75,11 +75,42 @@ impl Api {
         .await
     }
 
+    /// `POST /api/v1/registrations` with `body`.
+    pub async fn register(
+        &self,
+        gw: &TestGateway,
+        token: Option<&str>,
+        body: Value,
+    ) -> (StatusCode, Value) {
+        self.call("POST", gw.url("/api/v1/registrations"), token, Some(body))
+            .await
+    }
+
+    /// Activates an account with the token from its activation email.
+    pub async fn activate(&self, gw: &TestGateway, token: &str) -> (StatusCode, Value) {
+        self.call(
+            "POST",
+            gw.url("/api/v1/auth/activate"),
+            None,
+            Some(json!({"token": token})),
+        )
+        .await
+    }
+
     pub async fn token(&self, gw: &TestGateway, email: &str, password: &str) -> String {
         let (status, body) = self.login(gw, email, password).await;
         assert_eq!(status, StatusCode::OK, "{body}");
         body["token"].as_str().unwrap().to_owned()
     }
+}
+
+/// A fresh gateway with the provider account, an API client and the provider's token.
+pub async fn provider_gateway() -> (TestGateway, Api, String) {
+    let gw = TestGateway::start().await;
+    let api = Api::new();
+    provider(&gw);
+    let token = api.token(&gw, PROVIDER, PROVIDER_PASSWORD).await;
+    (gw, api, token)
 }
 
 pub fn provider(gw: &TestGateway) {
@@ -156,24 +187,10 @@ pub async fn onboard_with(
     body: Value,
     email: &str,
 ) -> String {
-    let (status, body) = api
-        .call(
-            "POST",
-            gw.url("/api/v1/registrations"),
-            Some(provider_token),
-            Some(body),
-        )
-        .await;
+    let (status, body) = api.register(gw, Some(provider_token), body).await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
     let (activation, temporary) = emails_for(gw, email).await;
-    let (status, _) = api
-        .call(
-            "POST",
-            gw.url("/api/v1/auth/activate"),
-            None,
-            Some(json!({"token": activation})),
-        )
-        .await;
+    let (status, _) = api.activate(gw, &activation).await;
     assert_eq!(status, StatusCode::OK);
     let token = api.token(gw, email, &temporary).await;
     let (status, _) = api

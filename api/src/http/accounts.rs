@@ -89,6 +89,15 @@ impl Caller {
     pub(crate) fn is_staff(&self) -> bool {
         matches!(self.user.role.as_str(), "admin" | "provider")
     }
+
+    /// `Ok` for a provider or admin; a 403 `forbidden` saying `why` for anyone else.
+    pub(crate) fn require_staff(&self, why: &'static str) -> Result<(), ApiError> {
+        if self.is_staff() {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden("forbidden", why))
+        }
+    }
 }
 
 /// A hash to verify against when the account does not exist, so that the answer takes as
@@ -259,12 +268,7 @@ pub(super) async fn resend_activation(
     caller: Caller,
     bytes: bytes::Bytes,
 ) -> Result<Response, ApiError> {
-    if !caller.is_staff() {
-        return Err(ApiError::forbidden(
-            "forbidden",
-            "only providers and admins can resend activation emails",
-        ));
-    }
+    caller.require_staff("only providers and admins can resend activation emails")?;
     let Resend { email } = body(&bytes)?;
     let user = s
         .store

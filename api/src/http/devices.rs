@@ -394,12 +394,7 @@ pub(super) async fn renew_lease(
     bytes: bytes::Bytes,
 ) -> Result<Response, ApiError> {
     let (serial, _) = visible_device(&s, &caller, &serial).await?;
-    if !caller.is_staff() {
-        return Err(ApiError::forbidden(
-            "forbidden",
-            "only providers and admins renew leases",
-        ));
-    }
+    caller.require_staff("only providers and admins renew leases")?;
     let LeaseBody { months } = body(&bytes)?;
     if !(1..=120).contains(&months) {
         return Err(ApiError::validation(

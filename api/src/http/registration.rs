@@ -324,12 +324,7 @@ pub(super) async fn register(
     caller: Caller,
     bytes: bytes::Bytes,
 ) -> Result<Response, ApiError> {
-    if !caller.is_staff() {
-        return Err(ApiError::forbidden(
-            "forbidden",
-            "only providers and admins register devices",
-        ));
-    }
+    caller.require_staff("only providers and admins register devices")?;
     let body: Value = super::input::body(&bytes)?;
     let Validated {
         registration: mut reg,

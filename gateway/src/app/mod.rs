@@ -57,7 +57,6 @@ pub struct App {
     node: NodeIdentity,
     /// The change log follower; PostgreSQL only (one SQLite node has nobody to hear from).
     follower: Option<crate::cluster::Follower>,
-    node_id: String,
     /// This process's start (Unix ms): the offline window of gateway-caused disconnects.
     started_at: i64,
     /// The one clock every part is handed.
@@ -243,7 +242,6 @@ impl App {
             lock,
             node,
             follower,
-            node_id,
             started_at,
             clock,
         })

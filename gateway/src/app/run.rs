@@ -40,10 +40,10 @@ impl App {
             lock,
             node,
             follower,
-            node_id,
             started_at,
             clock,
         } = self;
+        let node_id = &node.id;
         // Held until every part has stopped and the store is closed.
         let _lock = lock;
         let stop = shutdown.child_token();
@@ -110,7 +110,7 @@ impl App {
                         .map(|s| s.expose().to_owned()),
                 }),
             mail_queued.clone(),
-            &node_id,
+            node_id,
             clock.clone(),
         );
         let notifier_stop = stop.clone();

@@ -36,6 +36,14 @@ pub async fn backends() -> Backends {
     Backends { stores, _dir: dir }
 }
 
+/// Registers `device(serial, mac, "Acme")` at time 1.
+pub async fn add_device(store: &Store, serial: &str, mac: &str) {
+    store
+        .add_device(&device(serial, mac, "Acme"), 1)
+        .await
+        .unwrap();
+}
+
 pub fn device(serial: &str, mac: &str, company: &str) -> NewDevice {
     NewDevice {
         serial: DeviceSerial::parse(serial).unwrap(),
