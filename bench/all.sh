@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole benchmark, unattended (about 12 minutes on the 2-core machine after the release
+# The whole benchmark, unattended (about 15 minutes on the 2-core machine after the release
 # build): each harness starts and stops its own gateway and Mosquitto, then the criterion
 # micro-benchmarks. Every figure is appended to bench/results/*.jsonl; BENCHMARKS.md says
 # which targets are met.
@@ -18,6 +18,8 @@ step "QoS 1 flood, 50 publishers: bench/flood.sh 50 2000"
 bench/flood.sh 50 2000
 step "latency at 1k and 5k msg/s: bench/latency.sh 10"
 bench/latency.sh 10
+step "reconnect storm, 10,000 devices at once: bench/storm.sh 10000"
+bench/storm.sh 10000
 step "micro-benchmarks: cargo bench"
 cargo bench --locked -p tms-certs -p tms-broker -p tms-ingest -p tms-store --bench issue --bench connect --bench parse --bench commit -- --warm-up-time 1 --measurement-time 3 2>&1 \
     | awk '/change:/ {skip = 2; next} skip > 0 {skip--; next} /^[a-z_]+\/|time:|thrpt:/' | tee "bench/results/criterion-$(date -u +%Y-%m-%d).txt"

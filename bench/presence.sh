@@ -24,26 +24,14 @@ for N in "${@:-2000 10000}"; do
         kill $GW; wait $GW 2>/dev/null || true
         python3 - "$n" "$WORK/metrics.txt" "$WORK/sim.out" <<'PY'
 import sys, json, datetime
+sys.path.insert(0, "bench")
+sys.dont_write_bytecode = True
+from histogram import summary_ms
 n, path, sim = int(sys.argv[1]), sys.argv[2], open(sys.argv[3]).read().strip()
-buckets, count = [], 0
-for line in open(path):
-    if line.startswith("tms_presence_online_latency_seconds_bucket"):
-        le = line.split('le="')[1].split('"')[0]
-        buckets.append((float("inf") if le == "+Inf" else float(le), float(line.split()[-1])))
-    elif line.startswith("tms_presence_online_latency_seconds_count"):
-        count = float(line.split()[-1])
-def quantile(q):
-    target, prev_le, prev_c = q * count, 0.0, 0.0
-    for le, c in sorted(buckets):
-        if c >= target:
-            if le == float("inf"):
-                return prev_le
-            return prev_le + (le - prev_le) * ((target - prev_c) / max(c - prev_c, 1e-9))
-        prev_le, prev_c = le, c
-    return float("nan")
+latency = summary_ms(open(path).read(), "tms_presence_online_latency_seconds")
 rec = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-       "devices": n, "connected_sessions_measured": int(count),
-       "online_latency_p50_ms": round(quantile(0.5) * 1000, 1), "online_latency_p99_ms": round(quantile(0.99) * 1000, 1),
+       "devices": n, "connected_sessions_measured": latency["count"],
+       "online_latency_p50_ms": latency["p50_ms"], "online_latency_p99_ms": latency["p99_ms"],
        "simulate": sim}
 open("bench/results/presence.jsonl", "a").write(json.dumps(rec) + "\n")
 print(json.dumps(rec))

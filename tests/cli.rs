@@ -41,6 +41,7 @@ fn device_add_help_names_the_mac_formats_units_and_defaults() {
     let simulate = help(&["simulate"]);
     assert!(simulate.contains("Seconds between telemetry"), "{simulate}");
     assert!(simulate.contains("[default: 5]"), "{simulate}");
+    assert!(simulate.contains("--storm"), "{simulate}");
 }
 
 #[tokio::test]

@@ -373,6 +373,68 @@ async fn simulate_connects_every_device_and_their_telemetry_is_stored() {
     }
 }
 
+/// Issue #17: `simulate --storm` lets every device dial at once and all of them come online;
+/// it reports when the last had its CONNACK and that no connect timed out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_of_simulated_devices_all_come_online() {
+    const DEVICES: usize = 8;
+    let gw = TestGateway::start().await;
+    let devices = DEVICES.to_string();
+    let args = [
+        "simulate",
+        "--storm",
+        "--devices",
+        &devices,
+        "--interval",
+        "60",
+        "--duration",
+        "10",
+    ];
+    let sim = gw.cli_spawn(&args);
+    let store = gw.store().await;
+    let serials: Vec<String> = (0..DEVICES).map(|i| format!("SIM{i:07}")).collect();
+    wait_for("every storm device online", Duration::from_secs(60), || {
+        let (store, serials) = (store.clone(), serials.clone());
+        async move {
+            for serial in &serials {
+                let device = store.device(serial).await.unwrap()?;
+                if device.status.state != ConnState::Online {
+                    return None;
+                }
+            }
+            Some(())
+        }
+    })
+    .await;
+
+    let out = tokio::task::spawn_blocking(move || sim.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains(&format!("{DEVICES} connected")), "{stdout}");
+    // bench/storm.sh times the fleet's arrival from this line.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("storm: {DEVICES} devices released at 1")),
+        "{stderr}"
+    );
+    let report: serde_json::Value = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("storm: "))
+        .and_then(|j| serde_json::from_str(j).ok())
+        .unwrap_or_else(|| panic!("no storm report in {stdout}"));
+    assert_eq!(report["devices"], DEVICES, "{report}");
+    assert_eq!(report["connect_timeouts"], 0, "{report}");
+    let all = report["all_connected_secs"].as_f64();
+    assert!(all.is_some_and(|s| s < 10.0), "{report}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_can_have_a_listener_of_their_own() {
     let gw = TestGateway::start_with(&[("TMS_METRICS_LISTEN", "127.0.0.1:0")]).await;

@@ -4,10 +4,17 @@
 //! Europe, the same in every run) once it is connected, so the demo map fills. Keys stay in
 //! memory; nothing is written but the device registrations and certificate records a real
 //! onboarding would leave.
+//!
+//! With `--storm` the fleet behaves like one coming back after a power cut or a network
+//! outage: every device dials at the same instant (after all are set up, none ahead of the
+//! others), and a device that loses its connection or cannot connect waits a jittered,
+//! growing back-off before it dials again, as real devices do, so the retries of a crowd do
+//! not arrive in lockstep. It reports when the last device got its CONNACK and how many
+//! connects timed out.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -33,6 +40,8 @@ pub struct SimulateOptions {
     pub mqtt: Option<SocketAddr>,
     /// A power cut on a share of the fleet, to show (and measure) the alarm flow.
     pub outage: Option<Outage>,
+    /// Every device at once, reconnecting with a jittered back-off (`--storm`).
+    pub storm: bool,
 }
 
 /// `--outage-after SECS --outage-share F --outage-secs SECS`: the first `share` of the devices
@@ -58,6 +67,38 @@ struct Counters {
     published: AtomicU64,
     acked: AtomicU64,
     errors: AtomicU64,
+    /// Connect attempts that got no CONNACK within the client's connection timeout.
+    connect_timeouts: AtomicU64,
+    /// Connections lost (or attempts failed) after which a device dialled again.
+    reconnects: AtomicU64,
+    /// Devices that have had a CONNACK at least once.
+    first_connects: AtomicU64,
+    /// When the devices were let go, and when the last of them first had its CONNACK.
+    released: OnceLock<Instant>,
+    all_connected: OnceLock<Instant>,
+}
+
+/// First wait of a storm device before it dials again; it doubles with each failure in a
+/// row, up to [`STORM_MAX_BACKOFF`], and each wait is jittered ([`reconnect_delay`]).
+const STORM_BACKOFF: Duration = Duration::from_secs(1);
+const STORM_MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Without `--storm`, a device dials again after this fixed wait.
+const RETRY: Duration = Duration::from_secs(1);
+/// How long a device waits for its CONNACK (TCP, TLS and CONNECT) before it gives up.
+const CONNECT_TIMEOUT_SECS: u64 = 5;
+
+/// How long a device waits before it dials again after `failures` failures in a row (at
+/// least 1). In a storm: [`STORM_BACKOFF`] × 2^(failures − 1), at most
+/// [`STORM_MAX_BACKOFF`], times `jitter`, a random factor the caller draws from 0.5 to 1.5.
+fn reconnect_delay(storm: bool, failures: u32, jitter: f64) -> Duration {
+    if !storm {
+        return RETRY;
+    }
+    let doublings = failures.saturating_sub(1).min(16);
+    STORM_BACKOFF
+        .saturating_mul(1 << doublings)
+        .min(STORM_MAX_BACKOFF)
+        .mul_f64(jitter.clamp(0.5, 1.5))
 }
 
 /// A realistic UPS reading: mostly online, load drifting, now and then on battery (or, with
@@ -223,6 +264,8 @@ pub async fn run(
     let roots = Arc::new(roots);
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut tasks = tokio::task::JoinSet::new();
+    // Cancelled once every device is set up; storm devices wait for it before they dial.
+    let go = CancellationToken::new();
     for (index, (serial, issued)) in identities.into_iter().enumerate() {
         let chain = tms_certs::parse_certificates(&issued.certificate_pem)?;
         let key =
@@ -234,6 +277,8 @@ pub async fn run(
         let mut mqtt = MqttOptions::new(serial.as_str(), host.clone(), addr.port());
         mqtt.set_keep_alive(Duration::from_secs(30));
         mqtt.set_transport(Transport::Tls(TlsConfiguration::Rustls(Arc::new(tls))));
+        let mut network = rumqttc::NetworkOptions::new();
+        network.set_connection_timeout(CONNECT_TIMEOUT_SECS);
         mqtt.set_last_will(rumqttc::LastWill::new(
             format!("tms/{serial}/status"),
             "offline",
@@ -242,7 +287,8 @@ pub async fn run(
         ));
         // The TLS name must be one the server certificate carries (mqtt.hostnames); the
         // port is the one the broker listens on.
-        let (client, eventloop) = AsyncClient::new(mqtt, 64);
+        let (client, mut eventloop) = AsyncClient::new(mqtt, 64);
+        eventloop.set_network_options(network);
         tasks.spawn(device(
             index,
             serial,
@@ -251,7 +297,19 @@ pub async fn run(
             opts.clone(),
             counters.clone(),
             stop.clone(),
+            go.clone(),
         ));
+    }
+    // Every device dials now: in a storm they were all held until this moment.
+    let _ = counters.released.set(Instant::now());
+    go.cancel();
+    if opts.storm {
+        // bench/storm.sh times the fleet's arrival from this line (Unix ms).
+        eprintln!(
+            "storm: {} devices released at {}",
+            opts.devices,
+            clock.now_ms()
+        );
     }
 
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
@@ -289,6 +347,9 @@ pub async fn run(
         counters.published.load(Ordering::Relaxed),
         counters.acked.load(Ordering::Relaxed),
     );
+    if opts.storm {
+        println!("storm: {}", storm_report(&counters, opts.devices));
+    }
     store.close().await;
     if connected < opts.devices as u64 {
         bail!("only {connected} of {} devices connected", opts.devices);
@@ -296,6 +357,30 @@ pub async fn run(
     Ok(())
 }
 
+/// The storm's figures as one JSON object: `all_connected_secs` from the release of the
+/// devices to the first CONNACK of the last of them (`null` if some never connected).
+fn storm_report(counters: &Counters, devices: usize) -> serde_json::Value {
+    let all = match (counters.released.get(), counters.all_connected.get()) {
+        (Some(released), Some(all)) => {
+            serde_json::json!(
+                (all.duration_since(*released).as_secs_f64() * 1000.0).round() / 1000.0
+            )
+        }
+        _ => serde_json::Value::Null,
+    };
+    serde_json::json!({
+        "devices": devices,
+        "all_connected_secs": all,
+        "connect_timeouts": counters.connect_timeouts.load(Ordering::Relaxed),
+        "reconnects": counters.reconnects.load(Ordering::Relaxed),
+        "errors": counters.errors.load(Ordering::Relaxed),
+    })
+}
+
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one simulated device's parts, handed over once to its task"
+)]
 async fn device(
     index: usize,
     serial: DeviceSerial,
@@ -304,7 +389,14 @@ async fn device(
     opts: SimulateOptions,
     counters: Arc<Counters>,
     stop: CancellationToken,
+    go: CancellationToken,
 ) {
+    if opts.storm {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = go.cancelled() => {}
+        }
+    }
     let topic = format!("tms/{serial}/telemetry");
     // Spread the devices over one interval so they do not publish in lockstep.
     let offset = opts
@@ -314,6 +406,9 @@ async fn device(
     let mut ticker = tokio::time::interval_at(started + offset, opts.interval);
     let mut n = 0u64;
     let mut connected = false;
+    let mut ever_connected = false;
+    // Failed attempts (or lost connections) in a row, for the storm's back-off.
+    let mut failures = 0u32;
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
@@ -328,7 +423,15 @@ async fn device(
             event = eventloop.poll() => match event {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     connected = true;
+                    failures = 0;
                     counters.connected.fetch_add(1, Ordering::Relaxed);
+                    if !ever_connected {
+                        ever_connected = true;
+                        let first = counters.first_connects.fetch_add(1, Ordering::Relaxed) + 1;
+                        if first == opts.devices as u64 {
+                            let _ = counters.all_connected.set(Instant::now());
+                        }
+                    }
                     let info = serde_json::json!({"system_name": format!("1600XP 18kVA 16{index:07}"), "firmware": "RE4 2.1.0-sim"});
                     let place = location(&serial).to_string();
                     for (kind, payload) in [("status", "online".to_owned()), ("info", info.to_string()), ("location", place)] {
@@ -343,14 +446,20 @@ async fn device(
                 Ok(_) => {}
                 Err(e) => {
                     counters.errors.fetch_add(1, Ordering::Relaxed);
+                    counters.reconnects.fetch_add(1, Ordering::Relaxed);
+                    if !connected && is_timeout(&e) {
+                        counters.connect_timeouts.fetch_add(1, Ordering::Relaxed);
+                    }
                     if connected {
                         counters.connected.fetch_sub(1, Ordering::Relaxed);
                         connected = false;
                     }
-                    tracing::warn!(device.serial = %serial, error = %e, "simulated device lost its connection; retrying");
+                    failures = failures.saturating_add(1);
+                    let wait = reconnect_delay(opts.storm, failures, rand::random_range(0.5..1.5));
+                    tracing::warn!(device.serial = %serial, error = %e, retry_in = ?wait, "simulated device lost its connection; retrying");
                     tokio::select! {
                         _ = stop.cancelled() => break,
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = tokio::time::sleep(wait) => {}
                     }
                 }
             }
@@ -362,6 +471,15 @@ async fn device(
         while eventloop.poll().await.is_ok() {}
     })
     .await;
+}
+
+/// Whether a failed connect ran out of time (the client's own timeout, or the system's).
+fn is_timeout(e: &rumqttc::ConnectionError) -> bool {
+    match e {
+        rumqttc::ConnectionError::NetworkTimeout => true,
+        rumqttc::ConnectionError::Io(io) => io.kind() == std::io::ErrorKind::TimedOut,
+        _ => false,
+    }
 }
 
 #[cfg(test)]
@@ -386,6 +504,22 @@ mod tests {
         let off: serde_json::Value =
             serde_json::from_str(&telemetry(97, 0, Some(false), 0)).unwrap();
         assert_eq!(off["mode"], "online", "no random blip during an outage run");
+    }
+
+    #[test]
+    fn storm_devices_back_off_with_jitter_and_others_retry_each_second() {
+        let secs = |failures, jitter| reconnect_delay(true, failures, jitter).as_secs_f64();
+        assert_eq!((secs(1, 0.5), secs(1, 1.0), secs(1, 1.5)), (0.5, 1.0, 1.5));
+        assert_eq!((secs(2, 1.0), secs(3, 1.0), secs(5, 1.0)), (2.0, 4.0, 16.0));
+        assert_eq!((secs(6, 1.0), secs(40, 1.5)), (30.0, 45.0), "capped");
+        assert_eq!(secs(1, 9.0), 1.5, "jitter is kept within 0.5-1.5");
+        // Two devices failing together wait different times when their jitter differs.
+        assert_ne!(secs(3, 0.7), secs(3, 1.3));
+        assert_eq!(
+            reconnect_delay(false, 7, 0.5),
+            RETRY,
+            "no back-off without --storm"
+        );
     }
 
     #[test]

@@ -418,7 +418,9 @@ fn event_json(e: &PendingNotice) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tms_store::AlarmRecord;
+    use crate::fixtures;
+    use tms_model::ManualClock;
+    use tms_store::{AlarmChange, AlarmRecord, WriteBatch};
 
     fn event(serial: &str, code: &str, cleared: bool) -> PendingNotice {
         PendingNotice {
@@ -483,5 +485,99 @@ mod tests {
             signature("Jefe", b"what do ya want for nothing?"),
             "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
         );
+    }
+
+    const T0: i64 = 1_800_000_000_000;
+
+    /// What ingest writes when telemetry raises `code` on `serial` at `at`.
+    async fn raise(store: &Store, serial: &str, code: &str, at: i64) {
+        let batch = WriteBatch {
+            alarms: vec![AlarmChange::Raise {
+                serial: serial.into(),
+                code: code.into(),
+                severity: "critical",
+                at,
+                detail: "{}".into(),
+            }],
+            ..Default::default()
+        };
+        store.write_batch(&batch).await.unwrap();
+    }
+
+    /// Alarm emails queued so far, as (recipient, subject, message).
+    async fn alarm_mails(store: &Store) -> Vec<(String, String, String)> {
+        fixtures::queued_mails(store, "alarm").await
+    }
+
+    /// With `alarms.group_secs` = 60, by the notifier's clock: two alarms raised 30 s apart
+    /// go out together once the first is 60 s old, not a millisecond sooner; an alarm
+    /// raised after that notice waits its own 60 s and goes out alone.
+    #[tokio::test]
+    async fn alarms_raised_within_the_window_are_one_notice_and_a_later_one_another() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = fixtures::store(dir.path()).await;
+        let to = "provider@example.com";
+        let provider = store
+            .add_user(&fixtures::user(to, "provider", None, true), T0)
+            .await
+            .unwrap();
+        for (serial, mac) in [
+            ("RE4A000041", "00:1B:2C:3D:4E:41"),
+            ("RE4A000042", "00:1B:2C:3D:4E:42"),
+        ] {
+            let device = fixtures::device(serial, mac, T0 + 365 * 86_400_000, Some(provider));
+            store.add_device(&device, T0).await.unwrap();
+        }
+        let clock = ManualClock::shared(T0);
+        let notifier = Notifier::new(
+            store.clone(),
+            fixtures::composer(),
+            Duration::from_secs(60),
+            None,
+            Arc::new(Notify::new()),
+            "node-a",
+            clock.clone(),
+        );
+
+        raise(&store, "RE4A000041", "on_battery", T0).await;
+        clock.set(T0 + 30_000);
+        raise(&store, "RE4A000042", "on_battery", T0 + 30_000).await;
+        assert_eq!(notifier.mail_due().await.unwrap(), 0);
+        clock.set(T0 + 59_999);
+        assert_eq!(
+            notifier.mail_due().await.unwrap(),
+            0,
+            "sent before the window"
+        );
+        assert!(alarm_mails(&store).await.is_empty());
+        clock.set(T0 + 60_000);
+        assert_eq!(notifier.mail_due().await.unwrap(), 1);
+        let mails = alarm_mails(&store).await;
+        assert_eq!(mails.len(), 1, "one email for both alarms: {mails:?}");
+        let (recipient, subject, message) = &mails[0];
+        assert_eq!(recipient, to);
+        assert_eq!(subject, "Acme: 2 of 2 UPS on battery");
+        assert!(message.contains("RE4A000041") && message.contains("RE4A000042"));
+        assert_eq!(notifier.mail_due().await.unwrap(), 0, "sent twice");
+
+        clock.set(T0 + 61_000);
+        raise(&store, "RE4A000041", "overload", T0 + 61_000).await;
+        clock.set(T0 + 120_999);
+        assert_eq!(
+            notifier.mail_due().await.unwrap(),
+            0,
+            "sent before its window"
+        );
+        clock.set(T0 + 121_000);
+        assert_eq!(notifier.mail_due().await.unwrap(), 1);
+        let mails = alarm_mails(&store).await;
+        assert_eq!(mails.len(), 2, "{mails:?}");
+        let (_, subject, message) = &mails[1];
+        assert_eq!(subject, "Acme: 1 of 2 UPS overloaded");
+        assert!(
+            !message.contains("RE4A000042"),
+            "the earlier alarms are not repeated: {message}"
+        );
+        store.close().await;
     }
 }

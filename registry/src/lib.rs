@@ -9,6 +9,8 @@
 pub mod alarms;
 pub mod auth;
 pub mod commands;
+#[cfg(test)]
+mod fixtures;
 pub mod mail;
 pub mod provisioning;
 pub mod views;

@@ -393,35 +393,21 @@ impl Mailer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tms_model::ManualClock;
-    use tms_store::NewUser;
+    use crate::fixtures;
+    use tms_model::{Clock, ManualClock};
 
     const T0: i64 = 1_800_000_000_000;
 
     /// A store in `dir` with one customer awaiting activation, whose activation email is
     /// queued at `T0`.
     async fn store_with_one_queued_mail(dir: &std::path::Path) -> Store {
-        let store = Store::open(&format!("sqlite://{}", dir.join("tms.db").display()))
+        let store = fixtures::store(dir).await;
+        let to = "customer@example.com";
+        let id = store
+            .add_user(&fixtures::user(to, "customer", None, false), T0)
             .await
             .unwrap();
-        let to = "customer@example.com";
-        let user = NewUser {
-            email: to.into(),
-            role: "customer".into(),
-            password_hash: String::new(),
-            first_name: Some("Ada".into()),
-            last_name: None,
-            phone: None,
-            company_id: None,
-            active: false,
-            must_change_password: false,
-        };
-        let id = store.add_user(&user, T0).await.unwrap();
-        let composer = Composer {
-            from: "tms@example.com".into(),
-            public_url: "https://tms.example.com".into(),
-        };
-        let mail = composer.activation(to, "token", 48).unwrap();
+        let mail = fixtures::composer().activation(to, "token", 48).unwrap();
         store
             .add_activation(id, "hash-of-token", T0 + 48 * 3_600_000, &mail, T0)
             .await
@@ -468,6 +454,99 @@ mod tests {
         assert_eq!(store.mail_counts().await.unwrap(), (0, 1));
         let written: Vec<_> = std::fs::read_dir(&outbox).unwrap().collect();
         assert_eq!(written.len(), 1, "{written:?}");
+        store.close().await;
+    }
+
+    /// 2027-06-01T00:00:00Z, Unix ms.
+    const LEASE_END: i64 = 1_811_808_000_000;
+    const DAY_MS: i64 = 86_400_000;
+
+    /// Lease-ending mails queued so far, as (recipient, subject).
+    async fn lease_mails(store: &Store) -> Vec<(String, String)> {
+        fixtures::queued_mails(store, "lease_ending")
+            .await
+            .into_iter()
+            .map(|(to, subject, _)| (to, subject))
+            .collect()
+    }
+
+    /// The lease notice goes out by the mailer's clock: not a millisecond before the lease is
+    /// 30 days from its end, once when it is, and again 30 days before the end a renewal set.
+    #[tokio::test]
+    async fn a_lease_end_is_noticed_30_days_before_by_the_clock_and_again_after_renewal() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = fixtures::store(dir.path()).await;
+        let serial = tms_model::DeviceSerial::parse("RE4A000031").unwrap();
+        store
+            .add_device(
+                &fixtures::device(serial.as_str(), "00:1B:2C:3D:4E:31", LEASE_END, None),
+                T0,
+            )
+            .await
+            .unwrap();
+        let company = store
+            .device(serial.as_str())
+            .await
+            .unwrap()
+            .unwrap()
+            .device
+            .company_id;
+        let to = "ana@example.com";
+        store
+            .add_user(&fixtures::user(to, "customer", Some(company), true), T0)
+            .await
+            .unwrap();
+        let clock = ManualClock::shared(LEASE_END - 30 * DAY_MS - 1);
+        let mailer = Mailer::new(
+            store.clone(),
+            dir.path().join("outbox"),
+            None,
+            "tms@example.com".into(),
+            Duration::from_secs(60),
+            Arc::new(Notify::new()),
+            clock.clone(),
+        )
+        .unwrap()
+        .with_lease_notices(fixtures::composer());
+
+        mailer.queue_lease_notices().await;
+        assert_eq!(lease_mails(&store).await, vec![], "noticed before 30 days");
+        clock.advance(Duration::from_millis(1));
+        mailer.queue_lease_notices().await;
+        let first = (
+            to.to_owned(),
+            "The lease of device RE4A000031 ends on 2027-06-01".to_owned(),
+        );
+        assert_eq!(lease_mails(&store).await, vec![first.clone()]);
+        clock.advance(Duration::from_secs(86_400));
+        mailer.queue_lease_notices().await;
+        assert_eq!(lease_mails(&store).await.len(), 1, "told only once");
+
+        // Renewed while it runs: the new end counts from the old end, and is noticed anew
+        // 30 days before it.
+        let ends = crate::provisioning::renew_lease(&store, &serial, 12, clock.now_ms())
+            .await
+            .unwrap();
+        assert_eq!(ends, 1_843_430_400_000, "2028-06-01T00:00:00Z");
+        clock.set(ends - 30 * DAY_MS - 1);
+        mailer.queue_lease_notices().await;
+        assert_eq!(lease_mails(&store).await.len(), 1);
+        clock.advance(Duration::from_millis(1));
+        mailer.queue_lease_notices().await;
+        let second = (
+            to.to_owned(),
+            "The lease of device RE4A000031 ends on 2028-06-01".to_owned(),
+        );
+        assert_eq!(lease_mails(&store).await, vec![first, second]);
+
+        // Renewed after it ended: the new month counts from the clock, not the old end.
+        let later = ends + 10 * DAY_MS + 3_600_000;
+        clock.set(later);
+        let renewed = crate::provisioning::renew_lease(&store, &serial, 1, clock.now_ms())
+            .await
+            .unwrap();
+        assert_eq!(renewed, crate::provisioning::add_months_ms(later, 1));
+        assert_eq!(renewed, later + 30 * DAY_MS, "June has 30 days");
         store.close().await;
     }
 }

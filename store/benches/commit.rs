@@ -61,21 +61,11 @@ fn commit(c: &mut Criterion) {
     let store = rt.block_on(async {
         let store = Store::open(&url).await.unwrap();
         for d in 0..DEVICES {
+            let serial = DeviceSerial::parse(&format!("BENCH{d:04}")).unwrap();
+            let mac = Mac::parse(&format!("02:42:00:00:{:02X}:{:02X}", d / 256, d % 256)).unwrap();
             let device = NewDevice {
-                serial: DeviceSerial::parse(&format!("BENCH{d:04}")).unwrap(),
-                mac: Mac::parse(&format!("02:42:00:00:{:02X}:{:02X}", d / 256, d % 256)).unwrap(),
-                company: "Bench".into(),
-                device_type: "RemotEye 4".into(),
-                lease_months: 12,
-                start_date: "2026-12-01".into(),
-                lease_ends_at: 1_900_000_000_000,
                 ups_model: Some("1600XP".into()),
-                ups_model_number: None,
-                ups_serial: None,
-                ups_ship_date: None,
-                sales_order: None,
-                service_contract_sales_order: None,
-                registered_by: None,
+                ..NewDevice::new(serial, mac, "Bench", "2026-12-01", 12, 1_900_000_000_000)
             };
             store.add_device(&device, 1).await.unwrap();
         }

@@ -27,6 +27,37 @@ pub struct NewDevice {
     pub registered_by: Option<i64>,
 }
 
+impl NewDevice {
+    /// A RemotEye 4 of `company` whose lease of `lease_months` from `start_date` ends at
+    /// `lease_ends_at` (Unix ms), without any of the optional UPS, order and provider details;
+    /// add those with `NewDevice { ups_model: …, ..NewDevice::new(…) }`.
+    pub fn new(
+        serial: DeviceSerial,
+        mac: Mac,
+        company: &str,
+        start_date: &str,
+        lease_months: i64,
+        lease_ends_at: i64,
+    ) -> Self {
+        NewDevice {
+            serial,
+            mac,
+            company: company.to_owned(),
+            device_type: "RemotEye 4".to_owned(),
+            lease_months,
+            start_date: start_date.to_owned(),
+            lease_ends_at,
+            ups_model: None,
+            ups_model_number: None,
+            ups_serial: None,
+            ups_ship_date: None,
+            sales_order: None,
+            service_contract_sales_order: None,
+            registered_by: None,
+        }
+    }
+}
+
 /// A registered device as stored.
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct DeviceRecord {

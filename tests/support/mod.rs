@@ -258,6 +258,17 @@ impl TestGateway {
         self.command().args(args).output().unwrap()
     }
 
+    /// Starts a CLI command against this gateway's data directory without waiting for it;
+    /// its stdout and stderr are piped (`Child::wait_with_output`).
+    pub fn cli_spawn(&self, args: &[&str]) -> Child {
+        self.command()
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
     /// Registers a device and issues its certificate files through the CLI.
     pub fn provision(&self, serial: &str, mac: &str) -> DeviceFiles {
         let out = self.device_add(

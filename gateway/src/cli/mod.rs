@@ -90,6 +90,12 @@ pub enum Command {
             requires = "outage_after"
         )]
         outage_secs: f64,
+        /// A reconnect storm: every device dials at the same instant, and after a lost
+        /// connection or a failed connect waits a random 0.5-1.5 x back-off (1 s, doubling to
+        /// 30 s) before dialling again, as real devices do; reports when the last one got
+        /// its CONNACK and how many connects timed out.
+        #[arg(long)]
+        storm: bool,
     },
     /// UPS alarms of every device, newest first (what `GET /api/v1/alarms` answers an admin).
     Alarms {
@@ -404,6 +410,7 @@ pub async fn run(command: Command, config: Config) -> Result<()> {
             outage_after,
             outage_share,
             outage_secs,
+            storm,
         } => {
             if !(0.0..=1.0).contains(&outage_share) {
                 return Err(usage(format!(
@@ -455,6 +462,7 @@ pub async fn run(command: Command, config: Config) -> Result<()> {
                     duration: duration.map(std::time::Duration::from_secs_f64),
                     mqtt,
                     outage,
+                    storm,
                 },
                 &clock,
                 stop,
