@@ -15,7 +15,7 @@
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use tms_model::{DeviceSerial, Mac};
-use tms_store::{NewDevice, StatusEvent, Store, TelemetryRow, WriteBatch};
+use tms_store::{DeviceDetails, NewDevice, StatusEvent, Store, TelemetryRow, WriteBatch};
 
 const DEVICES: usize = 50;
 const ROWS: usize = 500;
@@ -65,17 +65,14 @@ fn commit(c: &mut Criterion) {
                 serial: DeviceSerial::parse(&format!("BENCH{d:04}")).unwrap(),
                 mac: Mac::parse(&format!("02:42:00:00:{:02X}:{:02X}", d / 256, d % 256)).unwrap(),
                 company: "Bench".into(),
-                device_type: "RemotEye 4".into(),
-                lease_months: 12,
-                start_date: "2026-12-01".into(),
-                lease_ends_at: 1_900_000_000_000,
-                ups_model: Some("1600XP".into()),
-                ups_model_number: None,
-                ups_serial: None,
-                ups_ship_date: None,
-                sales_order: None,
-                service_contract_sales_order: None,
-                registered_by: None,
+                details: DeviceDetails {
+                    device_type: "RemotEye 4".into(),
+                    lease_months: 12,
+                    start_date: "2026-12-01".into(),
+                    lease_ends_at: 1_900_000_000_000,
+                    ups_model: Some("1600XP".into()),
+                    ..DeviceDetails::default()
+                },
             };
             store.add_device(&device, 1).await.unwrap();
         }

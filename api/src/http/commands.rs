@@ -42,7 +42,7 @@ pub(super) async fn send(
                 &s.store,
                 &serial,
                 request,
-                &caller.user.email,
+                &caller.user.account.email,
                 s.clock.now_ms(),
             )
             .await

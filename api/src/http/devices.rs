@@ -23,7 +23,7 @@ use super::{ApiError, ApiState};
 
 /// The devices a caller may see.
 pub(crate) fn scope(caller: &Caller) -> DeviceFilter {
-    match caller.user.role.as_str() {
+    match caller.user.account.role.as_str() {
         "admin" => DeviceFilter::default(),
         "provider" => DeviceFilter {
             registered_by: Some(caller.user.id),
@@ -31,7 +31,7 @@ pub(crate) fn scope(caller: &Caller) -> DeviceFilter {
         },
         // A customer without a company sees nothing (id -1 matches no company).
         _ => DeviceFilter {
-            company_id: Some(caller.user.company_id.unwrap_or(-1)),
+            company_id: Some(caller.user.account.company_id.unwrap_or(-1)),
             ..Default::default()
         },
     }
@@ -42,7 +42,7 @@ fn may_see(caller: &Caller, view: &DeviceView) -> bool {
     scope.company_id.is_none_or(|c| c == view.device.company_id)
         && scope
             .registered_by
-            .is_none_or(|u| Some(u) == view.device.registered_by)
+            .is_none_or(|u| Some(u) == view.device.details.registered_by)
 }
 
 /// The device if it exists and the caller may see it; 404 otherwise, either way.
@@ -231,7 +231,7 @@ pub(super) async fn locations(
                 "properties": {
                     "serial": d.device.serial,
                     "state": d.status.state.as_str(),
-                    "ups_model": d.device.ups_model,
+                    "ups_model": d.device.details.ups_model,
                     "company": d.device.company,
                     "source": l.source,
                     "updated_at": views::time(Some(l.updated_at)),
