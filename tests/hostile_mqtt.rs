@@ -12,6 +12,28 @@ use rumqttc::{Event, Packet, QoS};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// A gateway with one device provisioned, and its store.
+async fn gateway_with_device(
+    serial: &str,
+    mac: &str,
+) -> (TestGateway, DeviceFiles, tms_store::Store) {
+    let gw = TestGateway::start().await;
+    let files = gw.provision(serial, mac);
+    let store = gw.store().await;
+    (gw, files, store)
+}
+
+/// Waits until the store shows the device online.
+async fn wait_online(store: &tms_store::Store, serial: &str) {
+    wait_state(
+        store,
+        serial,
+        tms_model::ConnState::Online,
+        Duration::from_secs(5),
+    )
+    .await;
+}
+
 async fn raw_tls(
     gw: &TestGateway,
     files: &DeviceFiles,
@@ -126,9 +148,7 @@ async fn closed_as_protocol_error<S: AsyncReadExt + Unpin>(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn malformed_and_oversized_packets_are_refused_before_they_are_buffered() {
-    let gw = TestGateway::start().await;
-    let files = gw.provision("RE4M000001", "00:1B:2C:3D:4E:31");
-    let store = gw.store().await;
+    let (gw, files, store) = gateway_with_device("RE4M000001", "00:1B:2C:3D:4E:31").await;
     let pid = gw.pid();
     let before = rss_mib(pid);
 
@@ -166,13 +186,7 @@ async fn malformed_and_oversized_packets_are_refused_before_they_are_buffered() 
     let mut connack = [0u8; 4];
     s.read_exact(&mut connack).await.unwrap();
     assert_eq!(connack, [0x20, 2, 0, 0]);
-    wait_state(
-        &store,
-        &files.serial,
-        tms_model::ConnState::Online,
-        Duration::from_secs(5),
-    )
-    .await;
+    wait_online(&store, &files.serial).await;
     let mut publish = vec![0x30];
     remaining_length(50 * 1024 * 1024, &mut publish);
     s.write_all(&publish).await.unwrap();
@@ -187,9 +201,7 @@ async fn malformed_and_oversized_packets_are_refused_before_they_are_buffered() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn packets_only_a_server_sends_end_the_session_with_its_will_and_no_phantom() {
-    let gw = TestGateway::start().await;
-    let files = gw.provision("RE4P000001", "00:1B:2C:3D:4E:41");
-    let store = gw.store().await;
+    let (gw, files, store) = gateway_with_device("RE4P000001", "00:1B:2C:3D:4E:41").await;
     let v5: Option<&[u8]> = Some(&[]);
     let packets = [
         ("v5 CONNACK", v5, &[0x20u8, 3, 0, 0, 0][..]),
@@ -211,13 +223,7 @@ async fn packets_only_a_server_sends_end_the_session_with_its_will_and_no_phanto
         let mut first = [0u8; 2];
         s.read_exact(&mut first).await.unwrap();
         assert_eq!(first[0], 0x20, "{what}: CONNACK first");
-        wait_state(
-            &store,
-            &files.serial,
-            tms_model::ConnState::Online,
-            Duration::from_secs(5),
-        )
-        .await;
+        wait_online(&store, &files.serial).await;
         s.write_all(packet).await.unwrap();
         closed_as_protocol_error(&mut s, &store, &files.serial, what).await;
         wait_for("the will stored", Duration::from_secs(5), || async {
@@ -237,9 +243,7 @@ async fn packets_only_a_server_sends_end_the_session_with_its_will_and_no_phanto
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn receive_maximum_zero_is_refused_as_a_protocol_error() {
-    let gw = TestGateway::start().await;
-    let files = gw.provision("RE4R000001", "00:1B:2C:3D:4E:51");
-    let store = gw.store().await;
+    let (gw, files, store) = gateway_with_device("RE4R000001", "00:1B:2C:3D:4E:51").await;
     let mut s = raw_tls(&gw, &files).await;
     // Property 0x21 Receive Maximum = 0.
     s.write_all(&connect_packet(&files.serial, Some(&[0x21, 0, 0])))

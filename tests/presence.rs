@@ -169,40 +169,23 @@ async fn silence_identity_locations_and_availability_over_the_api() {
     assert_eq!(s["state"], "online");
 
     // System Name check (seed step 2): another UPS is flagged, the registered one clears it.
-    publish(
-        &client,
-        "RE4A002200",
-        "info",
-        r#"{"system_name": "1600XP 18kVA 999999999"}"#,
-    )
-    .await;
     let detail_path = "/api/v1/devices/RE4A002200";
-    wait_for(
-        "identity mismatch flagged",
-        Duration::from_secs(2),
-        || async {
+    let report_system_name = async |system_name: &str, mismatch: bool, what: &str| {
+        let info = format!(r#"{{"system_name": "{system_name}"}}"#);
+        publish(&client, "RE4A002200", "info", &info).await;
+        wait_for(what, Duration::from_secs(2), || async {
             let d = get(&http, &gw, &token, detail_path).await;
-            (d["ups_identity"]["mismatch"] == true).then_some(())
-        },
-    )
-    .await;
+            (d["ups_identity"]["mismatch"] == mismatch).then_some(())
+        })
+        .await;
+    };
+    report_system_name("1600XP 18kVA 999999999", true, "identity mismatch flagged").await;
     let metrics = scrape(&gw).await;
     assert_eq!(
         metrics.get("tms_devices_identity_mismatch").copied(),
         Some(1.0)
     );
-    publish(
-        &client,
-        "RE4A002200",
-        "info",
-        r#"{"system_name": "1600XP 18kVA 160300007"}"#,
-    )
-    .await;
-    wait_for("identity confirmed", Duration::from_secs(2), || async {
-        let d = get(&http, &gw, &token, detail_path).await;
-        (d["ups_identity"]["mismatch"] == false).then_some(())
-    })
-    .await;
+    report_system_name("1600XP 18kVA 160300007", false, "identity confirmed").await;
 
     // Location sources: operator, then device; the device's own wins and both are kept.
     let resp = http

@@ -6,7 +6,7 @@ use std::fmt::Write;
 
 use tms_model::ConnState;
 use tms_registry::views;
-use tms_store::{CertificateRecord, CommandRecord, DeviceView, LocationRecord, Refusal};
+use tms_store::{CertificateRecord, CommandRecord, DeviceView, LocationRecord, RefusalRow};
 
 /// Everything `device show` prints about one device.
 pub struct Shown<'a> {
@@ -14,7 +14,7 @@ pub struct Shown<'a> {
     pub locations: &'a [LocationRecord],
     /// Newest first, as the store gives them.
     pub certificates: &'a [CertificateRecord],
-    pub refusals: &'a [Refusal],
+    pub refusals: &'a [RefusalRow],
     /// Recent commands, newest first.
     pub commands: &'a [CommandRecord],
     /// How many malformed payloads are kept for `device quarantine`.
@@ -142,15 +142,17 @@ impl Shown<'_> {
             let _ = writeln!(out, "  {name:<14}{value}");
         };
         field("company", &d.company);
-        field("type", &d.device_type);
+        field("type", &d.details.device_type);
         field("MAC", &d.mac);
         let ups = [
-            d.ups_model.as_deref(),
-            d.ups_model_number
+            d.details.ups_model.as_deref(),
+            d.details
+                .ups_model_number
                 .as_deref()
                 .map(|n| format!("({n})"))
                 .as_deref(),
-            d.ups_serial
+            d.details
+                .ups_serial
                 .as_deref()
                 .map(|s| format!("S/N {s}"))
                 .as_deref(),
@@ -168,14 +170,14 @@ impl Shown<'_> {
             };
             field("reports", &format!("{name}{mismatch}"));
         }
-        let days_left = (d.lease_ends_at - self.now_ms).div_euclid(86_400_000);
+        let days_left = (d.details.lease_ends_at - self.now_ms).div_euclid(86_400_000);
         field(
             "lease",
             &format!(
                 "{} months from {}, ends {} ({})",
-                d.lease_months,
-                d.start_date,
-                day(d.lease_ends_at),
+                d.details.lease_months,
+                d.details.start_date,
+                day(d.details.lease_ends_at),
                 if days_left < 0 {
                     "ended".to_owned()
                 } else {

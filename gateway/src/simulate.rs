@@ -23,7 +23,7 @@ use tms_certs::DeviceKey;
 use tms_config::Config;
 use tms_model::{Clock, DeviceSerial, Mac, SharedClock, SystemClock};
 use tms_registry::provisioning;
-use tms_store::NewDevice;
+use tms_store::{DeviceDetails, NewDevice};
 use tokio_util::sync::CancellationToken;
 
 use crate::data_dir::open_parts;
@@ -217,24 +217,20 @@ pub async fn run(
                 "02:54:4D:{:02X}:{:02X}:{:02X}",
                 octets[1], octets[2], octets[3]
             ))?;
-            let start_date = now.date().to_string();
+            let lease = provisioning::leased("RemotEye 4".into(), now.date().to_string(), 12)
+                .context("a lease from today")?;
             store
                 .add_device(
                     &NewDevice {
                         serial: serial.clone(),
                         mac,
                         company: "Simulated devices".into(),
-                        device_type: "RemotEye 4".into(),
-                        lease_months: 12,
-                        lease_ends_at: provisioning::lease_ends_at_ms(&start_date, 12).unwrap_or(0),
-                        start_date,
-                        ups_model: Some("1600XP".into()),
-                        ups_model_number: Some("1600XP-18K".into()),
-                        ups_serial: Some(format!("16{i:07}")),
-                        ups_ship_date: None,
-                        sales_order: None,
-                        service_contract_sales_order: None,
-                        registered_by: None,
+                        details: DeviceDetails {
+                            ups_model: Some("1600XP".into()),
+                            ups_model_number: Some("1600XP-18K".into()),
+                            ups_serial: Some(format!("16{i:07}")),
+                            ..lease
+                        },
                     },
                     clock.now_ms(),
                 )

@@ -21,10 +21,9 @@ pub(crate) fn device(
 ) -> NewDevice {
     let serial = DeviceSerial::parse(serial).unwrap();
     let mac = Mac::parse(mac).unwrap();
-    NewDevice {
-        registered_by,
-        ..NewDevice::new(serial, mac, "Acme", "2026-06-01", 12, lease_ends_at)
-    }
+    let mut device = NewDevice::new(serial, mac, "Acme", "2026-06-01", 12, lease_ends_at);
+    device.details.registered_by = registered_by;
+    device
 }
 
 /// An account with `role` at `company_id`, active or awaiting activation.

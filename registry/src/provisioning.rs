@@ -6,7 +6,7 @@ use std::sync::Arc;
 use time::{Date, Month, OffsetDateTime, Time};
 use tms_certs::{Ca, CertError, DeviceKey, IssuedCert};
 use tms_model::DeviceSerial;
-use tms_store::{CertificateRecord, DeviceRecord, Store, StoreError};
+use tms_store::{CertificateRecord, DeviceDetails, DeviceRecord, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProvisioningError {
@@ -51,6 +51,18 @@ pub fn lease_ends_at_ms(start_date: &str, months: i64) -> Option<i64> {
         .with_time(Time::MIDNIGHT)
         .assume_utc();
     Some(end.unix_timestamp() * 1000)
+}
+
+/// A device of `device_type` leased for `months` from `start_date` (`YYYY-MM-DD`; `None` if
+/// it is not a date), with its lease end worked out; the caller adds UPS and order details.
+pub fn leased(device_type: String, start_date: String, months: i64) -> Option<DeviceDetails> {
+    Some(DeviceDetails {
+        lease_ends_at: lease_ends_at_ms(&start_date, months)?,
+        device_type,
+        lease_months: months,
+        start_date,
+        ..DeviceDetails::default()
+    })
 }
 
 /// `from_ms` plus `months` calendar months (same day of month, clamped), in Unix ms.
@@ -102,12 +114,12 @@ pub async fn set_manual_location(
 
 /// When a certificate for this device must stop being valid: the end of its lease (UTC).
 pub fn lease_not_after(device: &DeviceRecord) -> Result<OffsetDateTime, ProvisioningError> {
-    OffsetDateTime::from_unix_timestamp(device.lease_ends_at.div_euclid(1000)).map_err(|_| {
-        ProvisioningError::StartDate {
+    OffsetDateTime::from_unix_timestamp(device.details.lease_ends_at.div_euclid(1000)).map_err(
+        |_| ProvisioningError::StartDate {
             serial: device.serial.clone(),
-            start_date: device.start_date.clone(),
-        }
-    })
+            start_date: device.details.start_date.clone(),
+        },
+    )
 }
 
 /// A certificate signed for a device but not yet recorded. Until [`SignedCertificate::record`]

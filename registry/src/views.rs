@@ -6,7 +6,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tms_store::{
     CertificateRecord, DeviceStatus, DeviceView, LocationRecord, PeerRefusal, QuarantinedPayload,
-    Refusal, SessionRecord,
+    RefusalRow, SessionRecord,
 };
 
 /// Unix ms as RFC 3339 (UTC), or null.
@@ -69,18 +69,18 @@ impl Views {
         let d = &v.device;
         let now = self.clock.now_ms();
         let days_left = |end: i64| (end - now).div_euclid(86_400_000);
-        let lease_end = time(Some(d.lease_ends_at))
+        let lease_end = time(Some(d.details.lease_ends_at))
             .as_str()
             .map(|t| t[..10].to_owned());
         json!({
             "serial": d.serial,
             "mac": d.mac,
             "company": d.company,
-            "device_type": d.device_type,
-            "lease_months": d.lease_months,
-            "start_date": d.start_date,
+            "device_type": d.details.device_type,
+            "lease_months": d.details.lease_months,
+            "start_date": d.details.start_date,
             "lease_end": lease_end,
-            "lease_days_left": days_left(d.lease_ends_at),
+            "lease_days_left": days_left(d.details.lease_ends_at),
             "certificate_not_after": time(d.certificate_not_after),
             "certificate_days_left": d.certificate_not_after.map(days_left),
             "ups_identity": {
@@ -88,13 +88,13 @@ impl Views {
                 "mismatch": d.identity_mismatch,
             },
             "ups": {
-                "model": d.ups_model,
-                "model_number": d.ups_model_number,
-                "serial": d.ups_serial,
-                "ship_date": d.ups_ship_date,
+                "model": d.details.ups_model,
+                "model_number": d.details.ups_model_number,
+                "serial": d.details.ups_serial,
+                "ship_date": d.details.ups_ship_date,
             },
-            "sales_order": d.sales_order,
-            "service_contract_sales_order": d.service_contract_sales_order,
+            "sales_order": d.details.sales_order,
+            "service_contract_sales_order": d.details.service_contract_sales_order,
             "created_at": time(Some(d.created_at)),
             "status": self.status(&v.status),
         })
@@ -106,7 +106,7 @@ impl Views {
         v: &DeviceView,
         locations: &[LocationRecord],
         certificates: &[CertificateRecord],
-        refusals: &[Refusal],
+        refusals: &[RefusalRow],
     ) -> Value {
         let mut out = self.device(v);
         let current = certificates.iter().find(|c| c.revoked_at.is_none());
@@ -154,7 +154,7 @@ pub fn quarantined(q: &QuarantinedPayload) -> Value {
     })
 }
 
-pub fn refusal(r: &Refusal) -> Value {
+pub fn refusal(r: &RefusalRow) -> Value {
     json!({
         "reason": r.reason,
         "detail": r.detail,

@@ -63,10 +63,9 @@ fn commit(c: &mut Criterion) {
         for d in 0..DEVICES {
             let serial = DeviceSerial::parse(&format!("BENCH{d:04}")).unwrap();
             let mac = Mac::parse(&format!("02:42:00:00:{:02X}:{:02X}", d / 256, d % 256)).unwrap();
-            let device = NewDevice {
-                ups_model: Some("1600XP".into()),
-                ..NewDevice::new(serial, mac, "Bench", "2026-12-01", 12, 1_900_000_000_000)
-            };
+            let mut device =
+                NewDevice::new(serial, mac, "Bench", "2026-12-01", 12, 1_900_000_000_000);
+            device.details.ups_model = Some("1600XP".into());
             store.add_device(&device, 1).await.unwrap();
         }
         // Online, so the last-seen and freshness updates change a row as they do in service.

@@ -6,12 +6,10 @@ use tms_model::{ConnState, DeviceSerial, Mac};
 use crate::row::{MaybeFlag, StateColumn};
 use crate::{Backend, Result, Store, StoreError, query_err, unique_err};
 
-/// A device to register. The company is found by name or created.
-#[derive(Debug, Clone)]
-pub struct NewDevice {
-    pub serial: DeviceSerial,
-    pub mac: Mac,
-    pub company: String,
+/// What is registered about a device besides its identity and company: its type, lease, UPS
+/// and orders. The same on the way in ([`NewDevice`]) and out ([`DeviceRecord`]).
+#[derive(Debug, Clone, Default, PartialEq, sqlx::FromRow)]
+pub struct DeviceDetails {
     pub device_type: String,
     pub lease_months: i64,
     /// ISO 8601 date, `YYYY-MM-DD`.
@@ -27,10 +25,19 @@ pub struct NewDevice {
     pub registered_by: Option<i64>,
 }
 
+/// A device to register. The company is found by name or created.
+#[derive(Debug, Clone)]
+pub struct NewDevice {
+    pub serial: DeviceSerial,
+    pub mac: Mac,
+    pub company: String,
+    pub details: DeviceDetails,
+}
+
 impl NewDevice {
     /// A RemotEye 4 of `company` whose lease of `lease_months` from `start_date` ends at
     /// `lease_ends_at` (Unix ms), without any of the optional UPS, order and provider details;
-    /// add those with `NewDevice { ups_model: …, ..NewDevice::new(…) }`.
+    /// add those through `details`.
     pub fn new(
         serial: DeviceSerial,
         mac: Mac,
@@ -43,17 +50,13 @@ impl NewDevice {
             serial,
             mac,
             company: company.to_owned(),
-            device_type: "RemotEye 4".to_owned(),
-            lease_months,
-            start_date: start_date.to_owned(),
-            lease_ends_at,
-            ups_model: None,
-            ups_model_number: None,
-            ups_serial: None,
-            ups_ship_date: None,
-            sales_order: None,
-            service_contract_sales_order: None,
-            registered_by: None,
+            details: DeviceDetails {
+                device_type: "RemotEye 4".to_owned(),
+                lease_months,
+                start_date: start_date.to_owned(),
+                lease_ends_at,
+                ..DeviceDetails::default()
+            },
         }
     }
 }
@@ -65,17 +68,8 @@ pub struct DeviceRecord {
     pub mac: String,
     pub company_id: i64,
     pub company: String,
-    pub device_type: String,
-    pub lease_months: i64,
-    pub start_date: String,
-    pub lease_ends_at: i64,
-    pub ups_model: Option<String>,
-    pub ups_model_number: Option<String>,
-    pub ups_serial: Option<String>,
-    pub ups_ship_date: Option<String>,
-    pub sales_order: Option<String>,
-    pub service_contract_sales_order: Option<String>,
-    pub registered_by: Option<i64>,
+    #[sqlx(flatten)]
+    pub details: DeviceDetails,
     pub created_at: i64,
     /// End of the newest valid certificate, if the device has one (Unix ms).
     pub certificate_not_after: Option<i64>,
@@ -242,18 +236,18 @@ pub(crate) async fn insert_device(
     .bind(d.serial.as_str())
     .bind(d.mac.to_string())
     .bind(company_id)
-    .bind(&d.device_type)
-    .bind(d.lease_months)
-    .bind(&d.start_date)
-    .bind(d.ups_model.as_deref())
-    .bind(d.ups_model_number.as_deref())
-    .bind(d.ups_serial.as_deref())
-    .bind(d.ups_ship_date.as_deref())
-    .bind(d.sales_order.as_deref())
-    .bind(d.service_contract_sales_order.as_deref())
-    .bind(d.registered_by)
+    .bind(&d.details.device_type)
+    .bind(d.details.lease_months)
+    .bind(&d.details.start_date)
+    .bind(d.details.ups_model.as_deref())
+    .bind(d.details.ups_model_number.as_deref())
+    .bind(d.details.ups_serial.as_deref())
+    .bind(d.details.ups_ship_date.as_deref())
+    .bind(d.details.sales_order.as_deref())
+    .bind(d.details.service_contract_sales_order.as_deref())
+    .bind(d.details.registered_by)
     .bind(now_ms)
-    .bind(d.lease_ends_at)
+    .bind(d.details.lease_ends_at)
     .execute(&mut *conn)
     .await
     .map_err(unique_err("registering a device", "device serial or MAC"))?;

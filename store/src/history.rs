@@ -2,6 +2,7 @@
 //! attempts — what the device page and the CLI read, and what housekeeping prunes.
 
 use crate::devices::SOURCE_RANK;
+use crate::ingest::RefusalRow;
 use crate::row::JsonText;
 use crate::{Result, Store, query_err};
 
@@ -42,17 +43,6 @@ pub struct QuarantinedPayload {
     /// The bytes as received (not necessarily UTF-8).
     pub payload: Vec<u8>,
     pub received_at: i64,
-}
-
-/// Refused connection attempts of one device, coalesced by reason.
-#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
-pub struct Refusal {
-    pub reason: String,
-    pub detail: String,
-    pub peer_addr: Option<String>,
-    pub first_at: i64,
-    pub last_at: i64,
-    pub attempts: i64,
 }
 
 impl Store {
@@ -157,9 +147,9 @@ impl Store {
     }
 
     /// Recent refused connection attempts of a device, newest first.
-    pub async fn refusals(&self, serial: &str, limit: i64) -> Result<Vec<Refusal>> {
+    pub async fn refusals(&self, serial: &str, limit: i64) -> Result<Vec<RefusalRow>> {
         sqlx::query_as(
-            "SELECT reason, detail, peer_addr, first_at, last_at, attempts FROM connect_refusals \
+            "SELECT serial, reason, detail, peer_addr, first_at, last_at, attempts FROM connect_refusals \
              WHERE serial = $1 ORDER BY last_at DESC, id DESC LIMIT $2",
         )
         .bind(serial)

@@ -205,8 +205,9 @@ pub enum StatusEvent {
     },
 }
 
-/// Refused connection attempts of one device with one reason, already coalesced.
-#[derive(Debug, Clone)]
+/// Refused connection attempts of one device with one reason, already coalesced: as ingest
+/// writes them and as the device's history reads them back.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct RefusalRow {
     pub serial: String,
     pub reason: String,

@@ -33,8 +33,10 @@ pub use cluster::{
     CaLock, ClusterEvent, EVENT_CONNECTED, Heartbeat, LostNode, NodeBusy, NodeRecord, SharedCa,
 };
 pub use commands::{COMMAND_STATES, CommandRecord, NewCommand, ReplyRow};
-pub use devices::{DeviceFilter, DeviceRecord, DeviceStatus, DeviceView, FleetCounts, NewDevice};
-pub use history::{LocationRecord, QuarantinedPayload, Refusal, SessionRecord, TelemetryRecord};
+pub use devices::{
+    DeviceDetails, DeviceFilter, DeviceRecord, DeviceStatus, DeviceView, FleetCounts, NewDevice,
+};
+pub use history::{LocationRecord, QuarantinedPayload, SessionRecord, TelemetryRecord};
 pub use ingest::{
     InfoRow, LocationRow, QuarantineRow, RefusalRow, Split, StatusEvent, TelemetryRow, WriteBatch,
 };

@@ -5,7 +5,8 @@ use sqlx::AnyConnection;
 use crate::row::Flag;
 use crate::{Result, Store, query_err, unique_err};
 
-#[derive(Debug, Clone, Default)]
+/// An account as it is created; [`UserRecord`] is this and what the store adds.
+#[derive(Debug, Clone, Default, PartialEq, sqlx::FromRow)]
 pub struct NewUser {
     pub email: String,
     pub role: String,
@@ -14,24 +15,17 @@ pub struct NewUser {
     pub last_name: Option<String>,
     pub phone: Option<String>,
     pub company_id: Option<i64>,
+    #[sqlx(try_from = "Flag")]
     pub active: bool,
+    #[sqlx(try_from = "Flag")]
     pub must_change_password: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct UserRecord {
     pub id: i64,
-    pub email: String,
-    pub role: String,
-    pub password_hash: String,
-    pub first_name: Option<String>,
-    pub last_name: Option<String>,
-    pub phone: Option<String>,
-    pub company_id: Option<i64>,
-    #[sqlx(try_from = "Flag")]
-    pub active: bool,
-    #[sqlx(try_from = "Flag")]
-    pub must_change_password: bool,
+    #[sqlx(flatten)]
+    pub account: NewUser,
     pub created_at: i64,
     pub locked_until: Option<i64>,
 }

@@ -84,7 +84,7 @@ async fn certificates_and_accounts() {
             .unwrap()
             .unwrap();
         assert_eq!(
-            (found.id, found.active, found.role.as_str()),
+            (found.id, found.account.active, found.account.role.as_str()),
             (id, true, "admin")
         );
     }

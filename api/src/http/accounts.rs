@@ -58,7 +58,7 @@ impl FromRequestParts<ApiState> for AnyCaller {
             .store
             .user_by_token(&hash, state.clock.now_ms())
             .await?
-            .filter(|u| u.active)
+            .filter(|u| u.account.active)
             .ok_or_else(ApiError::unauthorized)?;
         Ok(AnyCaller {
             user,
@@ -75,7 +75,7 @@ impl FromRequestParts<ApiState> for Caller {
         state: &ApiState,
     ) -> Result<Self, Self::Rejection> {
         let AnyCaller { user, .. } = AnyCaller::from_request_parts(parts, state).await?;
-        if user.must_change_password {
+        if user.account.must_change_password {
             return Err(ApiError::forbidden(
                 "password_change_required",
                 "change the temporary password first: POST /api/v1/me/password",
@@ -87,7 +87,7 @@ impl FromRequestParts<ApiState> for Caller {
 
 impl Caller {
     pub(crate) fn is_staff(&self) -> bool {
-        matches!(self.user.role.as_str(), "admin" | "provider")
+        matches!(self.user.account.role.as_str(), "admin" | "provider")
     }
 
     /// `Ok` for a provider or admin; a 403 `forbidden` saying `why` for anyone else.
@@ -199,11 +199,11 @@ pub(super) async fn login(
         )
         .retry_after(u64::try_from(left_ms / 1000).unwrap_or(1)));
     }
-    if !verify(&ticket, password, Some(user.password_hash.clone())).await? {
+    if !verify(&ticket, password, Some(user.account.password_hash.clone())).await? {
         return Err(bad());
     }
     drop(ticket);
-    if !user.active {
+    if !user.account.active {
         return Err(ApiError::forbidden(
             "account_inactive",
             "the account is not activated yet: use the link in the activation email",
@@ -217,7 +217,7 @@ pub(super) async fn login(
         .await?;
     Ok(axum::Json(json!({
         "token": token,
-        "must_change_password": user.must_change_password,
+        "must_change_password": user.account.must_change_password,
         "expires_at": tms_registry::views::time(Some(expires_at)),
     }))
     .into_response())
@@ -274,7 +274,7 @@ pub(super) async fn resend_activation(
         .store
         .user_by_email(email.trim())
         .await?
-        .filter(|u| u.role == "customer")
+        .filter(|u| u.account.role == "customer")
         .ok_or_else(|| {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -282,7 +282,7 @@ pub(super) async fn resend_activation(
                 format!("no customer account {email:?}"),
             )
         })?;
-    if user.active {
+    if user.account.active {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "already_active",
@@ -294,7 +294,11 @@ pub(super) async fn resend_activation(
     let expires_at = now + s.activation_ttl.as_millis() as i64;
     let message = s
         .mail
-        .activation(&user.email, &token, s.activation_ttl.as_secs() / 3600)
+        .activation(
+            &user.account.email,
+            &token,
+            s.activation_ttl.as_secs() / 3600,
+        )
         .map_err(|e| ApiError::internal("building the activation email", &e))?;
     s.store
         .add_activation(user.id, &hash, expires_at, &message, now)
@@ -310,14 +314,14 @@ pub(super) async fn resend_activation(
 pub(crate) fn account_json(u: &UserRecord) -> Value {
     json!({
         "id": u.id,
-        "email": u.email,
-        "role": u.role,
-        "first_name": u.first_name,
-        "last_name": u.last_name,
-        "phone": u.phone,
-        "company_id": u.company_id,
-        "active": u.active,
-        "must_change_password": u.must_change_password,
+        "email": u.account.email,
+        "role": u.account.role,
+        "first_name": u.account.first_name,
+        "last_name": u.account.last_name,
+        "phone": u.account.phone,
+        "company_id": u.account.company_id,
+        "active": u.account.active,
+        "must_change_password": u.account.must_change_password,
         "created_at": tms_registry::views::time(Some(u.created_at)),
     })
 }
@@ -360,7 +364,7 @@ pub(super) async fn change_password(
     if !verify(
         &ticket,
         current_password,
-        Some(caller.user.password_hash.clone()),
+        Some(caller.user.account.password_hash.clone()),
     )
     .await?
     {

@@ -106,7 +106,7 @@ pub(super) async fn acknowledge(
         return Err(alarm_not_found(&id));
     }
     s.store
-        .acknowledge_alarm(n, &caller.user.email, s.clock.now_ms())
+        .acknowledge_alarm(n, &caller.user.account.email, s.clock.now_ms())
         .await?;
     tracing::info!(alarm.id = n, device.serial = %alarm.serial, code = %alarm.code, by = caller.user.id, "alarm acknowledged");
     Ok(StatusCode::NO_CONTENT.into_response())

@@ -1,17 +1,17 @@
 //! Commands to devices (CONTRACT §9): send one (`202 {id, state: "queued"}`) and list a
-//! device's, newest first. Scoped like every device route ([`visible_device`]): a device the
-//! caller may not see answers 404. The workflow itself is `tms_registry::commands`.
+//! device's, newest first. Scoped like every device route ([`DeviceRequest`],
+//! [`DeviceHistory`]): a device the caller may not see answers 404. The workflow itself is
+//! `tms_registry::commands`.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tms_registry::commands::{self, CommandError, CommandRequest};
 
-use super::accounts::Caller;
-use super::devices::{TelemetryQuery, visible_device};
-use super::input::{Query, body};
+use super::devices::{DeviceHistory, DeviceRequest, VisibleDevice, json_rows};
+use super::input::body;
 use super::{ApiError, ApiState};
 
 #[derive(Deserialize)]
@@ -25,16 +25,14 @@ struct CommandBody {
 
 pub(super) async fn send(
     State(s): State<ApiState>,
-    caller: Caller,
-    Path(serial): Path<String>,
-    bytes: bytes::Bytes,
+    req: DeviceRequest,
 ) -> Result<Response, ApiError> {
-    let (serial, _) = visible_device(&s, &caller, &serial).await?;
+    let VisibleDevice { caller, serial, .. } = req.device;
     let CommandBody {
         name,
         args,
         ttl_secs,
-    } = body(&bytes)?;
+    } = body(&req.bytes)?;
     let queued = CommandRequest::new(&name, args, ttl_secs);
     let record = match queued {
         Ok(request) => {
@@ -42,7 +40,7 @@ pub(super) async fn send(
                 &s.store,
                 &serial,
                 request,
-                &caller.user.email,
+                &caller.user.account.email,
                 s.clock.now_ms(),
             )
             .await
@@ -63,14 +61,7 @@ pub(super) async fn send(
         .into_response())
 }
 
-pub(super) async fn list(
-    State(s): State<ApiState>,
-    caller: Caller,
-    Path(serial): Path<String>,
-    Query(query): Query<TelemetryQuery>,
-) -> Result<Response, ApiError> {
-    let (serial, limit) = query.visible(&s, &caller, &serial).await?;
-    let rows = s.store.commands_of(serial.as_str(), limit).await?;
-    let out: Vec<Value> = rows.iter().map(commands::view).collect();
-    Ok(axum::Json(out).into_response())
+pub(super) async fn list(h: DeviceHistory) -> Result<Response, ApiError> {
+    let rows = h.store.commands_of(h.serial.as_str(), h.limit).await?;
+    Ok(json_rows(&rows, commands::view))
 }

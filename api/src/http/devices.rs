@@ -6,7 +6,8 @@
 
 use std::io::Write;
 
-use axum::extract::{Path, State};
+use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -15,7 +16,7 @@ use tms_certs::DeviceKey;
 use tms_model::{ConnState, DeviceSerial};
 use tms_registry::provisioning::{ProvisioningError, sign_device_certificate};
 use tms_registry::views;
-use tms_store::{DeviceFilter, DeviceView};
+use tms_store::{DeviceFilter, DeviceView, Store};
 
 use super::accounts::Caller;
 use super::input::{Query, body};
@@ -23,7 +24,7 @@ use super::{ApiError, ApiState};
 
 /// The devices a caller may see.
 pub(crate) fn scope(caller: &Caller) -> DeviceFilter {
-    match caller.user.role.as_str() {
+    match caller.user.account.role.as_str() {
         "admin" => DeviceFilter::default(),
         "provider" => DeviceFilter {
             registered_by: Some(caller.user.id),
@@ -31,7 +32,7 @@ pub(crate) fn scope(caller: &Caller) -> DeviceFilter {
         },
         // A customer without a company sees nothing (id -1 matches no company).
         _ => DeviceFilter {
-            company_id: Some(caller.user.company_id.unwrap_or(-1)),
+            company_id: Some(caller.user.account.company_id.unwrap_or(-1)),
             ..Default::default()
         },
     }
@@ -42,7 +43,7 @@ fn may_see(caller: &Caller, view: &DeviceView) -> bool {
     scope.company_id.is_none_or(|c| c == view.device.company_id)
         && scope
             .registered_by
-            .is_none_or(|u| Some(u) == view.device.registered_by)
+            .is_none_or(|u| Some(u) == view.device.details.registered_by)
 }
 
 /// The device if it exists and the caller may see it; 404 otherwise, either way.
@@ -94,10 +95,8 @@ pub(super) async fn list(
 
 pub(super) async fn detail(
     State(s): State<ApiState>,
-    caller: Caller,
-    Path(serial): Path<String>,
+    VisibleDevice { serial, view, .. }: VisibleDevice,
 ) -> Result<Response, ApiError> {
-    let (serial, view) = visible_device(&s, &caller, &serial).await?;
     let locations = s.store.locations_of(serial.as_str()).await?;
     let certificates = s.store.certificates_of(serial.as_str()).await?;
     let refusals = s.store.refusals(serial.as_str(), 10).await?;
@@ -114,10 +113,8 @@ pub(super) async fn detail(
 
 pub(super) async fn status(
     State(s): State<ApiState>,
-    caller: Caller,
-    Path(serial): Path<String>,
+    VisibleDevice { view, .. }: VisibleDevice,
 ) -> Result<Response, ApiError> {
-    let (_, view) = visible_device(&s, &caller, &serial).await?;
     Ok(axum::Json(s.views.status(&view.status)).into_response())
 }
 
@@ -131,17 +128,6 @@ pub(crate) struct TelemetryQuery {
 const TELEMETRY_MAX: i64 = 1000;
 
 impl TelemetryQuery {
-    /// The device, if the caller may see it, and how many of its rows to answer with.
-    pub(crate) async fn visible(
-        &self,
-        s: &ApiState,
-        caller: &Caller,
-        serial: &str,
-    ) -> Result<(DeviceSerial, i64), ApiError> {
-        let (serial, _) = visible_device(s, caller, serial).await?;
-        Ok((serial, self.limit()?))
-    }
-
     pub(super) fn limit(&self) -> Result<i64, ApiError> {
         match self.limit.as_deref() {
             None => Ok(100),
@@ -159,19 +145,107 @@ impl TelemetryQuery {
     }
 }
 
-pub(super) async fn telemetry(
-    State(s): State<ApiState>,
-    caller: Caller,
-    Path(serial): Path<String>,
-    Query(query): Query<TelemetryQuery>,
-) -> Result<Response, ApiError> {
-    let (serial, limit) = query.visible(&s, &caller, &serial).await?;
-    let rows = s.store.telemetry(serial.as_str(), limit).await?;
-    let out: Vec<Value> = rows
-        .iter()
-        .map(|r| json!({"ts": views::time(Some(r.ts)), "received_at": views::time(Some(r.received_at)), "payload": r.payload}))
-        .collect();
-    Ok(axum::Json(out).into_response())
+/// Who asks and the serial the path names: the first steps of every device route, in this
+/// order (401/403 before anything about the path).
+async fn caller_and_serial(parts: &mut Parts, s: &ApiState) -> Result<(Caller, String), Response> {
+    let caller = Caller::from_request_parts(parts, s)
+        .await
+        .map_err(IntoResponse::into_response)?;
+    let Path(serial) = Path::<String>::from_request_parts(parts, s)
+        .await
+        .map_err(IntoResponse::into_response)?;
+    Ok((caller, serial))
+}
+
+/// The device a `/devices/{serial}` route names, if the caller may see it (404 otherwise).
+pub(crate) struct VisibleDevice {
+    pub(crate) caller: Caller,
+    pub(crate) serial: DeviceSerial,
+    pub(crate) view: DeviceView,
+}
+
+impl VisibleDevice {
+    /// The device for `caller`: a 404 unless it exists and they may see it.
+    async fn find(s: &ApiState, caller: Caller, serial: &str) -> Result<Self, Response> {
+        match visible_device(s, &caller, serial).await {
+            Ok((serial, view)) => Ok(VisibleDevice {
+                caller,
+                serial,
+                view,
+            }),
+            Err(e) => Err(e.into_response()),
+        }
+    }
+}
+
+impl FromRequestParts<ApiState> for VisibleDevice {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, s: &ApiState) -> Result<Self, Self::Rejection> {
+        let (caller, serial) = caller_and_serial(parts, s).await?;
+        VisibleDevice::find(s, caller, &serial).await
+    }
+}
+
+/// A device route with a body: the device, if the caller may see it, and the body as read, not
+/// yet parsed (it is read before the device is looked up, parsed by the handler after).
+pub(crate) struct DeviceRequest {
+    pub(crate) device: VisibleDevice,
+    pub(crate) bytes: bytes::Bytes,
+}
+
+impl FromRequest<ApiState> for DeviceRequest {
+    type Rejection = Response;
+
+    async fn from_request(req: Request, s: &ApiState) -> Result<Self, Self::Rejection> {
+        let (mut parts, body) = req.into_parts();
+        let (caller, serial) = caller_and_serial(&mut parts, s).await?;
+        let bytes = bytes::Bytes::from_request(Request::from_parts(parts, body), s)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let device = VisibleDevice::find(s, caller, &serial).await?;
+        Ok(DeviceRequest { device, bytes })
+    }
+}
+
+/// What a device's history route (`/devices/{serial}/...?limit=`) works on: the device, if
+/// the caller may see it (404 otherwise, before the limit is looked at), how many of its rows
+/// to answer with, and the store to read them from.
+pub(crate) struct DeviceHistory {
+    pub(crate) store: Store,
+    pub(crate) serial: DeviceSerial,
+    pub(crate) limit: i64,
+}
+
+impl FromRequestParts<ApiState> for DeviceHistory {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, s: &ApiState) -> Result<Self, Self::Rejection> {
+        let (caller, serial) = caller_and_serial(parts, s).await?;
+        let Query(query) = Query::<TelemetryQuery>::from_request_parts(parts, s)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let device = VisibleDevice::find(s, caller, &serial).await?;
+        let limit = query.limit().map_err(IntoResponse::into_response)?;
+        Ok(DeviceHistory {
+            store: s.store.clone(),
+            serial: device.serial,
+            limit,
+        })
+    }
+}
+
+/// A JSON array of `rows`, each as `view` shows it.
+pub(crate) fn json_rows<T>(rows: &[T], view: impl Fn(&T) -> Value) -> Response {
+    axum::Json(rows.iter().map(view).collect::<Vec<_>>()).into_response()
+}
+
+pub(super) async fn telemetry(h: DeviceHistory) -> Result<Response, ApiError> {
+    let rows = h.store.telemetry(h.serial.as_str(), h.limit).await?;
+    Ok(json_rows(
+        &rows,
+        |r| json!({"ts": views::time(Some(r.ts)), "received_at": views::time(Some(r.received_at)), "payload": r.payload}),
+    ))
 }
 
 #[derive(Deserialize)]
@@ -182,26 +256,17 @@ pub(super) struct LocationBody {
 
 /// Malformed payloads the device sent, newest first: each as text (invalid UTF-8 replaced,
 /// so a person can read what came), with its length in bytes, topic, reason and arrival.
-pub(super) async fn quarantine(
-    State(s): State<ApiState>,
-    caller: Caller,
-    Path(serial): Path<String>,
-    Query(query): Query<TelemetryQuery>,
-) -> Result<Response, ApiError> {
-    let (serial, limit) = query.visible(&s, &caller, &serial).await?;
-    let rows = s.store.quarantine(serial.as_str(), limit).await?;
-    let out: Vec<Value> = rows.iter().map(views::quarantined).collect();
-    Ok(axum::Json(out).into_response())
+pub(super) async fn quarantine(h: DeviceHistory) -> Result<Response, ApiError> {
+    let rows = h.store.quarantine(h.serial.as_str(), h.limit).await?;
+    Ok(json_rows(&rows, views::quarantined))
 }
 
 pub(super) async fn set_location(
     State(s): State<ApiState>,
-    caller: Caller,
-    Path(serial): Path<String>,
-    bytes: bytes::Bytes,
+    req: DeviceRequest,
 ) -> Result<Response, ApiError> {
-    let (serial, _) = visible_device(&s, &caller, &serial).await?;
-    let LocationBody { lat, lon } = body(&bytes)?;
+    let serial = req.device.serial;
+    let LocationBody { lat, lon } = body(&req.bytes)?;
     let point = tms_model::LatLon::new(lat, lon).map_err(|e| {
         ApiError::validation(std::collections::BTreeMap::from([(
             e.field().to_owned(),
@@ -231,7 +296,7 @@ pub(super) async fn locations(
                 "properties": {
                     "serial": d.device.serial,
                     "state": d.status.state.as_str(),
-                    "ups_model": d.device.ups_model,
+                    "ups_model": d.device.details.ups_model,
                     "company": d.device.company,
                     "source": l.source,
                     "updated_at": views::time(Some(l.updated_at)),
@@ -257,16 +322,14 @@ fn wants_zip(headers: &HeaderMap) -> bool {
 /// Generate Certificate: a key pair made here (handed out once, never kept) or a CSR.
 pub(super) async fn generate_certificate(
     State(s): State<ApiState>,
-    caller: Caller,
-    Path(serial): Path<String>,
     headers: HeaderMap,
-    bytes: bytes::Bytes,
+    req: DeviceRequest,
 ) -> Result<Response, ApiError> {
-    let (serial, _) = visible_device(&s, &caller, &serial).await?;
-    let key = if bytes.iter().all(u8::is_ascii_whitespace) {
+    let VisibleDevice { caller, serial, .. } = req.device;
+    let key = if req.bytes.iter().all(u8::is_ascii_whitespace) {
         DeviceKey::Generate
     } else {
-        let CsrBody { csr_pem } = body(&bytes)?;
+        let CsrBody { csr_pem } = body(&req.bytes)?;
         DeviceKey::Csr(csr_pem)
     };
     let signed = match sign_device_certificate(
@@ -367,10 +430,8 @@ fn zip_files(
 /// Revokes every valid certificate of the device; the broker closes its session at once.
 pub(super) async fn revoke_certificates(
     State(s): State<ApiState>,
-    caller: Caller,
-    Path(serial): Path<String>,
+    VisibleDevice { caller, serial, .. }: VisibleDevice,
 ) -> Result<Response, ApiError> {
-    let (serial, _) = visible_device(&s, &caller, &serial).await?;
     let revoked = s
         .store
         .revoke_device_certificates(serial.as_str(), "revoked by operator", s.clock.now_ms())
@@ -389,13 +450,11 @@ pub(super) struct LeaseBody {
 /// Provider/admin: extend the device's lease by `months` (1–120).
 pub(super) async fn renew_lease(
     State(s): State<ApiState>,
-    caller: Caller,
-    Path(serial): Path<String>,
-    bytes: bytes::Bytes,
+    req: DeviceRequest,
 ) -> Result<Response, ApiError> {
-    let (serial, _) = visible_device(&s, &caller, &serial).await?;
+    let VisibleDevice { caller, serial, .. } = req.device;
     caller.require_staff("only providers and admins renew leases")?;
-    let LeaseBody { months } = body(&bytes)?;
+    let LeaseBody { months } = body(&req.bytes)?;
     if !(1..=120).contains(&months) {
         return Err(ApiError::validation(
             [(

@@ -10,7 +10,7 @@ use super::{ApiError, ApiState};
 
 /// GET /api/v1/nodes: every node by id.
 pub(super) async fn list(State(s): State<ApiState>, caller: Caller) -> Result<Response, ApiError> {
-    if caller.user.role != "admin" {
+    if caller.user.account.role != "admin" {
         return Err(ApiError::forbidden(
             "forbidden",
             "only admins see the gateway's nodes: they serve every customer",

@@ -18,7 +18,7 @@ pub(super) async fn list(
     caller: Caller,
     Query(query): Query<TelemetryQuery>,
 ) -> Result<Response, ApiError> {
-    if caller.user.role != "admin" {
+    if caller.user.account.role != "admin" {
         return Err(ApiError::forbidden(
             "forbidden",
             "only admins see refused peers: they belong to no customer",

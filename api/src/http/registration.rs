@@ -12,7 +12,8 @@ use tms_model::{DeviceSerial, Mac};
 use tms_registry::auth::{generate_password, new_token};
 use tms_registry::provisioning::parse_date;
 use tms_store::{
-    NewDevice, NewUser, Registration, RegistrationCompany, RegistrationUser, StoreError,
+    DeviceDetails, NewDevice, NewUser, Registration, RegistrationCompany, RegistrationUser,
+    StoreError,
 };
 
 use super::accounts::Caller;
@@ -295,21 +296,23 @@ fn validate(body: &Value) -> Result<Validated, ApiError> {
                 serial,
                 mac,
                 company: company_name,
-                device_type,
-                lease_months,
-                lease_ends_at: tms_registry::provisioning::lease_ends_at_ms(
-                    &start_date,
+                details: DeviceDetails {
+                    device_type,
                     lease_months,
-                )
-                .unwrap_or(0),
-                start_date,
-                ups_model,
-                ups_model_number,
-                ups_serial,
-                ups_ship_date,
-                sales_order,
-                service_contract_sales_order,
-                registered_by: None,
+                    lease_ends_at: tms_registry::provisioning::lease_ends_at_ms(
+                        &start_date,
+                        lease_months,
+                    )
+                    .unwrap_or(0),
+                    start_date,
+                    ups_model,
+                    ups_model_number,
+                    ups_serial,
+                    ups_ship_date,
+                    sales_order,
+                    service_contract_sales_order,
+                    registered_by: None,
+                },
             },
             activation: None,
             mails: Vec::new(),
@@ -331,7 +334,7 @@ pub(super) async fn register(
         contact,
         location,
     } = validate(&body)?;
-    reg.device.registered_by = Some(caller.user.id);
+    reg.device.details.registered_by = Some(caller.user.id);
     let now = s.clock.now_ms();
     let mut temporary = None;
     if let RegistrationUser::New(user) = &mut reg.user {

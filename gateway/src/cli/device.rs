@@ -64,6 +64,8 @@ pub(super) async fn device(
                 }
                 None => clock.now_utc().date().to_string(),
             };
+            let lease = provisioning::leased(device_type, start_date.clone(), lease_months)
+                .ok_or_else(|| usage(format!("--start-date {start_date:?} is not a date")))?;
             let (store, _) = open_parts(&config, clock).await?;
             store
                 .add_device(
@@ -71,20 +73,12 @@ pub(super) async fn device(
                         serial: serial.clone(),
                         mac,
                         company: company.trim().to_owned(),
-                        device_type,
-                        lease_months,
-                        lease_ends_at: provisioning::lease_ends_at_ms(&start_date, lease_months)
-                            .ok_or_else(|| {
-                                usage(format!("--start-date {start_date:?} is not a date"))
-                            })?,
-                        start_date,
-                        ups_model,
-                        ups_model_number,
-                        ups_serial,
-                        ups_ship_date: None,
-                        sales_order: None,
-                        service_contract_sales_order: None,
-                        registered_by: None,
+                        details: DeviceDetails {
+                            ups_model,
+                            ups_model_number,
+                            ups_serial,
+                            ..lease
+                        },
                     },
                     clock.now_ms(),
                 )
@@ -135,7 +129,7 @@ pub(super) async fn device(
                         d.status.state.as_str(),
                         since.as_str().unwrap_or("-"),
                         d.device.company,
-                        d.device.ups_model.as_deref().unwrap_or("-"),
+                        d.device.details.ups_model.as_deref().unwrap_or("-"),
                         d.status.last_connect_error.as_deref().unwrap_or("-"),
                     );
                 }

@@ -11,7 +11,7 @@ use tms_gateway::{App, absolute, create_parts, open_parts};
 use tms_model::{ConnState, DeviceSerial, Mac};
 use tms_model::{SharedClock, SystemClock};
 use tms_registry::{auth, provisioning, views};
-use tms_store::{DeviceFilter, NewDevice, NewUser};
+use tms_store::{DeviceDetails, DeviceFilter, NewDevice, NewUser};
 use tokio_util::sync::CancellationToken;
 
 mod device;

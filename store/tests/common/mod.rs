@@ -5,7 +5,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use sqlx::{Connection, Executor};
 use tms_model::{DeviceSerial, Mac};
-use tms_store::{Backend, NewDevice, Store};
+use tms_store::{Backend, DeviceDetails, NewDevice, Store};
 
 pub struct Backends {
     pub stores: Vec<Store>,
@@ -49,16 +49,14 @@ pub fn device(serial: &str, mac: &str, company: &str) -> NewDevice {
         serial: DeviceSerial::parse(serial).unwrap(),
         mac: Mac::parse(mac).unwrap(),
         company: company.into(),
-        device_type: "RemotEye 4".into(),
-        lease_months: 12,
-        start_date: "2026-12-01".into(),
-        lease_ends_at: 1_827_619_200_000,
-        ups_model: Some("1600XP".into()),
-        ups_model_number: None,
-        ups_serial: Some("160300007".into()),
-        ups_ship_date: None,
-        sales_order: None,
-        service_contract_sales_order: None,
-        registered_by: None,
+        details: DeviceDetails {
+            device_type: "RemotEye 4".into(),
+            lease_months: 12,
+            start_date: "2026-12-01".into(),
+            lease_ends_at: 1_827_619_200_000,
+            ups_model: Some("1600XP".into()),
+            ups_serial: Some("160300007".into()),
+            ..DeviceDetails::default()
+        },
     }
 }
