@@ -117,6 +117,16 @@ const DESCRIPTIONS: &[(Kind, &str, &str)] = &[
         "Time per ingest commit",
     ),
     (
+        Kind::Gauge,
+        "tms_store_wal_frames",
+        "Pages in the SQLite write-ahead log at the last checkpoint",
+    ),
+    (
+        Kind::Histogram,
+        "tms_store_wal_restart_seconds",
+        "Time ingest spent copying the rest of a long write-ahead log so it restarts",
+    ),
+    (
         Kind::Counter,
         "tms_ingest_rows_written_total",
         "Rows written by ingest",
