@@ -88,7 +88,7 @@ pub(crate) struct SessionControl {
     pub close: CancellationToken,
     pub reason: Mutex<Option<DisconnectReason>>,
     /// Commands for this session ([`downlink`]).
-    pub downlink: mpsc::Sender<OutgoingCommand>,
+    pub downlink: mpsc::Sender<downlink::Queued>,
     /// The command filters the device holds in this session.
     pub subscriptions: Mutex<downlink::Subscriptions>,
 }

@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::codec::{Codec, next_packet};
-use crate::downlink::{FIRST_COMMAND_PKID, OutgoingCommand};
+use crate::downlink::{FIRST_COMMAND_PKID, OutgoingCommand, Queued};
 use crate::{
     Acks, Broker, BrokerEvent, DeviceMessage, DisconnectReason, RefusalReason, SessionControl,
     TopicKind, acl,
@@ -76,7 +76,7 @@ pub(crate) struct Session<'a> {
     /// per session rather than per message.
     received: [metrics::Counter; TopicKind::ALL.len()],
     /// Commands handed to this session by the delivery worker.
-    downlink: mpsc::Receiver<OutgoingCommand>,
+    downlink: mpsc::Receiver<Queued>,
     /// Commands written with QoS 1 and not yet PUBACKed, by packet id.
     inflight: HashMap<u16, OutgoingCommand>,
     /// Commands written with QoS 0: delivered once the write succeeds.
@@ -116,7 +116,7 @@ impl<'a> Session<'a> {
         max: usize,
         rbuf: BytesMut,
         wbuf: BytesMut,
-        downlink: mpsc::Receiver<OutgoingCommand>,
+        downlink: mpsc::Receiver<Queued>,
     ) -> Self {
         Session {
             broker,
@@ -162,9 +162,9 @@ impl<'a> Session<'a> {
                 _ = control.close.cancelled() => break DisconnectReason::Revoked,
                 // A command for the device: written now, reported when the device PUBACKs it.
                 Some(command) = self.downlink.recv() => {
-                    self.write_command(command, control);
+                    self.write_command(*command, control);
                     while let Ok(command) = self.downlink.try_recv() {
-                        self.write_command(command, control);
+                        self.write_command(*command, control);
                     }
                     if write_out(stream, &mut self.wbuf).await.is_err() {
                         break DisconnectReason::ConnectionLost;
@@ -579,7 +579,7 @@ impl Drop for Session<'_> {
     fn drop(&mut self) {
         self.downlink.close();
         while let Ok(command) = self.downlink.try_recv() {
-            command.returned();
+            (*command).returned();
         }
         for (_, command) in self.inflight.drain() {
             command.returned();

@@ -50,7 +50,11 @@ pub(crate) async fn run(
         };
         (result, NOTE.with(|n| n.take()))
     });
-    let (result, note) = handshake.await;
+    // Each phase's future is boxed (here and below), the packet pump's too: inline, their
+    // states took room in every session's task for as long as it lives, the pump's twice
+    // (a task was 13.6 KB, the largest share of an idle device's memory in heaptrack; now
+    // 6.2 KB and the pump's 3.8 KB).
+    let (result, note) = Box::pin(handshake).await;
     let cn = note.identity.as_ref().and_then(|id| id.common_name.clone());
     let mut stream = match result {
         None => return,
@@ -92,7 +96,7 @@ pub(crate) async fn run(
     let max = broker.settings().max_packet_bytes;
     let mut rbuf = BytesMut::with_capacity(1024);
     let connect = tokio::select! {
-        r = tokio::time::timeout_at(deadline, read_connect(&mut stream, &mut rbuf, max)) => r,
+        r = tokio::time::timeout_at(deadline, Box::pin(read_connect(&mut stream, &mut rbuf, max))) => r,
         _ = shutdown.cancelled() => return,
     };
     let (codec, packet) = match connect {
@@ -160,9 +164,9 @@ pub(crate) async fn run(
                 },
             };
             if codec.write(Packet::ConnAck(ack, None), &mut wbuf).is_ok() {
-                let _ = write_out(&mut stream, &mut wbuf).await;
+                let _ = Box::pin(write_out(&mut stream, &mut wbuf)).await;
             }
-            let _ = stream.shutdown().await;
+            let _ = Box::pin(stream.shutdown()).await;
             return broker.emit_refusal(cn, peer, reason, detail);
         }
     };
@@ -193,7 +197,7 @@ pub(crate) async fn run(
         };
         (None, Some(Packet::ConnAck(ack, None)))
     } else {
-        match open_link(&broker, &serial, false).await {
+        match Box::pin(open_link(&broker, &serial, false)).await {
             Some((tx, rx, connack)) => (Some((tx, rx)), Option::<Packet>::from(connack)),
             None => {
                 broker.deregister(&serial, &session_id);
@@ -222,7 +226,7 @@ pub(crate) async fn run(
     });
     if let Some(p) = connack
         && codec.write(p, &mut wbuf).is_ok()
-        && write_out(&mut stream, &mut wbuf).await.is_err()
+        && Box::pin(write_out(&mut stream, &mut wbuf)).await.is_err()
     {
         broker.deregister(&serial, &session_id);
         return;
@@ -242,16 +246,15 @@ pub(crate) async fn run(
         will,
     }));
     tracing::info!(device.serial = %serial, peer.addr = %peer, session.id = %session_id, mqtt.v5 = codec.is_v5(), "device connected");
-    broker
-        .emit(BrokerEvent::Connected {
-            serial: serial.clone(),
-            session_id: session_id.clone(),
-            peer,
-            cert_serial: identity.serial_number.clone(),
-            keep_alive_secs: keep_alive,
-            at_ms: broker.now_ms(),
-        })
-        .await;
+    Box::pin(broker.emit(BrokerEvent::Connected {
+        serial: serial.clone(),
+        session_id: session_id.clone(),
+        peer,
+        cert_serial: identity.serial_number.clone(),
+        keep_alive_secs: keep_alive,
+        at_ms: broker.now_ms(),
+    }))
+    .await;
 
     let mut session = Session::new(
         &broker,
@@ -267,16 +270,15 @@ pub(crate) async fn run(
     if !control.subscriptions.lock().is_ok_and(|s| s.is_empty()) {
         broker.wake_commands();
     }
-    let reason = session
-        .pump(
-            &mut stream,
-            link,
-            connect.clean_session,
-            idle_limit,
-            &control,
-            &shutdown,
-        )
-        .await;
+    let reason = Box::pin(session.pump(
+        &mut stream,
+        link,
+        connect.clean_session,
+        idle_limit,
+        &control,
+        &shutdown,
+    ))
+    .await;
 
     let reason = control
         .reason
@@ -291,8 +293,8 @@ pub(crate) async fn run(
     {
         broker.retain_subscriptions(&serial, subs.clone());
     }
-    let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
-    ending.finish(reason).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), Box::pin(stream.shutdown())).await;
+    Box::pin(ending.finish(reason)).await;
 }
 
 /// Ends a session that reported `Connected`, exactly once: normally through
