@@ -218,9 +218,9 @@ pub struct Store {
     /// Set by [`Store::checkpoint`] when the write-ahead log has grown past
     /// [`WAL_RESTART_FRAMES`]; ingest then finishes the copy between two of its batches.
     wal_restart_due: Arc<AtomicBool>,
-    /// Set by each ingest commit, cleared by [`Store::checkpoint`]: an idle gateway does not
-    /// checkpoint ten times a second for nothing.
-    wal_written: Arc<AtomicBool>,
+    /// Ingest commits since the last [`Store::checkpoint`] (see
+    /// [`Store::commits_since_checkpoint`]).
+    wal_commits: Arc<AtomicU64>,
     /// Why ingest's last write failed, while it keeps failing; readiness reports it.
     write_fault: Arc<Mutex<Option<StoreFault>>>,
     /// The PostgreSQL URL, for the wake-up listener's own connection (`None` on SQLite).
@@ -383,7 +383,7 @@ impl Store {
             backend,
             write_delay_ms: Arc::new(AtomicU64::new(0)),
             wal_restart_due: Arc::new(AtomicBool::new(false)),
-            wal_written: Arc::new(AtomicBool::new(false)),
+            wal_commits: Arc::new(AtomicU64::new(0)),
             write_fault: Arc::new(Mutex::new(None)),
             url: (backend == Backend::Postgres).then(|| Arc::from(url.as_str())),
         })
@@ -437,20 +437,21 @@ impl Store {
     /// Past [`WAL_RESTART_FRAMES`] ingest copies the rest itself between two batches
     /// ([`Store::restart_wal_if_due`]), when it is the one writer and is not writing.
     ///
-    /// Returns the pages the log held (0 on PostgreSQL, or when ingest has committed
-    /// nothing since the last call: then there is nothing to copy and nothing runs).
+    /// Returns the pages the log held (0 on PostgreSQL).
     pub async fn checkpoint(&self) -> Result<i64> {
-        if self.backend != Backend::Sqlite || !self.wal_written.swap(false, Ordering::Relaxed) {
+        if self.backend != Backend::Sqlite {
             return Ok(0);
         }
+        let commits = self.wal_commits.swap(0, Ordering::Relaxed);
         let op = "checkpointing the write-ahead log";
         let frames = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
             .fetch_one(&self.pool)
             .await
             .and_then(|row| row.try_get::<i64, _>(1))
             .map_err(|e| {
-                // Tried again at the next call, even if ingest commits nothing until then.
-                self.wal_written.store(true, Ordering::Relaxed);
+                // Still due: the next tick tries again.
+                self.wal_commits
+                    .fetch_add(commits.max(1), Ordering::Relaxed);
                 query_err(op)(e)
             })?;
         metrics::gauge!("tms_store_wal_frames").set(frames as f64);
@@ -460,6 +461,12 @@ impl Store {
         Ok(frames)
     }
 
+    /// How many batches ingest has committed since the last [`Store::checkpoint`]: what the
+    /// gateway's checkpoint task decides by.
+    pub fn commits_since_checkpoint(&self) -> u64 {
+        self.wal_commits.load(Ordering::Relaxed)
+    }
+
     /// After a committed ingest batch, on ingest's connection: copies what the last
     /// [`Store::checkpoint`] left of a long log, so that the next commit starts the log again
     /// (and `journal_size_limit` trims the file). A stall of one short copy and its fsyncs.
@@ -467,7 +474,7 @@ impl Store {
         if self.backend != Backend::Sqlite {
             return;
         }
-        self.wal_written.store(true, Ordering::Relaxed);
+        self.wal_commits.fetch_add(1, Ordering::Relaxed);
         if !self.wal_restart_due.swap(false, Ordering::Relaxed) {
             return;
         }

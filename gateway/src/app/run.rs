@@ -192,14 +192,23 @@ impl App {
         let checkpoint_store = store.clone();
         let checkpoint_stop = stop.clone();
         parts.spawn("checkpoint", async move {
-            // Every 100 ms: each checkpoint's fsync then covers a tenth of a second of log, a
-            // short stall for the commits beside it (once a second it was a long one).
+            // Every 100 ms under load, so each checkpoint's fsync covers a tenth of a second
+            // of log, a short stall for the commits beside it (once a second it was a long
+            // one); when few commits come, once a second at most (each is two fsyncs).
             let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut last = tokio::time::Instant::now();
             while tokio::select! {
                 _ = checkpoint_stop.cancelled() => false,
                 _ = tick.tick() => true,
             } {
+                let commits = checkpoint_store.commits_since_checkpoint();
+                let due = commits >= 32
+                    || (commits > 0 && last.elapsed() >= std::time::Duration::from_secs(1));
+                if !due {
+                    continue;
+                }
+                last = tokio::time::Instant::now();
                 let checkpoint = until_stopped(&checkpoint_stop, checkpoint_store.checkpoint());
                 if let Some(Err(e)) = checkpoint.await {
                     tracing::debug!(error = %e, "checkpoint failed; retried at the next tick");
