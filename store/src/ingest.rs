@@ -245,7 +245,7 @@ impl Store {
         };
         let result = self.write_batch_on(&mut conn, batch).await;
         if result.is_ok() {
-            self.restart_wal_if_due(&mut conn).await;
+            self.after_ingest_commit(&mut conn).await;
             *held = Some(conn);
         } else if self.backend() == Backend::Sqlite {
             // After a failed statement or COMMIT (disk full, I/O error) SQLite may have rolled

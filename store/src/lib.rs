@@ -198,11 +198,11 @@ pub(crate) fn unique_err(
     }
 }
 
-/// A handle on the database; cheap to clone.
 /// Log frames (database pages) past which ingest copies the rest of the write-ahead log
 /// itself so that it restarts (see [`Store::checkpoint`]): 4 MiB at 1 KiB pages.
 pub const WAL_RESTART_FRAMES: i64 = 4096;
 
+/// A handle on the database; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
     pool: AnyPool,
@@ -282,9 +282,6 @@ fn pool_options(backend: Backend, max: u32) -> AnyPoolOptions {
         .after_connect(move |conn, _| {
             Box::pin(async move {
                 if backend == Backend::Sqlite {
-                    // WAL lets readers (API, CLI) run beside the ingest writer; NORMAL
-                    // sync is durable across process crashes, and busy_timeout queues
-                    // writers from other processes (the CLI) instead of failing them.
                     // Pages of 1 KiB in a new database (an existing one keeps its own): a
                     // commit of a few telemetry rows rewrites a handful of pages (table and
                     // index leaves, status row, header), so the log grows by pages, not
@@ -292,6 +289,9 @@ fn pool_options(backend: Backend, max: u32) -> AnyPoolOptions {
                     // checkpoint stalled commits (p99 PUBLISH → PUBACK 17-46 ms; 7-10 ms at
                     // 1 KiB, same run). Must come before WAL mode is set.
                     conn.execute("PRAGMA page_size = 1024").await?;
+                    // WAL lets readers (API, CLI) run beside the ingest writer; NORMAL
+                    // sync is durable across process crashes, and busy_timeout queues
+                    // writers from other processes (the CLI) instead of failing them.
                     conn.execute("PRAGMA journal_mode = WAL").await?;
                     conn.execute("PRAGMA synchronous = NORMAL").await?;
                     conn.execute("PRAGMA busy_timeout = 10000").await?;
@@ -435,7 +435,7 @@ impl Store {
     /// itself: the log grew by tens of MB a second at 5,000 msg/s, and every checkpoint's
     /// fsync of it stalled commits for longer (p99 PUBLISH → PUBACK 376 ms after 20 s).
     /// Past [`WAL_RESTART_FRAMES`] ingest copies the rest itself between two batches
-    /// ([`Store::restart_wal_if_due`]), when it is the one writer and is not writing.
+    /// ([`Store::after_ingest_commit`]), when it is the one writer and is not writing.
     ///
     /// Returns the pages the log held (0 on PostgreSQL).
     pub async fn checkpoint(&self) -> Result<i64> {
@@ -467,10 +467,11 @@ impl Store {
         self.wal_commits.load(Ordering::Relaxed)
     }
 
-    /// After a committed ingest batch, on ingest's connection: copies what the last
-    /// [`Store::checkpoint`] left of a long log, so that the next commit starts the log again
-    /// (and `journal_size_limit` trims the file). A stall of one short copy and its fsyncs.
-    pub(crate) async fn restart_wal_if_due(&self, conn: &mut sqlx::AnyConnection) {
+    /// After a committed ingest batch, on ingest's connection: counts the commit for the
+    /// checkpoint task and, when [`Store::checkpoint`] found the log long, copies what it
+    /// left, so that the next commit starts the log again (and `journal_size_limit` trims the
+    /// file). A stall of one short copy and its fsyncs.
+    pub(crate) async fn after_ingest_commit(&self, conn: &mut sqlx::AnyConnection) {
         if self.backend != Backend::Sqlite {
             return;
         }
