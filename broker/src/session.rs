@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use rumqttd::Notification;
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{ConnAck, ConnectReturnCode, Packet};
@@ -244,7 +244,13 @@ pub(crate) async fn run(
         serial: serial.clone(),
         session_id: session_id.clone(),
         peer,
-        will,
+        // Copied out of the read buffer: the parsed will's topic and message point into the
+        // 1 KiB that CONNECT was read into, and held it for the whole session (heaptrack).
+        will: will.map(|w| rumqttd::protocol::LastWill {
+            topic: Bytes::copy_from_slice(&w.topic),
+            message: Bytes::copy_from_slice(&w.message),
+            ..w
+        }),
     }));
     tracing::info!(device.serial = %serial, peer.addr = %peer, session.id = %session_id, mqtt.v5 = codec.is_v5(), "device connected");
     Box::pin(broker.emit(BrokerEvent::Connected {

@@ -270,8 +270,15 @@ fn tighten(path: &std::path::Path) -> Result<()> {
     }
 }
 
-/// The pool settings of both backends; on SQLite every connection gets the same pragmas.
-fn pool_options(backend: Backend, max: u32) -> AnyPoolOptions {
+/// Page cache of each SQLite connection of the shared pool (API, CLI reads, housekeeping),
+/// in KiB. Their reads are few and the kernel caches the file; at SQLite's default of 2 MiB
+/// the four of them held megabytes of pages that ingest's writes made stale anyway. Ingest's
+/// own connection keeps the default: its pages are the ones every batch touches.
+const POOL_PAGE_CACHE_KIB: i64 = 256;
+
+/// The pool settings of both backends; on SQLite every connection gets the same pragmas, and
+/// `page_cache_kib` as its page cache (`None`: SQLite's default).
+fn pool_options(backend: Backend, max: u32, page_cache_kib: Option<i64>) -> AnyPoolOptions {
     AnyPoolOptions::new()
         .max_connections(max)
         .acquire_timeout(Duration::from_secs(10))
@@ -307,6 +314,10 @@ fn pool_options(backend: Backend, max: u32) -> AnyPoolOptions {
                     // zeroed in its page rather than left in free space; FAST costs no
                     // extra I/O.
                     conn.execute("PRAGMA secure_delete = FAST").await?;
+                    if let Some(kib) = page_cache_kib {
+                        conn.execute(format!("PRAGMA cache_size = -{kib}").as_str())
+                            .await?;
+                    }
                 }
                 Ok(())
             })
@@ -341,6 +352,7 @@ impl Store {
                 Backend::Sqlite => 4,
                 Backend::Postgres => 10,
             },
+            Some(POOL_PAGE_CACHE_KIB),
         )
         .connect_with(options.clone())
         .await
@@ -370,7 +382,7 @@ impl Store {
         // finds the pages the others changed stale and reads them again) and its statement
         // cache holds ingest's scripts only. On PostgreSQL ingest shares the pool.
         let ingest = match backend {
-            Backend::Sqlite => pool_options(backend, 1)
+            Backend::Sqlite => pool_options(backend, 1, None)
                 .connect_with(options)
                 .await
                 .map_err(StoreError::Connect)?,

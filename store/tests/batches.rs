@@ -250,3 +250,46 @@ async fn a_long_write_ahead_log_is_restarted_by_ingest() {
         .unwrap();
     assert_eq!(stored, ts, "every row is there");
 }
+
+/// A connect storm makes one batch of hundreds of connects, several statements each. On
+/// SQLite the writer sends its script every 256 statements (one script of 33,000 statements
+/// held 10 MB of prepared statements at once); the pieces still make one transaction.
+#[tokio::test]
+async fn a_batch_of_many_connects_is_written_whole_in_pieces() {
+    for store in backends().await.stores {
+        let serials: Vec<String> = (0..300).map(|i| format!("RE4S{i:04}")).collect();
+        for (i, serial) in serials.iter().enumerate() {
+            add_device(
+                &store,
+                serial,
+                &format!("02:00:00:00:{:02X}:{:02X}", i / 256, i % 256),
+            )
+            .await;
+        }
+        let status = serials
+            .iter()
+            .enumerate()
+            .map(|(i, serial)| StatusEvent::Connected {
+                serial: serial.clone(),
+                session_id: format!("s{i}"),
+                at: 1_000 + i as i64,
+                peer_addr: "127.0.0.1:5000".into(),
+                keep_alive_secs: 30,
+                cert_serial: "0a".into(),
+                node_id: "n1".into(),
+            })
+            .collect();
+        store
+            .write_batch(&WriteBatch {
+                status,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        for (i, serial) in serials.iter().enumerate() {
+            let view = store.device(serial).await.unwrap().unwrap();
+            assert_eq!(view.status.state, ConnState::Online, "{serial}");
+            assert_eq!(view.status.session_id, Some(format!("s{i}")), "{serial}");
+        }
+    }
+}
