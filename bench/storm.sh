@@ -40,3 +40,4 @@ GW=""
 python3 bench/storm.py report "$N" "$WORK/metrics.txt" "$WORK/sim.out" "$WORK/watch.json"
 cp "$WORK/serve.log" "/tmp/storm-serve-$N.log" 2>/dev/null || true
 cp "$WORK/sim.log" "/tmp/storm-sim-$N.log" 2>/dev/null || true
+cp "$WORK/metrics.txt" "/tmp/storm-metrics-$N.txt" 2>/dev/null || true

@@ -345,3 +345,60 @@ async fn a_garbage_flood_is_capped_and_the_device_disconnected_as_abuse() {
     // The other device is unaffected.
     publishes_are_stored(&gw, &store, &quiet, 1).await;
 }
+
+/// Clients that send a ClientHello and then nothing each hold a handshake slot: with every
+/// slot taken the next handshakes wait their turn (oldest first, visible on /metrics), the
+/// stalled clients keep their slots only briefly, and every device arriving meanwhile still
+/// gets online.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn handshakes_beyond_the_slots_wait_their_turn_and_every_device_gets_online() {
+    let gw = TestGateway::start().await;
+    let devices: Vec<DeviceFiles> = (1..=6)
+        .map(|i| gw.provision(&format!("RE4G00010{i}"), &format!("00:1B:2C:3D:4F:{i:02X}")))
+        .collect();
+    let store = gw.store().await;
+    let before = scrape(&gw).await;
+    let slots = before["tms_broker_handshake_slots"];
+    assert!(slots >= 1.0, "{slots} handshake slots");
+
+    // Twice as many stalled handshakes as slots: half of them must queue.
+    let tls = client_tls(&devices[0].ca, None);
+    let mut stalled = Vec::new();
+    for _ in 0..2 * slots as usize {
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let mut conn = rustls::ClientConnection::new(tls.clone(), name).unwrap();
+        let mut hello = Vec::new();
+        conn.write_tls(&mut hello).unwrap();
+        let mut tcp = tokio::net::TcpStream::connect(gw.ports.mqtt).await.unwrap();
+        tcp.write_all(&hello).await.unwrap();
+        stalled.push(tcp);
+    }
+    let clients: Vec<_> = devices
+        .iter()
+        .map(|d| {
+            let (client, el) = device_client(&gw, d);
+            (client, drive(el))
+        })
+        .collect();
+    for d in &devices {
+        wait_online(&store, &d.serial).await;
+    }
+
+    let after = scrape(&gw).await;
+    let queued = delta(&before, &after, "tms_broker_handshakes_queued_total");
+    assert!(
+        queued >= slots,
+        "{queued} handshakes queued for {slots} slots"
+    );
+    let freed = delta(
+        &before,
+        &after,
+        "tms_broker_handshake_slots_released_early_total",
+    );
+    assert!(freed >= slots, "{freed} stalled slots released");
+    assert_eq!(after.get("tms_broker_handshakes_waiting"), Some(&0.0));
+    for (_, events) in clients {
+        events.abort();
+    }
+    drop(stalled);
+}

@@ -18,6 +18,7 @@
 //! touches the database.
 
 mod acl;
+mod admission;
 mod codec;
 mod downlink;
 mod pump;
@@ -25,6 +26,7 @@ mod session;
 mod tls;
 
 pub use acl::{filter_matches, may_subscribe, publish_kind};
+pub use admission::default_handshake_slots;
 pub use downlink::{CommandOutcome, CommandRoute, OutgoingCommand};
 // The vocabulary shared with ingest lives in `tms-model`; re-exported so the broker's API
 // still names it.
@@ -67,6 +69,9 @@ pub enum BrokerError {
 pub struct BrokerSettings {
     pub max_connections: usize,
     pub handshake_timeout: Duration,
+    /// TLS handshakes in progress at once, at most; more wait their turn, oldest first
+    /// ([`default_handshake_slots`] sizes it to the cores).
+    pub handshake_slots: usize,
     pub max_packet_bytes: usize,
     /// Fixed offline deadline; `None`: 1.5 × the device's keep-alive.
     pub offline_after: Option<Duration>,
@@ -121,6 +126,7 @@ pub struct Broker {
     sessions: Mutex<HashMap<DeviceSerial, Arc<SessionControl>>>,
     next_session: AtomicU64,
     permits: Arc<Semaphore>,
+    admission: admission::Admission,
     refusal_log: LogBudget,
     /// Notified when a session subscribes to commands, so queued ones go out at once.
     command_wake: Arc<Notify>,
@@ -192,6 +198,7 @@ impl Broker {
                 .map_err(Box::new)
         });
         let permits = Arc::new(Semaphore::new(settings.max_connections));
+        let admission = admission::Admission::new(settings.handshake_slots);
         Ok(Arc::new(Broker {
             settings,
             tls: ArcSwap::new(tls),
@@ -200,6 +207,7 @@ impl Broker {
             sessions: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
             permits,
+            admission,
             refusal_log: LogBudget::default(),
             command_wake: Arc::new(Notify::new()),
             retained_subscriptions: Mutex::new(HashMap::new()),

@@ -17,6 +17,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::admission::Admitted;
 use crate::codec::{Codec, next_connect};
 use crate::downlink::SESSION_COMMANDS;
 use crate::pump::{Session, write_out};
@@ -39,13 +40,39 @@ pub(crate) async fn run(
     peer: SocketAddr,
     shutdown: CancellationToken,
 ) {
-    let started = Instant::now();
+    // Counted from accept: time spent waiting for a handshake slot is part of it.
     let deadline = tokio::time::Instant::now() + broker.settings().handshake_timeout;
+    let admitted = tokio::select! {
+        a = broker.admission.admit(&tcp, deadline) => a,
+        _ = shutdown.cancelled() => return,
+    };
+    let slot = match admitted {
+        Admitted::Granted(slot) => slot,
+        Admitted::ClosedEarly => {
+            let detail = "connection closed before the TLS handshake".to_owned();
+            return broker.emit_refusal(None, peer, RefusalReason::TlsError, detail);
+        }
+        Admitted::Silent => {
+            let timeout = broker.settings().handshake_timeout;
+            let detail = format!("no TLS handshake within {timeout:?}");
+            return broker.emit_refusal(None, peer, RefusalReason::HandshakeTimeout, detail);
+        }
+        Admitted::Late => {
+            let timeout = broker.settings().handshake_timeout;
+            let detail = format!("waited {timeout:?} for a handshake slot (connect storm)");
+            return broker.emit_refusal(None, peer, RefusalReason::HandshakeTimeout, detail);
+        }
+        Admitted::GaveUp => {
+            let detail = "the client gave up while waiting for a handshake slot".to_owned();
+            return broker.emit_refusal(None, peer, RefusalReason::HandshakeTimeout, detail);
+        }
+    };
+    let started = Instant::now();
     let acceptor = TlsAcceptor::from(broker.tls.load_full());
 
     let handshake = NOTE.scope(RefCell::new(HandshakeNote::default()), async {
         let result = tokio::select! {
-            r = tokio::time::timeout_at(deadline, acceptor.accept(tcp)) => Some(r),
+            r = tokio::time::timeout_at(deadline, slot.hold(acceptor.accept(tcp))) => Some(r),
             _ = shutdown.cancelled() => None,
         };
         (result, NOTE.with(|n| n.take()))

@@ -1,7 +1,8 @@
 //! Ingest: broker events and device messages become batched store writes.
 //!
 //! Events arrive in order on one bounded queue (the broker waits while it is full, which is
-//! what pushes back on publishers). [`Batcher`] turns them into a [`WriteBatch`] — parsing and
+//! what pushes back on publishers); connects found in it are batched first (`backlog`), so
+//! a device is shown online without waiting behind the telemetry queued before it. [`Batcher`] turns them into a [`WriteBatch`] — parsing and
 //! validating payloads, quarantining malformed ones, coalescing last-seen and refusals — and
 //! [`Ingest::run`] commits whatever has queued up as one transaction (group commit) and then
 //! releases the PUBACKs of the messages in it: a PUBACK means the message is durable.
@@ -13,6 +14,7 @@
 //! Not here: SQL (the store) or MQTT (the broker).
 
 mod alarms;
+mod backlog;
 mod batcher;
 mod payload;
 
@@ -32,6 +34,8 @@ use tms_model::{Acks, BrokerEvent};
 use tms_store::{AlarmChange, Split, Store, StoreError, WriteBatch};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+use backlog::Backlog;
 
 #[derive(Debug, Clone)]
 pub struct IngestSettings {
@@ -74,6 +78,11 @@ async fn sleep_until_opt(at: Option<Instant>) {
         None => std::future::pending().await,
     }
 }
+
+/// How far ingest looks into the queue for connects to write first, in batches: a storm's
+/// queue is a few batches deep. The events it holds are off the broker's queue, so this
+/// many more may wait in memory.
+const LOOKAHEAD_BATCHES: usize = 4;
 
 /// Longest pause between retries of a failing commit.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -123,50 +132,67 @@ impl Ingest {
             .alarms
             .load(None, std::mem::take(&mut self.open_alarms));
         let mut draining = false;
+        let mut backlog = Backlog::default();
         loop {
-            let due = batcher.next_due();
-            let first = if draining {
-                self.rx.recv().await
-            } else {
-                tokio::select! {
-                    ev = self.rx.recv() => ev,
-                    _ = drain.cancelled() => {
-                        // No new events from now on; what is queued is still written.
-                        self.rx.close();
-                        draining = true;
-                        self.start_deadline();
-                        continue;
+            if backlog.is_empty() {
+                let due = batcher.next_due();
+                let first = if draining {
+                    self.rx.recv().await
+                } else {
+                    tokio::select! {
+                        ev = self.rx.recv() => ev,
+                        _ = drain.cancelled() => {
+                            // No new events from now on; what is queued is still written.
+                            self.rx.close();
+                            draining = true;
+                            self.start_deadline();
+                            continue;
+                        }
+                        // Held-back refusals whose window has passed, while nothing else arrives.
+                        _ = sleep_until_opt(due) => {
+                            self.flush(&mut batcher, false).await;
+                            continue;
+                        }
                     }
-                    // Held-back refusals whose window has passed, while nothing else arrives.
-                    _ = sleep_until_opt(due) => {
-                        self.flush(&mut batcher, false).await;
-                        continue;
+                };
+                let Some(first) = first else { break };
+                backlog.push(first);
+                let deadline = tokio::time::Instant::now() + self.settings.flush_interval;
+                while backlog.len() < self.settings.batch_max_rows {
+                    match self.rx.try_recv() {
+                        Ok(ev) => {
+                            backlog.push(ev);
+                            continue;
+                        }
+                        Err(mpsc::error::TryRecvError::Disconnected) => break,
+                        Err(mpsc::error::TryRecvError::Empty)
+                            if draining || self.settings.flush_interval.is_zero() =>
+                        {
+                            break;
+                        }
+                        Err(mpsc::error::TryRecvError::Empty) => {}
                     }
-                }
-            };
-            let Some(first) = first else { break };
-            batcher.add(first);
-            let deadline = tokio::time::Instant::now() + self.settings.flush_interval;
-            while batcher.len() < self.settings.batch_max_rows {
-                match self.rx.try_recv() {
-                    Ok(ev) => {
-                        batcher.add(ev);
-                        continue;
+                    match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                        Ok(Some(ev)) => backlog.push(ev),
+                        Ok(None) | Err(_) => break,
                     }
-                    Err(mpsc::error::TryRecvError::Disconnected) => break,
-                    Err(mpsc::error::TryRecvError::Empty)
-                        if draining || self.settings.flush_interval.is_zero() =>
-                    {
-                        break;
-                    }
-                    Err(mpsc::error::TryRecvError::Empty) => {}
-                }
-                match tokio::time::timeout_at(deadline, self.rx.recv()).await {
-                    Ok(Some(ev)) => batcher.add(ev),
-                    Ok(None) | Err(_) => break,
                 }
             }
-            metrics::gauge!("tms_ingest_queue_depth").set(self.rx.len() as f64);
+            // Look past the next batch for connects queued behind messages.
+            let lookahead = self
+                .settings
+                .batch_max_rows
+                .saturating_mul(LOOKAHEAD_BATCHES);
+            while backlog.len() < lookahead {
+                match self.rx.try_recv() {
+                    Ok(ev) => backlog.push(ev),
+                    Err(_) => break,
+                }
+            }
+            for ev in backlog.next(self.settings.batch_max_rows) {
+                batcher.add(ev);
+            }
+            metrics::gauge!("tms_ingest_queue_depth").set((self.rx.len() + backlog.len()) as f64);
             self.flush(&mut batcher, false).await;
         }
         // Everything still held back is written before ingest ends.

@@ -124,6 +124,7 @@ impl App {
             BrokerSettings {
                 max_connections: config.mqtt.max_connections,
                 handshake_timeout: config.mqtt.handshake_timeout,
+                handshake_slots: tms_broker::default_handshake_slots(),
                 max_packet_bytes: config.mqtt.max_packet_bytes,
                 offline_after: config.presence.offline_after,
                 node_id: node_id.clone(),
