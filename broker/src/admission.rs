@@ -11,25 +11,19 @@
 //! A connection asks for a slot once its client has sent something (an idle TCP connection
 //! holds no slot), slots are granted in the order asked (tokio's `Semaphore` is fair), and
 //! a connection whose deadline (counted from accept) passes while it waits, or whose client
-//! gave up meanwhile, is closed without any TLS work. A slot is held until the handshake
-//! ends, but for [`SLOT_HOLD`] at most: a client that stalls mid-handshake then finishes (or
-//! times out) outside the limit instead of keeping honest devices waiting.
+//! gave up meanwhile, is closed without any TLS work. A slot is held while the handshake
+//! works and given back when it first waits for the client ([`Slot::hold`]): a client that
+//! stalls mid-handshake cannot keep honest devices waiting.
 //!
 //! Not here: the handshake itself and the refusals it records (`session`).
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
-
-/// Longest a handshake keeps its slot. Long enough for a client on a slow link to answer
-/// the server's flight; short enough that clients stalling on purpose cannot hold every slot
-/// for long.
-pub(crate) const SLOT_HOLD: Duration = Duration::from_millis(250);
 
 /// Handshake slots per core when not given: the server's half of a handshake is CPU work,
 /// but each one also waits on its client, so a core can keep two in flight.
@@ -119,16 +113,23 @@ impl Admission {
 }
 
 impl Slot {
-    /// Runs `handshake` holding this slot, for [`SLOT_HOLD`] at most.
+    /// Runs `handshake` holding this slot until it first waits for the client. A handshake
+    /// uses the CPU only when the client's bytes are there (the server's flight right after
+    /// the ClientHello: key exchange and signature); then it waits a round trip for the
+    /// client's certificate. The slot stands for a core, so it is given back at that first
+    /// wait: a client that stalls mid-handshake, on purpose or on a slow link, holds no slot
+    /// while it stalls, and the short rest of its handshake runs outside the limit.
     pub(crate) async fn hold<F: Future>(self, handshake: F) -> F::Output {
         let mut handshake = std::pin::pin!(handshake);
-        tokio::select! {
-            out = &mut handshake => return out,
-            _ = tokio::time::sleep(SLOT_HOLD) => {}
-        }
-        metrics::counter!("tms_broker_handshake_slots_released_early_total").increment(1);
-        drop(self);
-        handshake.await
+        let mut slot = Some(self);
+        std::future::poll_fn(|cx| {
+            let polled = handshake.as_mut().poll(cx);
+            if polled.is_pending() && slot.take().is_some() {
+                metrics::counter!("tms_broker_handshake_slots_released_early_total").increment(1);
+            }
+            polled
+        })
+        .await
     }
 }
 
@@ -152,6 +153,7 @@ impl Drop for GaugeGuard {
 mod tests {
 
     use super::*;
+    use std::time::Duration;
     use tokio::io::AsyncWriteExt;
     use tokio::net::TcpListener;
 
