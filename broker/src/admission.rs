@@ -12,13 +12,14 @@
 //! holds no slot), slots are granted in the order asked (tokio's `Semaphore` is fair), and
 //! a connection whose deadline (counted from accept) passes while it waits, or whose client
 //! gave up meanwhile, is closed without any TLS work. A slot is held while the handshake
-//! works and given back when it first waits for the client ([`Slot::hold`]): a client that
-//! stalls mid-handshake cannot keep honest devices waiting.
+//! works, given back whenever it waits for the client and taken again before it goes on
+//! ([`Slot::hold`]): a client that stalls mid-handshake cannot keep honest devices waiting.
 //!
 //! Not here: the handshake itself and the refusals it records (`session`).
 
 use std::future::Future;
 use std::sync::Arc;
+use std::task::Poll;
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
@@ -55,8 +56,23 @@ pub(crate) enum Admitted {
 
 /// One handshake slot, held by a connection.
 pub(crate) struct Slot {
+    slots: Arc<Semaphore>,
+    held: Option<Held>,
+}
+
+/// A slot while it is held: the permit and the in-progress count.
+struct Held {
     _permit: OwnedSemaphorePermit,
     _in_progress: GaugeGuard,
+}
+
+impl Held {
+    fn new(permit: OwnedSemaphorePermit) -> Self {
+        Held {
+            _permit: permit,
+            _in_progress: GaugeGuard::enter("tms_broker_handshakes_in_progress"),
+        }
+    }
 }
 
 impl Admission {
@@ -104,8 +120,8 @@ impl Admission {
         match tokio::time::timeout_at(deadline, tcp.ready(Interest::READABLE)).await {
             Err(_elapsed) => Admitted::Late,
             Ok(Ok(ready)) if !ready.is_read_closed() => Admitted::Granted(Slot {
-                _permit: permit,
-                _in_progress: GaugeGuard::enter("tms_broker_handshakes_in_progress"),
+                slots: self.slots.clone(),
+                held: Some(Held::new(permit)),
             }),
             Ok(_) => Admitted::GaveUp,
         }
@@ -113,19 +129,38 @@ impl Admission {
 }
 
 impl Slot {
-    /// Runs `handshake` holding this slot until it first waits for the client. A handshake
-    /// uses the CPU only when the client's bytes are there (the server's flight right after
-    /// the ClientHello: key exchange and signature); then it waits a round trip for the
-    /// client's certificate. The slot stands for a core, so it is given back at that first
-    /// wait: a client that stalls mid-handshake, on purpose or on a slow link, holds no slot
-    /// while it stalls, and the short rest of its handshake runs outside the limit.
-    pub(crate) async fn hold<F: Future>(self, handshake: F) -> F::Output {
+    /// Runs `handshake`, holding a slot whenever it runs. A slot stands for a core: the
+    /// handshake uses the CPU only when the client's bytes are there (the server's flight
+    /// right after the ClientHello, then the check of the client's certificate), and between
+    /// the two it waits a round trip for the client. At each wait the slot is given back, and
+    /// taken again (in turn, behind the others) before the handshake goes on: a client that
+    /// stalls mid-handshake, on purpose or on a slow link, holds no slot while it stalls, and
+    /// no more than the slots' number of handshakes compete for the cores at once.
+    pub(crate) async fn hold<F: Future>(mut self, handshake: F) -> F::Output {
         let mut handshake = std::pin::pin!(handshake);
-        let mut slot = Some(self);
+        let mut taking = None;
+        let mut waited = false;
         std::future::poll_fn(|cx| {
+            if self.held.is_none() {
+                let take =
+                    taking.get_or_insert_with(|| Box::pin(self.slots.clone().acquire_owned()));
+                match take.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(permit) => {
+                        taking = None;
+                        // Closed only if the broker is gone: go on without a slot.
+                        self.held = permit.ok().map(Held::new);
+                    }
+                }
+            }
             let polled = handshake.as_mut().poll(cx);
-            if polled.is_pending() && slot.take().is_some() {
-                metrics::counter!("tms_broker_handshake_slots_released_early_total").increment(1);
+            if polled.is_pending() {
+                self.held = None;
+                if !waited {
+                    waited = true;
+                    metrics::counter!("tms_broker_handshake_slots_released_early_total")
+                        .increment(1);
+                }
             }
             polled
         })
