@@ -21,6 +21,7 @@ mod acl;
 mod admission;
 mod codec;
 mod downlink;
+mod io;
 mod pump;
 mod session;
 mod tls;

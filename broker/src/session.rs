@@ -20,7 +20,8 @@ use tokio_util::sync::CancellationToken;
 use crate::admission::Admitted;
 use crate::codec::{Codec, next_connect};
 use crate::downlink::SESSION_COMMANDS;
-use crate::pump::{Session, write_out};
+use crate::io::write_out;
+use crate::pump::Session;
 use crate::tls::{self, HandshakeNote, NOTE, classify};
 use crate::{
     Broker, BrokerEvent, DeviceMessage, DisconnectReason, LinkRequest, RefusalReason,
