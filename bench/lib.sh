@@ -6,8 +6,12 @@ command -v mosquitto >/dev/null || { apt-get update -qq && apt-get install -y -q
 command -v mosquitto_pub >/dev/null || { apt-get update -qq && apt-get install -y -qq mosquitto-clients >/dev/null; }
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true   # one socket per device on each side
 
-cargo build --release --locked -p tms-gateway >&2
-BIN=$PWD/target/release/tms-gateway
+# BIN=/path/to/tms-gateway runs a binary built earlier (e.g. a copy, so that a build under
+# way cannot change it mid-run) instead of building the release one.
+if [ -z "${BIN:-}" ]; then
+    cargo build --release --locked -p tms-gateway >&2
+    BIN=$PWD/target/release/tms-gateway
+fi
 WORK=$(mktemp -d)
 GW_PID="" MQ_PID=""
 trap 'kill $GW_PID $MQ_PID 2>/dev/null || true; rm -rf "$WORK"' EXIT
