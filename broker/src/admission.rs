@@ -1,5 +1,5 @@
 //! Handshake admission: at most a fixed number of TLS handshakes in progress at once,
-//! granted oldest first.
+//! granted oldest first, and none started while ingest is behind on connects.
 //!
 //! Without it, every socket accepted in a reconnect storm starts its handshake at once:
 //! thousands of runnable handshake tasks share the cores, so each of them finishes late —
@@ -8,23 +8,42 @@
 //! With a bounded number of slots the handshakes that started first finish first, and the
 //! rest wait parked, costing no CPU.
 //!
-//! A connection asks for a slot once its client has sent something (an idle TCP connection
-//! holds no slot), slots are granted in the order asked (tokio's `Semaphore` is fair), and
-//! a connection whose deadline (counted from accept) passes while it waits, or whose client
-//! gave up meanwhile, is closed without any TLS work. A slot is held while the handshake
-//! works, given back whenever it waits for the client and taken again before it goes on
-//! ([`Slot::hold`]): a client that stalls mid-handshake cannot keep honest devices waiting.
+//! A connection asks once its client has sent something (an idle TCP connection holds
+//! nothing). It first passes the presence gate ([`PresenceGate`]): while the connects ingest
+//! has not committed, plus the handshakes under way, fill it, new handshakes wait (one at a
+//! time looks at the gate, the others queue behind it in order), so the status page lags
+//! the CONNACKs by a fraction of a second instead of by the whole storm. Then it takes a
+//! slot; slots are granted in the order asked (tokio's `Semaphore` is fair). A connection
+//! that has waited [`ADMISSION_WAIT_MAX`] is closed without any TLS work (shed: its client
+//! backs off and dials again, rather than time out waiting), as is one whose deadline
+//! (counted from accept) passes, or whose client gave up, while it waits. A slot is held
+//! while the handshake works, given back whenever it waits for the client and taken again
+//! before it goes on ([`Slot::hold`]): a client that stalls mid-handshake cannot keep honest
+//! devices waiting, nor does it count at the gate.
 //!
 //! Not here: the handshake itself and the refusals it records (`session`).
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::Poll;
+use std::time::Duration;
 
+use tms_model::PresenceGate;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
+
+/// How long a connection waits for the gate and a slot before it is shed. A client's own
+/// connect time-out is a few seconds (rumqttc's default is 5 s, and the handshake still
+/// needs its round trips after the wait): closing it sooner lets it back off and come back
+/// when there is room, instead of timing out on work that would be wasted.
+pub const ADMISSION_WAIT_MAX: Duration = Duration::from_secs(2);
+
+/// How often the connection at the head of the gate looks again when no commit woke it:
+/// handshakes that end make room too, and they do not notify.
+const GATE_RECHECK: Duration = Duration::from_millis(5);
 
 /// Handshake slots per core when not given: the server's half of a handshake is CPU work,
 /// but each one also waits on its client, so a core can keep two in flight.
@@ -35,9 +54,19 @@ pub fn default_handshake_slots() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get()) * SLOTS_PER_CORE
 }
 
-/// The slots and the queue for them.
+/// The gate, the slots and the queues for them.
 pub(crate) struct Admission {
     slots: Arc<Semaphore>,
+    /// Connections that passed the gate and wait for a slot, or hold one: the handshakes
+    /// under way that the gate counts.
+    busy: Arc<AtomicUsize>,
+    presence: Arc<PresenceGate>,
+    /// The turn to look at the gate while it is closed, oldest first.
+    gate_turn: Mutex<()>,
+    /// Connections waiting at the gate.
+    at_gate: AtomicUsize,
+    /// [`ADMISSION_WAIT_MAX`], shorter in tests.
+    wait_max: Duration,
 }
 
 /// What became of a connection that asked for a slot.
@@ -50,6 +79,9 @@ pub(crate) enum Admitted {
     Silent,
     /// The handshake deadline passed while the connection waited for a slot.
     Late,
+    /// Waited [`ADMISSION_WAIT_MAX`] for the gate or a slot: closed so that the client
+    /// comes back later.
+    Shed,
     /// The client gave up (closed the connection) while it waited for a slot.
     GaveUp,
 }
@@ -57,30 +89,77 @@ pub(crate) enum Admitted {
 /// One handshake slot, held by a connection.
 pub(crate) struct Slot {
     slots: Arc<Semaphore>,
+    busy: Arc<AtomicUsize>,
     held: Option<Held>,
 }
 
-/// A slot while it is held: the permit and the in-progress count.
+/// A slot while it is held: the permit and the counts of handshakes under way.
 struct Held {
     _permit: OwnedSemaphorePermit,
     _in_progress: GaugeGuard,
+    _busy: Busy,
 }
 
 impl Held {
-    fn new(permit: OwnedSemaphorePermit) -> Self {
+    fn new(permit: OwnedSemaphorePermit, busy: &Arc<AtomicUsize>) -> Self {
         Held {
             _permit: permit,
             _in_progress: GaugeGuard::enter("tms_broker_handshakes_in_progress"),
+            _busy: Busy::enter(busy),
         }
     }
 }
 
+/// Adds one to the handshakes under way for as long as it lives.
+struct Busy(Arc<AtomicUsize>);
+
+impl Busy {
+    fn enter(busy: &Arc<AtomicUsize>) -> Self {
+        busy.fetch_add(1, Ordering::AcqRel);
+        Busy(busy.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 impl Admission {
-    pub(crate) fn new(slots: usize) -> Self {
+    pub(crate) fn new(slots: usize, presence: Arc<PresenceGate>) -> Self {
         let slots = slots.max(1);
         metrics::gauge!("tms_broker_handshake_slots").set(slots as f64);
         Admission {
             slots: Arc::new(Semaphore::new(slots)),
+            busy: Arc::new(AtomicUsize::new(0)),
+            presence,
+            gate_turn: Mutex::new(()),
+            at_gate: AtomicUsize::new(0),
+            wait_max: ADMISSION_WAIT_MAX,
+        }
+    }
+
+    /// Waits until the gate has room for one more handshake, behind those that came first.
+    async fn pass_gate(&self) {
+        if self.at_gate.load(Ordering::Acquire) == 0
+            && self.presence.has_room(self.busy.load(Ordering::Acquire))
+        {
+            return;
+        }
+        metrics::counter!("tms_broker_presence_gate_waits_total").increment(1);
+        let _waiting = GaugeGuard::enter("tms_broker_handshakes_at_presence_gate");
+        self.at_gate.fetch_add(1, Ordering::AcqRel);
+        let _left = Defer(|| {
+            self.at_gate.fetch_sub(1, Ordering::AcqRel);
+        });
+        let _turn = self.gate_turn.lock().await;
+        loop {
+            let changed = self.presence.changed();
+            if self.presence.has_room(self.busy.load(Ordering::Acquire)) {
+                return;
+            }
+            let _ = tokio::time::timeout(GATE_RECHECK, changed).await;
         }
     }
 
@@ -97,21 +176,42 @@ impl Admission {
             Ok(Ok(_)) => {}
         }
         let asked = Instant::now();
+        let shed_at = asked + self.wait_max;
+        // Which of the two ends the wait: the handshake's deadline or the shedding.
+        let ran_out = || {
+            if deadline <= shed_at {
+                Admitted::Late
+            } else {
+                metrics::counter!("tms_broker_handshakes_shed_total").increment(1);
+                Admitted::Shed
+            }
+        };
+        let wait_until = deadline.min(shed_at);
+        if tokio::time::timeout_at(wait_until, self.pass_gate())
+            .await
+            .is_err()
+        {
+            return ran_out();
+        }
+        // Counted from the gate on: the next connection at the gate sees this one.
+        let queued = Busy::enter(&self.busy);
         let permit = match self.slots.clone().try_acquire_owned() {
             Ok(permit) => permit,
             Err(_) => {
                 metrics::counter!("tms_broker_handshakes_queued_total").increment(1);
                 let waiting = GaugeGuard::enter("tms_broker_handshakes_waiting");
                 let acquired =
-                    tokio::time::timeout_at(deadline, self.slots.clone().acquire_owned()).await;
+                    tokio::time::timeout_at(wait_until, self.slots.clone().acquire_owned()).await;
                 drop(waiting);
                 match acquired {
                     Ok(Ok(permit)) => permit,
                     // The semaphore is never closed; treat it as the deadline to be safe.
-                    Err(_) | Ok(Err(_)) => return Admitted::Late,
+                    Err(_) | Ok(Err(_)) => return ran_out(),
                 }
             }
         };
+        let held = Held::new(permit, &self.busy);
+        drop(queued);
         metrics::histogram!("tms_broker_handshake_admission_wait_seconds")
             .record(asked.elapsed().as_secs_f64());
         // Not consumed yet, so the socket is still readable and this returns at once; its
@@ -121,7 +221,8 @@ impl Admission {
             Err(_elapsed) => Admitted::Late,
             Ok(Ok(ready)) if !ready.is_read_closed() => Admitted::Granted(Slot {
                 slots: self.slots.clone(),
-                held: Some(Held::new(permit)),
+                busy: self.busy.clone(),
+                held: Some(held),
             }),
             Ok(_) => Admitted::GaveUp,
         }
@@ -149,7 +250,7 @@ impl Slot {
                     Poll::Ready(permit) => {
                         taking = None;
                         // Closed only if the broker is gone: go on without a slot.
-                        self.held = permit.ok().map(Held::new);
+                        self.held = permit.ok().map(|p| Held::new(p, &self.busy));
                     }
                 }
             }
@@ -165,6 +266,15 @@ impl Slot {
             polled
         })
         .await
+    }
+}
+
+/// Runs a closure when dropped.
+struct Defer<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for Defer<F> {
+    fn drop(&mut self) {
+        (self.0)();
     }
 }
 
@@ -214,7 +324,7 @@ mod tests {
     #[tokio::test]
     async fn slots_go_to_the_oldest_waiter_and_a_client_that_gave_up_gets_no_handshake() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let admission = Admission::new(1);
+        let admission = Admission::new(1, Arc::new(PresenceGate::default()));
         let (_c1, s1) = hello(&listener).await;
         let (_c2, s2) = hello(&listener).await;
         let (c3, s3) = hello(&listener).await;
@@ -243,7 +353,7 @@ mod tests {
     #[tokio::test]
     async fn a_deadline_passed_in_the_queue_or_before_any_bytes_refuses_without_a_slot() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let admission = Admission::new(1);
+        let admission = Admission::new(1, Arc::new(PresenceGate::default()));
         let (_c1, s1) = hello(&listener).await;
         let (_c2, s2) = hello(&listener).await;
         let (_quiet, s3) = pair(&listener).await;
@@ -256,9 +366,47 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn no_handshake_starts_while_ingest_is_behind_on_connects_and_a_long_wait_is_shed() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let gate = Arc::new(PresenceGate::new(2));
+        let mut admission = Admission::new(4, gate.clone());
+        // Two connects handed to ingest and not committed: the gate of 2 is full.
+        gate.handed_over();
+        gate.handed_over();
+        let (_c1, s1) = hello(&listener).await;
+        let (_c2, s2) = hello(&listener).await;
+        let held = {
+            let mut first = std::pin::pin!(admission.admit(&s1, far()));
+            tokio::select! {
+                biased;
+                _ = &mut first => panic!("a handshake started while the gate was full"),
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+            assert_eq!(
+                admission.slots.available_permits(),
+                4,
+                "no slot taken at the gate"
+            );
+            // Ingest commits one connect: room for one handshake, and it is counted at once.
+            gate.committed(1);
+            let Admitted::Granted(held) = first.await else {
+                panic!("the commit made room");
+            };
+            held
+        };
+        // The handshake under way fills the gate again, so the next connection waits, and
+        // past its longest wait it is shed without a slot.
+        admission.wait_max = Duration::from_millis(100);
+        assert!(matches!(admission.admit(&s2, far()).await, Admitted::Shed));
+        drop(held);
+        assert_eq!(admission.slots.available_permits(), 4, "every slot back");
+        assert_eq!(admission.busy.load(Ordering::Acquire), 0);
+    }
+
+    #[tokio::test]
     async fn a_client_that_closes_before_sending_anything_takes_no_slot() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let admission = Admission::new(1);
+        let admission = Admission::new(1, Arc::new(PresenceGate::default()));
         let (c1, s1) = pair(&listener).await;
         drop(c1);
         assert!(matches!(

@@ -73,6 +73,9 @@ pub struct BrokerSettings {
     /// TLS handshakes in progress at once, at most; more wait their turn, oldest first
     /// ([`default_handshake_slots`] sizes it to the cores).
     pub handshake_slots: usize,
+    /// Shared with ingest: no new handshake starts while the connects it has not committed
+    /// fill it (see `tms_model::PresenceGate`).
+    pub presence: Arc<tms_model::PresenceGate>,
     pub max_packet_bytes: usize,
     /// Fixed offline deadline; `None`: 1.5 × the device's keep-alive.
     pub offline_after: Option<Duration>,
@@ -199,7 +202,8 @@ impl Broker {
                 .map_err(Box::new)
         });
         let permits = Arc::new(Semaphore::new(settings.max_connections));
-        let admission = admission::Admission::new(settings.handshake_slots);
+        let admission =
+            admission::Admission::new(settings.handshake_slots, settings.presence.clone());
         Ok(Arc::new(Broker {
             settings,
             tls: ArcSwap::new(tls),

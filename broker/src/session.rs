@@ -63,6 +63,13 @@ pub(crate) async fn run(
             let detail = format!("waited {timeout:?} for a handshake slot (connect storm)");
             return broker.emit_refusal(None, peer, RefusalReason::HandshakeTimeout, detail);
         }
+        Admitted::Shed => {
+            let detail = format!(
+                "closed after waiting {:?} for a handshake slot (connect storm); the client may dial again",
+                crate::admission::ADMISSION_WAIT_MAX
+            );
+            return broker.emit_refusal(None, peer, RefusalReason::HandshakeTimeout, detail);
+        }
         Admitted::GaveUp => {
             let detail = "the client gave up while waiting for a handshake slot".to_owned();
             return broker.emit_refusal(None, peer, RefusalReason::HandshakeTimeout, detail);
@@ -281,6 +288,7 @@ pub(crate) async fn run(
         }),
     }));
     tracing::info!(device.serial = %serial, peer.addr = %peer, session.id = %session_id, mqtt.v5 = codec.is_v5(), "device connected");
+    broker.settings().presence.handed_over();
     Box::pin(broker.emit(BrokerEvent::Connected {
         serial: serial.clone(),
         session_id: session_id.clone(),

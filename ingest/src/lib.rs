@@ -51,6 +51,8 @@ pub struct IngestSettings {
     pub alarms: AlarmSettings,
     /// Times the commit for the presence latency metric.
     pub clock: tms_model::SharedClock,
+    /// Shared with the broker: told of every connect committed and of the store's faults.
+    pub presence: Arc<tms_model::PresenceGate>,
 }
 
 /// Called with the serial of a device that sends so much garbage it is to be disconnected.
@@ -70,6 +72,8 @@ pub struct Ingest {
     unwritten: usize,
     /// Open alarms (serial, code) read from the store at start.
     open_alarms: Vec<(String, String)>,
+    /// Connect events in the batcher since the last flush, for the presence gate.
+    connects: usize,
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {
@@ -107,6 +111,7 @@ impl Ingest {
             give_up_at: None,
             unwritten: 0,
             open_alarms: Vec::new(),
+            connects: 0,
         }
     }
 
@@ -190,6 +195,9 @@ impl Ingest {
                 }
             }
             for ev in backlog.next(self.settings.batch_max_rows) {
+                if matches!(ev, BrokerEvent::Connected { .. }) {
+                    self.connects += 1;
+                }
                 batcher.add(ev);
             }
             metrics::gauge!("tms_ingest_queue_depth").set((self.rx.len() + backlog.len()) as f64);
@@ -233,6 +241,12 @@ impl Ingest {
             .collect();
         let mut written = Vec::new();
         let stored = self.commit(batch, &mut written).await;
+        // Committed, or given up at the drain deadline: either way no longer in flight.
+        self.settings
+            .presence
+            .committed(std::mem::take(&mut self.connects));
+        metrics::gauge!("tms_presence_connects_uncommitted")
+            .set(self.settings.presence.uncommitted() as f64);
         // Only what is committed is open from now on.
         batcher.alarms.committed(&written);
         if stored {
@@ -325,6 +339,7 @@ impl Ingest {
                             tracing::debug!(fault = fault.as_str(), error = %e, "store still failing");
                         }
                         self.store.set_write_fault(Some(fault));
+                        self.settings.presence.set_store_faulted(true);
                         if self.drain.is_cancelled() {
                             self.start_deadline();
                         }
@@ -349,6 +364,7 @@ impl Ingest {
             if self.store.write_fault().is_some() {
                 tracing::info!("the store takes writes again");
                 self.store.set_write_fault(None);
+                self.settings.presence.set_store_faulted(false);
                 metrics::gauge!("tms_store_write_failing").set(0.0);
             }
             return Some(written);

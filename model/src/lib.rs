@@ -6,9 +6,11 @@
 
 mod clock;
 mod events;
+mod presence;
 
 pub use clock::{Clock, ManualClock, SharedClock, SystemClock};
 pub use events::{Acks, BrokerEvent, DeviceMessage, DisconnectReason, RefusalReason, TopicKind};
+pub use presence::{PRESENCE_BACKLOG, PresenceGate};
 
 use std::fmt;
 use std::str::FromStr;

@@ -120,11 +120,13 @@ impl App {
         rand::fill(&mut boot);
         let boot_id = hex::encode(boot);
         let (events_tx, events_rx) = mpsc::channel(config.ingest.queue_capacity);
+        let presence = Arc::new(tms_model::PresenceGate::default());
         let broker = Broker::new(
             BrokerSettings {
                 max_connections: config.mqtt.max_connections,
                 handshake_timeout: config.mqtt.handshake_timeout,
                 handshake_slots: tms_broker::default_handshake_slots(),
+                presence: presence.clone(),
                 max_packet_bytes: config.mqtt.max_packet_bytes,
                 offline_after: config.presence.offline_after,
                 node_id: node_id.clone(),
@@ -153,6 +155,7 @@ impl App {
                     low_runtime_min: config.alarms.low_runtime_min,
                 },
                 clock: clock.clone(),
+                presence,
             },
         )
         .with_open_alarms(open_alarms)
