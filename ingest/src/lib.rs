@@ -251,6 +251,8 @@ impl Ingest {
         batcher.alarms.committed(&written);
         if stored {
             release(acks);
+            // Between batches, with no PUBACK waiting on it.
+            self.store.restart_wal_if_due().await;
         }
         // Not after a batch given up at the drain deadline: the store is not answering, and
         // a read of it would hold ingest past the deadline, unlogged.

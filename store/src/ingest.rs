@@ -245,7 +245,7 @@ impl Store {
         };
         let result = self.write_batch_on(&mut conn, batch).await;
         if result.is_ok() {
-            self.after_ingest_commit(&mut conn).await;
+            self.count_ingest_commit();
             *held = Some(conn);
         } else if self.backend() == Backend::Sqlite {
             // After a failed statement or COMMIT (disk full, I/O error) SQLite may have rolled

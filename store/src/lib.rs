@@ -447,7 +447,7 @@ impl Store {
     /// itself: the log grew by tens of MB a second at 5,000 msg/s, and every checkpoint's
     /// fsync of it stalled commits for longer (p99 PUBLISH → PUBACK 376 ms after 20 s).
     /// Past [`WAL_RESTART_FRAMES`] ingest copies the rest itself between two batches
-    /// ([`Store::after_ingest_commit`]), when it is the one writer and is not writing.
+    /// ([`Store::restart_wal_if_due`]), when it is the one writer and is not writing.
     ///
     /// Returns the pages the log held (0 on PostgreSQL).
     pub async fn checkpoint(&self) -> Result<i64> {
@@ -479,18 +479,26 @@ impl Store {
         self.wal_commits.load(Ordering::Relaxed)
     }
 
-    /// After a committed ingest batch, on ingest's connection: counts the commit for the
-    /// checkpoint task and, when [`Store::checkpoint`] found the log long, copies what it
-    /// left, so that the next commit starts the log again (and `journal_size_limit` trims the
-    /// file). A stall of one short copy and its fsyncs.
-    pub(crate) async fn after_ingest_commit(&self, conn: &mut sqlx::AnyConnection) {
-        if self.backend != Backend::Sqlite {
+    /// After a committed ingest batch: counts the commit for the checkpoint task.
+    pub(crate) fn count_ingest_commit(&self) {
+        if self.backend == Backend::Sqlite {
+            self.wal_commits.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Between two ingest batches, after the PUBACKs of the first have gone: when
+    /// [`Store::checkpoint`] found the log long, copies what it left on ingest's own
+    /// connection, so that the next commit starts the log again (and `journal_size_limit`
+    /// trims the file). A stall of one short copy and its fsyncs, which no acknowledged
+    /// message waits for; only messages that arrive meanwhile do, queued for the next
+    /// batch. Nothing to do otherwise, or on PostgreSQL.
+    pub async fn restart_wal_if_due(&self) {
+        if self.backend != Backend::Sqlite || !self.wal_restart_due.swap(false, Ordering::Relaxed) {
             return;
         }
-        self.wal_commits.fetch_add(1, Ordering::Relaxed);
-        if !self.wal_restart_due.swap(false, Ordering::Relaxed) {
-            return;
-        }
+        let mut held = self.ingest_conn().lock().await;
+        // No connection after a failed batch: the next background checkpoint asks again.
+        let Some(conn) = held.as_mut() else { return };
         let started = std::time::Instant::now();
         match sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
             .execute(&mut *conn)

@@ -226,13 +226,14 @@ async fn a_long_write_ahead_log_is_restarted_by_ingest() {
     sqlx::query("COMMIT").execute(&mut reader).await.unwrap();
     reader.close().await.unwrap();
 
-    // The batch after the checkpoint that saw the long log copies the rest; the next one
-    // starts the log from its beginning.
+    // After the batch that follows the checkpoint that saw the long log, ingest copies the
+    // rest; the next batch starts the log from its beginning.
     for _ in 0..2 {
         store
             .write_batch(&telemetry("RE4B1", ts, 10))
             .await
             .unwrap();
+        store.restart_wal_if_due().await;
         ts += 10;
     }
     let after = store.checkpoint().await.unwrap();
