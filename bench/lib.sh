@@ -13,8 +13,9 @@ if [ -z "${BIN:-}" ]; then
     BIN=$PWD/target/release/tms-gateway
 fi
 WORK=$(mktemp -d)
-GW_PID="" MQ_PID=""
-trap 'kill $GW_PID $MQ_PID 2>/dev/null || true; rm -rf "$WORK"' EXIT
+GW_PID="" MQ_PID="" AT_EXIT=""
+# A script that changes the machine (a sysctl) appends its undo step to AT_EXIT ("cmd; ").
+trap 'eval "$AT_EXIT"; kill $GW_PID $MQ_PID 2>/dev/null || true; rm -rf "$WORK"' EXIT
 
 export TMS_DATA_DIR=$WORK/gw TMS_MQTT_LISTEN=127.0.0.1:0 TMS_HTTP_LISTEN=127.0.0.1:0 TMS_MQTT_HOSTNAMES=localhost
 export TMS_MQTT_MAX_CONNECTIONS=20000 RUST_LOG=warn
