@@ -3,6 +3,7 @@
 
 use sqlx::Connection;
 
+use crate::activity::Activity;
 use crate::alarms::{self, AlarmChange};
 use crate::commands::{self, ReplyRow};
 use crate::peers::{self, PeerRefusal};
@@ -333,7 +334,12 @@ impl Store {
         }
 
         let mut logged_connects = false;
+        let mut activity = Activity::new(self.backend());
         for event in &batch.status {
+            if activity.keep(event) {
+                continue;
+            }
+            activity.write(&mut w).await?;
             const OP: &str = "updating device status";
             match event {
                 StatusEvent::Connected {
@@ -382,39 +388,8 @@ impl Store {
                     )
                     .await?
                 }
-                StatusEvent::Seen {
-                    serial,
-                    session_id,
-                    at,
-                } => {
-                    w.execute(
-                        OP,
-                        "UPDATE device_status SET last_seen = $1 WHERE serial = $2 AND session_id = $3 AND last_seen < $1",
-                        |b| {
-                            b.bind(*at).bind(serial).bind(session_id);
-                        },
-                    )
-                    .await?
-                }
-                StatusEvent::Telemetry {
-                    serial,
-                    first_at,
-                    last_at,
-                    count,
-                } => {
-                    w.execute(
-                        OP,
-                        // The usual interval: a running average (weight 1/4) of the gaps seen.
-                        "UPDATE device_status SET telemetry_interval_ms = CASE \
-                         WHEN last_telemetry_at IS NULL THEN (CASE WHEN $4 > 1 THEN ($2 - $3) / ($4 - 1) ELSE NULL END) \
-                         ELSE (COALESCE(telemetry_interval_ms, ($2 - last_telemetry_at) / $4) * 3 + ($2 - last_telemetry_at) / $4) / 4 END, \
-                         last_telemetry_at = $2 WHERE serial = $1 AND (last_telemetry_at IS NULL OR last_telemetry_at < $2)",
-                        |b| {
-                            b.bind(serial).bind(*last_at).bind(*first_at).bind(*count);
-                        },
-                    )
-                    .await?
-                }
+                // Kept by `activity` above.
+                StatusEvent::Seen { .. } | StatusEvent::Telemetry { .. } => {}
                 StatusEvent::Reported { serial, text, at } => {
                     w.execute(
                         OP,
@@ -488,6 +463,7 @@ impl Store {
                 _ => {}
             }
         }
+        activity.write(&mut w).await?;
         if logged_connects {
             // One wake-up per batch, delivered when the entries above commit.
             w.execute(

@@ -8,6 +8,7 @@
 //! Not here: deciding what to write (that is ingest's and the API's job) or how to show it.
 
 mod accounts;
+mod activity;
 mod alarms;
 mod certificates;
 mod cluster;

@@ -4,8 +4,11 @@
 #![expect(clippy::unwrap_used, reason = "test helpers fail the test loudly")]
 
 mod common;
+#[path = "common/status.rs"]
+mod status;
 
 use common::{add_device, backends};
+use status::write_status;
 use tms_model::ConnState;
 use tms_store::*;
 
@@ -280,13 +283,7 @@ async fn a_batch_of_many_connects_is_written_whole_in_pieces() {
                 node_id: "n1".into(),
             })
             .collect();
-        store
-            .write_batch(&WriteBatch {
-                status,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        write_status(&store, status).await;
         for (i, serial) in serials.iter().enumerate() {
             let view = store.device(serial).await.unwrap().unwrap();
             assert_eq!(view.status.state, ConnState::Online, "{serial}");

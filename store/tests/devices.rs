@@ -4,8 +4,11 @@
 #![expect(clippy::unwrap_used, reason = "test helpers fail the test loudly")]
 
 mod common;
+#[path = "common/status.rs"]
+mod status;
 
 use common::{add_device, backends, device};
+use status::write_status;
 use tms_model::ConnState;
 use tms_store::*;
 
@@ -124,5 +127,67 @@ async fn status_follows_sessions_and_a_taken_over_session_cannot_mark_offline() 
             .await
             .unwrap();
         assert_eq!(offline.len(), 1);
+    }
+}
+
+#[tokio::test]
+async fn last_seen_and_telemetry_intervals_of_many_devices_in_one_batch_are_each_their_own() {
+    for store in backends().await.stores {
+        let serials: Vec<String> = (0..12).map(|i| format!("RE4G{i:02}")).collect();
+        let mut status = Vec::new();
+        for (i, serial) in serials.iter().enumerate() {
+            add_device(&store, serial, &format!("00:1B:2C:3D:5E:{i:02X}")).await;
+            status.push(StatusEvent::Connected {
+                serial: serial.clone(),
+                session_id: format!("s-{serial}"),
+                at: 1_000,
+                peer_addr: "127.0.0.1:5000".into(),
+                keep_alive_secs: 30,
+                cert_serial: "0a".into(),
+                node_id: "n1".into(),
+            });
+        }
+        write_status(&store, status).await;
+        // Device i: seen at 2,000 + i, 5 messages 100 × (i + 1) ms apart. The last device's
+        // update names an old session, which must not move its last seen.
+        let activity = |base: i64| {
+            let mut status = Vec::new();
+            for (i, serial) in serials.iter().enumerate() {
+                let gap = 100 * (i as i64 + 1);
+                let session = if i == 11 {
+                    "old".to_owned()
+                } else {
+                    format!("s-{serial}")
+                };
+                status.push(StatusEvent::Seen {
+                    serial: serial.clone(),
+                    session_id: session,
+                    at: base + i as i64,
+                });
+                status.push(StatusEvent::Telemetry {
+                    serial: serial.clone(),
+                    first_at: base - 4 * gap,
+                    last_at: base,
+                    count: 5,
+                });
+            }
+            WriteBatch {
+                status,
+                ..Default::default()
+            }
+        };
+        store.write_batch(&activity(10_000)).await.unwrap();
+        // An older batch replayed changes nothing.
+        store.write_batch(&activity(9_000)).await.unwrap();
+        for (i, serial) in serials.iter().enumerate() {
+            let s = store.device(serial).await.unwrap().unwrap().status;
+            let seen = if i == 11 { 1_000 } else { 10_000 + i as i64 };
+            assert_eq!(s.last_seen, Some(seen), "{serial}: last seen");
+            assert_eq!(
+                s.telemetry_interval_ms,
+                Some(100 * (i as i64 + 1)),
+                "{serial}: telemetry interval"
+            );
+        }
     }
 }
