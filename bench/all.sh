@@ -8,14 +8,24 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 started=$(date +%s)
+# One release build for every harness (each would otherwise check it again); BIN= given
+# runs that binary instead.
+if [ -z "${BIN:-}" ]; then
+    cargo build --release --locked -p tms-gateway >&2
+    export BIN=$PWD/target/release/tms-gateway
+fi
 step() { echo; echo "=== $* ($(($(date +%s) - started)) s)" >&2; }
 
 step "CPU per connect and per message: bench/run.sh 300 50000"
 bench/run.sh 300 50000
+step "connect cost, 400 certificates, 8 concurrent clients: bench/connect.sh 400 8"
+bench/connect.sh 400 8
 step "memory per idle connection: bench/idle.sh 5000"
 bench/idle.sh 5000
 step "QoS 1 flood, 50 publishers: bench/flood.sh 50 2000"
 bench/flood.sh 50 2000
+step "ingest into PostgreSQL against SQLite, 50 publishers: bench/pgflood.sh 50 2000"
+bench/pgflood.sh 50 2000
 step "latency at 1k and 5k msg/s: bench/latency.sh 10"
 bench/latency.sh 10
 step "reconnect storm, 10,000 devices at once: bench/storm.sh 10000"

@@ -1,6 +1,8 @@
 //! The broker's per-connection work after the TLS handshake, without the network: decode an
 //! MQTT 3.1.1 CONNECT (rumqttd's codec, as the session does), check the client id against
-//! the certificate CN, and the ACL decisions for a device's publish and subscribe topics.
+//! the certificate CN, the ACL decisions for a device's publish and subscribe topics, and the
+//! presence gate's share of a connect (room check at admission, hand-over with the connect
+//! event, ingest's commit).
 //!
 //! `cargo bench -p tms-broker --bench connect`
 
@@ -15,7 +17,7 @@ use bytes::BytesMut;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use rumqttd::protocol::{Packet, Protocol, v4::V4};
 use tms_broker::{may_subscribe, publish_kind};
-use tms_model::DeviceSerial;
+use tms_model::{DeviceSerial, PresenceGate};
 
 /// CONNECT, MQTT 3.1.1, clean session, keep-alive 60 s, client id "RE4A000123".
 const CONNECT: &[u8] = b"\x10\x16\x00\x04MQTT\x04\x02\x00\x3c\x00\x0aRE4A000123";
@@ -32,6 +34,14 @@ fn connect_and_acl(c: &mut Criterion) {
             let serial = DeviceSerial::parse(black_box("RE4A000123")).unwrap();
             assert_eq!(connect.client_id, serial.as_str());
             serial
+        })
+    });
+    let gate = PresenceGate::default();
+    g.bench_function("presence_gate_per_connect", |b| {
+        b.iter(|| {
+            assert!(gate.has_room(black_box(4)));
+            gate.handed_over();
+            gate.committed(black_box(1));
         })
     });
     let serial = DeviceSerial::parse("RE4A000123").unwrap();
