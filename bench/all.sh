@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole benchmark, unattended (8 min 42 s on the 2-core machine on 2026-12-03, the
 # build of the criterion benches included): each harness starts and stops its own gateway
-# and Mosquitto, then the criterion micro-benchmarks. Every figure is appended to bench/results/*.jsonl; BENCHMARKS.md says
-# which targets are met.
+# and Mosquitto, then the criterion micro-benchmarks. Every figure is appended to
+# bench/results/*.jsonl; BENCHMARKS.md says which targets are met.
 #
 # Usage: bench/all.sh
 set -euo pipefail
