@@ -288,7 +288,9 @@ pub(crate) async fn run(
         }),
     }));
     tracing::info!(device.serial = %serial, peer.addr = %peer, session.id = %session_id, mqtt.v5 = codec.is_v5(), "device connected");
-    broker.settings().presence.handed_over();
+    let presence = &broker.settings().presence;
+    presence.handed_over();
+    metrics::gauge!("tms_presence_connects_uncommitted").set(presence.uncommitted() as f64);
     Box::pin(broker.emit(BrokerEvent::Connected {
         serial: serial.clone(),
         session_id: session_id.clone(),

@@ -92,6 +92,12 @@ const LOOKAHEAD_BATCHES: usize = 4;
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// A commit that takes longer is treated as a store that stopped answering.
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(30);
+/// A commit still running after this opens the presence gate until it ends: a store that
+/// stops answering without refusing (a network black hole) is a fault only after
+/// [`COMMIT_TIMEOUT`], and until then the gate would hold every new device back (probed:
+/// PostgreSQL behind a frozen proxy shed devices for 30 s). Healthy commits of a storm's
+/// batches take a fraction of this.
+const PRESENCE_STALL: Duration = Duration::from_secs(1);
 
 /// How writing a batch ended, once the store took writes.
 enum Written {
@@ -393,15 +399,28 @@ impl Ingest {
         let timed_out = || StoreError::Timeout {
             op: "committing an ingest batch",
         };
-        let result = tokio::select! {
-            result = tokio::time::timeout(limit, self.store.write_batch(batch)) => {
-                result.unwrap_or_else(|_| Err(timed_out()))
-            }
-            give_up_at = drained_out, if self.give_up_at.is_none() => {
-                self.give_up_at = Some(give_up_at);
-                Err(timed_out())
+        let write = tokio::time::timeout(limit, self.store.write_batch(batch));
+        let stall = tokio::time::sleep(PRESENCE_STALL);
+        tokio::pin!(write, drained_out, stall);
+        let mut stalled = false;
+        let result = loop {
+            tokio::select! {
+                result = &mut write => break result.unwrap_or_else(|_| Err(timed_out())),
+                give_up_at = &mut drained_out, if self.give_up_at.is_none() => {
+                    self.give_up_at = Some(give_up_at);
+                    break Err(timed_out());
+                }
+                _ = &mut stall, if !stalled => {
+                    stalled = true;
+                    self.settings.presence.set_store_faulted(true);
+                }
             }
         };
+        if stalled {
+            // A fault keeps it open: `write_with_retry` closes it once a write succeeds.
+            let faulted = result.as_ref().err().and_then(StoreError::fault).is_some();
+            self.settings.presence.set_store_faulted(faulted);
+        }
         if result.is_ok() {
             record_commit(batch, started, self.settings.clock.now_ms());
         }
