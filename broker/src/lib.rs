@@ -87,6 +87,15 @@ pub struct BrokerSettings {
     pub clock: tms_model::SharedClock,
 }
 
+/// What [`Broker::try_emit`] did with an event.
+pub(crate) enum Handed {
+    Now,
+    /// Ingest's queue is full: here is the event back.
+    Full(BrokerEvent),
+    /// Ingest is gone.
+    Closed,
+}
+
 /// How another part closes a live session (revocation, takeover).
 #[derive(Debug)]
 pub(crate) struct SessionControl {
@@ -470,6 +479,16 @@ impl Broker {
     /// Reports an event; waits while ingest's queue is full (back-pressure).
     pub(crate) async fn emit(&self, event: BrokerEvent) -> bool {
         self.events.send(event).await.is_ok()
+    }
+
+    /// Hands `event` to ingest if its queue has room now; when it is full, the event comes
+    /// back to be handed over with [`Broker::emit`].
+    pub(crate) fn try_emit(&self, event: BrokerEvent) -> Handed {
+        match self.events.try_send(event) {
+            Ok(()) => Handed::Now,
+            Err(mpsc::error::TrySendError::Full(event)) => Handed::Full(event),
+            Err(mpsc::error::TrySendError::Closed(_)) => Handed::Closed,
+        }
     }
 
     /// Reports a refusal without waiting: refusals must stay cheap under a retry storm.

@@ -22,8 +22,8 @@ use tokio_util::sync::CancellationToken;
 use crate::codec::{Codec, next_packet};
 use crate::downlink::{FIRST_COMMAND_PKID, OutgoingCommand, Queued};
 use crate::{
-    Acks, Broker, BrokerEvent, DeviceMessage, DisconnectReason, RefusalReason, SessionControl,
-    TopicKind, acl,
+    Acks, Broker, BrokerEvent, DeviceMessage, DisconnectReason, Handed, RefusalReason,
+    SessionControl, TopicKind, acl,
 };
 
 use crate::io::{read_some, ready_now, write_out};
@@ -67,6 +67,14 @@ pub(crate) struct Session<'a> {
 enum Step {
     Continue,
     End(DisconnectReason),
+    /// Ingest's queue is full: the caller waits to hand `event` over, then owes the device
+    /// its acknowledgement and reads on. (Waiting here instead would make the future of
+    /// every read part of every session's task: 1 KB of each idle device's memory.)
+    Full {
+        event: BrokerEvent,
+        qos: u8,
+        pkid: u16,
+    },
 }
 
 /// One acknowledgement owed to the device.
@@ -167,7 +175,16 @@ impl<'a> Session<'a> {
                         Ok(Ok(0)) | Ok(Err(_)) => break DisconnectReason::ConnectionLost,
                         Ok(Ok(n)) => metrics::counter!("tms_broker_bytes_received_total").increment(n as u64),
                     }
-                    let step = self.read_packets(&mut to_router, control).await;
+                    let mut step = self.read_packets(&mut to_router, control);
+                    while let Step::Full { event, qos, pkid } = step {
+                        // Boxed: rare, and inline it would take room in every session.
+                        if !Box::pin(self.broker.emit(event)).await {
+                            step = Step::End(DisconnectReason::IngestClosed);
+                            break;
+                        }
+                        self.owe(qos, pkid, PubAckReason::Success, true);
+                        step = self.read_packets(&mut to_router, control);
+                    }
                     if self.rbuf.is_empty() {
                         // Nothing partial left: an idle session holds no read buffer.
                         self.rbuf = BytesMut::new();
@@ -177,7 +194,7 @@ impl<'a> Session<'a> {
                         break DisconnectReason::ConnectionLost;
                     }
                     if !to_router.is_empty() && link.is_none() {
-                        match open_link(self.broker, self.serial, clean_session).await {
+                        match Box::pin(open_link(self.broker, self.serial, clean_session)).await {
                             // The router's CONNACK is not sent: the device has ours.
                             Some((tx, rx, _connack)) => link = Some((tx, rx)),
                             None => return DisconnectReason::ProtocolError,
@@ -189,7 +206,7 @@ impl<'a> Session<'a> {
                         let last = to_router.pop();
                         link_tx.buffer().extend(to_router.drain(..));
                         if let Some(last) = last
-                            && link_tx.send(last).await.is_err()
+                            && Box::pin(link_tx.send(last)).await.is_err()
                         {
                             return DisconnectReason::ProtocolError;
                         }
@@ -213,7 +230,7 @@ impl<'a> Session<'a> {
                             while let Some(n) = next.take() {
                                 match n {
                                     Notification::Unschedule => {
-                                        let _ = link_rx.wake().await;
+                                        let _ = Box::pin(link_rx.wake()).await;
                                     }
                                     Notification::Disconnect(..) => {
                                         return DisconnectReason::ProtocolError;
@@ -226,7 +243,7 @@ impl<'a> Session<'a> {
                                         }
                                     }
                                 }
-                                next = ready_now(link_rx.next()).await.and_then(Result::ok).flatten();
+                                next = Box::pin(ready_now(link_rx.next())).await.and_then(Result::ok).flatten();
                             }
                             if write_out(stream, &mut self.wbuf).await.is_err() {
                                 break DisconnectReason::ConnectionLost;
@@ -250,17 +267,13 @@ impl<'a> Session<'a> {
             let d = Disconnect {
                 reason_code: DisconnectReasonCode::NormalDisconnection,
             };
-            let _ = link_tx.send(Packet::Disconnect(d, None)).await;
+            let _ = Box::pin(link_tx.send(Packet::Disconnect(d, None))).await;
         }
         reason
     }
 
     /// Decodes every complete packet in the read buffer and acts on it.
-    async fn read_packets(
-        &mut self,
-        to_router: &mut Vec<Packet>,
-        control: &SessionControl,
-    ) -> Step {
+    fn read_packets(&mut self, to_router: &mut Vec<Packet>, control: &SessionControl) -> Step {
         loop {
             let (packet, header) = match next_packet(self.codec, &mut self.rbuf, self.max) {
                 Ok(Some(p)) => p,
@@ -288,11 +301,16 @@ impl<'a> Session<'a> {
                                     received_at_ms: self.broker.now_ms(),
                                     ack: (qos > 0).then(|| self.acks.clone()),
                                 };
-                                // Waits while ingest is full, and the PUBACK waits until ingest
-                                // has committed the message: a slow or failing store slows
-                                // publishers down and nothing unstored is acknowledged.
-                                if !self.broker.emit(BrokerEvent::Message(message)).await {
-                                    return Step::End(DisconnectReason::IngestClosed);
+                                // Waits while ingest is full (`Step::Full`), and the PUBACK
+                                // waits until ingest has committed the message: a slow or
+                                // failing store slows publishers down and nothing unstored is
+                                // acknowledged.
+                                match self.broker.try_emit(BrokerEvent::Message(message)) {
+                                    Handed::Now => {}
+                                    Handed::Full(event) => return Step::Full { event, qos, pkid },
+                                    Handed::Closed => {
+                                        return Step::End(DisconnectReason::IngestClosed);
+                                    }
                                 }
                             }
                             self.owe(qos, pkid, PubAckReason::Success, fresh);
