@@ -9,8 +9,11 @@
 //! a publish through it reaches only a subscriber that is there at that instant.
 //! Not here: which commands to send (the worker reads them from the store).
 
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
 /// Packet ids from here up are commands; rumqttd's router numbers its outgoing publishes
 /// 1..=100 (`router/iobufs.rs`, `MAX_INFLIGHT`), so the two never meet.
@@ -57,26 +60,76 @@ pub enum CommandOutcome {
 /// A live session able to take a command now: see [`crate::Broker::command_route`].
 #[derive(Debug, Clone)]
 pub struct CommandRoute {
-    sender: mpsc::Sender<Queued>,
+    control: Arc<crate::SessionControl>,
 }
 
-/// A command in a session's queue. Boxed: a tokio channel allocates its slots 32 at a time
-/// when it is made, and every session has one (88-byte commands made that 2.8 KB a session,
-/// used or not; heaptrack of 3,000 idle devices).
-pub(crate) type Queued = Box<OutgoingCommand>;
-
 impl CommandRoute {
-    pub(crate) fn new(sender: mpsc::Sender<Queued>) -> Self {
-        CommandRoute { sender }
+    pub(crate) fn new(control: Arc<crate::SessionControl>) -> Self {
+        CommandRoute { control }
     }
 
     /// Hands `command` to the session; gives it back when the session has ended or is full.
     pub fn send(&self, command: OutgoingCommand) -> Result<(), OutgoingCommand> {
-        self.sender
-            .try_send(Box::new(command))
-            .map_err(|e| match e {
-                mpsc::error::TrySendError::Full(c) | mpsc::error::TrySendError::Closed(c) => *c,
-            })
+        self.control.downlink.push(command)
+    }
+}
+
+/// A session's commands, handed over and not yet written. Nothing is allocated until a
+/// command comes: a tokio channel allocated 801 bytes for every session, used or not
+/// (heaptrack of 3,000 idle devices).
+#[derive(Debug, Default)]
+pub(crate) struct Inbox {
+    state: Mutex<InboxState>,
+    /// Notified at each command pushed; a notification with no session waiting is kept for
+    /// its next wait, so none is missed.
+    pub(crate) wake: Notify,
+}
+
+#[derive(Debug, Default)]
+struct InboxState {
+    commands: VecDeque<OutgoingCommand>,
+    /// The session has ended: nothing more is taken.
+    closed: bool,
+}
+
+impl Inbox {
+    fn push(&self, command: OutgoingCommand) -> Result<(), OutgoingCommand> {
+        let Ok(mut state) = self.state.lock() else {
+            return Err(command);
+        };
+        if state.closed || state.commands.len() >= SESSION_COMMANDS {
+            return Err(command);
+        }
+        state.commands.push_back(command);
+        drop(state);
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Whether a command pushed now would be taken.
+    pub(crate) fn has_room(&self) -> bool {
+        self.state
+            .lock()
+            .is_ok_and(|s| !s.closed && s.commands.len() < SESSION_COMMANDS)
+    }
+
+    /// The commands waiting, oldest first.
+    pub(crate) fn take(&self) -> VecDeque<OutgoingCommand> {
+        self.state
+            .lock()
+            .map(|mut s| std::mem::take(&mut s.commands))
+            .unwrap_or_default()
+    }
+
+    /// Takes nothing more from now on; returns what was waiting.
+    pub(crate) fn close(&self) -> VecDeque<OutgoingCommand> {
+        match self.state.lock() {
+            Ok(mut s) => {
+                s.closed = true;
+                std::mem::take(&mut s.commands)
+            }
+            Err(_) => VecDeque::new(),
+        }
     }
 }
 
@@ -116,6 +169,37 @@ impl Subscriptions {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn command(id: usize) -> (OutgoingCommand, mpsc::UnboundedReceiver<CommandOutcome>) {
+        let (outcome, outcomes) = mpsc::unbounded_channel();
+        let command = OutgoingCommand {
+            id: id.to_string(),
+            name: "self_test".into(),
+            payload: Bytes::from_static(b"{}"),
+            outcome,
+        };
+        (command, outcomes)
+    }
+
+    #[test]
+    fn a_session_holds_a_bounded_number_of_commands_and_none_after_it_ends() {
+        let inbox = Inbox::default();
+        for id in 0..SESSION_COMMANDS {
+            assert!(inbox.push(command(id).0).is_ok(), "command {id} taken");
+        }
+        assert!(!inbox.has_room());
+        let refused = inbox.push(command(99).0).unwrap_err();
+        assert_eq!(refused.id, "99", "a full session gives the command back");
+        let taken: Vec<String> = inbox.take().into_iter().map(|c| c.id).collect();
+        assert_eq!(taken.len(), SESSION_COMMANDS);
+        assert_eq!(taken[0], "0", "oldest first");
+        assert!(inbox.has_room());
+        assert!(inbox.push(command(1).0).is_ok());
+        // The session ends: what waits comes back, and nothing more is taken.
+        assert_eq!(inbox.close().len(), 1);
+        assert!(!inbox.has_room());
+        assert!(inbox.push(command(2).0).is_err());
+    }
 
     #[test]
     fn a_command_goes_out_on_the_highest_qos_of_the_matching_filters() {

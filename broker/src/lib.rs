@@ -106,7 +106,7 @@ pub(crate) struct SessionControl {
     pub close: CancellationToken,
     pub reason: Mutex<Option<DisconnectReason>>,
     /// Commands for this session ([`downlink`]).
-    pub downlink: mpsc::Sender<downlink::Queued>,
+    pub downlink: downlink::Inbox,
     /// The command filters the device holds in this session.
     pub subscriptions: Mutex<downlink::Subscriptions>,
 }
@@ -398,8 +398,7 @@ impl Broker {
             .ok()?
             .route(serial.as_str(), name)
             .is_some();
-        (subscribed && control.downlink.capacity() > 0)
-            .then(|| CommandRoute::new(control.downlink.clone()))
+        (subscribed && control.downlink.has_room()).then(|| CommandRoute::new(control.clone()))
     }
 
     pub(crate) fn wake_commands(&self) {

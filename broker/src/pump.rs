@@ -16,11 +16,10 @@ use rumqttd::protocol::{
     PubCompReason, PubRec, PubRecReason, QoS, SubAck, SubscribeReasonCode,
 };
 use tms_model::DeviceSerial;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::codec::{Codec, next_packet};
-use crate::downlink::{FIRST_COMMAND_PKID, OutgoingCommand, Queued};
+use crate::downlink::{FIRST_COMMAND_PKID, Inbox, OutgoingCommand};
 use crate::{
     Acks, Broker, BrokerEvent, DeviceMessage, DisconnectReason, Handed, RefusalReason,
     SessionControl, TopicKind, acl,
@@ -54,7 +53,7 @@ pub(crate) struct Session<'a> {
     /// per session rather than per message.
     received: [metrics::Counter; TopicKind::ALL.len()],
     /// Commands handed to this session by the delivery worker.
-    downlink: mpsc::Receiver<Queued>,
+    downlink: &'a Inbox,
     /// Commands written with QoS 1 and not yet PUBACKed, by packet id.
     inflight: HashMap<u16, OutgoingCommand>,
     /// Commands written with QoS 0: delivered once the write succeeds.
@@ -102,7 +101,7 @@ impl<'a> Session<'a> {
         max: usize,
         rbuf: BytesMut,
         wbuf: BytesMut,
-        downlink: mpsc::Receiver<Queued>,
+        downlink: &'a Inbox,
     ) -> Self {
         Session {
             broker,
@@ -152,10 +151,9 @@ impl<'a> Session<'a> {
                 _ = shutdown.cancelled() => break DisconnectReason::ServerShutdown,
                 _ = control.close.cancelled() => break DisconnectReason::Revoked,
                 // A command for the device: written now, reported when the device PUBACKs it.
-                Some(command) = self.downlink.recv() => {
-                    self.write_command(*command, control);
-                    while let Ok(command) = self.downlink.try_recv() {
-                        self.write_command(*command, control);
+                _ = self.downlink.wake.notified() => {
+                    for command in self.downlink.take() {
+                        self.write_command(command, control);
                     }
                     if write_out(stream, &mut self.wbuf).await.is_err() {
                         break DisconnectReason::ConnectionLost;
@@ -582,9 +580,8 @@ impl Drop for Session<'_> {
     /// However the session ends, the commands it holds and the device has not acknowledged
     /// are handed back, to go out again in the device's next session.
     fn drop(&mut self) {
-        self.downlink.close();
-        while let Ok(command) = self.downlink.try_recv() {
-            (*command).returned();
+        for command in self.downlink.close() {
+            command.returned();
         }
         for (_, command) in self.inflight.drain() {
             command.returned();

@@ -12,14 +12,12 @@ use rumqttd::protocol::{ConnAck, ConnectReturnCode, Packet};
 use tms_model::DeviceSerial;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::admission::Admitted;
 use crate::codec::{Codec, next_connect};
-use crate::downlink::SESSION_COMMANDS;
 use crate::io::write_out;
 use crate::pump::Session;
 use crate::tls::{self, HandshakeNote, NOTE, classify};
@@ -217,14 +215,13 @@ pub(crate) async fn run(
     };
 
     let session_id = broker.new_session_id();
-    let (downlink_tx, downlink_rx) = mpsc::channel(SESSION_COMMANDS);
     let control = Arc::new(SessionControl {
         session_id: session_id.clone(),
         cert_serial: identity.serial_number.clone(),
         cert_not_after: identity.not_after.unix_timestamp(),
         close: CancellationToken::new(),
         reason: Mutex::new(None),
-        downlink: downlink_tx,
+        downlink: Default::default(),
         subscriptions: Mutex::new(Default::default()),
     });
     // Registering first closes an older session of the same device as taken over.
@@ -324,7 +321,7 @@ pub(crate) async fn run(
         max,
         rbuf,
         wbuf,
-        downlink_rx,
+        &control.downlink,
     );
     if !control.subscriptions.lock().is_ok_and(|s| s.is_empty()) {
         broker.wake_commands();
