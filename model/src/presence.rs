@@ -93,10 +93,6 @@ impl PresenceGate {
     pub fn uncommitted(&self) -> usize {
         self.uncommitted.load(Ordering::Acquire)
     }
-
-    pub fn limit(&self) -> usize {
-        self.limit
-    }
 }
 
 impl Default for PresenceGate {
