@@ -5,8 +5,8 @@
 //! of them are these two updates: one of each per device that sent telemetry. A flood of 50
 //! devices spent 18 µs of PostgreSQL's CPU per message, 1.9 × the SQLite path's whole cost
 //! (`bench/pgflood.sh`). Here a run of them becomes `UPDATE … FROM (VALUES …)`, one row per
-//! device, with the same conditions as the single-row statements used on SQLite, where the
-//! statements of a batch already go in one script.
+//! device, with the same conditions as the single-row statements used on SQLite, where a
+//! statement is a step of a prepared statement on ingest's own thread (`lite.rs`).
 //!
 //! Only a run of consecutive such events is grouped, and written before the next event of
 //! another kind, so the order of a batch's status events is kept. Within a run the events

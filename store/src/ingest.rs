@@ -1,13 +1,11 @@
 //! The ingest write path: one transaction per batch of telemetry, locations, device info,
 //! quarantined payloads, status changes, refused connection attempts and command replies.
 
-use sqlx::Connection;
-
 use crate::activity::Activity;
 use crate::alarms::{self, AlarmChange};
 use crate::commands::{self, ReplyRow};
 use crate::peers::{self, PeerRefusal};
-use crate::script::Writer;
+use crate::script::{IngestConn, Writer};
 use crate::{Backend, Result, Store, query_err};
 
 /// Everything ingest collected since its last flush, applied in one transaction.
@@ -231,41 +229,39 @@ impl Store {
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
-        // The same connection from batch to batch, outside the pool: a pooled connection is
-        // pinged when it goes back (a round trip to SQLite's worker thread, or to PostgreSQL,
-        // and a spawned task), which cost as much CPU as the commit it followed.
+        // The same connection from batch to batch: on SQLite ingest's own (see `lite.rs`);
+        // on PostgreSQL one taken out of the pool, which would ping it each time it went back
+        // (a round trip and a spawned task, as much CPU as the commit it followed).
         let mut held = self.ingest_conn().lock().await;
         let mut conn = match held.take() {
             Some(conn) => conn,
-            None => self
-                .ingest_pool()
-                .acquire()
-                .await
-                .map_err(query_err("starting an ingest transaction"))?
-                .detach(),
+            None => match self.sqlite_target() {
+                Some(target) => IngestConn::Sqlite(target.open()?),
+                None => IngestConn::Postgres(
+                    self.pool()
+                        .acquire()
+                        .await
+                        .map_err(query_err("starting an ingest transaction"))?
+                        .detach(),
+                ),
+            },
         };
         let result = self.write_batch_on(&mut conn, batch).await;
         if result.is_ok() {
             self.count_ingest_commit();
             *held = Some(conn);
-        } else if self.backend() == Backend::Sqlite {
-            // After a failed statement or COMMIT (disk full, I/O error) SQLite may have rolled
-            // the transaction back by itself, and the connection's idea of whether it is in
-            // one can be wrong from then on; kept, it would hold the write lock or refuse
-            // every later BEGIN ("database is locked" for good). A new connection starts
-            // clean, so writes resume as soon as the cause goes away. (On PostgreSQL the
-            // connection is dropped: a cut network would hold a graceful close.)
-            let _ = conn.close().await;
         }
+        // After a failure the connection is dropped. On SQLite a failed statement or COMMIT
+        // (disk full, I/O error) may have rolled the transaction back by itself, and kept, the
+        // connection could hold the write lock or refuse every later BEGIN ("database is
+        // locked" for good); closing it rolls back what is left, and a new one starts clean,
+        // so writes resume as soon as the cause goes away. On PostgreSQL a graceful close
+        // would wait on a cut network.
         result
     }
 
-    async fn write_batch_on(
-        &self,
-        conn: &mut sqlx::AnyConnection,
-        batch: &WriteBatch,
-    ) -> Result<()> {
-        let mut w = Writer::begin(conn, self.backend(), "starting an ingest transaction").await?;
+    async fn write_batch_on(&self, conn: &mut IngestConn, batch: &WriteBatch) -> Result<()> {
+        let mut w = Writer::begin(conn, "starting an ingest transaction").await?;
 
         for chunk in batch.telemetry.chunks(CHUNK) {
             let mut sql = String::from(
@@ -276,10 +272,7 @@ impl Store {
                     sql.push(',');
                 }
                 match self.backend() {
-                    // Anonymous `?` on SQLite: binding numbered `$N` makes sqlx look up each
-                    // parameter's name, which SQLite finds by a linear scan — quadratic in a
-                    // 1,400-parameter insert (half the ingest CPU, measured with perf on
-                    // `cargo bench -p tms-store --bench commit`).
+                    // Anonymous `?` on SQLite, bound in order.
                     Backend::Sqlite => sql.push_str("(?, ?, ?, ?, ?, ?, ?)"),
                     Backend::Postgres => {
                         let b = i * 7;
@@ -563,14 +556,12 @@ impl Store {
 }
 
 async fn lease_ended<'c>(w: &mut Writer<'c>, serial: &'c str, at: i64) -> Result<bool> {
-    let row = w
-        .fetch_now(
-            "checking a lease",
-            "SELECT 1 AS ended FROM devices WHERE serial = $1 AND lease_ends_at <= $2",
-            |b| {
-                b.bind(serial).bind(at);
-            },
-        )
-        .await?;
-    Ok(row.is_some())
+    w.exists_now(
+        "checking a lease",
+        "SELECT 1 AS ended FROM devices WHERE serial = $1 AND lease_ends_at <= $2",
+        |b| {
+            b.bind(serial).bind(at);
+        },
+    )
+    .await
 }

@@ -16,6 +16,7 @@ mod commands;
 mod devices;
 mod history;
 mod ingest;
+mod lite;
 mod peers;
 mod row;
 mod script;
@@ -207,11 +208,11 @@ pub const WAL_RESTART_FRAMES: i64 = 4096;
 #[derive(Clone)]
 pub struct Store {
     pool: AnyPool,
-    /// Where ingest batches are written (see `Store::open`).
-    ingest: AnyPool,
-    /// The connection ingest writes through, taken out of `ingest` and kept between
-    /// batches (see `Store::write_batch`); `None` until the first batch and after a failure.
-    ingest_conn: Arc<tokio::sync::Mutex<Option<sqlx::AnyConnection>>>,
+    /// SQLite: where ingest opens its own connection (see `lite.rs`); `None` on PostgreSQL.
+    sqlite: Option<Arc<lite::Target>>,
+    /// The connection ingest writes through, kept between batches (see
+    /// `Store::write_batch`); `None` until the first batch and after a failure.
+    ingest_conn: Arc<tokio::sync::Mutex<Option<script::IngestConn>>>,
     backend: Backend,
     /// Deliberate slowness before each ingest batch, for tests of back-pressure. Zero in
     /// production; there is no configuration key for it.
@@ -228,12 +229,18 @@ pub struct Store {
     url: Option<Arc<str>>,
 }
 
-/// The database file of a SQLite URL; `None` for an in-memory database.
-fn sqlite_file(url: &str) -> Result<Option<std::path::PathBuf>> {
+/// The database file of a SQLite URL. An in-memory database is refused: the pool's
+/// connections and ingest's would each see a database of their own.
+fn sqlite_file(url: &str) -> Result<std::path::PathBuf> {
     let options = sqlx::sqlite::SqliteConnectOptions::from_str(url).map_err(StoreError::Url)?;
     let path = options.get_filename();
     let in_memory = url.contains(":memory:") || url.contains("mode=memory");
-    Ok((!in_memory && !path.as_os_str().is_empty()).then(|| path.to_owned()))
+    if in_memory || path.as_os_str().is_empty() {
+        return Err(StoreError::Url(sqlx::Error::Configuration(
+            format!("{url}: an in-memory SQLite database is not supported; give a file, e.g. sqlite:///var/lib/tms/tms.db").into(),
+        )));
+    }
+    Ok(path.to_owned())
 }
 
 /// Creates the SQLite file empty with mode 0600 before SQLite does (it would use 0644 less
@@ -297,24 +304,11 @@ fn pool_options(backend: Backend, max: u32, page_cache_kib: Option<i64>) -> AnyP
                     // checkpoint stalled commits (p99 PUBLISH → PUBACK 17-46 ms; 7-10 ms at
                     // 1 KiB, same run). Must come before WAL mode is set.
                     conn.execute("PRAGMA page_size = 1024").await?;
-                    // WAL lets readers (API, CLI) run beside the ingest writer; NORMAL
-                    // sync is durable across process crashes, and busy_timeout queues
-                    // writers from other processes (the CLI) instead of failing them.
+                    // WAL lets readers (API, CLI) run beside the ingest writer.
                     conn.execute("PRAGMA journal_mode = WAL").await?;
-                    conn.execute("PRAGMA synchronous = NORMAL").await?;
-                    conn.execute("PRAGMA busy_timeout = 10000").await?;
-                    conn.execute("PRAGMA foreign_keys = ON").await?;
-                    // No checkpoint inside a commit: it would fsync the database file
-                    // while every device waiting for a PUBACK waits too. The gateway runs
-                    // them beside the writers instead (`Store::checkpoint`); the last
-                    // connection to close checkpoints too.
-                    conn.execute("PRAGMA wal_autocheckpoint = 0").await?;
-                    // A log that a burst grew is cut back to 64 MiB when it restarts.
-                    conn.execute("PRAGMA journal_size_limit = 67108864").await?;
-                    // Text an UPDATE or DELETE removes (a delivered mail's password) is
-                    // zeroed in its page rather than left in free space; FAST costs no
-                    // extra I/O.
-                    conn.execute("PRAGMA secure_delete = FAST").await?;
+                    for pragma in lite::PRAGMAS {
+                        conn.execute(pragma).await?;
+                    }
                     if let Some(kib) = page_cache_kib {
                         conn.execute(format!("PRAGMA cache_size = -{kib}").as_str())
                             .await?;
@@ -341,7 +335,7 @@ impl Store {
         };
         let options = AnyConnectOptions::from_str(&url).map_err(StoreError::Url)?;
         let db_file = match backend {
-            Backend::Sqlite => sqlite_file(&url)?,
+            Backend::Sqlite => Some(sqlite_file(&url)?),
             Backend::Postgres => None,
         };
         if let Some(path) = &db_file {
@@ -355,7 +349,7 @@ impl Store {
             },
             Some(POOL_PAGE_CACHE_KIB),
         )
-        .connect_with(options.clone())
+        .connect_with(options)
         .await
         .map_err(StoreError::Connect)?;
         let migrator = match backend {
@@ -378,20 +372,9 @@ impl Store {
                 tighten(std::path::Path::new(&name))?;
             }
         }
-        // Ingest's writes on SQLite go through a connection of their own: the same one each
-        // time, so its page cache stays warm (a pool hands out connections in turn, and each
-        // finds the pages the others changed stale and reads them again) and its statement
-        // cache holds ingest's scripts only. On PostgreSQL ingest shares the pool.
-        let ingest = match backend {
-            Backend::Sqlite => pool_options(backend, 1, None)
-                .connect_with(options)
-                .await
-                .map_err(StoreError::Connect)?,
-            Backend::Postgres => pool.clone(),
-        };
         Ok(Store {
             pool,
-            ingest,
+            sqlite: db_file.map(|file| Arc::new(lite::Target::new(file))),
             ingest_conn: Arc::new(tokio::sync::Mutex::new(None)),
             backend,
             write_delay_ms: Arc::new(AtomicU64::new(0)),
@@ -499,12 +482,11 @@ impl Store {
         }
         let mut held = self.ingest_conn().lock().await;
         // No connection after a failed batch: the next background checkpoint asks again.
-        let Some(conn) = held.as_mut() else { return };
+        let Some(script::IngestConn::Sqlite(conn)) = held.as_mut() else {
+            return;
+        };
         let started = std::time::Instant::now();
-        match sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-            .execute(&mut *conn)
-            .await
-        {
+        match conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE)") {
             Ok(_) => metrics::histogram!("tms_store_wal_restart_seconds")
                 .record(started.elapsed().as_secs_f64()),
             // Retried after the next background checkpoint; the batch is committed anyway.
@@ -528,20 +510,24 @@ impl Store {
         &self.pool
     }
 
-    pub(crate) fn ingest_pool(&self) -> &AnyPool {
-        &self.ingest
+    pub(crate) fn sqlite_target(&self) -> Option<&lite::Target> {
+        self.sqlite.as_deref()
     }
 
-    pub(crate) fn ingest_conn(&self) -> &tokio::sync::Mutex<Option<sqlx::AnyConnection>> {
+    pub(crate) fn ingest_conn(&self) -> &tokio::sync::Mutex<Option<script::IngestConn>> {
         &self.ingest_conn
     }
 
     /// Waits for running queries and closes every connection.
     pub async fn close(&self) {
-        if let Some(conn) = self.ingest_conn.lock().await.take() {
-            let _ = sqlx::Connection::close(conn).await;
+        match self.ingest_conn.lock().await.take() {
+            Some(script::IngestConn::Postgres(conn)) => {
+                let _ = sqlx::Connection::close(conn).await;
+            }
+            // Closed before the pool, so the pool's last connection is the one to checkpoint.
+            Some(script::IngestConn::Sqlite(conn)) => drop(conn),
+            None => {}
         }
-        self.ingest.close().await;
         self.pool.close().await;
     }
 }

@@ -1,61 +1,72 @@
-//! The statements of one write transaction, sent with as few round trips as the backend allows.
+//! The statements of one write transaction, on the backend's connection.
 //!
-//! sqlx runs each SQLite connection on a worker thread of its own, so every statement is a
-//! round trip to that thread and back (two thread wake-ups). A durable PUBACK commits small
-//! batches — a few messages of a few devices — and there those trips cost more than SQLite's
-//! own work. So on SQLite the statements of a transaction are gathered into one script
-//! (`BEGIN IMMEDIATE; …; COMMIT`) that sqlx prepares and runs in one trip; a statement whose
-//! result decides what follows ([`Writer::execute_now`], [`Writer::fetch_now`]) first sends
-//! what has gathered. On PostgreSQL each statement runs when it is added, inside a
-//! transaction (its extended protocol takes one statement per message).
+//! On SQLite ingest writes through a rusqlite connection of its own ([`crate::lite`]): each
+//! statement is prepared once (the connection's statement cache), bound and stepped where
+//! ingest runs, with no thread in between. On PostgreSQL each statement runs when it is
+//! added, inside a transaction (its extended protocol takes one statement per message).
 //!
-//! Statements are written with numbered `$N` parameters, as everywhere in the store. In a
-//! SQLite script they become `$M`, M numbered from the start of the script: SQLite takes
-//! `$M` as a named parameter (no unused slots before it, as `?M` would make), and sqlx binds
-//! it to the script's M-th argument. Statements with
-//! many parameters (a multi-row insert) use [`Writer::execute_positional`] instead: anonymous
-//! `?`, bound in order — SQLite looks a numbered parameter's name up by a linear scan, which
-//! is quadratic in a 1,400-parameter insert. sqlx binds anonymous parameters from an offset
-//! that counts only anonymous ones, so they must come before any numbered one of the same
-//! script; the writer sends what has gathered first when that order would break.
-//! Not here: which statements a batch needs (that is `ingest.rs`).
+//! Statements are written with numbered `$N` parameters, as everywhere in the store. SQLite
+//! takes `$N` as a named parameter, numbered in order of first appearance, so for rusqlite
+//! they are written `?N`, which is bound at N (by index: looking a name up is a linear scan,
+//! quadratic in a 1,400-parameter insert). A multi-row insert uses
+//! [`Writer::execute_positional`]: anonymous `?` on SQLite, numbered `$N` on PostgreSQL, as
+//! the caller writes them. Not here: which statements a batch needs (that is `ingest.rs`).
 
 use std::fmt::Write as _;
 
-use sqlx::any::{AnyArguments, AnyRow};
+use sqlx::any::AnyArguments;
 use sqlx::error::BoxDynError;
 use sqlx::{Any, Arguments, Connection, Encode, Type};
 
-use crate::{Backend, Result, SQLITE_BEGIN_WRITE, StoreError, query_err};
+use crate::{Result, SQLITE_BEGIN_WRITE, StoreError, lite, query_err};
 
-/// Scripts of at most this many statements stay prepared in ingest's statement cache (sqlx
-/// keeps 100 per connection): the shapes that repeat under steady traffic, a few statements
-/// per device in a batch. Larger shapes rarely repeat; at 256 the cache could hold 25,600
-/// statements (about 6 MB) for good, at 32 it holds at most 3,200 (under 1 MB).
-const CACHED_SCRIPT_STATEMENTS: usize = 32;
-
-/// A script is sent once it holds this many statements. sqlx prepares every statement of a
-/// script and keeps them until it has run: one batch of 3,000 connects was a script of 33,000
-/// statements, 10 MB of SQLite memory at once (heaptrack), and the process kept the pages
-/// after it was freed. A round trip per 256 statements costs nothing next to their work.
-const SCRIPT_STATEMENTS_MAX: usize = 256;
+/// The connection ingest writes through, kept from batch to batch (see `Store::write_batch`).
+pub(crate) enum IngestConn {
+    Sqlite(rusqlite::Connection),
+    Postgres(sqlx::AnyConnection),
+}
 
 /// Arguments of one statement, in the order of its `$1`, `$2`, … (or its `?`s).
 pub(crate) struct Binds<'a, 'q> {
-    args: &'a mut AnyArguments<'q>,
+    to: To<'a, 'q>,
     added: usize,
     failed: &'a mut Option<BoxDynError>,
+}
+
+/// Where a statement's arguments go.
+enum To<'a, 'q> {
+    /// PostgreSQL: sqlx's arguments, sent with the statement.
+    Any(&'a mut AnyArguments<'q>),
+    /// SQLite: bound into the prepared statement at once.
+    Sqlite(&'a mut (dyn BindAt + 'a)),
+}
+
+/// A prepared SQLite statement, whatever the lifetime of its connection's borrow.
+trait BindAt {
+    fn bind_at(&mut self, index: usize, value: &dyn rusqlite::ToSql) -> rusqlite::Result<()>;
+}
+
+impl BindAt for rusqlite::Statement<'_> {
+    fn bind_at(&mut self, index: usize, value: &dyn rusqlite::ToSql) -> rusqlite::Result<()> {
+        self.raw_bind_parameter(index, value)
+    }
 }
 
 impl<'q> Binds<'_, 'q> {
     pub(crate) fn bind<T>(&mut self, value: T) -> &mut Self
     where
-        T: 'q + Encode<'q, Any> + Type<Any>,
+        T: 'q + Encode<'q, Any> + Type<Any> + rusqlite::ToSql,
     {
-        if self.failed.is_none()
-            && let Err(e) = self.args.add(value)
-        {
-            *self.failed = Some(e);
+        if self.failed.is_none() {
+            let bound = match &mut self.to {
+                To::Any(args) => args.add(value),
+                To::Sqlite(statement) => statement
+                    .bind_at(self.added + 1, &value)
+                    .map_err(|e| Box::new(e) as BoxDynError),
+            };
+            if let Err(e) = bound {
+                *self.failed = Some(e);
+            }
         }
         self.added += 1;
         self
@@ -63,64 +74,43 @@ impl<'q> Binds<'_, 'q> {
 }
 
 enum Conn<'c> {
-    /// SQLite: the script gathered so far, its arguments, and what it does (for errors).
-    Sqlite {
-        conn: &'c mut sqlx::AnyConnection,
-        sql: String,
-        args: AnyArguments<'c>,
-        used: usize,
-        /// A numbered statement is in the script: positional ones must wait for the next.
-        numbered: bool,
-        /// Statements in the script (see [`SCRIPT_STATEMENTS_MAX`]).
-        statements: usize,
-        op: Option<&'static str>,
-    },
+    /// A `&mut`: ingest's future holds it across awaits, and a connection is `Send`, not
+    /// `Sync`.
+    Sqlite(&'c mut rusqlite::Connection),
     Postgres(sqlx::Transaction<'c, Any>),
 }
 
 /// One write transaction. Dropped without [`Writer::commit`]: on PostgreSQL rolled back; on
-/// SQLite the caller closes the connection (see `Store::write_batch`).
+/// SQLite the caller closes the connection, which rolls it back (see `Store::write_batch`).
 pub(crate) struct Writer<'c> {
     conn: Conn<'c>,
 }
 
 impl<'c> Writer<'c> {
-    pub(crate) async fn begin(
-        conn: &'c mut sqlx::AnyConnection,
-        backend: Backend,
-        op: &'static str,
-    ) -> Result<Writer<'c>> {
-        let conn = match backend {
-            Backend::Sqlite => {
-                let mut sql = String::with_capacity(512);
-                sql.push_str(SQLITE_BEGIN_WRITE);
-                sql.push(';');
-                Conn::Sqlite {
-                    conn,
-                    sql,
-                    args: AnyArguments::default(),
-                    used: 0,
-                    numbered: false,
-                    statements: 1,
-                    op: None,
-                }
+    pub(crate) async fn begin(conn: &'c mut IngestConn, op: &'static str) -> Result<Writer<'c>> {
+        let conn = match conn {
+            IngestConn::Sqlite(conn) => {
+                sqlite_run(conn, op, SQLITE_BEGIN_WRITE, |_| {})?;
+                Conn::Sqlite(conn)
             }
-            Backend::Postgres => Conn::Postgres(conn.begin().await.map_err(query_err(op))?),
+            IngestConn::Postgres(conn) => {
+                Conn::Postgres(conn.begin().await.map_err(query_err(op))?)
+            }
         };
         Ok(Writer { conn })
     }
 
-    /// Adds a statement with numbered `$N` parameters; on PostgreSQL it runs now.
+    /// Runs a statement with numbered `$N` parameters.
     pub(crate) async fn execute(
         &mut self,
         op: &'static str,
         sql: &str,
         binds: impl for<'a> FnOnce(&mut Binds<'a, 'c>),
     ) -> Result<()> {
-        self.add(op, sql, false, binds).await
+        self.execute_now(op, sql, binds).await.map(drop)
     }
 
-    /// Adds a statement with anonymous `?` parameters (on PostgreSQL give `$N` ones: the
+    /// Runs a statement with anonymous `?` parameters (on PostgreSQL give `$N` ones: the
     /// caller writes the SQL for its backend), bound in order.
     pub(crate) async fn execute_positional(
         &mut self,
@@ -128,165 +118,105 @@ impl<'c> Writer<'c> {
         sql: &str,
         binds: impl for<'a> FnOnce(&mut Binds<'a, 'c>),
     ) -> Result<()> {
-        self.add(op, sql, true, binds).await
-    }
-
-    async fn add(
-        &mut self,
-        op: &'static str,
-        sql: &str,
-        positional: bool,
-        binds: impl for<'a> FnOnce(&mut Binds<'a, 'c>),
-    ) -> Result<()> {
         match &mut self.conn {
-            Conn::Sqlite { numbered, .. } if positional && *numbered => {
-                self.send().await?;
-            }
-            Conn::Sqlite { .. } => {}
-            Conn::Postgres(tx) => {
-                let args = arguments(op, binds)?;
-                sqlx::query_with(sql, args)
-                    .execute(&mut **tx)
-                    .await
-                    .map_err(query_err(op))?;
-                return Ok(());
-            }
+            Conn::Sqlite(conn) => sqlite_run(conn, op, sql, binds).map(drop),
+            Conn::Postgres(tx) => postgres_run(tx, op, sql, binds).await.map(drop),
         }
-        let Conn::Sqlite {
-            sql: script,
-            args,
-            used,
-            numbered,
-            statements,
-            op: first_op,
-            ..
-        } = &mut self.conn
-        else {
-            return Ok(());
-        };
-        let mut failed = None;
-        let mut b = Binds {
-            args,
-            added: 0,
-            failed: &mut failed,
-        };
-        binds(&mut b);
-        let added = b.added;
-        bind_failed(op, failed)?;
-        if positional {
-            script.push_str(sql);
-        } else {
-            renumber(sql, *used, script);
-            *numbered = true;
-        }
-        script.push(';');
-        *used += added;
-        *statements += 1;
-        first_op.get_or_insert(op);
-        if *statements >= SCRIPT_STATEMENTS_MAX {
-            self.send().await?;
-        }
-        Ok(())
     }
 
-    /// Sends what has gathered, then runs this statement and returns the rows it changed.
+    /// Runs a statement with numbered `$N` parameters and returns the rows it changed.
     pub(crate) async fn execute_now(
         &mut self,
         op: &'static str,
         sql: &str,
         binds: impl for<'a> FnOnce(&mut Binds<'a, 'c>),
     ) -> Result<u64> {
-        let (conn, args) = self.alone(op, binds).await?;
-        let done = match conn {
-            Conn::Sqlite { conn, .. } => sqlx::query_with(sql, args).execute(&mut **conn).await,
-            Conn::Postgres(tx) => sqlx::query_with(sql, args).execute(&mut **tx).await,
+        match &mut self.conn {
+            Conn::Sqlite(conn) => sqlite_run(conn, op, &numbered(sql), binds),
+            Conn::Postgres(tx) => postgres_run(tx, op, sql, binds).await,
         }
-        .map_err(query_err(op))?;
-        Ok(done.rows_affected())
     }
 
-    /// Sends what has gathered, then runs this query and returns its first row.
-    pub(crate) async fn fetch_now(
+    /// Runs a query with numbered `$N` parameters: whether it returns a row.
+    pub(crate) async fn exists_now(
         &mut self,
         op: &'static str,
         sql: &str,
         binds: impl for<'a> FnOnce(&mut Binds<'a, 'c>),
-    ) -> Result<Option<AnyRow>> {
-        let (conn, args) = self.alone(op, binds).await?;
-        match conn {
-            Conn::Sqlite { conn, .. } => {
-                sqlx::query_with(sql, args)
-                    .fetch_optional(&mut **conn)
-                    .await
+    ) -> Result<bool> {
+        match &mut self.conn {
+            Conn::Sqlite(conn) => {
+                let mut statement = conn
+                    .prepare_cached(&numbered(sql))
+                    .map_err(lite::error(op))?;
+                bind_sqlite(&mut statement, op, binds)?;
+                let mut rows = statement.raw_query();
+                let found = rows.next().map_err(lite::error(op))?.is_some();
+                Ok(found)
             }
-            Conn::Postgres(tx) => sqlx::query_with(sql, args).fetch_optional(&mut **tx).await,
+            Conn::Postgres(tx) => {
+                let args = arguments(op, binds)?;
+                let row = sqlx::query_with(sql, args)
+                    .fetch_optional(&mut **tx)
+                    .await
+                    .map_err(query_err(op))?;
+                Ok(row.is_some())
+            }
         }
-        .map_err(query_err(op))
-    }
-
-    /// What a statement that runs on its own needs: nothing gathered before it, its arguments.
-    async fn alone(
-        &mut self,
-        op: &'static str,
-        binds: impl for<'a> FnOnce(&mut Binds<'a, 'c>),
-    ) -> Result<(&mut Conn<'c>, AnyArguments<'c>)> {
-        self.send().await?;
-        let args = arguments(op, binds)?;
-        Ok((&mut self.conn, args))
-    }
-
-    /// SQLite: runs the gathered script and starts an empty one (the transaction goes on).
-    async fn send(&mut self) -> Result<()> {
-        let Conn::Sqlite {
-            conn,
-            sql,
-            args,
-            used,
-            numbered,
-            statements,
-            op,
-        } = &mut self.conn
-        else {
-            return Ok(());
-        };
-        if sql.is_empty() {
-            return Ok(());
-        }
-        let count = std::mem::take(statements);
-        let script = std::mem::take(sql);
-        let script_args = std::mem::take(args);
-        let op = op.take().unwrap_or("starting an ingest transaction");
-        *used = 0;
-        *numbered = false;
-        // Prepared once per shape of batch and kept in the connection's statement cache
-        // (ingest has a connection of its own, so they push out no one else's) — but only
-        // the small shapes of steady traffic. A connect storm makes scripts of thousands of
-        // statements, each shape once; cached, a hundred of them held tens of MB of SQLite
-        // memory for good (heaptrack: 2,000 idle devices, 85 MB of prepared statements).
-        let result = sqlx::query_with(&script, script_args)
-            .persistent(count <= CACHED_SCRIPT_STATEMENTS)
-            .execute(&mut **conn)
-            .await;
-        *sql = script;
-        sql.clear();
-        result.map(drop).map_err(query_err(op))
     }
 
     /// Ends the transaction: everything in it is written, or none of it.
-    pub(crate) async fn commit(mut self, op: &'static str) -> Result<()> {
-        if let Conn::Sqlite { sql, op: first, .. } = &mut self.conn {
-            sql.push_str("COMMIT;");
-            first.get_or_insert(op);
-        }
-        self.send().await?;
+    pub(crate) async fn commit(self, op: &'static str) -> Result<()> {
         match self.conn {
-            Conn::Sqlite { .. } => Ok(()),
+            Conn::Sqlite(conn) => sqlite_run(conn, op, "COMMIT", |_| {}).map(drop),
             Conn::Postgres(tx) => tx.commit().await.map_err(query_err(op)),
         }
     }
 }
 
-/// The arguments of one statement on its own.
+/// Prepares (or finds prepared) `sql`, binds its arguments and steps it to the end: the rows
+/// it changed.
+fn sqlite_run<'c>(
+    conn: &mut rusqlite::Connection,
+    op: &'static str,
+    sql: &str,
+    binds: impl for<'a> FnOnce(&mut Binds<'a, 'c>),
+) -> Result<u64> {
+    let mut statement = conn.prepare_cached(sql).map_err(lite::error(op))?;
+    bind_sqlite(&mut statement, op, binds)?;
+    let changed = statement.raw_execute().map_err(lite::error(op))?;
+    Ok(changed as u64)
+}
+
+fn bind_sqlite<'c>(
+    statement: &mut rusqlite::Statement<'_>,
+    op: &'static str,
+    binds: impl for<'a> FnOnce(&mut Binds<'a, 'c>),
+) -> Result<()> {
+    let mut failed = None;
+    binds(&mut Binds {
+        to: To::Sqlite(statement),
+        added: 0,
+        failed: &mut failed,
+    });
+    bind_failed(op, failed)
+}
+
+async fn postgres_run<'c>(
+    tx: &mut sqlx::Transaction<'c, Any>,
+    op: &'static str,
+    sql: &str,
+    binds: impl for<'a> FnOnce(&mut Binds<'a, 'c>),
+) -> Result<u64> {
+    let args = arguments(op, binds)?;
+    let done = sqlx::query_with(sql, args)
+        .execute(&mut **tx)
+        .await
+        .map_err(query_err(op))?;
+    Ok(done.rows_affected())
+}
+
+/// The arguments of one statement for sqlx.
 fn arguments<'q>(
     op: &'static str,
     binds: impl for<'a> FnOnce(&mut Binds<'a, 'q>),
@@ -294,7 +224,7 @@ fn arguments<'q>(
     let mut args = AnyArguments::default();
     let mut failed = None;
     binds(&mut Binds {
-        args: &mut args,
+        to: To::Any(&mut args),
         added: 0,
         failed: &mut failed,
     });
@@ -312,8 +242,10 @@ fn bind_failed(op: &'static str, failed: Option<BoxDynError>) -> Result<()> {
     }
 }
 
-/// Appends `sql` to `out` with each `$N` written as `$M`, M = N + `offset`.
-fn renumber(sql: &str, offset: usize, out: &mut String) {
+/// `sql` with each `$N` written as `?N`: SQLite binds `?N` at N, a `$N` at the place of its
+/// first appearance.
+fn numbered(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len());
     let mut rest = sql;
     while let Some(at) = rest.find('$') {
         out.push_str(&rest[..at]);
@@ -321,26 +253,26 @@ fn renumber(sql: &str, offset: usize, out: &mut String) {
         let digits = after.bytes().take_while(u8::is_ascii_digit).count();
         match after[..digits].parse::<usize>() {
             Ok(n) => {
-                let _ = write!(out, "${}", n + offset);
+                let _ = write!(out, "?{n}");
             }
             Err(_) => out.push('$'),
         }
         rest = &after[digits..];
     }
     out.push_str(rest);
+    out
 }
 
 #[cfg(test)]
 mod tests {
-    use super::renumber;
+    use super::numbered;
 
     #[test]
-    fn parameters_are_numbered_from_the_start_of_the_script() {
-        let mut out = String::new();
-        renumber("UPDATE t SET a = $1 WHERE b = $2 AND a < $1", 7, &mut out);
-        assert_eq!(out, "UPDATE t SET a = $8 WHERE b = $9 AND a < $8");
-        out.clear();
-        renumber("SELECT '$' || $10", 0, &mut out);
-        assert_eq!(out, "SELECT '$' || $10");
+    fn numbered_parameters_are_bound_by_number_on_sqlite() {
+        assert_eq!(
+            numbered("UPDATE t SET a = $2 WHERE b = $1 AND a < $2"),
+            "UPDATE t SET a = ?2 WHERE b = ?1 AND a < ?2"
+        );
+        assert_eq!(numbered("SELECT '$' || $10"), "SELECT '$' || ?10");
     }
 }

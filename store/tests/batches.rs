@@ -291,3 +291,21 @@ async fn a_batch_of_many_connects_is_written_whole_in_pieces() {
         }
     }
 }
+
+/// Ingest writes through a connection of its own (not the pool's), which would see a
+/// database of its own in memory: such a URL is refused, naming itself.
+#[tokio::test]
+async fn an_in_memory_sqlite_database_is_refused_with_the_url_named() {
+    for url in ["sqlite::memory:", "sqlite://?mode=memory"] {
+        let Err(e) = Store::open(url).await else {
+            panic!("{url} was accepted");
+        };
+        let told = format!(
+            "{e}: {}",
+            std::error::Error::source(&e)
+                .map(ToString::to_string)
+                .unwrap_or_default()
+        );
+        assert!(told.contains(url) && told.contains("in-memory"), "{told}");
+    }
+}
