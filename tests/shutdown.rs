@@ -152,6 +152,32 @@ async fn sigterm_with_a_store_that_never_answers_exits_within_the_drain_deadline
         },
     )
     .await;
+    // A store that accepts bytes and never answers is told within seconds, not at the
+    // commit's 30 s time-out: the metric, and `/readyz` naming the fault.
+    let silent = Instant::now();
+    wait_for(
+        "the silent store to be told",
+        Duration::from_secs(15),
+        || async {
+            let failing = scrape(&gw).await.get("tms_store_write_failing").copied();
+            let r = reqwest::get(gw.url("/readyz")).await.ok()?;
+            let code = r.status().as_u16();
+            let body: serde_json::Value = r.json().await.ok()?;
+            (failing == Some(1.0) && code == 503 && body["store_fault"] == "unreachable")
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(
+        silent.elapsed() < Duration::from_secs(12),
+        "told after {:?}",
+        silent.elapsed()
+    );
+    assert!(
+        gw.log().contains("the store has not answered a commit"),
+        "{}",
+        gw.log()
+    );
     let started = Instant::now();
     let code = gw
         .stop_within(Duration::from_secs(15))

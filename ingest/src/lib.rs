@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tms_model::{Acks, BrokerEvent};
-use tms_store::{AlarmChange, Split, Store, StoreError, WriteBatch};
+use tms_store::{AlarmChange, Split, Store, StoreError, StoreFault, WriteBatch};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -98,6 +98,11 @@ const COMMIT_TIMEOUT: Duration = Duration::from_secs(30);
 /// PostgreSQL behind a frozen proxy shed devices for 30 s). Healthy commits of a storm's
 /// batches take a fraction of this.
 const PRESENCE_STALL: Duration = Duration::from_secs(1);
+/// A commit still running after this is told as a store that stopped answering (metric,
+/// `/readyz`, log) while ingest keeps waiting for it up to [`COMMIT_TIMEOUT`]: an operator
+/// learns of a black-holed database in seconds, not half a minute, and nothing is given up
+/// that might still commit.
+const STORE_SILENT: Duration = Duration::from_secs(5);
 
 /// How writing a batch ended, once the store took writes.
 enum Written {
@@ -341,7 +346,8 @@ impl Ingest {
                         metrics::counter!("tms_ingest_write_errors_total", "fault" => fault.as_str())
                         .increment(1);
                         metrics::gauge!("tms_store_write_failing").set(1.0);
-                        if self.store.write_fault().is_none() {
+                        // Told once per cause (a silent store told first, then its error).
+                        if self.store.write_fault() != Some(fault) {
                             tracing::error!(fault = fault.as_str(), error = %e, source = ?std::error::Error::source(&e), rows = batch.len(), "the store cannot take writes; PUBACKs are withheld until it can");
                         } else {
                             tracing::debug!(fault = fault.as_str(), error = %e, "store still failing");
@@ -401,8 +407,10 @@ impl Ingest {
         };
         let write = tokio::time::timeout(limit, self.store.write_batch(batch));
         let stall = tokio::time::sleep(PRESENCE_STALL);
-        tokio::pin!(write, drained_out, stall);
+        let silent = tokio::time::sleep(STORE_SILENT);
+        tokio::pin!(write, drained_out, stall, silent);
         let mut stalled = false;
+        let mut told_silent = false;
         let result = loop {
             tokio::select! {
                 result = &mut write => break result.unwrap_or_else(|_| Err(timed_out())),
@@ -413,6 +421,14 @@ impl Ingest {
                 _ = &mut stall, if !stalled => {
                     stalled = true;
                     self.settings.presence.set_store_faulted(true);
+                }
+                _ = &mut silent, if !told_silent => {
+                    told_silent = true;
+                    if self.store.write_fault().is_none() {
+                        tracing::error!(waited_secs = STORE_SILENT.as_secs(), rows = batch.len(), "the store has not answered a commit; PUBACKs are withheld until it does");
+                        metrics::gauge!("tms_store_write_failing").set(1.0);
+                        self.store.set_write_fault(Some(StoreFault::Unreachable));
+                    }
                 }
             }
         };
