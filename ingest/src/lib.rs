@@ -345,15 +345,13 @@ impl Ingest {
                     Some(fault) => {
                         metrics::counter!("tms_ingest_write_errors_total", "fault" => fault.as_str())
                         .increment(1);
-                        metrics::gauge!("tms_store_write_failing").set(1.0);
                         // Told once per cause (a silent store told first, then its error).
                         if self.store.write_fault() != Some(fault) {
                             tracing::error!(fault = fault.as_str(), error = %e, source = ?std::error::Error::source(&e), rows = batch.len(), "the store cannot take writes; PUBACKs are withheld until it can");
                         } else {
                             tracing::debug!(fault = fault.as_str(), error = %e, "store still failing");
                         }
-                        self.store.set_write_fault(Some(fault));
-                        self.settings.presence.set_store_faulted(true);
+                        self.set_write_fault(Some(fault));
                         if self.drain.is_cancelled() {
                             self.start_deadline();
                         }
@@ -377,12 +375,18 @@ impl Ingest {
             };
             if self.store.write_fault().is_some() {
                 tracing::info!("the store takes writes again");
-                self.store.set_write_fault(None);
-                self.settings.presence.set_store_faulted(false);
-                metrics::gauge!("tms_store_write_failing").set(0.0);
+                self.set_write_fault(None);
             }
             return Some(written);
         }
+    }
+
+    /// Where a store fault is told, and cleared: the store (`/readyz`), the metric, and the
+    /// presence gate (which stands open while the store cannot take writes).
+    fn set_write_fault(&self, fault: Option<StoreFault>) {
+        self.store.set_write_fault(fault);
+        self.settings.presence.set_store_faulted(fault.is_some());
+        metrics::gauge!("tms_store_write_failing").set(if fault.is_some() { 1.0 } else { 0.0 });
     }
 
     /// One write of `batch`, bounded in time (a store that stops answering is a fault). A
@@ -426,8 +430,7 @@ impl Ingest {
                     told_silent = true;
                     if self.store.write_fault().is_none() {
                         tracing::error!(waited_secs = STORE_SILENT.as_secs(), rows = batch.len(), "the store has not answered a commit; PUBACKs are withheld until it does");
-                        metrics::gauge!("tms_store_write_failing").set(1.0);
-                        self.store.set_write_fault(Some(StoreFault::Unreachable));
+                        self.set_write_fault(Some(StoreFault::Unreachable));
                     }
                 }
             }
