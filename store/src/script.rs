@@ -104,7 +104,7 @@ impl<'c> Writer<'c> {
     pub(crate) async fn execute(
         &mut self,
         op: &'static str,
-        sql: &str,
+        sql: &'static str,
         binds: impl for<'a> FnOnce(&mut Binds<'a, 'c>),
     ) -> Result<()> {
         self.execute_now(op, sql, binds).await.map(drop)
@@ -128,11 +128,11 @@ impl<'c> Writer<'c> {
     pub(crate) async fn execute_now(
         &mut self,
         op: &'static str,
-        sql: &str,
+        sql: &'static str,
         binds: impl for<'a> FnOnce(&mut Binds<'a, 'c>),
     ) -> Result<u64> {
         match &mut self.conn {
-            Conn::Sqlite(conn) => sqlite_run(conn, op, &numbered(sql), binds),
+            Conn::Sqlite(conn) => sqlite_run(conn, op, numbered_once(sql), binds),
             Conn::Postgres(tx) => postgres_run(tx, op, sql, binds).await,
         }
     }
@@ -141,13 +141,13 @@ impl<'c> Writer<'c> {
     pub(crate) async fn exists_now(
         &mut self,
         op: &'static str,
-        sql: &str,
+        sql: &'static str,
         binds: impl for<'a> FnOnce(&mut Binds<'a, 'c>),
     ) -> Result<bool> {
         match &mut self.conn {
             Conn::Sqlite(conn) => {
                 let mut statement = conn
-                    .prepare_cached(&numbered(sql))
+                    .prepare_cached(numbered_once(sql))
                     .map_err(lite::error(op))?;
                 bind_sqlite(&mut statement, op, binds)?;
                 let mut rows = statement.raw_query();
@@ -240,6 +240,21 @@ fn bind_failed(op: &'static str, failed: Option<BoxDynError>) -> Result<()> {
             source: sqlx::Error::Encode(e),
         }),
     }
+}
+
+/// [`numbered`], worked out once per statement: a batch runs the same few statements each
+/// commit, and rewriting one (a scan and a `write!` per parameter) cost as much as stepping it.
+/// Statements are `'static` text, so the cache holds one entry per statement in the program.
+fn numbered_once(sql: &'static str) -> &'static str {
+    static CACHE: std::sync::LazyLock<
+        std::sync::Mutex<std::collections::HashMap<(usize, usize), &'static str>>,
+    > = std::sync::LazyLock::new(Default::default);
+    let mut cache = CACHE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    cache
+        .entry((sql.as_ptr() as usize, sql.len()))
+        .or_insert_with(|| Box::leak(numbered(sql).into_boxed_str()))
 }
 
 /// `sql` with each `$N` written as `?N`: SQLite binds `?N` at N, a `$N` at the place of its
