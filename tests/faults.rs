@@ -5,91 +5,15 @@
 
 mod support;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rumqttc::{Event, Outgoing, Packet, QoS};
+use support::flood::*;
 use support::*;
-
-/// What one publisher sent and which of its messages the gateway acknowledged.
-#[derive(Default)]
-struct Tracker {
-    /// Sequence numbers handed to the client, not yet sent (rumqttc sends in order).
-    queued: VecDeque<u64>,
-    in_flight: HashMap<u16, u64>,
-    acked: HashSet<u64>,
-}
-
-/// Publishes QoS 1 telemetry `{"seq":N,…}` as fast as the gateway acknowledges, until
-/// `stop`, at most `max` messages, `pause` between them. Returns the tracker and the task.
-fn flood(
-    gw: &TestGateway,
-    files: &DeviceFiles,
-    stop: Arc<AtomicBool>,
-    max: u64,
-    pause: Duration,
-) -> (Arc<Mutex<Tracker>>, tokio::task::JoinHandle<()>) {
-    let (client, mut eventloop) = device_client(gw, files);
-    let tracker = Arc::new(Mutex::new(Tracker::default()));
-    let t = tracker.clone();
-    let events = tokio::spawn(async move {
-        loop {
-            match tokio::time::timeout(Duration::from_secs(60), eventloop.poll()).await {
-                Ok(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => {
-                    let mut t = t.lock().unwrap();
-                    if let Some(seq) = t.queued.pop_front() {
-                        t.in_flight.insert(pkid, seq);
-                    }
-                }
-                Ok(Ok(Event::Incoming(Packet::PubAck(ack)))) => {
-                    let mut t = t.lock().unwrap();
-                    if let Some(seq) = t.in_flight.remove(&ack.pkid) {
-                        t.acked.insert(seq);
-                    }
-                }
-                Ok(Ok(_)) => {}
-                Ok(Err(_)) | Err(_) => break,
-            }
-        }
-    });
-    let t = tracker.clone();
-    let serial = files.serial.clone();
-    let publisher = tokio::spawn(async move {
-        for seq in 0..max {
-            if stop.load(Ordering::Relaxed) {
-                break;
-            }
-            t.lock().unwrap().queued.push_back(seq);
-            let payload = format!(r#"{{"seq":{seq},"mode":"online","load_pct":40}}"#);
-            let sent = client
-                .publish(
-                    format!("tms/{serial}/telemetry"),
-                    QoS::AtLeastOnce,
-                    false,
-                    payload.into_bytes(),
-                )
-                .await;
-            if sent.is_err() {
-                break;
-            }
-            if !pause.is_zero() {
-                tokio::time::sleep(pause).await;
-            }
-        }
-        // Keep the client (and its connection) until the event loop ends.
-        let _ = events.await;
-        drop(client);
-    });
-    (tracker, publisher)
-}
-
-fn acked(t: &Arc<Mutex<Tracker>>) -> HashSet<u64> {
-    t.lock().unwrap().acked.clone()
-}
 
 /// The `seq` of every telemetry row of `serial` in a SQLite database file.
 async fn stored_seqs(db: &Path, serial: &str) -> HashSet<u64> {
@@ -107,18 +31,6 @@ async fn stored_seqs(db: &Path, serial: &str) -> HashSet<u64> {
         .iter()
         .filter_map(|p| serde_json::from_str::<serde_json::Value>(p).ok()?["seq"].as_u64())
         .collect()
-}
-
-fn assert_all_stored(acked: &HashSet<u64>, stored: &HashSet<u64>, who: &str) {
-    let mut missing: Vec<_> = acked.difference(stored).copied().collect();
-    missing.sort_unstable();
-    assert!(
-        missing.is_empty(),
-        "{who}: {} of {} PUBACKed messages are not stored, e.g. {:?}",
-        missing.len(),
-        acked.len(),
-        &missing[..missing.len().min(10)]
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -197,18 +109,11 @@ impl Drop for Tmpfs {
     }
 }
 
-async fn readyz(gw: &TestGateway) -> (u16, serde_json::Value) {
-    let r = reqwest::get(gw.url("/readyz")).await.unwrap();
-    (r.status().as_u16(), r.json().await.unwrap())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_full_disk_withholds_pubacks_and_writes_resume_when_space_returns() {
     let scratch = tempfile::tempdir().unwrap();
     let Some(fs) = Tmpfs::mount(&scratch.path().join("mnt"), "24m") else {
-        eprintln!(
-            "SKIPPED: cannot mount a tmpfs here (needs root); the full-disk test did not run"
-        );
+        skip("cannot mount a tmpfs here (needs root); the full-disk test did not run");
         return;
     };
     let data = fs.0.join("data");
@@ -252,7 +157,6 @@ async fn a_full_disk_withholds_pubacks_and_writes_resume_when_space_returns() {
         during <= at_full + 50,
         "PUBACKs went on with the disk full: {at_full} -> {during}"
     );
-
     // Space returns: writes resume by themselves, and so do the other writers.
     std::fs::remove_file(&fill).unwrap();
     wait_for("/readyz 200 again", Duration::from_secs(30), || async {
@@ -278,7 +182,6 @@ async fn a_full_disk_withholds_pubacks_and_writes_resume_when_space_returns() {
         .await
         .unwrap();
     assert_eq!(me.status(), 200);
-
     // Full again, then SIGTERM: shutdown keeps its deadline and reports what it could not
     // write; none of that was acknowledged.
     let fill = fs.fill();
@@ -305,26 +208,6 @@ async fn a_full_disk_withholds_pubacks_and_writes_resume_when_space_returns() {
 
     // And the device can be revoked with the store healthy again (no lock left behind).
     gw.cli(&["device", "revoke", &files.serial]);
-}
-
-/// A fresh PostgreSQL schema when `TMS_TEST_DATABASE_URL` is set.
-async fn postgres_url() -> Option<String> {
-    use sqlx::Executor;
-    let base = std::env::var("TMS_TEST_DATABASE_URL").ok()?;
-    let schema = format!(
-        "t_faults_{}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    );
-    let pool = sqlx::PgPool::connect(&base).await.unwrap();
-    pool.execute(format!("CREATE SCHEMA {schema}").as_str())
-        .await
-        .unwrap();
-    pool.close().await;
-    let sep = if base.contains('?') { '&' } else { '?' };
-    Some(format!("{base}{sep}options=-c%20search_path%3D{schema}"))
 }
 
 /// Every text a device sends with a NUL or out-of-range value is set aside with a reason;
@@ -393,8 +276,7 @@ async fn hostile_payloads_are_quarantined_with_a_reason_on_sqlite() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn hostile_payloads_are_quarantined_with_a_reason_on_postgres() {
-    let Some(url) = postgres_url().await else {
-        eprintln!("SKIPPED: TMS_TEST_DATABASE_URL is not set");
+    let Some(url) = fresh_postgres_url("faults_nul").await else {
         return;
     };
     hostile_payloads_never_block_others(Some(url)).await;
