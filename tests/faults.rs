@@ -124,6 +124,9 @@ async fn a_full_disk_withholds_pubacks_and_writes_resume_when_space_returns() {
     ])
     .await;
     let files = gw.provision("RE4F000001", "00:1B:2C:3D:4E:01");
+    // Revoked while the disk is full, and after.
+    let during_full = gw.provision("RE4F000002", "00:1B:2C:3D:4E:02");
+    let after_full = gw.provision("RE4F000003", "00:1B:2C:3D:4E:03");
     let token = admin_token(&gw).await;
     let stop = Arc::new(AtomicBool::new(false));
     let (tracker, task) = flood(
@@ -157,6 +160,22 @@ async fn a_full_disk_withholds_pubacks_and_writes_resume_when_space_returns() {
         during <= at_full + 50,
         "PUBACKs went on with the disk full: {at_full} -> {during}"
     );
+    // Told by the metric and by one error line naming the cause.
+    let m = scrape(&gw).await;
+    assert_eq!(m.get("tms_store_write_failing").copied(), Some(1.0));
+    let errors = "tms_ingest_write_errors_total{fault=\"disk_full\"}";
+    assert!(m.get(errors).is_some_and(|n| *n >= 1.0), "{errors}: {m:?}");
+    let log = gw.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("the store cannot take writes")
+                && l.contains(r#"fault="disk_full""#)),
+        "the full disk is logged:\n{log}"
+    );
+    // A login and a revocation with the disk full work, or say 503 in JSON: never a 500,
+    // never a hang.
+    let revoked_during = http_during_fault(&gw, &token, &during_full.serial).await;
+
     // Space returns: writes resume by themselves, and so do the other writers.
     std::fs::remove_file(&fill).unwrap();
     wait_for("/readyz 200 again", Duration::from_secs(30), || async {
@@ -182,6 +201,31 @@ async fn a_full_disk_withholds_pubacks_and_writes_resume_when_space_returns() {
         .await
         .unwrap();
     assert_eq!(me.status(), 200);
+    for (serial, again) in [(&after_full.serial, false), (&during_full.serial, true)] {
+        if again && revoked_during {
+            continue;
+        }
+        let (code, body) = revoke(&gw, &token, serial).await;
+        assert_eq!(
+            code, 200,
+            "revoking {serial} after the disk was freed: {body}"
+        );
+        assert_eq!(body["revoked"].as_array().map(Vec::len), Some(1), "{body}");
+    }
+    for d in [&during_full, &after_full] {
+        let tls = client_tls(&d.ca, Some((&d.pem, &d.key)));
+        wait_for(
+            "the revoked certificate refused",
+            Duration::from_secs(5),
+            || {
+                let tls = tls.clone();
+                let gw = &gw;
+                async move { tls_probe(gw, tls).await.is_err().then_some(()) }
+            },
+        )
+        .await;
+    }
+
     // Full again, then SIGTERM: shutdown keeps its deadline and reports what it could not
     // write; none of that was acknowledged.
     let fill = fs.fill();
@@ -208,6 +252,46 @@ async fn a_full_disk_withholds_pubacks_and_writes_resume_when_space_returns() {
 
     // And the device can be revoked with the store healthy again (no lock left behind).
     gw.cli(&["device", "revoke", &files.serial]);
+}
+
+/// `DELETE /api/v1/devices/{serial}/certificate`: the status and the JSON body.
+async fn revoke(gw: &TestGateway, token: &str, serial: &str) -> (u16, serde_json::Value) {
+    let r = reqwest::Client::new()
+        .delete(gw.url(&format!("/api/v1/devices/{serial}/certificate")))
+        .bearer_auth(token)
+        .timeout(Duration::from_secs(15))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("revoking {serial}: no answer within 15 s: {e}"));
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+/// A login and the revocation of `serial` while the store cannot write: each answers at once
+/// with success or a 503 `store_unavailable` JSON error. Returns whether the revocation took.
+async fn http_during_fault(gw: &TestGateway, token: &str, serial: &str) -> bool {
+    let login = reqwest::Client::new()
+        .post(gw.url("/api/v1/auth/login"))
+        .json(&serde_json::json!({"email": "admin@example.com", "password": "admin-password-1"}))
+        .timeout(Duration::from_secs(15))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("login with the store failing: no answer within 15 s: {e}"));
+    let (code, body): (u16, serde_json::Value) =
+        (login.status().as_u16(), login.json().await.unwrap());
+    let unavailable = |code: u16, body: &serde_json::Value| {
+        code == 503 && body["error"]["code"] == "store_unavailable"
+    };
+    assert!(
+        code == 200 || unavailable(code, &body),
+        "login with the store failing: {code} {body}"
+    );
+    let (revoked, answer) = revoke(gw, token, serial).await;
+    assert!(
+        revoked == 200 || unavailable(revoked, &answer),
+        "revocation with the store failing: {revoked} {answer}"
+    );
+    eprintln!("with the store failing: login {code}, revocation {revoked} {answer}");
+    revoked == 200
 }
 
 /// Every text a device sends with a NUL or out-of-range value is set aside with a reason;
