@@ -215,7 +215,6 @@ fn fingerprint_line(out: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_nodes_behind_haproxy_share_one_ca_revocations_takeovers_and_node_loss() {
     let Some(url) = fresh_postgres_url("cluster").await else {
-        eprintln!("TMS_TEST_DATABASE_URL not set: the cluster test needs PostgreSQL");
         return;
     };
     let db = Db::open(&url).await;

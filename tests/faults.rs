@@ -5,91 +5,15 @@
 
 mod support;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rumqttc::{Event, Outgoing, Packet, QoS};
+use support::flood::*;
 use support::*;
-
-/// What one publisher sent and which of its messages the gateway acknowledged.
-#[derive(Default)]
-struct Tracker {
-    /// Sequence numbers handed to the client, not yet sent (rumqttc sends in order).
-    queued: VecDeque<u64>,
-    in_flight: HashMap<u16, u64>,
-    acked: HashSet<u64>,
-}
-
-/// Publishes QoS 1 telemetry `{"seq":N,…}` as fast as the gateway acknowledges, until
-/// `stop`, at most `max` messages, `pause` between them. Returns the tracker and the task.
-fn flood(
-    gw: &TestGateway,
-    files: &DeviceFiles,
-    stop: Arc<AtomicBool>,
-    max: u64,
-    pause: Duration,
-) -> (Arc<Mutex<Tracker>>, tokio::task::JoinHandle<()>) {
-    let (client, mut eventloop) = device_client(gw, files);
-    let tracker = Arc::new(Mutex::new(Tracker::default()));
-    let t = tracker.clone();
-    let events = tokio::spawn(async move {
-        loop {
-            match tokio::time::timeout(Duration::from_secs(60), eventloop.poll()).await {
-                Ok(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => {
-                    let mut t = t.lock().unwrap();
-                    if let Some(seq) = t.queued.pop_front() {
-                        t.in_flight.insert(pkid, seq);
-                    }
-                }
-                Ok(Ok(Event::Incoming(Packet::PubAck(ack)))) => {
-                    let mut t = t.lock().unwrap();
-                    if let Some(seq) = t.in_flight.remove(&ack.pkid) {
-                        t.acked.insert(seq);
-                    }
-                }
-                Ok(Ok(_)) => {}
-                Ok(Err(_)) | Err(_) => break,
-            }
-        }
-    });
-    let t = tracker.clone();
-    let serial = files.serial.clone();
-    let publisher = tokio::spawn(async move {
-        for seq in 0..max {
-            if stop.load(Ordering::Relaxed) {
-                break;
-            }
-            t.lock().unwrap().queued.push_back(seq);
-            let payload = format!(r#"{{"seq":{seq},"mode":"online","load_pct":40}}"#);
-            let sent = client
-                .publish(
-                    format!("tms/{serial}/telemetry"),
-                    QoS::AtLeastOnce,
-                    false,
-                    payload.into_bytes(),
-                )
-                .await;
-            if sent.is_err() {
-                break;
-            }
-            if !pause.is_zero() {
-                tokio::time::sleep(pause).await;
-            }
-        }
-        // Keep the client (and its connection) until the event loop ends.
-        let _ = events.await;
-        drop(client);
-    });
-    (tracker, publisher)
-}
-
-fn acked(t: &Arc<Mutex<Tracker>>) -> HashSet<u64> {
-    t.lock().unwrap().acked.clone()
-}
 
 /// The `seq` of every telemetry row of `serial` in a SQLite database file.
 async fn stored_seqs(db: &Path, serial: &str) -> HashSet<u64> {
@@ -107,18 +31,6 @@ async fn stored_seqs(db: &Path, serial: &str) -> HashSet<u64> {
         .iter()
         .filter_map(|p| serde_json::from_str::<serde_json::Value>(p).ok()?["seq"].as_u64())
         .collect()
-}
-
-fn assert_all_stored(acked: &HashSet<u64>, stored: &HashSet<u64>, who: &str) {
-    let mut missing: Vec<_> = acked.difference(stored).copied().collect();
-    missing.sort_unstable();
-    assert!(
-        missing.is_empty(),
-        "{who}: {} of {} PUBACKed messages are not stored, e.g. {:?}",
-        missing.len(),
-        acked.len(),
-        &missing[..missing.len().min(10)]
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -197,18 +109,11 @@ impl Drop for Tmpfs {
     }
 }
 
-async fn readyz(gw: &TestGateway) -> (u16, serde_json::Value) {
-    let r = reqwest::get(gw.url("/readyz")).await.unwrap();
-    (r.status().as_u16(), r.json().await.unwrap())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_full_disk_withholds_pubacks_and_writes_resume_when_space_returns() {
     let scratch = tempfile::tempdir().unwrap();
     let Some(fs) = Tmpfs::mount(&scratch.path().join("mnt"), "24m") else {
-        eprintln!(
-            "SKIPPED: cannot mount a tmpfs here (needs root); the full-disk test did not run"
-        );
+        skip("cannot mount a tmpfs here (needs root); the full-disk test did not run");
         return;
     };
     let data = fs.0.join("data");
@@ -219,6 +124,9 @@ async fn a_full_disk_withholds_pubacks_and_writes_resume_when_space_returns() {
     ])
     .await;
     let files = gw.provision("RE4F000001", "00:1B:2C:3D:4E:01");
+    // Revoked while the disk is full, and after.
+    let during_full = gw.provision("RE4F000002", "00:1B:2C:3D:4E:02");
+    let after_full = gw.provision("RE4F000003", "00:1B:2C:3D:4E:03");
     let token = admin_token(&gw).await;
     let stop = Arc::new(AtomicBool::new(false));
     let (tracker, task) = flood(
@@ -252,6 +160,21 @@ async fn a_full_disk_withholds_pubacks_and_writes_resume_when_space_returns() {
         during <= at_full + 50,
         "PUBACKs went on with the disk full: {at_full} -> {during}"
     );
+    // Told by the metric and by one error line naming the cause.
+    let m = scrape(&gw).await;
+    assert_eq!(m.get("tms_store_write_failing").copied(), Some(1.0));
+    let errors = "tms_ingest_write_errors_total{fault=\"disk_full\"}";
+    assert!(m.get(errors).is_some_and(|n| *n >= 1.0), "{errors}: {m:?}");
+    let log = gw.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("the store cannot take writes")
+                && l.contains(r#"fault="disk_full""#)),
+        "the full disk is logged:\n{log}"
+    );
+    // A login and a revocation with the disk full work, or say 503 in JSON: never a 500,
+    // never a hang.
+    let revoked_during = http_during_fault(&gw, &token, &during_full.serial).await;
 
     // Space returns: writes resume by themselves, and so do the other writers.
     std::fs::remove_file(&fill).unwrap();
@@ -278,6 +201,30 @@ async fn a_full_disk_withholds_pubacks_and_writes_resume_when_space_returns() {
         .await
         .unwrap();
     assert_eq!(me.status(), 200);
+    for (serial, again) in [(&after_full.serial, false), (&during_full.serial, true)] {
+        if again && revoked_during {
+            continue;
+        }
+        let (code, body) = revoke(&gw, &token, serial).await;
+        assert_eq!(
+            code, 200,
+            "revoking {serial} after the disk was freed: {body}"
+        );
+        assert_eq!(body["revoked"].as_array().map(Vec::len), Some(1), "{body}");
+    }
+    for d in [&during_full, &after_full] {
+        let tls = client_tls(&d.ca, Some((&d.pem, &d.key)));
+        wait_for(
+            "the revoked certificate refused",
+            Duration::from_secs(5),
+            || {
+                let tls = tls.clone();
+                let gw = &gw;
+                async move { tls_probe(gw, tls).await.is_err().then_some(()) }
+            },
+        )
+        .await;
+    }
 
     // Full again, then SIGTERM: shutdown keeps its deadline and reports what it could not
     // write; none of that was acknowledged.
@@ -307,24 +254,44 @@ async fn a_full_disk_withholds_pubacks_and_writes_resume_when_space_returns() {
     gw.cli(&["device", "revoke", &files.serial]);
 }
 
-/// A fresh PostgreSQL schema when `TMS_TEST_DATABASE_URL` is set.
-async fn postgres_url() -> Option<String> {
-    use sqlx::Executor;
-    let base = std::env::var("TMS_TEST_DATABASE_URL").ok()?;
-    let schema = format!(
-        "t_faults_{}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    );
-    let pool = sqlx::PgPool::connect(&base).await.unwrap();
-    pool.execute(format!("CREATE SCHEMA {schema}").as_str())
+/// `DELETE /api/v1/devices/{serial}/certificate`: the status and the JSON body.
+async fn revoke(gw: &TestGateway, token: &str, serial: &str) -> (u16, serde_json::Value) {
+    let r = reqwest::Client::new()
+        .delete(gw.url(&format!("/api/v1/devices/{serial}/certificate")))
+        .bearer_auth(token)
+        .timeout(Duration::from_secs(15))
+        .send()
         .await
-        .unwrap();
-    pool.close().await;
-    let sep = if base.contains('?') { '&' } else { '?' };
-    Some(format!("{base}{sep}options=-c%20search_path%3D{schema}"))
+        .unwrap_or_else(|e| panic!("revoking {serial}: no answer within 15 s: {e}"));
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+/// A login and the revocation of `serial` while the store cannot write: each answers at once
+/// with success or a 503 `store_unavailable` JSON error. Returns whether the revocation took.
+async fn http_during_fault(gw: &TestGateway, token: &str, serial: &str) -> bool {
+    let login = reqwest::Client::new()
+        .post(gw.url("/api/v1/auth/login"))
+        .json(&serde_json::json!({"email": "admin@example.com", "password": "admin-password-1"}))
+        .timeout(Duration::from_secs(15))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("login with the store failing: no answer within 15 s: {e}"));
+    let (code, body): (u16, serde_json::Value) =
+        (login.status().as_u16(), login.json().await.unwrap());
+    let unavailable = |code: u16, body: &serde_json::Value| {
+        code == 503 && body["error"]["code"] == "store_unavailable"
+    };
+    assert!(
+        code == 200 || unavailable(code, &body),
+        "login with the store failing: {code} {body}"
+    );
+    let (revoked, answer) = revoke(gw, token, serial).await;
+    assert!(
+        revoked == 200 || unavailable(revoked, &answer),
+        "revocation with the store failing: {revoked} {answer}"
+    );
+    eprintln!("with the store failing: login {code}, revocation {revoked} {answer}");
+    revoked == 200
 }
 
 /// Every text a device sends with a NUL or out-of-range value is set aside with a reason;
@@ -393,8 +360,7 @@ async fn hostile_payloads_are_quarantined_with_a_reason_on_sqlite() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn hostile_payloads_are_quarantined_with_a_reason_on_postgres() {
-    let Some(url) = postgres_url().await else {
-        eprintln!("SKIPPED: TMS_TEST_DATABASE_URL is not set");
+    let Some(url) = fresh_postgres_url("faults_nul").await else {
         return;
     };
     hostile_payloads_never_block_others(Some(url)).await;

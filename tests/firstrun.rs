@@ -302,7 +302,7 @@ async fn colour_only_on_a_terminal_and_never_with_no_color() {
         .status
         .success()
     {
-        eprintln!("skipped: util-linux `script` is not installed");
+        skip("util-linux `script` is not installed");
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -412,3 +412,59 @@ async fn stalled_handshakes_give_their_slots_back_and_every_device_gets_online()
     }
     drop(stalled);
 }
+
+/// The same over MQTT 5: each filter gets its own reason code — the granted QoS for the
+/// device's own command topics, 0x87 Not authorized for another device's — and the session
+/// stays up (a device library that sends one SUBSCRIBE for all its topics keeps its commands).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_mqtt5_subscribe_is_answered_filter_by_filter() {
+    use rumqttc::v5::mqttbytes::QoS as Q5;
+    use rumqttc::v5::mqttbytes::v5::{Filter, Packet as P5, SubscribeReasonCode as C};
+    use rumqttc::v5::{AsyncClient, Event as E5, MqttOptions};
+    let gw = TestGateway::start().await;
+    let files = gw.provision("RE4S000005", "00:1B:2C:3D:4E:65");
+    let mut opts = MqttOptions::new(files.serial.as_str(), "localhost", gw.mqtt_port());
+    opts.set_transport(rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Rustls(
+        client_tls(&files.ca, Some((&files.pem, &files.key))),
+    )));
+    let (client, mut el) = AsyncClient::new(opts, 10);
+    let next = async |el: &mut rumqttc::v5::EventLoop| {
+        tokio::time::timeout(Duration::from_secs(10), el.poll())
+            .await
+            .unwrap_or_else(|_| panic!("no answer within 10 s"))
+            .unwrap_or_else(|e| panic!("the session ended: {e}"))
+    };
+    while !matches!(next(&mut el).await, E5::Incoming(P5::ConnAck(_))) {}
+    client
+        .subscribe_many([
+            Filter::new(format!("tms/{}/cmd/#", files.serial), Q5::AtLeastOnce),
+            Filter::new("tms/OTHER/cmd/#", Q5::AtLeastOnce),
+            Filter::new(format!("tms/{}/cmd/reboot", files.serial), Q5::AtMostOnce),
+        ])
+        .await
+        .unwrap();
+    let codes = loop {
+        if let E5::Incoming(P5::SubAck(ack)) = next(&mut el).await {
+            break ack.return_codes;
+        }
+    };
+    assert_eq!(
+        codes,
+        vec![
+            C::Success(Q5::AtLeastOnce),
+            C::NotAuthorized,
+            C::Success(Q5::AtMostOnce)
+        ]
+    );
+    // Still connected: the device's next message is acknowledged.
+    client
+        .publish(
+            format!("tms/{}/status", files.serial),
+            Q5::AtLeastOnce,
+            false,
+            "online",
+        )
+        .await
+        .unwrap();
+    while !matches!(next(&mut el).await, E5::Incoming(P5::PubAck(_))) {}
+}

@@ -100,7 +100,6 @@ async fn revocation_takes(via: &TestGateway, serial: &str, mut el: EventLoop) ->
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_a_30_s_poll_commands_and_revocations_cross_nodes_within_a_second() {
     let Some((a, b)) = two_nodes("notify_wake").await else {
-        eprintln!("TMS_TEST_DATABASE_URL not set: the NOTIFY test needs PostgreSQL");
         return;
     };
     let token = admin_token(&a).await;

@@ -365,10 +365,7 @@ impl<'a> Session<'a> {
                     if denied.len() == subscribe.filters.len() {
                         let ack = SubAck {
                             pkid: subscribe.pkid,
-                            return_codes: vec![
-                                SubscribeReasonCode::Failure;
-                                subscribe.filters.len()
-                            ],
+                            return_codes: vec![self.denied_code(); subscribe.filters.len()],
                         };
                         let _ = self.codec.write(Packet::SubAck(ack, None), &mut self.wbuf);
                     } else {
@@ -533,14 +530,23 @@ impl<'a> Session<'a> {
         match packet {
             Packet::SubAck(mut ack, props) => {
                 if let Some(denied) = self.partial_subscribes.remove(&ack.pkid) {
+                    let code = self.denied_code();
                     for i in denied {
                         let at = i.min(ack.return_codes.len());
-                        ack.return_codes.insert(at, SubscribeReasonCode::Failure);
+                        ack.return_codes.insert(at, code);
                     }
                 }
                 Packet::SubAck(ack, props)
             }
             other => other,
+        }
+    }
+
+    /// A filter the ACL denies: 0x87 Not authorized in MQTT 5 (3.1.1 has only 0x80 Failure).
+    fn denied_code(&self) -> SubscribeReasonCode {
+        match self.codec.is_v5() {
+            true => SubscribeReasonCode::NotAuthorized,
+            false => SubscribeReasonCode::Failure,
         }
     }
 

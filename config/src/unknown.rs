@@ -12,6 +12,8 @@ const OTHER_VARIABLES: &[&str] = &[
     "TMS_CA_KEY_PASSPHRASE",
     // The PostgreSQL server of the test suite (scripts/test).
     "TMS_TEST_DATABASE_URL",
+    // Makes a skipped test fail instead (scripts/test sets it).
+    "TMS_TEST_REQUIRE_ALL",
     // Set by gateway/build.rs for the build; `cargo test` passes it on to what it runs.
     "TMS_GIT_COMMIT",
 ];

@@ -18,10 +18,13 @@ use std::time::{Duration, Instant};
 use tms_gateway::PortsFile;
 use tms_store::Store;
 
+pub mod flood;
 mod mqtt;
 pub mod onboarding;
+mod skips;
 
 pub use mqtt::*;
+pub use skips::skip;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_tms-gateway");
 
@@ -545,10 +548,15 @@ pub fn open_fds(pid: u32) -> usize {
 }
 
 /// A `postgres://` URL on a fresh, empty schema of `TMS_TEST_DATABASE_URL`, or `None` when
-/// that is not set (PostgreSQL tests then run on SQLite only).
+/// that is not set (then [`skip`] has told it; PostgreSQL tests run on SQLite only).
 pub async fn fresh_postgres_url(name: &str) -> Option<String> {
     use sqlx::{Connection, Executor};
-    let base = std::env::var("TMS_TEST_DATABASE_URL").ok()?;
+    let Ok(base) = std::env::var("TMS_TEST_DATABASE_URL") else {
+        skip(&format!(
+            "TMS_TEST_DATABASE_URL is not set: no PostgreSQL leg of {name}"
+        ));
+        return None;
+    };
     sqlx::any::install_default_drivers();
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

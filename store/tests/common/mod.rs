@@ -16,7 +16,13 @@ pub async fn backends() -> Backends {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("t.db").display());
     let mut stores = vec![Store::open(&url).await.unwrap()];
-    if let Ok(base) = std::env::var("TMS_TEST_DATABASE_URL") {
+    let pg = std::env::var("TMS_TEST_DATABASE_URL");
+    // scripts/test requires every leg: a missing PostgreSQL fails instead of passing on SQLite.
+    assert!(
+        pg.is_ok() || !std::env::var("TMS_TEST_REQUIRE_ALL").is_ok_and(|v| v == "1"),
+        "TMS_TEST_REQUIRE_ALL=1 and TMS_TEST_DATABASE_URL is not set: the PostgreSQL leg cannot run"
+    );
+    if let Ok(base) = pg {
         sqlx::any::install_default_drivers();
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
