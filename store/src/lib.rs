@@ -148,28 +148,65 @@ impl StoreFault {
             | E::PoolClosed
             | E::WorkerCrashed
             | E::BeginFailed => Some(StoreFault::Unreachable),
-            E::Database(db) => {
-                let code = db.code()?;
-                if let Ok(n) = code.parse::<i64>() {
-                    // SQLite (extended) result codes: the primary code is the low byte.
-                    return match n & 0xff {
-                        13 => Some(StoreFault::Full),
-                        8 => Some(StoreFault::ReadOnly),
-                        5 | 6 => Some(StoreFault::Locked),
-                        10 | 14 | 15 | 26 => Some(StoreFault::Unreachable),
-                        _ => None,
-                    };
-                }
-                // PostgreSQL SQLSTATE classes.
-                match &code[..code.len().min(2)] {
-                    "53" => Some(StoreFault::Full),
-                    "25" if code == "25006" => Some(StoreFault::ReadOnly),
-                    "40" => Some(StoreFault::Locked),
-                    "08" | "57" | "58" => Some(StoreFault::Unreachable),
-                    _ => None,
-                }
-            }
+            E::Database(db) => StoreFault::of_code(&db.code()?),
             _ => None,
+        }
+    }
+
+    /// Classifies a database's error code: a PostgreSQL SQLSTATE (always five characters,
+    /// often all digits: `25006`, `53100`, `40001`, `08006`) or an SQLite (extended) result
+    /// code (a number below 10,000, its primary code in the low byte). Told apart by length,
+    /// not by whether the code parses as a number: read as SQLite codes, PostgreSQL's
+    /// read-only and disk-full states came out as bad data, and their batches were split and
+    /// refused row by row instead of retried (probed: a read-only PostgreSQL).
+    fn of_code(code: &str) -> Option<StoreFault> {
+        if code.len() == 5 {
+            return match &code[..2] {
+                "53" => Some(StoreFault::Full),
+                "25" if code == "25006" => Some(StoreFault::ReadOnly),
+                "40" => Some(StoreFault::Locked),
+                "08" | "57" | "58" => Some(StoreFault::Unreachable),
+                _ => None,
+            };
+        }
+        match code.parse::<i64>().ok()? & 0xff {
+            13 => Some(StoreFault::Full),
+            8 => Some(StoreFault::ReadOnly),
+            5 | 6 => Some(StoreFault::Locked),
+            10 | 14 | 15 | 26 => Some(StoreFault::Unreachable),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod fault_tests {
+    use super::StoreFault;
+
+    #[test]
+    fn postgres_states_and_sqlite_codes_are_each_read_as_their_own() {
+        for (code, fault) in [
+            // PostgreSQL SQLSTATEs, digits only and not.
+            ("25006", Some(StoreFault::ReadOnly)),
+            ("53100", Some(StoreFault::Full)),
+            ("53200", Some(StoreFault::Full)),
+            ("40001", Some(StoreFault::Locked)),
+            ("40P01", Some(StoreFault::Locked)),
+            ("08006", Some(StoreFault::Unreachable)),
+            ("57P01", Some(StoreFault::Unreachable)),
+            ("22021", None), // invalid byte sequence: the data
+            ("23505", None), // unique violation: the data
+            // SQLite primary and extended result codes.
+            ("13", Some(StoreFault::Full)),
+            ("8", Some(StoreFault::ReadOnly)),
+            ("1032", Some(StoreFault::ReadOnly)), // SQLITE_READONLY_DBMOVED
+            ("5", Some(StoreFault::Locked)),
+            ("517", Some(StoreFault::Locked)), // SQLITE_BUSY_SNAPSHOT
+            ("778", Some(StoreFault::Unreachable)), // SQLITE_IOERR_WRITE
+            ("1299", None),                    // NOT NULL constraint
+            ("2067", None),                    // UNIQUE constraint
+        ] {
+            assert_eq!(StoreFault::of_code(code), fault, "code {code}");
         }
     }
 }
