@@ -301,3 +301,110 @@ async fn quarantined_payloads_past_the_retention_are_pruned() {
         gw.log()
     );
 }
+
+/// Runs `sql` on PostgreSQL as the test's own superuser connection.
+async fn pg(base: &str, sql: &str) {
+    use sqlx::{Connection, Executor};
+    let mut conn = sqlx::AnyConnection::connect(base).await.unwrap();
+    conn.execute(sql).await.unwrap();
+}
+
+/// PostgreSQL turned read-only under the gateway, as after a failover to a standby: the role
+/// the gateway logs in as gets `default_transaction_read_only` and its sessions are ended, so
+/// every new one refuses writes (SQLSTATE 25006). While that lasts no PUBACK leaves, `/readyz`
+/// answers 503 with `store_fault` `read_only`, and the metric is 1; when writes are allowed
+/// again (and the sessions renewed) they resume by themselves and every PUBACKed message is
+/// stored. Needs `TMS_TEST_DATABASE_URL`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_turned_read_only_withholds_pubacks_and_writes_resume_after() {
+    let Some(url) = fresh_postgres_url("read_only").await else {
+        return;
+    };
+    let base = std::env::var("TMS_TEST_DATABASE_URL").unwrap();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let role = format!("tms_ro_{}_{nanos}", std::process::id());
+    pg(&base, &format!("CREATE ROLE {role} LOGIN SUPERUSER")).await;
+    // postgres://USER@… -> postgres://ROLE@…
+    let scheme = url.find("://").unwrap() + 3;
+    let at = url.find('@').unwrap();
+    let as_role = format!("{}{role}{}", &url[..scheme], &url[at..]);
+    let end_sessions =
+        format!("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'");
+    let gw = TestGateway::start_with(&[("TMS_DATABASE_URL", &as_role)]).await;
+    let files = gw.provision("RE4R000001", "00:1B:2C:3D:7D:01");
+    let stop = Arc::new(AtomicBool::new(false));
+    let floods = vec![flood(
+        &gw,
+        &files,
+        stop.clone(),
+        1_000_000,
+        Duration::from_millis(2),
+    )];
+    wait_for("first PUBACKs", Duration::from_secs(20), || {
+        let n = total_acked(&floods);
+        async move { (n >= 100).then_some(()) }
+    })
+    .await;
+
+    pg(
+        &base,
+        &format!("ALTER ROLE {role} SET default_transaction_read_only = on"),
+    )
+    .await;
+    pg(&base, &end_sessions).await;
+    let (_, body) = wait_for("/readyz 503 read_only", Duration::from_secs(15), || async {
+        let (status, body) = readyz(&gw).await;
+        (status == 503 && body["store_fault"] == "read_only").then_some((status, body))
+    })
+    .await;
+    assert_eq!(body["store"], false, "{body}");
+    assert_eq!(write_failing(&gw).await, Some(1.0));
+    let at_fault = total_acked(&floods);
+    let held = Instant::now();
+    while held.elapsed() < Duration::from_secs(3) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let during = total_acked(&floods);
+    assert!(
+        during <= at_fault + 10,
+        "PUBACKs went on with PostgreSQL read-only: {at_fault} -> {during}"
+    );
+
+    pg(
+        &base,
+        &format!("ALTER ROLE {role} RESET default_transaction_read_only"),
+    )
+    .await;
+    pg(&base, &end_sessions).await;
+    wait_for("/readyz 200 again", Duration::from_secs(30), || async {
+        (readyz(&gw).await.0 == 200).then_some(())
+    })
+    .await;
+    wait_for("PUBACKs again", Duration::from_secs(30), || {
+        let n = total_acked(&floods);
+        async move { (n >= during + 200).then_some(()) }
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let log = gw.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("cannot take writes") && l.contains("read_only")),
+        "the fault is logged with its cause:\n{log}"
+    );
+    let store = tms_store::Store::open(&url).await.unwrap();
+    let acked = acked(&floods[0].0);
+    assert_all_stored(
+        &acked,
+        &stored_seqs_in(&store, &files.serial).await,
+        "read-only",
+    );
+    eprintln!("PostgreSQL read-only: {} PUBACKed, all stored", acked.len());
+    drop(store);
+    drop(gw);
+    pg(&base, &format!("DROP OWNED BY {role}")).await;
+    pg(&base, &format!("DROP ROLE {role}")).await;
+}
