@@ -2,13 +2,12 @@
 //! nothing acknowledged, metrics count exactly what happened, readiness follows the store,
 //! `simulate` fills the fleet, the CA key can be kept encrypted. Stopping: tests/shutdown.rs.
 
-#![expect(clippy::unwrap_used, reason = "test helpers fail the test loudly")]
-
 mod support;
 
 use std::time::Duration;
 
 use rumqttc::{ConnectReturnCode, Event, Packet, QoS};
+use support::proxy::Proxy;
 use support::*;
 use tms_model::ConnState;
 use tms_store::Store;
@@ -239,39 +238,6 @@ async fn metrics_count_exactly_what_a_scripted_session_did() {
         }
     }
     assert!(queried > 10);
-}
-
-/// A TCP proxy the test can cut: stands between the gateway and PostgreSQL.
-struct Proxy {
-    addr: std::net::SocketAddr,
-    cut: tokio_util::sync::CancellationToken,
-}
-
-impl Proxy {
-    async fn start(addr: std::net::SocketAddr, upstream: String) -> Proxy {
-        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let cut = tokio_util::sync::CancellationToken::new();
-        let stop = cut.clone();
-        tokio::spawn(async move {
-            loop {
-                let (mut inbound, _) = tokio::select! {
-                    _ = stop.cancelled() => return,
-                    a = listener.accept() => a.unwrap(),
-                };
-                let upstream = upstream.clone();
-                let stop = stop.clone();
-                tokio::spawn(async move {
-                    let mut outbound = tokio::net::TcpStream::connect(upstream).await.unwrap();
-                    tokio::select! {
-                        _ = stop.cancelled() => {}
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                    }
-                });
-            }
-        });
-        Proxy { addr, cut }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

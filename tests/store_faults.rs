@@ -14,11 +14,33 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use support::flood::*;
+use support::proxy::Proxy;
 use support::*;
 
 /// The sum of PUBACKed messages over `floods`.
 fn total_acked(floods: &[(Arc<std::sync::Mutex<Tracker>>, tokio::task::JoinHandle<()>)]) -> usize {
     floods.iter().map(|(t, _)| acked(t).len()).sum()
+}
+
+/// One device publishing QoS 1 every 2 ms until `stop`, once its first 100 are PUBACKed.
+async fn flooding(
+    gw: &TestGateway,
+    files: &DeviceFiles,
+    stop: &Arc<AtomicBool>,
+) -> Vec<(Arc<std::sync::Mutex<Tracker>>, tokio::task::JoinHandle<()>)> {
+    let floods = vec![flood(
+        gw,
+        files,
+        stop.clone(),
+        1_000_000,
+        Duration::from_millis(2),
+    )];
+    wait_for("first PUBACKs", Duration::from_secs(20), || {
+        let n = total_acked(&floods);
+        async move { (n >= 100).then_some(()) }
+    })
+    .await;
+    floods
 }
 
 async fn write_failing(gw: &TestGateway) -> Option<f64> {
@@ -34,18 +56,7 @@ async fn a_database_locked_from_outside_withholds_pubacks_and_writes_resume_afte
     let gw = TestGateway::start().await;
     let files = gw.provision("RE4X000001", "00:1B:2C:3D:7E:01");
     let stop = Arc::new(AtomicBool::new(false));
-    let floods = vec![flood(
-        &gw,
-        &files,
-        stop.clone(),
-        1_000_000,
-        Duration::from_millis(2),
-    )];
-    wait_for("first PUBACKs", Duration::from_secs(20), || {
-        let n = total_acked(&floods);
-        async move { (n >= 100).then_some(()) }
-    })
-    .await;
+    let floods = flooding(&gw, &files, &stop).await;
 
     let script = "import sqlite3, sys, time\n\
         c = sqlite3.connect(sys.argv[1], timeout=30, isolation_level=None)\n\
@@ -117,42 +128,6 @@ async fn a_database_locked_from_outside_withholds_pubacks_and_writes_resume_afte
         &stored_seqs_in(&store, &files.serial).await,
         "locked",
     );
-}
-
-/// A TCP proxy the test can cut: between the gateway and PostgreSQL. Cutting drops every
-/// connection and closes the listener, so reconnects are refused until a new one starts.
-struct Proxy {
-    addr: std::net::SocketAddr,
-    cut: tokio_util::sync::CancellationToken,
-}
-
-impl Proxy {
-    async fn start(addr: std::net::SocketAddr, upstream: String) -> Proxy {
-        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let cut = tokio_util::sync::CancellationToken::new();
-        let stop = cut.clone();
-        tokio::spawn(async move {
-            loop {
-                let (mut inbound, _) = tokio::select! {
-                    _ = stop.cancelled() => return,
-                    a = listener.accept() => a.unwrap(),
-                };
-                let upstream = upstream.clone();
-                let stop = stop.clone();
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = stop.cancelled() => {}
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                    }
-                });
-            }
-        });
-        Proxy { addr, cut }
-    }
 }
 
 /// PostgreSQL cut off for 5 s in the middle of a QoS 1 flood from three devices, then back:
@@ -336,18 +311,7 @@ async fn postgres_turned_read_only_withholds_pubacks_and_writes_resume_after() {
     let gw = TestGateway::start_with(&[("TMS_DATABASE_URL", &as_role)]).await;
     let files = gw.provision("RE4R000001", "00:1B:2C:3D:7D:01");
     let stop = Arc::new(AtomicBool::new(false));
-    let floods = vec![flood(
-        &gw,
-        &files,
-        stop.clone(),
-        1_000_000,
-        Duration::from_millis(2),
-    )];
-    wait_for("first PUBACKs", Duration::from_secs(20), || {
-        let n = total_acked(&floods);
-        async move { (n >= 100).then_some(()) }
-    })
-    .await;
+    let floods = flooding(&gw, &files, &stop).await;
 
     pg(
         &base,

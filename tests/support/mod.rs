@@ -21,6 +21,7 @@ use tms_store::Store;
 pub mod flood;
 mod mqtt;
 pub mod onboarding;
+pub mod proxy;
 mod skips;
 
 pub use mqtt::*;
